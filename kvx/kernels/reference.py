@@ -1,0 +1,157 @@
+"""Plain-PyTorch attention and cache kernels.
+
+These are the CPU path and the oracle for the Triton kernels in this package: every Triton kernel has a
+twin here with the same signature. Shapes carry no batch dimension (kvx runs one sequence at a time):
+queries are [H, T, d], keys and values [Hkv, S, d]; query head h reads kv head h // (H // Hkv).
+
+The ragged cache stores, per layer, flat pools K, V [slots, d] and positions [slots]; kv head g owns the
+segment [start[g], start[g] + capacity[g]) of which the first length[g] slots are filled, in position order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Queries per chunk when a softmax must be formed explicitly: bounds memory at O(chunk * S) per head.
+QUERY_CHUNK = 256
+
+
+def visibility_mask(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
+    """[T, S] bool: key j is visible to query i (causal by position, optionally windowed)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    visible = diff >= 0
+    if sliding_window is not None:
+        visible &= diff < sliding_window
+    return visible
+
+
+def _is_plain_causal(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when the queries are exactly the keys (positions 0..n-1 style prefill of a fresh sequence)."""
+    return q_pos.shape[0] == k_pos.shape[0] and bool(torch.equal(q_pos, k_pos))
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    need_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Causal GQA attention by position. Returns (out [H, T, d], lse [H, T] float32 or None).
+
+    lse is the natural-log log-sum-exp of each row's scaled logits over its visible keys.
+    """
+    H, T, d = q.shape
+    Hkv, S, _ = k.shape
+    if need_lse:
+        return _attention_explicit(q, k, v, q_pos, k_pos, scale, sliding_window)
+    mask = None
+    is_causal = False
+    if sliding_window is None and _is_plain_causal(q_pos, k_pos):
+        is_causal = True
+    elif sliding_window is not None or bool((k_pos > q_pos.min()).any()):
+        mask = visibility_mask(q_pos, k_pos, sliding_window)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=H != Hkv,
+    )
+    return out.squeeze(0), None
+
+
+def _attention_explicit(q, k, v, q_pos, k_pos, scale, sliding_window):
+    H, T, d = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    qg = q.reshape(Hkv, G, T, d)
+    out = torch.empty_like(q).reshape(Hkv, G, T, d)
+    lse = torch.empty(Hkv, G, T, dtype=torch.float32, device=q.device)
+    for t0 in range(0, T, QUERY_CHUNK):
+        t1 = min(T, t0 + QUERY_CHUNK)
+        logits = torch.matmul(qg[:, :, t0:t1].float(), k.float().unsqueeze(1).transpose(-1, -2)) * scale
+        visible = visibility_mask(q_pos[t0:t1], k_pos, sliding_window)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - row_lse.unsqueeze(-1))
+        out[:, :, t0:t1] = torch.matmul(probs, v.float().unsqueeze(1)).to(q.dtype)
+        lse[:, :, t0:t1] = row_lse
+    return out.reshape(H, T, d), lse.reshape(H, T)
+
+
+def decode_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    seg_start: Tensor,
+    seg_len: Tensor,
+    scale: float,
+    key_mass: Tensor | None = None,
+) -> Tensor:
+    """One query token per head over the ragged cache. q: [H, d] -> out [H, d].
+
+    Every key in a segment is visible (the cache only holds past tokens; sliding windows are enforced by
+    eviction). If key_mass [slots] float32 is given, each key's attention probability summed over the
+    query heads of its group is added to it (H2O / TOVA statistics).
+    """
+    H, d = q.shape
+    Hkv = seg_start.shape[0]
+    G = H // Hkv
+    starts = seg_start.tolist()
+    lens = seg_len.tolist()
+    out = torch.empty_like(q)
+    for g in range(Hkv):
+        s, n = starts[g], lens[g]
+        qg = q[g * G:(g + 1) * G]
+        if n == 0:
+            out[g * G:(g + 1) * G] = 0
+            continue
+        kg, vg = k_pool[s:s + n], v_pool[s:s + n]
+        logits = (qg.float() @ kg.float().T) * scale
+        probs = torch.softmax(logits, dim=-1)
+        out[g * G:(g + 1) * G] = (probs @ vg.float()).to(q.dtype)
+        if key_mass is not None:
+            key_mass[s:s + n] += probs.sum(0)
+    return out
+
+
+def cache_append(
+    k_pool: Tensor,
+    v_pool: Tensor,
+    pos_pool: Tensor,
+    seg_start: Tensor,
+    seg_len: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    positions: Tensor,
+) -> None:
+    """Append T new tokens to every kv head's segment, in place; advances seg_len by T.
+
+    k_new, v_new: [Hkv, T, d]; positions: [T]. The caller guarantees capacity.
+    """
+    Hkv, T, _ = k_new.shape
+    slots = (seg_start + seg_len).long()[:, None] + torch.arange(T, device=k_new.device)[None, :]
+    flat = slots.reshape(-1)
+    k_pool[flat] = k_new.reshape(Hkv * T, -1).to(k_pool.dtype)
+    v_pool[flat] = v_new.reshape(Hkv * T, -1).to(v_pool.dtype)
+    pos_pool[flat] = positions.to(pos_pool.dtype).repeat(Hkv)
+    seg_len += T
+
+
+def compact_gather(pool: Tensor, seg_start: Tensor, keep: list[Tensor], new_start: Tensor, new_slots: int) -> Tensor:
+    """Gather the kept entries of every segment into a fresh pool of new_slots rows.
+
+    keep[g]: sorted indices within segment g; they land at new_start[g] + arange(len(keep[g])).
+    Works for pools of any trailing shape ([slots, d], [slots]).
+    """
+    out = pool.new_zeros((new_slots, *pool.shape[1:]))
+    src = torch.cat([idx.to(pool.device).long() + int(s) for idx, s in zip(keep, seg_start.tolist())])
+    dst = torch.cat([
+        torch.arange(len(idx), device=pool.device) + int(s) for idx, s in zip(keep, new_start.tolist())
+    ])
+    if src.numel():
+        out[dst] = pool[src]
+    return out

@@ -1,0 +1,306 @@
+"""Statistics the attention emits for eviction policies (see POLICIES.md section 6).
+
+A policy declares what it needs as a StatsRequest; the engine computes exactly that during the attention
+pass of every layer and hands the policy one LayerStats per layer. Attention statistics are per query head
+[H, n] (un-reduced: GQA reduction and W_O weighting are the policy's business); token-side statistics are
+per kv head [Hkv, n] unless stated. `n` is the number of keys the statistics are about (the cached
+tokens of that layer at compression time, in cache order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from kvx.errors import KvxError
+from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    window: int = 0  # col_sum over the last `window` query rows (SnapKV family)
+    window_sq: bool = False  # also col_sq over those rows (LaProx)
+    last_row: bool = False  # probabilities of the last query row (TOVA)
+    colsum_all: bool = False  # column sums over every query row (H2O prefill)
+    sg_rows: int = 0  # AhaKV: step-gain softmax column sums over the last sg_rows rows ...
+    sg_budget: int = 0  # ... at lambda_i = sqrt(2 ln(i / sg_budget) / d)
+    key_norm: bool = False  # ||k||_2 per kv head (KNorm)
+    value_norm: bool = False  # ||v||_2 per kv head (ExpectedAttention, AhaKV uses its square)
+    value_out_norm: bool = False  # ||v W_O^h||_2 per query head (LaProx)
+    value_out_l1: bool = False  # ||v W_O^h||_1 per query head (CriticalKV)
+    query_moments: bool = False  # pre-RoPE query mean / covariance per query head (ExpectedAttention)
+
+    def merge(self, other: "StatsRequest") -> "StatsRequest":
+        """The union of two requests (largest window, any flag set in either)."""
+        values = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            values[f.name] = max(a, b) if isinstance(a, int) and not isinstance(a, bool) else (a or b)
+        return StatsRequest(**values)
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.window or self.last_row or self.colsum_all or self.sg_rows)
+
+
+@dataclass
+class LayerStats:
+    """What one layer's attention pass emitted. Unrequested fields stay None."""
+
+    n: int  # number of keys
+    positions: Tensor  # [n] absolute position of each key (shared by all heads at prefill)
+    col_sum: Tensor | None = None  # [H, n] sum over window rows of A[t, j]
+    col_sq: Tensor | None = None  # [H, n] sum over window rows of A[t, j]^2
+    last_row: Tensor | None = None  # [H, n] A[last, j]
+    colsum_all: Tensor | None = None  # [H, n] sum over all rows t >= j of A[t, j]
+    colsum_count: Tensor | None = None  # [n] number of query rows that could see key j
+    col_sum_sg: Tensor | None = None  # [H, n] AhaKV step-gain softmax column sums over the last sg_rows rows
+    key_norm: Tensor | None = None  # [Hkv, n]
+    value_norm: Tensor | None = None  # [Hkv, n]
+    value_out_norm: Tensor | None = None  # [H, n]
+    value_out_l1: Tensor | None = None  # [H, n]
+    q_mean: Tensor | None = None  # [H, d] pre-RoPE
+    q_cov: Tensor | None = None  # [H, d, d] pre-RoPE
+    window: int = 0  # rows the window statistics were taken over
+    query_position: int = 0  # absolute position of the last query row (AhaKV's i, RoPE of future queries)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain-PyTorch computation of the statistics (CPU path and oracle for the Triton kernels).
+# ---------------------------------------------------------------------------------------------------------
+
+# Query rows whose probabilities are formed at once: memory stays O(ROW_CHUNK * S) per query head.
+ROW_CHUNK = QUERY_CHUNK
+# Elements (query heads x rows x model dim) of one explicit v @ W_O^h tile for value_out_l1.
+L1_TILE_ELEMENTS = 1 << 24
+# Keys per tile for the Gram-form norm, so the [H, keys, d] intermediate stays bounded.
+GRAM_KEY_TILE = 4096
+# ExpectedAttention leaves the attention sinks out of the query moments.
+SINK_TOKENS = 4
+
+
+def wo_gram(o_proj_weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """[H, d, d] float32 Gram matrices G_h = W_O^h (W_O^h)^T, W_O^h = o_proj_weight[:, h*d:(h+1)*d].T.
+
+    o_proj_weight is in HF layout [hidden, H*d]. ||v W_O^h||_2 = sqrt(v^T G_h v), so a layer's output-aware
+    value norms cost O(n d^2) per head instead of O(n d D).
+    """
+    per_head = _wo_per_head(o_proj_weight, num_heads, head_dim)  # [H, d, D]
+    return torch.matmul(per_head, per_head.transpose(-1, -2))
+
+
+def compute_layer_stats(
+    req: StatsRequest,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    q_pre_rope: Tensor | None = None,
+    o_proj_weight: Tensor | None = None,
+    gram: Tensor | None = None,
+) -> LayerStats:
+    """The statistics `req` asks for, for one layer; everything unrequested stays None.
+
+    q: [H, T, d] post-RoPE queries at positions q_pos [T]; k, v: [Hkv, S, d] at positions k_pos [S].
+    Probabilities use the model's scale and exactly the visibility of reference.visibility_mask, so they
+    equal the attention the model computed. All results are float32.
+    """
+    H, T, d = q.shape
+    Hkv, S, _ = k.shape
+    if H % Hkv:
+        raise ValueError(f"{H} query heads cannot share {Hkv} kv heads")
+    G = H // Hkv
+    window = min(req.window, T)
+    stats = LayerStats(n=S, positions=k_pos, window=window, query_position=int(q_pos[-1]) if T else 0)
+
+    if req.needs_attention:
+        if T == 0:
+            raise ValueError("attention statistics need at least one query row")
+        qg = q.reshape(Hkv, G, T, d).float()
+        kt = k.float().transpose(-1, -2)  # [Hkv, d, S]
+        rows = _RowSource(qg, kt, q_pos, k_pos, sliding_window)
+        if window or req.last_row:
+            _fill_window_stats(stats, req, rows, scale, window)
+        if req.colsum_all:
+            stats.colsum_all, stats.colsum_count = _colsum_all(rows, scale)
+        if req.sg_rows:
+            stats.col_sum_sg = _col_sum_sg(rows, scale, req.sg_rows, req.sg_budget)
+
+    if req.key_norm:
+        stats.key_norm = torch.linalg.vector_norm(k.float(), dim=-1)
+    if req.value_norm:
+        stats.value_norm = torch.linalg.vector_norm(v.float(), dim=-1)
+    if req.value_out_norm:
+        if gram is None:
+            if o_proj_weight is None:
+                raise ValueError("value_out_norm needs gram or o_proj_weight")
+            gram = wo_gram(o_proj_weight, H, d)
+        stats.value_out_norm = _value_out_norm(v, gram.to(device=v.device, dtype=torch.float32))
+    if req.value_out_l1:
+        if o_proj_weight is None:
+            raise ValueError("value_out_l1 needs o_proj_weight")
+        stats.value_out_l1 = _value_out_l1(v, _wo_per_head(o_proj_weight.to(v.device), H, d))
+    if req.query_moments:
+        if q_pre_rope is None:
+            raise ValueError("query_moments needs q_pre_rope")
+        stats.q_mean, stats.q_cov = _query_moments(q_pre_rope, q_pos)
+    return stats
+
+
+def sg_scales(q_pos: Tensor, sg_budget: int, head_dim: int, scale: float) -> Tensor:
+    """[T] float32 AhaKV step-gain scales lambda_i = sqrt(2 ln(i / sg_budget) / d), i = q_pos + 1.
+
+    The formula targets a row entropy of ln(sg_budget); it falls below 1/sqrt(d) when i / sg_budget < e^(1/2)
+    and is undefined for i <= sg_budget. In that regime the scoring softmax would be flatter than the
+    model's own attention, which only blurs the score, so lambda is clamped from below by the model's scale.
+    We clamp everywhere (lambda = max(formula, scale)): for the usual scale = 1/sqrt(d) this only changes
+    rows with i / sg_budget <= e^(1/2), and for models with another scale it keeps the same guarantee.
+    """
+    if sg_budget <= 0:
+        raise KvxError(f"AhaKV needs a positive cache budget for its step-gain softmax, got {sg_budget}")
+    ratio = (q_pos.to(torch.float64) + 1.0) / sg_budget
+    formula = torch.sqrt(2.0 * torch.log(ratio.clamp(min=1.0)) / head_dim)
+    return formula.clamp(min=scale).to(torch.float32)
+
+
+# --- attention-side helpers --------------------------------------------------------------------------------
+
+
+@dataclass
+class _RowSource:
+    """Everything needed to form softmax rows for any range of query rows."""
+
+    qg: Tensor  # [Hkv, G, T, d] float32
+    kt: Tensor  # [Hkv, d, S] float32
+    q_pos: Tensor  # [T]
+    k_pos: Tensor  # [S]
+    sliding_window: int | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.qg.shape[2]
+
+    def probs(self, t0: int, t1: int, row_scale: Tensor) -> Tensor:
+        """[Hkv, G, t1-t0, S] float32 softmax rows t0..t1-1, logits q.k scaled by row_scale [t1-t0]."""
+        Hkv, G, _, d = self.qg.shape
+        rows = t1 - t0
+        q_rows = self.qg[:, :, t0:t1].reshape(Hkv, G * rows, d)
+        logits = torch.bmm(q_rows, self.kt).view(Hkv, G, rows, -1)
+        logits = logits * row_scale.to(logits.device).view(1, 1, rows, 1)
+        visible = visibility_mask(self.q_pos[t0:t1], self.k_pos, self.sliding_window)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # A row that sees no key contributes nothing (instead of NaN).
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return torch.exp(logits - lse)
+
+    def chunks(self, first_row: int):
+        for t0 in range(first_row, self.num_rows, ROW_CHUNK):
+            yield t0, min(self.num_rows, t0 + ROW_CHUNK)
+
+
+def _per_query_head(x: Tensor) -> Tensor:
+    """[Hkv, G, S] -> [H, S] (query head h = g * G + i)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _fill_window_stats(stats: LayerStats, req: StatsRequest, rows: _RowSource, scale: float, window: int) -> None:
+    Hkv, G, T, _ = rows.qg.shape
+    S = rows.kt.shape[-1]
+    first = T - max(window, 1 if req.last_row else 0)
+    col_sum = rows.qg.new_zeros(Hkv, G, S) if window else None
+    col_sq = rows.qg.new_zeros(Hkv, G, S) if window and req.window_sq else None
+    last = None
+    for t0, t1 in rows.chunks(first):
+        p = rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32))
+        last = p[:, :, -1]
+        in_window = p[:, :, max(0, T - window - t0):]  # the last_row-only case may start before the window
+        if col_sum is not None:
+            col_sum += in_window.sum(dim=2)
+        if col_sq is not None:
+            col_sq += in_window.square().sum(dim=2)
+    if col_sum is not None:
+        stats.col_sum = _per_query_head(col_sum)
+    if col_sq is not None:
+        stats.col_sq = _per_query_head(col_sq)
+    if req.last_row and last is not None:
+        stats.last_row = _per_query_head(last.contiguous())
+
+
+def _colsum_all(rows: _RowSource, scale: float) -> tuple[Tensor, Tensor]:
+    Hkv, G, _, _ = rows.qg.shape
+    S = rows.kt.shape[-1]
+    total = rows.qg.new_zeros(Hkv, G, S)
+    count = torch.zeros(S, dtype=torch.float32, device=rows.qg.device)
+    for t0, t1 in rows.chunks(0):
+        total += rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32)).sum(dim=2)
+        count += visibility_mask(rows.q_pos[t0:t1], rows.k_pos, rows.sliding_window).sum(dim=0)
+    return _per_query_head(total), count
+
+
+def _col_sum_sg(rows: _RowSource, scale: float, sg_rows: int, sg_budget: int) -> Tensor:
+    Hkv, G, T, d = rows.qg.shape
+    S = rows.kt.shape[-1]
+    lam = sg_scales(rows.q_pos, sg_budget, d, scale)
+    total = rows.qg.new_zeros(Hkv, G, S)
+    for t0, t1 in rows.chunks(T - min(sg_rows, T)):
+        total += rows.probs(t0, t1, lam[t0:t1]).sum(dim=2)
+    return _per_query_head(total)
+
+
+# --- token-side helpers ------------------------------------------------------------------------------------
+
+
+def _wo_per_head(o_proj_weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """[H, d, D] float32: W_O^h for every query head, from the HF layout [D, H*d]."""
+    if o_proj_weight.dim() != 2 or o_proj_weight.shape[1] != num_heads * head_dim:
+        raise KvxError(
+            f"o_proj weight has shape {tuple(o_proj_weight.shape)}, expected [hidden, {num_heads * head_dim}]"
+        )
+    D = o_proj_weight.shape[0]
+    return o_proj_weight.float().view(D, num_heads, head_dim).permute(1, 2, 0)
+
+
+def _value_out_norm(v: Tensor, gram: Tensor) -> Tensor:
+    """[H, S] sqrt(v^T G_h v) with v from the kv head of query head h."""
+    Hkv, S, d = v.shape
+    G = gram.shape[0] // Hkv
+    gram_g = gram.view(Hkv, G, d, d)
+    out = torch.empty(Hkv, G, S, dtype=torch.float32, device=v.device)
+    for s0 in range(0, S, GRAM_KEY_TILE):
+        s1 = min(S, s0 + GRAM_KEY_TILE)
+        vs = v[:, s0:s1].float().unsqueeze(1)  # [Hkv, 1, s, d]
+        quad = (torch.matmul(vs, gram_g) * vs).sum(dim=-1)  # [Hkv, G, s]
+        out[:, :, s0:s1] = quad.clamp(min=0).sqrt()  # rounding can push a ~0 quadratic form below 0
+    return _per_query_head(out)
+
+
+def _value_out_l1(v: Tensor, wo: Tensor) -> Tensor:
+    """[H, S] ||v W_O^h||_1: explicit product (no Gram form for L1), tiled over keys."""
+    Hkv, S, d = v.shape
+    H, _, D = wo.shape
+    G = H // Hkv
+    wo_g = wo.reshape(Hkv, G, d, D)
+    tile = max(1, L1_TILE_ELEMENTS // (H * D))
+    out = torch.empty(Hkv, G, S, dtype=torch.float32, device=v.device)
+    for s0 in range(0, S, tile):
+        s1 = min(S, s0 + tile)
+        projected = torch.matmul(v[:, s0:s1].float().unsqueeze(1), wo_g)  # [Hkv, G, s, D]
+        out[:, :, s0:s1] = projected.abs().sum(dim=-1)
+    return _per_query_head(out)
+
+
+def _query_moments(q_pre_rope: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean [H, d] and population covariance [H, d, d] of pre-RoPE queries, sinks left out when possible."""
+    keep = q_pos >= SINK_TOKENS
+    qs = q_pre_rope[:, keep] if bool(keep.any()) else q_pre_rope
+    qs = qs.float()
+    mean = qs.mean(dim=1)
+    centered = qs - mean.unsqueeze(1)
+    cov = torch.matmul(centered.transpose(-1, -2), centered) / qs.shape[1]
+    return mean, cov

@@ -1,0 +1,174 @@
+"""The ragged KV cache: per layer, flat K/V pools with one segment per kv head.
+
+Kv head g of a layer owns slots [start[g], start[g] + capacity[g]); its first length[g] slots hold its
+retained tokens in position order, keys already RoPE'd, with their absolute positions in `pos`. Different
+heads may hold different numbers of tokens (Ada-KV, LaProx), and after compaction the pools are
+reallocated to exactly kept + headroom slots per head, so the bytes held follow the budget. Nothing is
+masked: an evicted entry is gone.
+
+Lengths live on the host (Python ints) as well as on the device: the host copy drives allocation and the
+CPU path without device syncs; the device copy feeds kernels and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvx.kernels import ops
+
+
+@dataclass
+class LayerCache:
+    k: Tensor  # [slots, d]
+    v: Tensor  # [slots, d]
+    pos: Tensor  # [slots] int64 absolute positions
+    start: Tensor  # [Hkv] int32 (device)
+    length: Tensor  # [Hkv] int32 (device)
+    starts: list[int]  # host mirrors
+    lengths: list[int]
+    capacities: list[int]
+    key_mass: Tensor | None = None  # [slots] float32, decode-time attention mass (H2O/TOVA)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[0]
+
+    def is_uniform(self) -> bool:
+        """All heads hold the same number of tokens at a common stride: the pool views as [Hkv, cap, d]."""
+        cap = self.capacities[0]
+        return (
+            all(c == cap for c in self.capacities)
+            and all(s == g * cap for g, s in enumerate(self.starts))
+            and all(n == self.lengths[0] for n in self.lengths)
+        )
+
+    def head(self, g: int) -> tuple[Tensor, Tensor, Tensor]:
+        s, n = self.starts[g], self.lengths[g]
+        return self.k[s:s + n], self.v[s:s + n], self.pos[s:s + n]
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        """[Hkv, n, d] views of K and V and the [n] positions; only valid when is_uniform()."""
+        hkv, cap, n = len(self.starts), self.capacities[0], self.lengths[0]
+        d = self.k.shape[1]
+        return (self.k.view(hkv, cap, d)[:, :n], self.v.view(hkv, cap, d)[:, :n], self.pos[:n])
+
+
+def _new_layer(hkv: int, capacities: list[int], d: int, dtype, device, track_mass: bool) -> LayerCache:
+    starts = [0]
+    for c in capacities[:-1]:
+        starts.append(starts[-1] + c)
+    slots = sum(capacities)
+    return LayerCache(
+        k=torch.zeros(slots, d, dtype=dtype, device=device),
+        v=torch.zeros(slots, d, dtype=dtype, device=device),
+        pos=torch.zeros(slots, dtype=torch.int64, device=device),
+        start=torch.tensor(starts, dtype=torch.int32, device=device),
+        length=torch.zeros(hkv, dtype=torch.int32, device=device),
+        starts=starts,
+        lengths=[0] * hkv,
+        capacities=list(capacities),
+        key_mass=torch.zeros(slots, dtype=torch.float32, device=device) if track_mass else None,
+    )
+
+
+class RaggedKVCache:
+    """KV cache for one sequence, ragged per (layer, kv head)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, capacity: int, track_mass: bool = False):
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.track_mass = track_mass
+        self.layers = [
+            _new_layer(num_kv_heads, [capacity] * num_kv_heads, head_dim, dtype, self.device, track_mass)
+            for _ in range(num_layers)
+        ]
+        self.peak_bytes = self.bytes_allocated()
+
+    # -- accounting -------------------------------------------------------------------------------
+    def bytes_allocated(self) -> int:
+        """K + V bytes actually allocated (pools), not a formula over lengths."""
+        return sum(lc.k.numel() * lc.k.element_size() + lc.v.numel() * lc.v.element_size() for lc in self.layers)
+
+    def bytes_used(self) -> int:
+        """K + V bytes of the entries currently held (excludes free headroom)."""
+        per_entry = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return per_entry * self.total_entries()
+
+    def total_entries(self) -> int:
+        return sum(sum(lc.lengths) for lc in self.layers)
+
+    def lengths(self) -> list[list[int]]:
+        return [list(lc.lengths) for lc in self.layers]
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated())
+
+    # -- growth and appends -----------------------------------------------------------------------
+    def reserve(self, extra: int, headroom: int = 0) -> None:
+        """Make sure every segment can take `extra` more tokens; grows by extra + headroom when it can't."""
+        for i, lc in enumerate(self.layers):
+            if all(n + extra <= c for n, c in zip(lc.lengths, lc.capacities)):
+                continue
+            caps = [max(c, n + extra + headroom) for n, c in zip(lc.lengths, lc.capacities)]
+            keep = [torch.arange(n, device=self.device) for n in lc.lengths]
+            self.layers[i] = self._rebuild(lc, keep, caps)
+        self._note_peak()
+
+    def append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Append T tokens to every head of a layer. k, v: [Hkv, T, d]; positions: [T]."""
+        lc = self.layers[layer]
+        T = k.shape[1]
+        ops.cache_append(lc.k, lc.v, lc.pos, lc.start, lc.length, k, v, positions)
+        lc.lengths = [n + T for n in lc.lengths]
+        if lc.key_mass is not None:
+            for s, n in zip(lc.starts, lc.lengths):
+                lc.key_mass[s + n - T:s + n] = 0
+
+    # -- compaction ---------------------------------------------------------------------------------
+    def compact(self, keep: list[list[Tensor]], headroom: int) -> None:
+        """Keep only the given entries (per layer, per head: sorted indices into the head's segment).
+
+        The pools are reallocated to exactly len(keep) + headroom slots per head, so memory shrinks.
+        """
+        for i, lc in enumerate(self.layers):
+            caps = [int(idx.numel()) + headroom for idx in keep[i]]
+            self.layers[i] = self._rebuild(lc, keep[i], caps)
+
+    def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        lc = self.layers[layer]
+        caps = [int(idx.numel()) + headroom for idx in keep]
+        self.layers[layer] = self._rebuild(lc, keep, caps)
+
+    def _rebuild(self, lc: LayerCache, keep: list[Tensor], capacities: list[int]) -> LayerCache:
+        new = _new_layer(self.num_kv_heads, capacities, self.head_dim, self.dtype, self.device, lc.key_mass is not None)
+        new_slots = new.slots
+        new.k = ops.compact_gather(lc.k, lc.start, keep, new.start, new_slots)
+        new.v = ops.compact_gather(lc.v, lc.start, keep, new.start, new_slots)
+        new.pos = ops.compact_gather(lc.pos, lc.start, keep, new.start, new_slots)
+        if lc.key_mass is not None:
+            new.key_mass = ops.compact_gather(lc.key_mass, lc.start, keep, new.start, new_slots)
+        new.lengths = [int(idx.numel()) for idx in keep]
+        new.length = torch.tensor(new.lengths, dtype=torch.int32, device=self.device)
+        return new
+
+    # -- snapshots (question-agnostic: one compressed context, many questions) -------------------------
+    def snapshot(self) -> list[tuple[list[int], Tensor | None]]:
+        return [(list(lc.lengths), None if lc.key_mass is None else lc.key_mass.clone()) for lc in self.layers]
+
+    def restore(self, snap: list[tuple[list[int], Tensor | None]]) -> None:
+        """Forget everything appended since the snapshot (entries after the saved lengths).
+
+        Valid as long as no compaction happened since the snapshot (growth is fine: it preserves order).
+        """
+        for lc, (lengths, mass) in zip(self.layers, snap):
+            lc.lengths = list(lengths)
+            lc.length.copy_(torch.tensor(lengths, dtype=torch.int32))
+            if mass is not None and lc.key_mass is not None:
+                lc.key_mass[: mass.shape[0]].copy_(mass[: lc.key_mass.shape[0]])

@@ -1,0 +1,409 @@
+"""Prefill, compress, decode.
+
+The engine owns one RaggedKVCache per request. Prefill runs the model over the prompt with an `attend`
+callback that appends K/V to the cache, attends, and (when a policy asks) records that layer's
+statistics. The policy then picks what each (layer, kv head) keeps and the cache is compacted, so the
+bytes held really shrink. Decoding appends one token per step; policies with a decode mode keep the cache
+at its budget while generating.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from kvx.errors import KvxError
+from kvx.kernels import ops
+from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, wo_gram
+from kvx.runtime.cache import RaggedKVCache
+from kvx.runtime.sampling import SamplingParams, make_generator, sample
+
+# Tokens a decode-time policy may exceed its budget by before it evicts: evicting in small batches keeps
+# the per-step cost low while the cache stays within budget + DECODE_SLACK.
+DECODE_SLACK = 16
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    stats_s: float = 0.0  # part of prefill spent computing policy statistics
+    select_s: float = 0.0
+    compact_s: float = 0.0
+    decode_s: float = 0.0
+    decode_evict_s: float = 0.0  # part of decode spent in decode-time eviction
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str  # "eos" | "length"
+    timings: Timings
+    kv_bytes_full: int  # K+V bytes a full cache of the same tokens occupies
+    kv_bytes_held: int  # K+V bytes allocated at the end (kept entries + headroom)
+    kv_bytes_peak: int  # most K+V bytes allocated at any point
+    kv_entries_kept: int  # (layer, kv head, token) entries held at the end
+    kv_entries_full: int
+    policy: str = "full"
+    budget: str | None = None
+    lengths: list[list[int]] = field(default_factory=list)  # kept tokens per (layer, kv head) after compression
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.timings.prefill_s if self.timings.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.timings.decode_s if self.timings.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "finish_reason": self.finish_reason,
+            "policy": self.policy,
+            "budget": self.budget,
+            "timings": {k: round(v, 6) for k, v in asdict(self.timings).items()},
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "kv_bytes_full": self.kv_bytes_full,
+            "kv_bytes_held": self.kv_bytes_held,
+            "kv_bytes_peak": self.kv_bytes_peak,
+            "kv_entries_kept": self.kv_entries_kept,
+            "kv_entries_full": self.kv_entries_full,
+        }
+
+
+@dataclass
+class Request:
+    """One prefill-compress-decode run's state (a cache and what the policy needs next)."""
+
+    cache: RaggedKVCache
+    position: int = 0  # next absolute position
+    stats: list[LayerStats | None] = field(default_factory=list)
+    recent_q: list[Tensor | None] = field(default_factory=list)  # AhaKV: last r queries per layer [H, r, d]
+    head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
+    timings: Timings = field(default_factory=Timings)
+    lengths_after_compress: list[list[int]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, policy=None, budget=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.policy = policy
+        self.budget = budget
+        cfg = self.config
+        self.scale = cfg.head_dim ** -0.5
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        self._grams: dict[int, Tensor] = {}
+        if policy is not None and hasattr(policy, "set_model_info"):
+            policy.set_model_info(inv_freq=getattr(model, "inv_freq", None), num_heads=cfg.num_heads,
+                                  head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def compresses(self) -> bool:
+        return self.policy is not None and self.policy.name != "full" and self.budget is not None
+
+    @property
+    def decode_mode(self) -> str | None:
+        return self.policy.decode_mode if self.compresses else None
+
+    def _stats_request(self) -> StatsRequest | None:
+        if not self.compresses:
+            return None
+        return self.policy.request
+
+    def _gram(self, layer: int) -> Tensor:
+        if layer not in self._grams:
+            self._grams[layer] = wo_gram(self.model.o_proj_weight(layer).float(), self.config.num_heads,
+                                         self.config.head_dim)
+        return self._grams[layer]
+
+    def entry_bytes(self) -> int:
+        """Bytes of one (layer, kv head, token) entry: K and V."""
+        return 2 * self.config.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def new_request(self, capacity: int) -> Request:
+        cfg = self.config
+        cache = RaggedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+                              capacity, track_mass=self.decode_mode in ("accumulate", "last"))
+        return Request(cache=cache, stats=[None] * cfg.num_layers, recent_q=[None] * cfg.num_layers)
+
+    def check_length(self, n_prompt: int) -> None:
+        limit = self.config.max_position_embeddings
+        if n_prompt == 0:
+            raise KvxError("the prompt is empty")
+        if n_prompt >= limit:
+            raise KvxError(f"the prompt has {n_prompt} tokens; the model's context is {limit} tokens")
+
+    # -- the forward pass -------------------------------------------------------------------------
+    def _attend_fn(self, req: Request, stats_req: StatsRequest | None) -> Callable:
+        cache = req.cache
+        mode = self.decode_mode
+        keep_recent = self.policy.window if (mode == "recent_queries") else 0
+        G = self.group
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, q_pre: Tensor) -> Tensor:
+            cache.append(layer, k, v, positions)
+            lc = cache.layers[layer]
+            T = q.shape[1]
+            sw = self.config.sliding_window_for(layer)
+            if keep_recent:
+                prev = req.recent_q[layer]
+                rq = q if prev is None else torch.cat([prev, q], dim=1)
+                req.recent_q[layer] = rq[:, -keep_recent:].clone()
+            if T == 1 and sw is None:
+                if mode == "last":
+                    lc.key_mass.zero_()
+                if lc.is_uniform() and lc.key_mass is None:
+                    K, V, _ = lc.dense()
+                    out, _ = ops.attention(q, K, V, positions, positions.expand(K.shape[1]), self.scale)
+                    return out
+                return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, self.scale,
+                                            lc.key_mass).unsqueeze(1)
+            if lc.is_uniform():
+                K, V, P = lc.dense()
+                out, _ = ops.attention(q, K, V, positions, P, self.scale, sw)
+                if stats_req is not None:
+                    t0 = time.perf_counter()
+                    req.stats[layer] = compute_layer_stats(
+                        stats_req, q, K, V, positions, P, self.scale, sw, q_pre,
+                        gram=self._gram(layer) if stats_req.value_out_norm else None,
+                        o_proj_weight=self.model.o_proj_weight(layer) if stats_req.value_out_l1 else None)
+                    req.timings.stats_s += time.perf_counter() - t0
+                return out
+            # Ragged cache (after compression): each kv head attends over its own segment.
+            out = torch.empty_like(q)
+            for g in range(cache.num_kv_heads):
+                Kg, Vg, Pg = lc.head(g)
+                out[g * G:(g + 1) * G], _ = ops.attention(
+                    q[g * G:(g + 1) * G], Kg.unsqueeze(0), Vg.unsqueeze(0), positions, Pg, self.scale, sw)
+            return out
+
+        return attend
+
+    @torch.inference_mode()
+    def forward(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None) -> Tensor:
+        """Run `ids` through the model at the request's next positions; returns the last logits [V]."""
+        T = len(ids)
+        req.cache.reserve(T, headroom=0)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(req.position, req.position + T, device=self.device)
+        logits = self.model(ids_t, positions, self._attend_fn(req, stats_req), last_only=True)
+        req.position += T
+        return logits[-1]
+
+    # -- compression ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def compress(self, req: Request, headroom: int) -> None:
+        """Select with the policy from the statistics of the last prefill, then compact the cache."""
+        n = req.cache.layers[0].lengths[0]
+        cfg = self.config
+        if not self.compresses or self.budget.keeps_everything(n):
+            req.cache.reserve(headroom)
+            req.lengths_after_compress = req.cache.lengths()
+            return
+        t0 = time.perf_counter()
+        keep = self.policy.select([s for s in req.stats], self.budget, cfg.num_kv_heads, cfg.num_heads,
+                                  cfg.head_dim)
+        t1 = time.perf_counter()
+        mass_seed = None
+        if self.decode_mode == "accumulate":
+            mass_seed = [self._group_mass(s) for s in req.stats]
+        if self.decode_mode:
+            headroom = min(headroom, DECODE_SLACK)
+            req.head_budget = [[int(idx.numel()) for idx in layer] for layer in keep]
+        req.cache.compact(keep, headroom)
+        if mass_seed is not None:
+            for lc, seed, layer_keep in zip(req.cache.layers, mass_seed, keep):
+                for g, idx in enumerate(layer_keep):
+                    s = lc.starts[g]
+                    lc.key_mass[s:s + idx.numel()] = seed[g][idx.to(seed.device)]
+        req.stats = [None] * cfg.num_layers  # statistics are consumed: free them
+        req.timings.select_s += t1 - t0
+        req.timings.compact_s += time.perf_counter() - t1
+        req.lengths_after_compress = req.cache.lengths()
+
+    def _group_mass(self, stats: LayerStats) -> Tensor:
+        """[Hkv, n] attention mass per key summed over each group's query heads (H2O's running score)."""
+        src = stats.colsum_all if stats.colsum_all is not None else stats.col_sum
+        if src is None:
+            return torch.zeros(self.config.num_kv_heads, stats.n, device=self.device)
+        return src.reshape(self.config.num_kv_heads, self.group, -1).sum(1)
+
+    def _decode_evict(self, req: Request) -> None:
+        """Bring every (layer, kv head) back to its budget once it exceeds it by DECODE_SLACK."""
+        from kvx.policies import DecodeView  # local: policies are only needed when a policy runs
+
+        cache = req.cache
+        G = self.group
+        for layer, lc in enumerate(cache.layers):
+            targets = req.head_budget[layer]
+            if all(n <= t + DECODE_SLACK - 1 for n, t in zip(lc.lengths, targets)):
+                continue
+            keep = []
+            for g in range(cache.num_kv_heads):
+                n, target = lc.lengths[g], targets[g]
+                if n <= target:
+                    keep.append(torch.arange(n, device=self.device))
+                    continue
+                K, V, P = lc.head(g)
+                s = lc.starts[g]
+                rq = req.recent_q[layer]
+                view = DecodeView(
+                    keys=K, values=V, positions=P,
+                    key_mass=lc.key_mass[s:s + n] if lc.key_mass is not None else torch.zeros(n, device=self.device),
+                    recent_queries=None if rq is None else rq[g * G:(g + 1) * G],
+                    query_position=req.position - 1, head_dim=self.config.head_dim, scale=self.scale)
+                keep.append(self.policy.decode_keep(view, target))
+            cache.compact_layer(layer, keep, DECODE_SLACK)
+
+    # -- generation -------------------------------------------------------------------------------
+    def _decode_loop(self, req: Request, logits: Tensor, params: SamplingParams, max_tokens: int,
+                     on_text: Callable[[str], None] | None) -> tuple[list[int], str, str]:
+        eos = set(self.tokenizer.eos_token_ids)
+        gen = make_generator(params, torch.device("cpu"))
+        out_ids: list[int] = []
+        emitted = ""
+        finish = "length"
+        limit = self.config.max_position_embeddings
+        t0 = time.perf_counter()
+        for _ in range(max_tokens):
+            tok = sample(logits.float().cpu(), params, gen)
+            if tok in eos:
+                finish = "eos"
+                break
+            out_ids.append(tok)
+            if on_text is not None:
+                text = self.tokenizer.decode(out_ids)
+                # Hold back a trailing replacement char: it is half of a multi-byte character.
+                stable = text.rstrip("\ufffd")
+                if len(stable) > len(emitted) and stable.startswith(emitted):
+                    on_text(stable[len(emitted):])
+                    emitted = stable
+            if len(out_ids) == max_tokens or req.position >= limit:
+                break
+            logits = self.forward(req, [tok])
+            if self.decode_mode and req.head_budget is not None:
+                te = time.perf_counter()
+                self._decode_evict(req)
+                req.timings.decode_evict_s += time.perf_counter() - te
+        req.timings.decode_s += time.perf_counter() - t0
+        text = self.tokenizer.decode(out_ids)
+        if on_text is not None and len(text) > len(emitted) and text.startswith(emitted):
+            on_text(text[len(emitted):])
+        return out_ids, text, finish
+
+    def _result(self, req: Request, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
+        cfg = self.config
+        n_total = req.position
+        entries_full = cfg.num_layers * cfg.num_kv_heads * n_total
+        return GenerationResult(
+            text=text, token_ids=out_ids, prompt_tokens=prompt_tokens, generated_tokens=len(out_ids),
+            finish_reason=finish, timings=req.timings,
+            kv_bytes_full=entries_full * self.entry_bytes(),
+            kv_bytes_held=req.cache.bytes_allocated(), kv_bytes_peak=req.cache.peak_bytes,
+            kv_entries_kept=req.cache.total_entries(), kv_entries_full=entries_full,
+            policy=self.policy.name if self.compresses else "full",
+            budget=None if self.budget is None else str(self.budget),
+            lengths=req.lengths_after_compress,
+        )
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Question-aware: prefill the whole prompt, compress, decode."""
+        n = len(prompt_ids)
+        self.check_length(n)
+        max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n))
+        req = self.new_request(capacity=n if self.compresses else n + max_tokens)
+        t0 = time.perf_counter()
+        logits = self.forward(req, prompt_ids, self._stats_request())
+        req.timings.prefill_s = time.perf_counter() - t0
+        self.compress(req, headroom=max_tokens)
+        out_ids, text, finish = self._decode_loop(req, logits, params, max_tokens, on_text)
+        return self._result(req, n, out_ids, text, finish)
+
+    def generate_agnostic(self, context_ids: list[int], questions: list[list[int]],
+                          params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+                          on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+        """Question-agnostic: prefill and compress the context alone, then answer each question from the
+        same compressed cache (restored between questions, never recomputed)."""
+        n = len(context_ids)
+        self.check_length(n)
+        longest = max((len(q) for q in questions), default=0)
+        self.check_length(n + longest)
+        max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n - longest))
+        req = self.new_request(capacity=n if self.compresses else n + longest + max_tokens)
+        t0 = time.perf_counter()
+        self.forward(req, context_ids, self._stats_request())
+        prefill_s = time.perf_counter() - t0
+        self.compress(req, headroom=longest + max_tokens)
+        req.cache.reserve(longest + max_tokens if not self.decode_mode else longest + DECODE_SLACK)
+        base_timings = req.timings
+        snap = _CacheSnapshot.take(req)
+        results = []
+        for qi, q_ids in enumerate(questions):
+            snap.restore(req)
+            req.timings = Timings(prefill_s=prefill_s, stats_s=base_timings.stats_s,
+                                  select_s=base_timings.select_s, compact_s=base_timings.compact_s)
+            t0 = time.perf_counter()
+            logits = self.forward(req, q_ids)
+            req.timings.prefill_s += time.perf_counter() - t0
+            cb = None if on_text is None else (lambda s, qi=qi: on_text(qi, s))
+            out_ids, text, finish = self._decode_loop(req, logits, params, max_tokens, cb)
+            results.append(self._result(req, n + len(q_ids), out_ids, text, finish))
+        return results
+
+
+@dataclass
+class _CacheSnapshot:
+    """The compressed context's cache, to come back to between questions.
+
+    Without decode-time eviction a question only appends, so rewinding lengths is enough; with it the
+    pools are rebuilt, so the snapshot keeps the layer objects themselves (small: already compressed).
+    """
+
+    position: int
+    layers: list
+    lengths: list[list[int]]
+    recent_q: list
+    head_budget: list[list[int]] | None
+
+    @classmethod
+    def take(cls, req: Request) -> "_CacheSnapshot":
+        import copy
+
+        layers = [copy.copy(lc) for lc in req.cache.layers]
+        for lc in layers:
+            lc.lengths = list(lc.lengths)
+            if lc.key_mass is not None:
+                lc.key_mass = lc.key_mass.clone()
+        return cls(req.position, layers, req.cache.lengths(), list(req.recent_q),
+                   None if req.head_budget is None else [list(h) for h in req.head_budget])
+
+    def restore(self, req: Request) -> None:
+        req.position = self.position
+        req.recent_q = list(self.recent_q)
+        req.head_budget = None if self.head_budget is None else [list(h) for h in self.head_budget]
+        for i, saved in enumerate(self.layers):
+            import copy
+
+            lc = copy.copy(saved)
+            lc.lengths = list(self.lengths[i])
+            lc.length = torch.tensor(lc.lengths, dtype=torch.int32, device=saved.k.device)
+            if saved.key_mass is not None:
+                lc.key_mass = saved.key_mass.clone()
+            req.cache.layers[i] = lc
