@@ -168,10 +168,7 @@ class Engine:
             if T == 1 and sw is None:
                 if mode == "last":
                     lc.key_mass.zero_()
-                if lc.is_uniform() and lc.key_mass is None:
-                    K, V, _ = lc.dense()
-                    out, _ = ops.attention(q, K, V, positions, positions.expand(K.shape[1]), self.scale)
-                    return out
+                # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
                 return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, self.scale,
                                             lc.key_mass).unsqueeze(1)
             if lc.is_uniform():
@@ -277,7 +274,7 @@ class Engine:
         eos = set(self.tokenizer.eos_token_ids)
         gen = make_generator(params, torch.device("cpu"))
         out_ids: list[int] = []
-        emitted = ""
+        stream = self.tokenizer.stream_decoder() if on_text is not None else None
         finish = "length"
         limit = self.config.max_position_embeddings
         t0 = time.perf_counter()
@@ -287,13 +284,10 @@ class Engine:
                 finish = "eos"
                 break
             out_ids.append(tok)
-            if on_text is not None:
-                text = self.tokenizer.decode(out_ids)
-                # Hold back a trailing replacement char: it is half of a multi-byte character.
-                stable = text.rstrip("\ufffd")
-                if len(stable) > len(emitted) and stable.startswith(emitted):
-                    on_text(stable[len(emitted):])
-                    emitted = stable
+            if stream is not None:
+                piece = stream.push(tok)
+                if piece:
+                    on_text(piece)
             if len(out_ids) == max_tokens or req.position >= limit:
                 break
             logits = self.forward(req, [tok])
@@ -303,8 +297,10 @@ class Engine:
                 req.timings.decode_evict_s += time.perf_counter() - te
         req.timings.decode_s += time.perf_counter() - t0
         text = self.tokenizer.decode(out_ids)
-        if on_text is not None and len(text) > len(emitted) and text.startswith(emitted):
-            on_text(text[len(emitted):])
+        if stream is not None:
+            rest = stream.flush()
+            if rest:
+                on_text(rest)
         return out_ids, text, finish
 
     def _result(self, req: Request, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
