@@ -103,8 +103,11 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
 
 
 def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str]):
-    from kvx.policies import build_policy, parse_budget
     from kvx.runtime.engine import Engine
+
+    if policy == "full" and budget is None and not allocation and not policy_args:
+        return Engine(model, tokenizer)  # the uncompressed runtime
+    from kvx.policies import build_policy, parse_budget
 
     if policy != "full" and budget is None:
         raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")

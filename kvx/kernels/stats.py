@@ -185,19 +185,33 @@ class _RowSource:
     def num_rows(self) -> int:
         return self.qg.shape[2]
 
-    def probs(self, t0: int, t1: int, row_scale: Tensor) -> Tensor:
-        """[Hkv, G, t1-t0, S] float32 softmax rows t0..t1-1, logits q.k scaled by row_scale [t1-t0]."""
+    def probs(self, t0: int, t1: int, row_scale: Tensor, keys: slice = slice(None)) -> Tensor:
+        """[Hkv, G, t1-t0, keys] float32 softmax rows t0..t1-1 restricted to `keys`, logits q.k * row_scale.
+
+        `keys` must contain every key the rows can see (see visible_keys); the rest would get probability 0.
+        """
         Hkv, G, _, d = self.qg.shape
         rows = t1 - t0
         q_rows = self.qg[:, :, t0:t1].reshape(Hkv, G * rows, d)
-        logits = torch.bmm(q_rows, self.kt).view(Hkv, G, rows, -1)
-        logits = logits * row_scale.to(logits.device).view(1, 1, rows, 1)
-        visible = visibility_mask(self.q_pos[t0:t1], self.k_pos, self.sliding_window)
-        logits = logits.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        # A row that sees no key contributes nothing (instead of NaN).
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        return torch.exp(logits - lse)
+        logits = torch.bmm(q_rows, self.kt[:, :, keys]).view(Hkv, G, rows, -1)
+        logits.mul_(row_scale.to(logits.device).view(1, 1, rows, 1))
+        visible = visibility_mask(self.q_pos[t0:t1], self.k_pos[keys], self.sliding_window)
+        logits.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if not bool(visible.any(dim=1).all()):
+            probs = probs.nan_to_num_(nan=0.0)  # a row that sees no key contributes nothing
+        return probs
+
+    def visible_keys(self, t0: int, t1: int) -> slice:
+        """The smallest contiguous key range holding every key that rows t0..t1-1 can see.
+
+        Cache order is position order, so for causal (and sliding-window) rows this skips the future
+        keys -- about half the work of a full prefill pass.
+        """
+        seen = visibility_mask(self.q_pos[t0:t1], self.k_pos, self.sliding_window).any(dim=0).nonzero()
+        if seen.numel() == 0:
+            return slice(0, 0)
+        return slice(int(seen[0]), int(seen[-1]) + 1)
 
     def chunks(self, first_row: int):
         for t0 in range(first_row, self.num_rows, ROW_CHUNK):
@@ -219,11 +233,10 @@ def _fill_window_stats(stats: LayerStats, req: StatsRequest, rows: _RowSource, s
     for t0, t1 in rows.chunks(first):
         p = rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32))
         last = p[:, :, -1]
-        in_window = p[:, :, max(0, T - window - t0):]  # the last_row-only case may start before the window
-        if col_sum is not None:
-            col_sum += in_window.sum(dim=2)
+        if col_sum is not None:  # rows start at the window (or at the last row when there is no window)
+            col_sum += p.sum(dim=2)
         if col_sq is not None:
-            col_sq += in_window.square().sum(dim=2)
+            col_sq += p.square().sum(dim=2)
     if col_sum is not None:
         stats.col_sum = _per_query_head(col_sum)
     if col_sq is not None:
@@ -238,7 +251,9 @@ def _colsum_all(rows: _RowSource, scale: float) -> tuple[Tensor, Tensor]:
     total = rows.qg.new_zeros(Hkv, G, S)
     count = torch.zeros(S, dtype=torch.float32, device=rows.qg.device)
     for t0, t1 in rows.chunks(0):
-        total += rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32)).sum(dim=2)
+        keys = rows.visible_keys(t0, t1)
+        if keys.stop > keys.start:
+            total[:, :, keys] += rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32), keys).sum(2)
         count += visibility_mask(rows.q_pos[t0:t1], rows.k_pos, rows.sliding_window).sum(dim=0)
     return _per_query_head(total), count
 

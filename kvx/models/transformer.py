@@ -1,0 +1,160 @@
+"""The one decoder behind every supported family (Llama, Qwen2, Qwen3, Mistral).
+
+Family differences are config switches: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), RoPE scaling
+(Llama 3.x), sliding window (enforced by the runtime's attention, not here). Attention itself is not in
+the model: each layer hands its q, k, v to the runtime's `attend`, which owns the cache and the softmax.
+
+Weights are fused at load time (one qkv matrix, one gate|up matrix) and the per-layer tensors are kept in
+plain tuples, so a decode step costs few kernel launches and little Python: this is the CPU hot path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvx.models.config import ModelConfig, load_config
+from kvx.models.loader import load_state_dict, resolve_dtype
+from kvx.models.rope import inv_freq_for, rope_tables, rotate
+
+# attend(layer_idx, q [H,T,d] post-RoPE, k [Hkv,T,d] post-RoPE, v [Hkv,T,d], positions [T] int64,
+#        q_pre_rope [H,T,d]) -> o [H,T,d]
+AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF RMSNorm over the last dim: normalise in float32, cast back to x's dtype, then scale.
+
+    weight is [d], or any shape that broadcasts against x (the stacked per-head q/k norm weights).
+    """
+    shape = x.shape[-1:]
+    if x.dtype == torch.float32:
+        if weight.dim() == 1:
+            return F.rms_norm(x, shape, weight, eps)  # one fused kernel; same arithmetic as below
+        return weight * F.rms_norm(x, shape, None, eps)
+    return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+
+class LayerWeights(NamedTuple):
+    attn_norm: Tensor  # [D]
+    qkv: Tensor  # [(H + 2 Hkv) d, D]
+    qkv_bias: Tensor | None  # [(H + 2 Hkv) d]
+    qk_norm: Tensor | None  # [H + Hkv, 1, d]: q_norm repeated over q heads, then k_norm over kv heads
+    o: Tensor  # [D, H d]
+    o_bias: Tensor | None  # [D]
+    mlp_norm: Tensor  # [D]
+    gate_up: Tensor  # [2 I, D]
+    down: Tensor  # [D, I]
+
+
+def _frozen(t: Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """Holds one layer's fused weights as parameters (so .to() and state_dict() work)."""
+
+    def __init__(self, config: ModelConfig, state: dict[str, Tensor], i: int):
+        super().__init__()
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        self.attn_norm = _frozen(state.pop(p + "input_layernorm.weight"))
+        self.qkv = _frozen(torch.cat([state.pop(a + f"{n}_proj.weight") for n in "qkv"], dim=0))
+        self.qkv_bias = _frozen(
+            torch.cat([state.pop(a + f"{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
+        )
+        if config.qk_norm:
+            q_norm, k_norm = state.pop(a + "q_norm.weight"), state.pop(a + "k_norm.weight")
+            stacked = torch.cat([q_norm.expand(config.num_heads, -1), k_norm.expand(config.num_kv_heads, -1)])
+            self.qk_norm = _frozen(stacked[:, None, :].contiguous())
+        else:
+            self.qk_norm = None
+        self.o = _frozen(state.pop(a + "o_proj.weight"))
+        self.o_bias = _frozen(state.pop(a + "o_proj.bias") if config.o_bias else None)
+        self.mlp_norm = _frozen(state.pop(p + "post_attention_layernorm.weight"))
+        gate, up = state.pop(p + "mlp.gate_proj.weight"), state.pop(p + "mlp.up_proj.weight")
+        self.gate_up = _frozen(torch.cat([gate, up], dim=0))
+        self.down = _frozen(state.pop(p + "mlp.down_proj.weight"))
+
+    def weights(self) -> LayerWeights:
+        return LayerWeights(*(getattr(self, f) for f in LayerWeights._fields))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, state: dict[str, Tensor]):
+        """Build from an HF-named state dict (as load_state_dict returns); the dict is consumed."""
+        super().__init__()
+        self.config = config
+        state = dict(state)
+        embed = state.pop("model.embed_tokens.weight")
+        head = state.pop("lm_head.weight")
+        self.embed = _frozen(embed)
+        # Tied checkpoints share one tensor; keep it shared rather than holding the vocab matrix twice.
+        self.lm_head = self.embed if head is embed else _frozen(head)
+        self.final_norm = _frozen(state.pop("model.norm.weight"))
+        self.layers = nn.ModuleList(DecoderLayer(config, state, i) for i in range(config.num_layers))
+        # Not a buffer: model.to(bfloat16) must not round the frequencies; they stay float32.
+        self._inv_freq_cpu = inv_freq_for(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # Plain tuples are read in forward: attribute lookups through nn.Module cost more than the math
+        # of a small layer at decode time.
+        self._layer_weights = [layer.weights() for layer in self.layers]
+        self.inv_freq = self._inv_freq_cpu.to(self.embed.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return result
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    ) -> "Transformer":
+        config = load_config(model_dir)
+        state = load_state_dict(model_dir, config, resolve_dtype(dtype), device)
+        return cls(config, state)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def o_proj_weight(self, layer_idx: int) -> Tensor:
+        """[hidden, H*d]; columns h*d:(h+1)*d are W_O^h."""
+        return self.layers[layer_idx].o
+
+    def forward(self, ids: Tensor, positions: Tensor, attend: AttendFn, last_only: bool = False) -> Tensor:
+        """ids, positions: [T] int64. Returns float32 logits [T, V], or [1, V] for the last token only."""
+        cfg = self.config
+        H, Hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        T = ids.shape[0]
+        x = F.embedding(ids, self.embed)
+        cos, signed_sin = rope_tables(positions, self.inv_freq, x.dtype)  # [T, d], broadcast over heads
+        n_qk = H + Hkv
+        inter = cfg.intermediate_size
+        for layer_idx, w in enumerate(self._layer_weights):
+            h = rms_norm(x, w.attn_norm, eps)
+            # One copy into head-major layout (none at T=1); every slice below is then contiguous.
+            heads = F.linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
+            qk = heads[:n_qk]
+            if w.qk_norm is not None:
+                qk = rms_norm(qk, w.qk_norm, eps)
+            qk_rope = rotate(qk, cos, signed_sin)  # q and k heads in one go
+            o = attend(layer_idx, qk_rope[:H], qk_rope[H:], heads[n_qk:], positions, qk[:H])
+            o = o.transpose(0, 1).reshape(T, H * d)
+            x = x + F.linear(o, w.o, w.o_bias)
+            h = rms_norm(x, w.mlp_norm, eps)
+            gate_up = F.linear(h, w.gate_up)
+            x = x + F.linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
+        if last_only:
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.final_norm, eps), self.lm_head).float()

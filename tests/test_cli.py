@@ -1,0 +1,123 @@
+"""The command line as a user meets it: stdout/stderr split, --json, --jsonl, errors (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kvx.models.hub import pull_default_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_dir():
+    return pull_default_model(quiet=True)
+
+
+def kvx(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvx", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kvx: error:")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert proc.stdout == ""
+
+
+def test_version_and_help():
+    assert kvx("--version").stdout.startswith("kvx ")
+    help_text = kvx("--help").stdout
+    for command in ("generate", "policies", "pull", "convert"):
+        assert command in help_text
+    gen_help = kvx("generate", "--help").stdout
+    for option in ("--policy", "--budget", "--context", "--jsonl", "--max-tokens"):
+        assert option in gen_help
+
+
+def test_generate_text_on_stdout_summary_on_stderr(default_dir):
+    proc = kvx("generate", "What is the capital of France?", "--max-tokens", "24")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "tok/s" not in proc.stdout
+    assert "tok/s" in proc.stderr and "KV held" in proc.stderr
+
+
+def test_prompt_from_stdin_and_json(default_dir):
+    proc = kvx("generate", "--json", "--max-tokens", "16", stdin="What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert "Paris" in obj["text"]
+    for key in ("prompt_tokens", "generated_tokens", "timings", "kv_bytes_held", "kv_bytes_full"):
+        assert key in obj
+    assert obj["kv_bytes_held"] > 0
+
+
+def test_seeded_sampling_is_deterministic(default_dir):
+    args = ("generate", "Tell me a story about a cat.", "-t", "0.9", "--seed", "5", "-n", "20", "--quiet")
+    a, b = kvx(*args), kvx(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_jsonl_pipeline_with_a_bad_line(default_dir):
+    lines = [
+        json.dumps({"id": "a", "prompt": "What is the capital of France?", "max_tokens": 16}),
+        "{not json",
+        json.dumps({"id": "c", "prompt": ""}),
+        json.dumps({"id": "d", "context": "Alice keeps a red umbrella. Bob has a green one.",
+                    "questions": ["What color is Alice's umbrella?", "Who has a green umbrella?"], "max_tokens": 12}),
+    ]
+    proc = kvx("generate", "--jsonl", stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 1
+    out = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(out) == 4
+    assert out[0]["id"] == "a" and "Paris" in out[0]["text"]
+    assert "error" in out[1] and out[1]["line"] == 2
+    assert "error" in out[2] and out[2]["id"] == "c"
+    assert len(out[3]["results"]) == 2
+
+
+def test_missing_model_path():
+    assert_user_error(kvx("generate", "--model", "/no/such/model", "hi"), "/no/such/model")
+
+
+def test_model_dir_without_weights(tmp_path, default_dir):
+    shutil.copy(default_dir / "config.json", tmp_path / "config.json")
+    assert_user_error(kvx("generate", "--model", str(tmp_path), "hi"))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert_user_error(kvx("generate", "--model", str(tmp_path), "hi"), "LlamaForCausalLM")
+
+
+def test_truncated_safetensors(tmp_path, default_dir):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_dir / name, tmp_path / name)
+    with open(default_dir / "model.safetensors", "rb") as src:
+        (tmp_path / "model.safetensors").write_bytes(src.read(1 << 20))
+    assert_user_error(kvx("generate", "--model", str(tmp_path), "hi"))
+
+
+def test_empty_prompt(default_dir):
+    assert_user_error(kvx("generate", "   "), "empty")
+    assert_user_error(kvx("generate", stdin=""), "empty")
+
+
+def test_prompt_longer_than_context(default_dir):
+    assert_user_error(kvx("generate", "--raw", stdin="1 " * 9000), "context")
+
+
+def test_context_file_missing(default_dir):
+    assert_user_error(kvx("generate", "--context", "/no/such/file.txt", "-q", "why?"), "not found")
