@@ -158,17 +158,24 @@ class RaggedKVCache:
         new.length = torch.tensor(new.lengths, dtype=torch.int32, device=self.device)
         return new
 
-    # -- snapshots (question-agnostic: one compressed context, many questions) -------------------------
-    def snapshot(self) -> list[tuple[list[int], Tensor | None]]:
-        return [(list(lc.lengths), None if lc.key_mass is None else lc.key_mass.clone()) for lc in self.layers]
+    def clone(self, track_mass: bool | None = None) -> "RaggedKVCache":
+        """An independent copy (fresh pools); track_mass switches the decode-time mass buffer on or off."""
+        import copy
 
-    def restore(self, snap: list[tuple[list[int], Tensor | None]]) -> None:
-        """Forget everything appended since the snapshot (entries after the saved lengths).
-
-        Valid as long as no compaction happened since the snapshot (growth is fine: it preserves order).
-        """
-        for lc, (lengths, mass) in zip(self.layers, snap):
-            lc.lengths = list(lengths)
-            lc.length.copy_(torch.tensor(lengths, dtype=torch.int32))
-            if mass is not None and lc.key_mass is not None:
-                lc.key_mass[: mass.shape[0]].copy_(mass[: lc.key_mass.shape[0]])
+        track = self.track_mass if track_mass is None else track_mass
+        new = copy.copy(self)
+        new.track_mass = track
+        new.layers = []
+        for lc in self.layers:
+            c = copy.copy(lc)
+            c.k, c.v, c.pos = lc.k.clone(), lc.v.clone(), lc.pos.clone()
+            c.start, c.length = lc.start.clone(), lc.length.clone()
+            c.starts, c.lengths, c.capacities = list(lc.starts), list(lc.lengths), list(lc.capacities)
+            if track:
+                c.key_mass = lc.key_mass.clone() if lc.key_mass is not None else torch.zeros(
+                    lc.slots, dtype=torch.float32, device=self.device)
+            else:
+                c.key_mass = None
+            new.layers.append(c)
+        new.peak_bytes = new.bytes_allocated()
+        return new

@@ -83,9 +83,11 @@ class GenerationResult:
 
 @dataclass
 class Request:
-    """One prefill-compress-decode run's state (a cache and what the policy needs next)."""
+    """One sequence's state: its cache, the policy and budget it is compressed with, what comes next."""
 
     cache: RaggedKVCache
+    policy: object | None = None  # kvx.policies.Policy
+    budget: object | None = None  # kvx.policies.Budget
     position: int = 0  # next absolute position
     stats: list[LayerStats | None] = field(default_factory=list)
     recent_q: list[Tensor | None] = field(default_factory=list)  # AhaKV: last r queries per layer [H, r, d]
@@ -93,8 +95,18 @@ class Request:
     timings: Timings = field(default_factory=Timings)
     lengths_after_compress: list[list[int]] = field(default_factory=list)
 
+    @property
+    def compresses(self) -> bool:
+        return self.policy is not None and self.policy.name != "full" and self.budget is not None
+
+    @property
+    def decode_mode(self) -> str | None:
+        return self.policy.decode_mode if self.compresses else None
+
 
 class Engine:
+    """Runs a model with a ragged KV cache. `policy`/`budget` are the defaults for generate()."""
+
     def __init__(self, model, tokenizer, policy=None, budget=None):
         self.model = model
         self.tokenizer = tokenizer
@@ -108,24 +120,8 @@ class Engine:
         self.scale = cfg.head_dim ** -0.5
         self.group = cfg.num_heads // cfg.num_kv_heads
         self._grams: dict[int, Tensor] = {}
-        if policy is not None and hasattr(policy, "set_model_info"):
-            policy.set_model_info(inv_freq=getattr(model, "inv_freq", None), num_heads=cfg.num_heads,
-                                  head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
 
     # -- helpers ----------------------------------------------------------------------------------
-    @property
-    def compresses(self) -> bool:
-        return self.policy is not None and self.policy.name != "full" and self.budget is not None
-
-    @property
-    def decode_mode(self) -> str | None:
-        return self.policy.decode_mode if self.compresses else None
-
-    def _stats_request(self) -> StatsRequest | None:
-        if not self.compresses:
-            return None
-        return self.policy.request
-
     def _gram(self, layer: int) -> Tensor:
         if layer not in self._grams:
             self._grams[layer] = wo_gram(self.model.o_proj_weight(layer).float(), self.config.num_heads,
@@ -136,11 +132,22 @@ class Engine:
         """Bytes of one (layer, kv head, token) entry: K and V."""
         return 2 * self.config.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def new_request(self, capacity: int) -> Request:
+    def new_request(self, capacity: int, policy=None, budget=None) -> Request:
         cfg = self.config
-        cache = RaggedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
-                              capacity, track_mass=self.decode_mode in ("accumulate", "last"))
-        return Request(cache=cache, stats=[None] * cfg.num_layers, recent_q=[None] * cfg.num_layers)
+        req = Request(cache=None, policy=policy, budget=budget, stats=[None] * cfg.num_layers,
+                      recent_q=[None] * cfg.num_layers)
+        if policy is not None:
+            policy.set_model_info(inv_freq=getattr(self.model, "inv_freq", None), num_heads=cfg.num_heads,
+                                  head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+        req.cache = RaggedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+                                  capacity, track_mass=req.decode_mode in ("accumulate", "last"))
+        return req
+
+    def stats_request(self, req: Request, n_tokens: int) -> StatsRequest | None:
+        """What the attention must emit for this request's policy over an n_tokens prefill."""
+        if not req.compresses or req.budget.keeps_everything(n_tokens):
+            return None
+        return req.policy.request_for(req.budget, n_tokens)
 
     def check_length(self, n_prompt: int) -> None:
         limit = self.config.max_position_embeddings
@@ -152,8 +159,8 @@ class Engine:
     # -- the forward pass -------------------------------------------------------------------------
     def _attend_fn(self, req: Request, stats_req: StatsRequest | None) -> Callable:
         cache = req.cache
-        mode = self.decode_mode
-        keep_recent = self.policy.window if (mode == "recent_queries") else 0
+        mode = req.decode_mode
+        keep_recent = req.policy.window if mode == "recent_queries" else 0
         G = self.group
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, q_pre: Tensor) -> Tensor:
@@ -203,24 +210,46 @@ class Engine:
         req.position += T
         return logits[-1]
 
+    def prefill(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None) -> Tensor:
+        """Prefill `ids`, recording the statistics the request's policy needs (or `stats_req`)."""
+        if stats_req is None:
+            stats_req = self.stats_request(req, len(ids))
+        t0 = time.perf_counter()
+        logits = self.forward(req, ids, stats_req)
+        req.timings.prefill_s += time.perf_counter() - t0
+        return logits
+
+    def fork(self, req: Request, policy=None, budget=None) -> Request:
+        """A copy of a prefilled request (cache cloned, statistics shared read-only) to compress differently.
+
+        This is how one prefill serves many (policy, budget) pairs in `kvx eval`.
+        """
+        cfg = self.config
+        new = self.new_request(capacity=1, policy=policy, budget=budget)
+        new.cache = req.cache.clone(track_mass=new.decode_mode in ("accumulate", "last"))
+        new.position = req.position
+        new.stats = list(req.stats)
+        new.recent_q = list(req.recent_q)
+        new.timings = Timings(prefill_s=req.timings.prefill_s, stats_s=req.timings.stats_s)
+        return new
+
     # -- compression ------------------------------------------------------------------------------
     @torch.inference_mode()
     def compress(self, req: Request, headroom: int) -> None:
         """Select with the policy from the statistics of the last prefill, then compact the cache."""
         n = req.cache.layers[0].lengths[0]
         cfg = self.config
-        if not self.compresses or self.budget.keeps_everything(n):
+        if not req.compresses or req.budget.keeps_everything(n):
             req.cache.reserve(headroom)
             req.lengths_after_compress = req.cache.lengths()
             return
         t0 = time.perf_counter()
-        keep = self.policy.select([s for s in req.stats], self.budget, cfg.num_kv_heads, cfg.num_heads,
-                                  cfg.head_dim)
+        keep = req.policy.select(list(req.stats), req.budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
         t1 = time.perf_counter()
         mass_seed = None
-        if self.decode_mode == "accumulate":
+        if req.decode_mode == "accumulate":
             mass_seed = [self._group_mass(s) for s in req.stats]
-        if self.decode_mode:
+        if req.decode_mode:
             headroom = min(headroom, DECODE_SLACK)
             req.head_budget = [[int(idx.numel()) for idx in layer] for layer in keep]
         req.cache.compact(keep, headroom)
@@ -265,12 +294,13 @@ class Engine:
                     key_mass=lc.key_mass[s:s + n] if lc.key_mass is not None else torch.zeros(n, device=self.device),
                     recent_queries=None if rq is None else rq[g * G:(g + 1) * G],
                     query_position=req.position - 1, head_dim=self.config.head_dim, scale=self.scale)
-                keep.append(self.policy.decode_keep(view, target))
+                keep.append(req.policy.decode_keep(view, target))
             cache.compact_layer(layer, keep, DECODE_SLACK)
 
     # -- generation -------------------------------------------------------------------------------
-    def _decode_loop(self, req: Request, logits: Tensor, params: SamplingParams, max_tokens: int,
-                     on_text: Callable[[str], None] | None) -> tuple[list[int], str, str]:
+    def decode(self, req: Request, logits: Tensor, params: SamplingParams, max_tokens: int,
+               on_text: Callable[[str], None] | None = None) -> tuple[list[int], str, str]:
+        """Sample up to max_tokens from `logits` on; returns (token ids, text, finish reason)."""
         eos = set(self.tokenizer.eos_token_ids)
         gen = make_generator(params, torch.device("cpu"))
         out_ids: list[int] = []
@@ -291,7 +321,7 @@ class Engine:
             if len(out_ids) == max_tokens or req.position >= limit:
                 break
             logits = self.forward(req, [tok])
-            if self.decode_mode and req.head_budget is not None:
+            if req.decode_mode and req.head_budget is not None:
                 te = time.perf_counter()
                 self._decode_evict(req)
                 req.timings.decode_evict_s += time.perf_counter() - te
@@ -303,7 +333,7 @@ class Engine:
                 on_text(rest)
         return out_ids, text, finish
 
-    def _result(self, req: Request, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
+    def result(self, req: Request, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
         cfg = self.config
         n_total = req.position
         entries_full = cfg.num_layers * cfg.num_kv_heads * n_total
@@ -313,55 +343,66 @@ class Engine:
             kv_bytes_full=entries_full * self.entry_bytes(),
             kv_bytes_held=req.cache.bytes_allocated(), kv_bytes_peak=req.cache.peak_bytes,
             kv_entries_kept=req.cache.total_entries(), kv_entries_full=entries_full,
-            policy=self.policy.name if self.compresses else "full",
-            budget=None if self.budget is None else str(self.budget),
+            policy=req.policy.name if req.compresses else "full",
+            budget=None if req.budget is None else str(req.budget),
             lengths=req.lengths_after_compress,
         )
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, policy=None, budget=None) -> GenerationResult:
         """Question-aware: prefill the whole prompt, compress, decode."""
+        policy = policy or self.policy
+        budget = budget or self.budget
         n = len(prompt_ids)
         self.check_length(n)
         max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n))
-        req = self.new_request(capacity=n if self.compresses else n + max_tokens)
-        t0 = time.perf_counter()
-        logits = self.forward(req, prompt_ids, self._stats_request())
-        req.timings.prefill_s = time.perf_counter() - t0
+        req = self.new_request(capacity=n, policy=policy, budget=budget)
+        if not req.compresses:
+            req.cache.reserve(n + max_tokens)
+        logits = self.prefill(req, prompt_ids)
         self.compress(req, headroom=max_tokens)
-        out_ids, text, finish = self._decode_loop(req, logits, params, max_tokens, on_text)
-        return self._result(req, n, out_ids, text, finish)
+        out_ids, text, finish = self.decode(req, logits, params, max_tokens, on_text)
+        return self.result(req, n, out_ids, text, finish)
 
-    def generate_agnostic(self, context_ids: list[int], questions: list[list[int]],
-                          params: SamplingParams = SamplingParams(), max_tokens: int = 256,
-                          on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
-        """Question-agnostic: prefill and compress the context alone, then answer each question from the
-        same compressed cache (restored between questions, never recomputed)."""
-        n = len(context_ids)
-        self.check_length(n)
+    def answer_all(self, req: Request, questions: list[list[int]], params: SamplingParams, max_tokens: int,
+                   on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+        """Answer each question from the same compressed context (restored between questions)."""
+        n = req.position
         longest = max((len(q) for q in questions), default=0)
         self.check_length(n + longest)
         max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n - longest))
-        req = self.new_request(capacity=n if self.compresses else n + longest + max_tokens)
-        t0 = time.perf_counter()
-        self.forward(req, context_ids, self._stats_request())
-        prefill_s = time.perf_counter() - t0
-        self.compress(req, headroom=longest + max_tokens)
-        req.cache.reserve(longest + max_tokens if not self.decode_mode else longest + DECODE_SLACK)
+        req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else max_tokens))
         base_timings = req.timings
         snap = _CacheSnapshot.take(req)
         results = []
         for qi, q_ids in enumerate(questions):
             snap.restore(req)
-            req.timings = Timings(prefill_s=prefill_s, stats_s=base_timings.stats_s,
+            req.timings = Timings(prefill_s=base_timings.prefill_s, stats_s=base_timings.stats_s,
                                   select_s=base_timings.select_s, compact_s=base_timings.compact_s)
             t0 = time.perf_counter()
             logits = self.forward(req, q_ids)
             req.timings.prefill_s += time.perf_counter() - t0
             cb = None if on_text is None else (lambda s, qi=qi: on_text(qi, s))
-            out_ids, text, finish = self._decode_loop(req, logits, params, max_tokens, cb)
-            results.append(self._result(req, n + len(q_ids), out_ids, text, finish))
+            out_ids, text, finish = self.decode(req, logits, params, max_tokens, cb)
+            results.append(self.result(req, n + len(q_ids), out_ids, text, finish))
         return results
+
+    def generate_agnostic(self, context_ids: list[int], questions: list[list[int]],
+                          params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+                          on_text: Callable[[int, str], None] | None = None, policy=None,
+                          budget=None) -> list[GenerationResult]:
+        """Question-agnostic: prefill and compress the context alone, then answer each question from the
+        same compressed cache (restored between questions, never recomputed)."""
+        policy = policy or self.policy
+        budget = budget or self.budget
+        n = len(context_ids)
+        self.check_length(n)
+        longest = max((len(q) for q in questions), default=0)
+        self.check_length(n + longest)
+        req = self.new_request(capacity=n, policy=policy, budget=budget)
+        self.prefill(req, context_ids)
+        self.compress(req, headroom=0)
+        return self.answer_all(req, questions, params, max_tokens, on_text)
 
 
 @dataclass
