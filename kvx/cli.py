@@ -102,18 +102,19 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
     return args
 
 
-def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str]):
+def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
+                 use_graphs: bool = True):
     from kvx.runtime.engine import Engine
 
     if policy == "full" and budget is None and not allocation and not policy_args:
-        return Engine(model, tokenizer)  # the uncompressed runtime
+        return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
     from kvx.policies import build_policy, parse_budget
 
     if policy != "full" and budget is None:
         raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")
     pol = build_policy(policy, allocation=allocation, args=parse_policy_args(policy_args))
     bud = parse_budget(budget) if budget is not None else None
-    return Engine(model, tokenizer, policy=pol, budget=bud)
+    return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs)
 
 
 def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:
@@ -187,6 +188,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings, KV bytes) instead of streaming text."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Pipeline mode: read one request object per line on stdin, write one result per line."),
     quiet: bool = typer.Option(False, "--quiet", help="No summary line on stderr."),
+    no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
@@ -223,7 +225,7 @@ def generate(
             raise KvxError("the prompt is empty")
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
-    engine = build_engine(llm, tok, policy, budget, allocation, policy_arg)
+    engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
@@ -319,6 +321,11 @@ def _info_dict(info) -> dict:
             d[key] = [d[key]]
         d[key] = list(d.get(key) or [])
     return d
+
+
+from kvx.commands.bench import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
 
 
 def main() -> None:

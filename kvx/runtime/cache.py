@@ -126,10 +126,9 @@ class RaggedKVCache:
         lc = self.layers[layer]
         T = k.shape[1]
         ops.cache_append(lc.k, lc.v, lc.pos, lc.start, lc.length, k, v, positions)
+        # key_mass needs no reset here: slots past a segment's length are always zero (fresh pools are
+        # zeroed and nothing writes past the length), which also keeps this CUDA-graph friendly.
         lc.lengths = [n + T for n in lc.lengths]
-        if lc.key_mass is not None:
-            for s, n in zip(lc.starts, lc.lengths):
-                lc.key_mass[s + n - T:s + n] = 0
 
     # -- compaction ---------------------------------------------------------------------------------
     def compact(self, keep: list[list[Tensor]], headroom: int) -> None:

@@ -20,6 +20,7 @@ from kvx.errors import KvxError
 from kvx.kernels import ops
 from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, wo_gram
 from kvx.runtime.cache import RaggedKVCache
+from kvx.runtime.graphs import DecodeGraph, graphs_supported
 from kvx.runtime.sampling import SamplingParams, make_generator, sample
 
 # Tokens a decode-time policy may exceed its budget by before it evicts: evicting in small batches keeps
@@ -107,8 +108,9 @@ class Request:
 class Engine:
     """Runs a model with a ragged KV cache. `policy`/`budget` are the defaults for generate()."""
 
-    def __init__(self, model, tokenizer, policy=None, budget=None):
+    def __init__(self, model, tokenizer, policy=None, budget=None, use_graphs: bool = True):
         self.model = model
+        self.use_graphs = use_graphs  # CUDA-graph decode where supported (see runtime/graphs.py)
         self.tokenizer = tokenizer
         self.config = model.config
         param = next(model.parameters())
@@ -177,7 +179,7 @@ class Engine:
                     lc.key_mass.zero_()
                 # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
                 return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, self.scale,
-                                            lc.key_mass).unsqueeze(1)
+                                            lc.key_mass, max_len=max(lc.capacities)).unsqueeze(1)
             if lc.is_uniform():
                 K, V, P = lc.dense()
                 out, _ = ops.attention(q, K, V, positions, P, self.scale, sw)
@@ -299,14 +301,15 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------------------
     def decode(self, req: Request, logits: Tensor, params: SamplingParams, max_tokens: int,
-               on_text: Callable[[str], None] | None = None) -> tuple[list[int], str, str]:
+               on_text: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> tuple[list[int], str, str]:
         """Sample up to max_tokens from `logits` on; returns (token ids, text, finish reason)."""
-        eos = set(self.tokenizer.eos_token_ids)
+        eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
         gen = make_generator(params, torch.device("cpu"))
         out_ids: list[int] = []
         stream = self.tokenizer.stream_decoder() if on_text is not None else None
         finish = "length"
         limit = self.config.max_position_embeddings
+        graph = DecodeGraph(self, req) if self.use_graphs and graphs_supported(self, req) else None
         t0 = time.perf_counter()
         for _ in range(max_tokens):
             tok = sample(logits.float().cpu(), params, gen)
@@ -320,7 +323,7 @@ class Engine:
                     on_text(piece)
             if len(out_ids) == max_tokens or req.position >= limit:
                 break
-            logits = self.forward(req, [tok])
+            logits = graph.step(tok) if graph is not None else self.forward(req, [tok])
             if req.decode_mode and req.head_budget is not None:
                 te = time.perf_counter()
                 self._decode_evict(req)

@@ -1,13 +1,22 @@
 """Byte accounting: the planner behind `kvx profile --plan` and human-readable sizes.
 
 Everything here is computed from a ModelConfig alone (no weights): it answers "will it fit?" before any
-download. The measured report (`kvx profile` without --plan) must agree with it; tests check that.
+download. It follows what kvx's runtime really allocates, so the measured report (`kvx profile` without
+--plan) agrees with it; tests check that:
+
+- the cache keeps every token of the prompt (a sliding window masks attention, it does not trim the cache);
+- compression keeps `Budget.total_entries` (layer, kv head, token) entries, and each kv head's segment is
+  reallocated to its kept tokens plus `headroom_tokens` free slots for decoding;
+- the prompt is prefilled whole before it is compressed (no chunked prefill), so while a sequence is
+  prefilled its full cache exists: the budget shrinks what is held afterwards, not the prefill peak.
+  Sequences are prefilled one at a time, each compressed before the next.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from kvx.errors import KvxError
 from kvx.models.config import ModelConfig
@@ -30,12 +39,12 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
 
 def parse_size(text: str) -> int:
     """'80GiB', '80GB', '1.5TiB', '123456' -> bytes."""
-    m = _SIZE.match(text)
+    m = _SIZE.match(str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise KvxError(f"cannot read memory size {text!r}: use e.g. 80GiB, 24GB or a number of bytes")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise KvxError(f"memory size must be positive, got {text!r}")
+    if value < 1:
+        raise KvxError(f"memory size must be at least one byte, got {text!r}")
     return int(value)
 
 
@@ -45,17 +54,33 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
 
 
 def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the checkpoint as Hugging Face counts them (a tied LM head counted once)."""
     D, d, H, Hkv, F, V = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                           cfg.intermediate_size, cfg.vocab_size)
     attn = D * H * d + 2 * D * Hkv * d + H * d * D
     if cfg.qkv_bias:
         attn += H * d + 2 * Hkv * d
-    if getattr(cfg, "o_bias", False):
+    if cfg.o_bias:
         attn += D
     norms = 2 * D + (2 * d if cfg.qk_norm else 0)
     per_layer = attn + 3 * D * F + norms
     embed = V * D * (1 if cfg.tie_word_embeddings else 2)
     return cfg.num_layers * per_layer + embed + D
+
+
+@dataclass
+class Fits:
+    """What fits in `memory` once the weights are loaded. None: no memory bound (a per-head token budget
+    holds the same bytes at any context)."""
+
+    memory: int
+    free: int  # memory - weights
+    max_context_full: int  # batch 1, uncompressed (plus decode headroom)
+    max_context_budget: int  # batch 1, compressed, counting the whole-prompt prefill peak
+    max_context_held: int | None  # batch 1, counting only what is held after compression (chunked prefill)
+    max_batch_full: int  # at `context`, uncompressed
+    max_batch_budget: int  # at `context`, compressed, sequences prefilled one at a time
+    max_batch_held: int  # at `context`, counting only what is held after compression
 
 
 @dataclass
@@ -65,24 +90,45 @@ class Plan:
     context: int
     batch: int
     budget: str | None
-    kv_bytes_per_token: int
+    headroom_tokens: int  # free slots per (layer, kv head) kept for decoding
+    model_context: int
+    num_layers: int
+    num_kv_heads: int
+    parameters: int
     weight_bytes: int
-    kv_bytes_full: int  # batch * context tokens, uncompressed
-    kv_entries_full: int
-    kv_entries_kept: int  # after compression (per sequence * batch)
-    kv_bytes_kept: int  # kept entries only
-    kv_bytes_held: int  # kept + decode headroom, what the cache allocates after compression
-    headroom_tokens: int
-    kv_bytes_peak_prefill: int  # the prompt is prefilled whole, then compressed: peak holds the full cache
-    memory: int | None = None
-    max_context_full: int | None = None  # at batch 1, uncompressed
-    max_context_budget: int | None = None  # at batch 1, held after compression (prefill peak aside)
-    max_batch_full: int | None = None  # at `context`
-    max_batch_budget: int | None = None
-    model_context: int = 0
+    kv_bytes_per_token: int
+    entry_bytes: int  # K + V of one (layer, kv head, token) entry
+    kv_entries_full: int  # batch * context tokens, uncompressed
+    kv_bytes_full: int
+    kv_entries_kept: int  # after compression, all sequences
+    kv_bytes_kept: int
+    kv_slots_held: int  # kept + headroom: what the cache allocates after compression
+    kv_bytes_held: int
+    kv_bytes_headroom: int
+    kv_bytes_peak_prefill: int  # (batch - 1) sequences held + one sequence's whole prompt
+    fits: Fits | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_plan_dtype(dtype: str, cfg: ModelConfig) -> str:
+    """'auto' is the checkpoint's own dtype (bfloat16 when it names none kvx knows)."""
+    if dtype == "auto":
+        return cfg.torch_dtype if cfg.torch_dtype in DTYPE_BYTES else "bfloat16"
+    if dtype not in DTYPE_BYTES:
+        raise KvxError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def kept_entries(cfg: ModelConfig, context: int, budget) -> int:
+    """(layer, kv head, token) entries one sequence keeps after compression: what Policy.select keeps."""
+    entries = cfg.num_layers * cfg.num_kv_heads * context
+    if budget is None or budget.keeps_everything(context):
+        return entries
+    if budget.fraction is not None and budget.fraction * entries < 0.5:
+        raise KvxError(f"budget {budget} keeps nothing of the {entries} KV entries of a {context}-token context")
+    return budget.total_entries(context, cfg.num_layers, cfg.num_kv_heads)
 
 
 def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str = "bfloat16",
@@ -90,40 +136,92 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
     """KV and weight bytes of `batch` sequences of `context` tokens, and what fits in `memory`."""
     if dtype not in DTYPE_BYTES:
         raise KvxError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    if context <= 0 or batch <= 0:
-        raise KvxError("--context and --batch must be positive")
+    if context <= 0:
+        raise KvxError(f"--context must be a positive number of tokens, got {context}")
+    if batch <= 0:
+        raise KvxError(f"--batch must be a positive number of sequences, got {batch}")
+    if headroom_tokens < 0:
+        raise KvxError(f"--decode-steps cannot be negative, got {headroom_tokens}")
     nbytes = DTYPE_BYTES[dtype]
-    per_token = kv_bytes_per_token(cfg, nbytes)
+    heads = cfg.num_layers * cfg.num_kv_heads
     entry = 2 * cfg.head_dim * nbytes
-    L, Hkv = cfg.num_layers, cfg.num_kv_heads
-    weights = parameter_count(cfg) * nbytes
-    entries_full = L * Hkv * context
-    if budget is None or budget.keeps_everything(context):
-        kept = entries_full
-    else:
-        kept = budget.total_entries(context, L, Hkv)
-        if kept <= 0:
-            raise KvxError(f"budget {budget} keeps nothing of a {context}-token context")
-    held_entries = kept + L * Hkv * headroom_tokens
+    per_token = kv_bytes_per_token(cfg, nbytes)
+    params = parameter_count(cfg)
+    weights = params * nbytes
+    sizes = _SequenceBytes(heads, entry, budget, cfg, headroom_tokens)
+    kept = kept_entries(cfg, context, budget)
+    held_one, full_one = sizes.held(context), sizes.full(context)
     p = Plan(
         architecture=cfg.architecture, dtype=dtype, context=context, batch=batch,
-        budget=None if budget is None else str(budget), kv_bytes_per_token=per_token, weight_bytes=weights,
-        kv_bytes_full=per_token * context * batch, kv_entries_full=entries_full * batch,
+        budget=None if budget is None else str(budget), headroom_tokens=headroom_tokens,
+        model_context=cfg.max_position_embeddings, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+        parameters=params, weight_bytes=weights, kv_bytes_per_token=per_token, entry_bytes=entry,
+        kv_entries_full=heads * context * batch, kv_bytes_full=per_token * context * batch,
         kv_entries_kept=kept * batch, kv_bytes_kept=kept * entry * batch,
-        kv_bytes_held=held_entries * entry * batch, headroom_tokens=headroom_tokens,
-        kv_bytes_peak_prefill=max(per_token * context, held_entries * entry) * batch,
-        memory=memory, model_context=cfg.max_position_embeddings,
+        kv_slots_held=(kept + heads * headroom_tokens) * batch, kv_bytes_held=held_one * batch,
+        kv_bytes_headroom=heads * headroom_tokens * entry * batch,
+        kv_bytes_peak_prefill=(batch - 1) * held_one + sizes.prefill_peak(context),
     )
     if memory is not None:
-        free = memory - weights
-        if free <= 0:
-            raise KvxError(f"memory {human_bytes(memory)} is smaller than the weights ({human_bytes(weights)})")
-        p.max_context_full = free // per_token
-        if budget is None:
-            p.max_context_budget = p.max_context_full
-        elif budget.fraction is not None:
-            p.max_context_budget = int(free // (per_token * budget.fraction))
-        # A per-head token budget holds the same bytes at any context: no bound after compression (None).
-        p.max_batch_full = free // (per_token * context)
-        p.max_batch_budget = free // max(1, held_entries * entry)
+        p.fits = _fits(sizes, context, memory, weights)
     return p
+
+
+@dataclass
+class _SequenceBytes:
+    """KV bytes of one sequence as functions of its context length."""
+
+    heads: int
+    entry: int
+    budget: object
+    cfg: ModelConfig
+    headroom: int
+
+    def full(self, context: int) -> int:
+        """Uncompressed, with decode headroom (the cache an uncompressed run allocates)."""
+        return self.heads * (context + self.headroom) * self.entry
+
+    def held(self, context: int) -> int:
+        if self.budget is None or self.budget.keeps_everything(context):
+            return self.full(context)
+        kept = self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
+        return (kept + self.heads * self.headroom) * self.entry
+
+    def prefill_peak(self, context: int) -> int:
+        # A compressed run allocates exactly the prompt, then compacts; an uncompressed one allocates the
+        # prompt and its headroom up front. (Compaction briefly holds one layer's new pools on top.)
+        return max(self.heads * context * self.entry, self.held(context))
+
+
+def _fits(sizes: _SequenceBytes, context: int, memory: int, weights: int) -> Fits:
+    free = memory - weights
+    if free <= 0:
+        raise KvxError(f"memory {human_bytes(memory)} is smaller than the weights ({human_bytes(weights)})")
+    held, peak = sizes.held(context), sizes.prefill_peak(context)
+    return Fits(
+        memory=memory, free=free,
+        max_context_full=_largest(sizes.full, free) or 0,
+        max_context_budget=_largest(sizes.prefill_peak, free) or 0,
+        max_context_held=_largest(sizes.held, free),
+        max_batch_full=free // sizes.full(context),
+        max_batch_budget=0 if peak > free else 1 + (free - peak) // held,
+        max_batch_held=free // held,
+    )
+
+
+def _largest(nbytes: Callable[[int], int], free: int) -> int | None:
+    """The largest context whose (non-decreasing) byte count fits in `free`; None if every context fits."""
+    if nbytes(1) > free:
+        return 0
+    lo, hi = 1, 2
+    while nbytes(hi) <= free:
+        if hi >= 1 << 62:
+            return None
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # nbytes(lo) fits, nbytes(hi) does not
+        mid = (lo + hi) // 2
+        if nbytes(mid) <= free:
+            lo = mid
+        else:
+            hi = mid
+    return lo

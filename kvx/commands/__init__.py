@@ -1,0 +1,1 @@
+"""One module per `kvx` subcommand that is more than a few lines (registered in kvx/cli.py)."""

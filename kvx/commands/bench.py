@@ -1,0 +1,95 @@
+"""`kvx bench`: kvx against transformers on the same model, and the cost and payoff of compression."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+
+def bench_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder (default: SmolLM2-135M-Instruct)."),
+    suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, or all."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for both kvx and transformers."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per point; the median is reported."),
+    decode_steps: int = typer.Option(16, "--decode-steps", min=1, help="Timed decode steps per run."),
+    prefill_contexts: str = typer.Option("1024,4096", "--prefill-contexts", help="Comma-separated prompt lengths."),
+    decode_contexts: str = typer.Option("1024,4096,8192", "--decode-contexts", help="Comma-separated context lengths for decode."),
+    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Policies for the compression suite."),
+    budgets: str = typer.Option("5%,20%", "--budgets", help="Budgets for the compression suite (the first is used for overhead)."),
+    no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers baseline."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of tables."),
+) -> None:
+    """Measure speed as ratios against a baseline taken in the same run.
+
+    \b
+    runtime:      prefill and decode tokens/s of kvx and HF transformers (sdpa), same model, dtype, threads
+    compression:  (statistics + selection + compaction) / prefill at 4k and 8k, decode tokens/s at 8k
+                  for budgets 100% and the given ones
+    Example: kvx bench --suite runtime --threads 2
+    """
+    import torch
+
+    from kvx.cli import build_engine, load
+    from kvx.errors import KvxError
+    from kvx.eval import bench
+    from kvx.models.hub import resolve_model
+
+    if suite not in ("runtime", "compression", "all"):
+        raise KvxError(f"unknown suite {suite!r}: use runtime, compression or all")
+    torch.set_num_threads(threads)
+    llm, tok = load(model, device, dtype)
+    engine = build_engine(llm, tok, "full", None, None, [])
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x]
+        except ValueError:
+            raise KvxError(f"expected comma-separated integers, got {text!r}") from None
+
+    def show(row) -> None:
+        if as_json:
+            print(json.dumps(row.to_dict()), flush=True)
+        else:
+            print(f"  {row.to_dict()}", file=sys.stderr, flush=True)
+
+    out = []
+    if suite in ("runtime", "all"):
+        rows = bench.runtime_vs_transformers(
+            resolve_model(model, quiet=True), engine, tok, ints(prefill_contexts), ints(decode_contexts),
+            decode_steps, repeats, with_hf=not no_hf, progress=show)
+        out.append(("kvx vs transformers (tokens/s, median of %d)" % repeats,
+                    ["phase", "context", "kvx", "transformers", "ratio"],
+                    [[r.phase, r.context, f"{r.kvx_tokens_per_s:.1f}",
+                      "-" if r.hf_tokens_per_s is None else f"{r.hf_tokens_per_s:.1f}",
+                      "-" if r.ratio is None else f"{r.ratio:.2f}x"] for r in rows]))
+    if suite in ("compression", "all"):
+        rows = bench.compression(engine, tok, policies.split(","), budgets.split(","),
+                                 decode_steps=decode_steps, progress=show)
+        over = [r for r in rows if r.decode_tokens_per_s is None]
+        dec = [r for r in rows if r.decode_tokens_per_s is not None]
+        out.append(("compression overhead", ["policy", "budget", "context", "prefill s", "stats s", "select s",
+                                             "compact s", "overhead"],
+                    [[r.policy, r.budget, r.context, f"{r.prefill_s:.2f}", f"{r.stats_s:.3f}", f"{r.select_s:.3f}",
+                      f"{r.compact_s:.3f}", f"{100 * r.overhead:.1f}%"] for r in over]))
+        base = dec[0].decode_tokens_per_s if dec else None
+        out.append(("decode with a compressed cache", ["policy", "budget", "context", "tokens/s", "vs 100%"],
+                    [[r.policy, r.budget, r.context, f"{r.decode_tokens_per_s:.1f}",
+                      f"{r.decode_tokens_per_s / base:.2f}x"] for r in dec]))
+    if as_json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for title, cols, body in out:
+        table = Table(title=title)
+        for c in cols:
+            table.add_column(c)
+        for row in body:
+            table.add_row(*map(str, row))
+        console.print(table)
