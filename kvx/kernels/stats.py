@@ -31,6 +31,7 @@ class StatsRequest:
     value_out_norm: bool = False  # ||v W_O^h||_2 per query head (LaProx)
     value_out_l1: bool = False  # ||v W_O^h||_1 per query head (CriticalKV)
     query_moments: bool = False  # pre-RoPE query mean / covariance per query head (ExpectedAttention)
+    keys: bool = False  # the post-RoPE keys themselves, [Hkv, n, d] (a view, no copy: ExpectedAttention)
 
     def merge(self, other: "StatsRequest") -> "StatsRequest":
         """The union of two requests (largest window, any flag set in either)."""
@@ -63,6 +64,7 @@ class LayerStats:
     value_out_l1: Tensor | None = None  # [H, n]
     q_mean: Tensor | None = None  # [H, d] pre-RoPE
     q_cov: Tensor | None = None  # [H, d, d] pre-RoPE
+    keys: Tensor | None = None  # [Hkv, n, d] post-RoPE keys (a view of the cache)
     window: int = 0  # rows the window statistics were taken over
     query_position: int = 0  # absolute position of the last query row (AhaKV's i, RoPE of future queries)
 
@@ -149,6 +151,8 @@ def compute_layer_stats(
         if q_pre_rope is None:
             raise ValueError("query_moments needs q_pre_rope")
         stats.q_mean, stats.q_cov = _query_moments(q_pre_rope, q_pos)
+    if req.keys:
+        stats.keys = k
     return stats
 
 

@@ -1,0 +1,97 @@
+"""AhaKV (arXiv 2506.03762): recent accumulation of a sharpened softmax, times a value-norm prior.
+
+Accumulated attention over all queries favours early tokens (each is seen by more queries), so AhaKV sums
+only over the last r query rows, all of which see every candidate. Those rows are re-normalised with the
+step-gain scale λ_i = sqrt(2 ln(i/k) / d) on the raw logits q·k, chosen so that a row's expected entropy
+is ln k (k: the per-head budget); for i ≫ k it is sharper than the model's 1/sqrt(d). The score is
+multiplied by γ̄ = AvgPool(||v||²) / max per head. The r most recent tokens are protected; while decoding,
+the scores are recomputed from the last r queries of the group. Details from notes on the paper (no
+public code; see POLICIES.md 1): the pooling kernel and the group mean are assumptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from kvx.kernels.stats import LayerStats, StatsRequest
+from kvx.policies.base import (
+    DecodeView,
+    ScoreContext,
+    Scorer,
+    gqa_mean,
+    keep_with_protected,
+    pool_keys,
+    recent_indices,
+)
+
+
+def sg_scale(visible: Tensor | float, budget: int, head_dim: int, floor: float = 0.0) -> Tensor:
+    """λ_i = sqrt(2 ln(i / k) / d) for a row that sees i keys, at least `floor`.
+
+    The formula is undefined for i <= k and flatter than the model's softmax for i/k < e^(1/2); like the
+    prefill statistics (kernels.stats.sg_scales) we clamp it from below by the model's scale there.
+    """
+    i = torch.as_tensor(visible, dtype=torch.float64)
+    formula = torch.sqrt(2.0 * torch.log(i / max(budget, 1)).clamp(min=0.0) / head_dim)
+    return formula.clamp(min=floor).float()
+
+
+def value_prior(value_norm: Tensor, lo: int, hi: int, kernel: int) -> Tensor:
+    """γ̄ [..., n]: AvgPool(||v||²) over the candidates [lo, hi), divided by its per-head maximum there."""
+    nu = value_norm.float() ** 2
+    prior = torch.ones_like(nu)
+    if hi > lo:
+        pooled = pool_keys(nu[..., lo:hi], kernel, "avg")
+        prior[..., lo:hi] = pooled / pooled.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return prior
+
+
+def sg_column_sums(queries: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor,
+                   budget: int, floor: float = 0.0) -> Tensor:
+    """Σ over the query rows of the step-gain softmax (causal by position): [G, r, d] x [n, d] -> [G, n]."""
+    d = keys.shape[-1]
+    logits = torch.einsum("grd,nd->grn", queries.float(), keys.float())
+    lam = sg_scale(query_positions.cpu() + 1, budget, d, floor).to(logits.device)
+    scaled = logits * lam[None, :, None]
+    hidden = key_positions[None, None, :] > query_positions[None, :, None]
+    scaled = scaled.masked_fill(hidden, float("-inf"))
+    return torch.softmax(scaled, dim=-1).sum(dim=1)
+
+
+@dataclass
+class AhaKVScorer(Scorer):
+    name = "ahakv"
+    decode_mode = "recent_queries"
+    window: int = field(default=32, metadata={"min": 1, "help": "r: recent query rows scored, and tokens protected"})
+    kernel: int = field(default=7, metadata={"min": 0, "help": "avg-pool kernel of the value-norm prior"})
+    sinks: int = field(default=0, metadata={"min": 0, "help": "first tokens always kept"})
+
+    def request(self) -> StatsRequest:
+        # sg_budget is the per-head budget k, known once the budget and prompt are: Policy.request_for().
+        return StatsRequest(sg_rows=self.window, value_norm=True)
+
+    def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
+        recent = gqa_mean(stats.col_sum_sg.float(), ctx.num_kv_heads)
+        return recent * value_prior(stats.value_norm, ctx.lo, ctx.hi, self.kernel)
+
+    def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
+        n = view.keys.shape[0]
+        device = view.keys.device
+        sinks = min(self.sinks, n)
+        window = min(self.window, n - sinks)
+        queries = view.recent_queries
+        if queries is None or queries.shape[1] == 0:
+            accumulated = torch.ones(n, device=device)
+        else:
+            r = queries.shape[1]
+            q_pos = torch.arange(view.query_position - r + 1, view.query_position + 1, device=device)
+            accumulated = sg_column_sums(queries, q_pos, view.keys, view.positions.to(device), keep_count,
+                                         view.scale).mean(0)
+        score = accumulated * value_prior(view.values.norm(dim=-1), sinks, n - window, self.kernel)
+        protected = torch.cat([torch.arange(sinks, device=device), recent_indices(n - sinks, window, device) + sinks])
+        return keep_with_protected(score, protected, keep_count)
+
+

@@ -1,0 +1,131 @@
+"""What every scorer shares: the scoring context, the decode-time view, and small tensor helpers.
+
+A Scorer turns one layer's statistics into token importance per kv head ([Hkv, n], higher = keep). Only
+the candidate region [lo, hi) — every token that is neither a sink nor in the protected window — is
+ranked; protected tokens are kept by the policy regardless of their score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvx.kernels.stats import LayerStats, StatsRequest
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    layer: int
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_dim: int
+    lo: int  # first candidate token (after the sinks)
+    hi: int  # one past the last candidate token (before the protected window)
+    per_head: float  # average kept entries per kv head under the budget
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class DecodeView:
+    """One (layer, kv head) cache segment during decoding, in position order."""
+
+    keys: Tensor  # [n, d] post-RoPE
+    values: Tensor  # [n, d]
+    positions: Tensor  # [n]
+    key_mass: Tensor  # [n] float32: H2O accumulated mass / TOVA this step's mass, summed over the group
+    recent_queries: Tensor | None  # [G, r, d] post-RoPE, most recent last (AhaKV)
+    query_position: int  # absolute position of the current query
+    head_dim: int
+    scale: float
+
+
+class Scorer:
+    """Token importance for one method. Subclasses are dataclasses whose fields are the method's options."""
+
+    name: str = ""
+    sinks: int = 0
+    window: int = 0
+    decode_mode: str | None = None
+    # CriticalKV-style two-stage selection: the first `first_stage_ratio` of a head's count is chosen by
+    # score(), the rest by stage_two(). 1.0 means a single stage.
+    first_stage_ratio: float = 1.0
+
+    def request(self) -> StatsRequest:
+        return StatsRequest()
+
+    def protected_window(self, per_head: float) -> int:
+        """Recent tokens protected in every head (H2O derives it from the budget)."""
+        return self.window
+
+    def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
+        raise NotImplementedError
+
+    def stage_two(self, stats: LayerStats, ctx: ScoreContext, base: Tensor) -> Tensor | None:
+        return None
+
+    def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
+        raise NotImplementedError(f"{self.name} does not evict during decoding")
+
+
+def gqa_mean(x: Tensor, num_kv_heads: int) -> Tensor:
+    """[H, n] per query head -> [Hkv, n], mean over each kv head's group of query heads."""
+    H, n = x.shape
+    return x.reshape(num_kv_heads, H // num_kv_heads, n).mean(dim=1)
+
+
+def pool_keys(x: Tensor, kernel: int, kind: str) -> Tensor:
+    """1-D max/avg pooling along the last axis, stride 1, padding kernel//2 (avg counts the padding),
+    output as long as the input. Kernel <= 1 leaves x unchanged."""
+    if kernel <= 1 or x.shape[-1] == 0:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1]).float()
+    pad = kernel // 2
+    if kind == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=pad)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=True)
+    return pooled[..., : shape[-1]].reshape(shape)
+
+
+def pool_candidates(x: Tensor, ctx: ScoreContext, kernel: int, kind: str) -> Tensor:
+    """Pool only the candidate region [lo, hi) of x [..., n], as the reference codes pool the
+    non-window prefix; protected positions are left as they are (their score is never used)."""
+    out = x.clone()
+    out[..., ctx.lo:ctx.hi] = pool_keys(x[..., ctx.lo:ctx.hi], kernel, kind)
+    return out
+
+
+def top_indices(scores: Tensor, count: int) -> Tensor:
+    """Indices of the `count` largest scores; ties go to the lower index (deterministic)."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:count]
+
+
+def keep_with_protected(scores: Tensor, protected: Tensor, keep_count: int) -> Tensor:
+    """Sorted indices: the protected ones (in their priority order, truncated if keep_count is smaller)
+    plus the top-scoring others up to keep_count."""
+    n = scores.shape[0]
+    if keep_count >= n:
+        return torch.arange(n, device=scores.device)
+    if keep_count <= protected.numel():
+        return torch.sort(protected[:keep_count]).values
+    masked = scores.float().clone()
+    masked[protected] = float("-inf")
+    extra = top_indices(masked, keep_count - protected.numel())
+    return torch.sort(torch.cat([protected, extra])).values
+
+
+def recent_indices(n: int, count: int, device) -> Tensor:
+    """The `count` most recent positions of a segment, most recent first (their protection order)."""
+    count = max(0, min(n, count))
+    return torch.arange(n - 1, n - 1 - count, -1, device=device)

@@ -1,0 +1,37 @@
+"""TOVA (arXiv 2401.06104): keep the tokens the current query attends to most.
+
+Prefill (kvpress's variant): the last prompt query's attention, mean over the group, that query's own
+token protected. Decoding: each step's attention mass (summed over the group) ranks the segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from kvx.kernels.stats import LayerStats, StatsRequest
+from kvx.policies.base import DecodeView, ScoreContext, Scorer, gqa_mean, keep_with_protected, recent_indices
+
+
+@dataclass
+class TOVAScorer(Scorer):
+    name = "tova"
+    decode_mode = "last"
+    window: int = field(default=1, metadata={"min": 0, "help": "most recent tokens protected"})
+    sinks: int = field(default=0, metadata={"min": 0, "help": "first tokens always kept"})
+
+    def request(self) -> StatsRequest:
+        return StatsRequest(last_row=True)
+
+    def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
+        return gqa_mean(stats.last_row.float(), ctx.num_kv_heads)
+
+    def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
+        n = view.keys.shape[0]
+        device = view.keys.device
+        sinks = min(self.sinks, n)
+        protected = torch.cat([torch.arange(sinks, device=device),
+                               recent_indices(n - sinks, self.window, device) + sinks])
+        return keep_with_protected(view.key_mass, protected, keep_count)
