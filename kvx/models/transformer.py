@@ -34,7 +34,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     shape = x.shape[-1:]
     if x.dtype == torch.float32:
         if weight.dim() == 1:
-            return F.rms_norm(x, shape, weight, eps)  # one fused kernel; same arithmetic as below
+            return F.rms_norm(x, shape, weight, eps)  # one fused kernel instead of six
         return weight * F.rms_norm(x, shape, None, eps)
     return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
@@ -86,10 +86,13 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, state: dict[str, Tensor]):
-        """Build from an HF-named state dict (as load_state_dict returns); the dict is consumed."""
+        """Build from an HF-named state dict (as load_state_dict returns).
+
+        The dict is emptied as its tensors are fused, so the unfused copies are freed layer by layer
+        instead of doubling peak memory.
+        """
         super().__init__()
         self.config = config
-        state = dict(state)
         embed = state.pop("model.embed_tokens.weight")
         head = state.pop("lm_head.weight")
         self.embed = _frozen(embed)
