@@ -324,7 +324,9 @@ def _info_dict(info) -> dict:
 
 
 from kvx.commands.bench import bench_command  # noqa: E402
+from kvx.commands.profile import profile_command  # noqa: E402
 
+app.command("profile")(profile_command)
 app.command("bench")(bench_command)
 
 

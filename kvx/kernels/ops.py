@@ -1,7 +1,194 @@
 """Kernel dispatch: Triton on CUDA tensors, the plain-PyTorch reference elsewhere.
 
-(Placeholder written by the lead so the runtime can import it; the Triton helper replaces it with the real
-dispatch keeping these names.)
+KVX_KERNELS=reference|triton forces one side (read at every call). Forcing triton on CPU tensors only
+works under TRITON_INTERPRET=1, set before the Triton modules are first imported. The Triton modules are
+imported lazily, so the CPU path never pays for (or needs) Triton.
+
+The reference twins of window_stats and sg_colsum live at the bottom of this file: reference.py has no
+function with their signature (stats.compute_layer_stats forms its own lse).
 """
 
-from kvx.kernels.reference import attention, cache_append, compact_gather, decode_attention  # noqa: F401
+from __future__ import annotations
+
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from kvx.errors import KvxError
+from kvx.kernels import reference
+from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
+from kvx.kernels.stats import sg_scales
+
+BACKEND_ENV = "KVX_KERNELS"
+
+
+@cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether a call on tensor x goes to the Triton kernels."""
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice in ("", "auto"):
+        return x.is_cuda and _triton_available()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        if not _triton_available():
+            raise KvxError(f"{BACKEND_ENV}=triton but Triton is not installed")
+        return True
+    raise KvxError(f"{BACKEND_ENV} must be 'reference' or 'triton', got {choice!r}")
+
+
+def _module(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(f"kvx.kernels.{name}")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    need_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Causal GQA attention by position: (out [H, T, d], lse [H, T] float32 or None). See reference.attention."""
+    if use_triton(q):
+        return _module("triton_attention").attention(q, k, v, q_pos, k_pos, scale, sliding_window, need_lse)
+    return reference.attention(q, k, v, q_pos, k_pos, scale, sliding_window, need_lse)
+
+
+def decode_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    seg_start: Tensor,
+    seg_len: Tensor,
+    scale: float,
+    key_mass: Tensor | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """One query token per head over the ragged cache; see reference.decode_attention.
+
+    max_len: host upper bound on every segment length; sizes the Triton grid (CUDA graphs need it fixed).
+    The reference ignores it.
+    """
+    if use_triton(q):
+        return _module("triton_decode").decode_attention(
+            q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, max_len)
+    return reference.decode_attention(q, k_pool, v_pool, seg_start, seg_len, scale, key_mass)
+
+
+def cache_append(
+    k_pool: Tensor,
+    v_pool: Tensor,
+    pos_pool: Tensor,
+    seg_start: Tensor,
+    seg_len: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    positions: Tensor,
+) -> None:
+    """Append T tokens to every segment in place, seg_len += T; see reference.cache_append."""
+    if use_triton(k_pool):
+        return _module("triton_cache").cache_append(k_pool, v_pool, pos_pool, seg_start, seg_len, k_new, v_new, positions)
+    return reference.cache_append(k_pool, v_pool, pos_pool, seg_start, seg_len, k_new, v_new, positions)
+
+
+def compact_gather(pool: Tensor, seg_start: Tensor, keep: list[Tensor], new_start: Tensor, new_slots: int) -> Tensor:
+    """Gather kept entries into a fresh pool of new_slots rows; see reference.compact_gather."""
+    if use_triton(pool):
+        return _module("triton_cache").compact_gather(pool, seg_start, keep, new_start, new_slots)
+    return reference.compact_gather(pool, seg_start, keep, new_start, new_slots)
+
+
+def window_stats(
+    q_win: Tensor,
+    k: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    lse_win: Tensor,
+    scale: float,
+    sliding_window: int | None,
+    want_sq: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(col_sum [H, S], col_sq [H, S] or None) float32 of the rows q_win [H, w, d] normalised by lse_win [H, w]."""
+    if use_triton(q_win):
+        return _module("triton_stats").window_stats(q_win, k, q_pos, k_pos, lse_win, scale, sliding_window, want_sq)
+    return window_stats_reference(q_win, k, q_pos, k_pos, lse_win, scale, sliding_window, want_sq)
+
+
+def sg_colsum(
+    q_rows: Tensor,
+    k: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    sg_budget: int,
+    scale: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """AhaKV step-gain column sums [H, S] float32 over the rows q_rows [H, r, d]."""
+    if use_triton(q_rows):
+        return _module("triton_stats").sg_colsum(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
+    return sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
+
+
+# --- plain-PyTorch twins of the statistics kernels -----------------------------------------------------------
+
+
+def _column_sums(q_rows, k, q_pos, k_pos, row_mult, lse, sliding_window, want_sq):
+    """Column sums (and squares) of exp(row_mult_i q_i·k_j - lse_i) over visible entries, chunked over rows."""
+    H, R, d = q_rows.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    kt = k.float().transpose(-1, -2).unsqueeze(1)  # [Hkv, 1, d, S]
+    col_sum = torch.zeros((Hkv, G, S), dtype=torch.float32, device=q_rows.device)
+    col_sq = torch.zeros_like(col_sum) if want_sq else None
+    qg = q_rows.reshape(Hkv, G, R, d).float()
+    lse = lse.reshape(Hkv, G, R).float()
+    for r0 in range(0, R, QUERY_CHUNK):
+        r1 = min(R, r0 + QUERY_CHUNK)
+        logits = torch.matmul(qg[:, :, r0:r1], kt) * row_mult[r0:r1].view(1, 1, -1, 1)
+        visible = visibility_mask(q_pos[r0:r1], k_pos, sliding_window)
+        shifted = torch.where(visible, logits - lse[:, :, r0:r1, None], torch.zeros_like(logits))
+        probs = torch.where(visible, torch.exp(shifted), torch.zeros_like(logits))
+        col_sum += probs.sum(dim=2)
+        if col_sq is not None:
+            col_sq += probs.square().sum(dim=2)
+    return col_sum.reshape(H, S), (col_sq.reshape(H, S) if col_sq is not None else None)
+
+
+def window_stats_reference(q_win, k, q_pos, k_pos, lse_win, scale, sliding_window, want_sq):
+    """Twin of triton_stats.window_stats."""
+    row_mult = torch.full((q_win.shape[1],), scale, dtype=torch.float32, device=q_win.device)
+    return _column_sums(q_win, k, q_pos, k_pos, row_mult, lse_win, sliding_window, want_sq)
+
+
+def sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window):
+    """Twin of triton_stats.sg_colsum: per-row lambda_i (stats.sg_scales), each row normalised at its lambda."""
+    H, R, d = q_rows.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    lam = sg_scales(q_pos, sg_budget, d, scale).to(q_rows.device)
+    qg = q_rows.reshape(Hkv, G, R, d).float()
+    kt = k.float().transpose(-1, -2).unsqueeze(1)
+    lse = torch.empty((Hkv, G, R), dtype=torch.float32, device=q_rows.device)
+    for r0 in range(0, R, QUERY_CHUNK):
+        r1 = min(R, r0 + QUERY_CHUNK)
+        logits = torch.matmul(qg[:, :, r0:r1], kt) * lam[r0:r1].view(1, 1, -1, 1)
+        visible = visibility_mask(q_pos[r0:r1], k_pos, sliding_window)
+        lse[:, :, r0:r1] = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    col_sum, _ = _column_sums(q_rows, k, q_pos, k_pos, lam, lse.reshape(H, R), sliding_window, False)
+    return col_sum

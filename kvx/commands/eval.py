@@ -1,0 +1,125 @@
+"""`kvx eval`: task quality against KV budget, for many policies from one prefill per sample."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def eval_command(
+    task: str = typer.Option("passkey", "--task", help="Comma-separated tasks (see docs/eval.md): passkey, niah_single, niah_uuid, niah_multikey, niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words."),
+    context: int = typer.Option(4096, "--context", min=1, help="Context length in tokens (the question and chat template come on top)."),
+    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Comma-separated policies (see `kvx policies`); the full cache is always added."),
+    budgets: str = typer.Option("5%,10%,25%,50%", "--budgets", help="Comma-separated budgets: percentages of the entries, or tokens per kv head."),
+    samples: int = typer.Option(20, "--samples", min=1, help="Samples per task (seeds seed, seed+1, ...)."),
+    mode: str = typer.Option("agnostic", "--mode", help="agnostic: compress the context before the question is seen (as kvpress); aware: compress the whole prompt."),
+    haystack: str = typer.Option("noise", "--haystack", help="noise (repeated short sentences) or prose (CPython's pydoc text)."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file for the rows; rows already there are skipped (resume)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw accuracy against budget to this image (needs matplotlib)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder (default: SmolLM2-135M-Instruct)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
+    seed: int = typer.Option(0, "--seed", help="First sample seed."),
+    depths: int = typer.Option(5, "--depths", min=1, help="Needle depths swept evenly over 0..100%; samples cycle through them."),
+    against: Optional[str] = typer.Option(None, "--against", help="Also run an external baseline on the same prompts: kvpress."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Also record KL / top-1 agreement / per-layer attention error against the full cache (slower)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
+
+    \b
+    kvx eval --task passkey,niah_multikey --context 4096 --samples 20 --out results.jsonl --plot curves.png
+    kvx eval --policies snapkv,laprox --budgets 10%,512 --mode aware --haystack prose --out prose.jsonl
+    Interrupted runs resume: rerun the same command and finished rows are skipped.
+    """
+    from rich.console import Console
+
+    from kvx.errors import KvxError
+    from kvx.eval.report import plot_curves, render_summary, summarize
+    from kvx.eval.results import ResultsFile
+    from kvx.eval.runner import EvalConfig, kvx_variants
+
+    config = EvalConfig(tasks=_split(task), context=context, policies=_split(policies), budgets=_split(budgets),
+                        samples=samples, mode=mode, haystack=haystack, max_tokens=max_tokens, seed=seed,
+                        depths=depths, fidelity=fidelity)
+    config.validate()
+    kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
+    if against is not None and against != "kvpress":
+        raise KvxError(f"unknown --against {against!r}: the only baseline is kvpress")
+    if against and mode != "agnostic":
+        raise KvxError("--against kvpress runs question-agnostic only; use --mode agnostic")
+    if plot is not None:
+        _check_matplotlib()
+    if against:
+        from kvx.eval.kvpress_baseline import require_kvpress
+
+        require_kvpress()
+    results = ResultsFile(out)
+
+    from kvx.cli import load, resolve_device, resolve_dtype
+    from kvx.models.hub import resolve_model
+    from kvx.runtime.engine import Engine
+
+    folder = resolve_model(model, quiet=as_json)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config.model = folder.name
+    config.dtype = str(torch_dtype).removeprefix("torch.")
+    llm, tok = load(str(folder), device, dtype, quiet=True)
+    engine = Engine(llm, tok)
+    baselines = []
+    if against:
+        from kvx.eval.kvpress_baseline import KvpressBaseline
+
+        baselines.append(KvpressBaseline(folder, dev, torch_dtype))
+
+    rows = _run_with_progress(engine, config, results, baselines, quiet)
+    cells = summarize(rows)
+    if as_json:
+        print(json.dumps({"out": str(out), "rows": len(rows), "summary": [c.to_dict() for c in cells]}))
+    else:
+        render_summary(cells, Console(), title_suffix=f" · {context} tokens · {haystack} · {mode}")
+    if plot is not None:
+        plot_curves(cells, plot)
+        print(f"kvx: plot written to {plot}", file=sys.stderr)
+
+
+def _check_matplotlib() -> None:
+    from kvx.errors import KvxError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise KvxError("--plot needs matplotlib, which is not installed: pip install 'kvx[plot]'") from None
+
+
+def _run_with_progress(engine, config, results, baselines, quiet: bool) -> list[dict]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kvx.eval.runner import run_eval
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False)
+    bar = progress.add_task("eval", total=None)
+
+    def on_start(total: int) -> None:
+        progress.update(bar, total=total, description=f"eval ({len(results.rows)} rows resumed)" if results.rows
+                        else "eval")
+
+    def on_row(row: dict) -> None:
+        progress.update(bar, advance=1, description=f"{row['task']} seed {row['seed']} {row['policy']}@{row['budget']}"
+                                                    f" score {row['score']:.2f}")
+
+    with progress:
+        return run_eval(engine, config, results, baselines=baselines, on_start=on_start, on_row=on_row)

@@ -1,0 +1,451 @@
+"""Triton kernels against their plain-PyTorch twins, on fresh random inputs.
+
+Every kernel runs twice over: on the CPU under the Triton interpreter (fp32 and fp16; the interpreter's
+bf16 dot is wrong) with small tiles so that small shapes still cross tile and split boundaries, and, marked
+`gpu`, compiled on CUDA (fp32, fp16, bf16) with the production tile sizes plus larger shapes.
+
+Triton reads TRITON_INTERPRET when it decorates a function, its own standard library (tl.cdiv, tl.sum)
+included, so the variable must be set before triton is first imported in the process: this module sets it
+at import when there is no CUDA and nothing has imported triton yet (kvx itself imports triton lazily). If
+something did, the interpreter cases skip in-process and one test reruns them in a fresh process. On a
+machine with CUDA the interpreter cases are skipped, and the gpu-marked ones use the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvx.errors import KvxError
+from kvx.kernels import ops
+from kvx.kernels import reference as ref
+from kvx.kernels.stats import StatsRequest, compute_layer_stats
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+KERNEL_MODULES = ("triton_attention", "triton_stats", "triton_decode", "triton_cache")
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+
+
+@dataclass
+class Backend:
+    device: str
+    k: SimpleNamespace  # the kernel modules
+    dtype: torch.dtype
+    attn_blocks: tuple | None = None
+    stats_blocks: tuple | None = None
+    decode_blocks: tuple | None = None
+    decode_chunk: int | None = None
+
+    def randn(self, *shape, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape) * scale).to(device=self.device, dtype=self.dtype)
+
+
+# Output tolerance (atol = rtol) by input dtype: probabilities are rounded to the input dtype before P·V.
+OUT_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _interpreter_active() -> bool:
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(tl.cdiv, InterpretedFunction)
+
+
+@pytest.fixture(scope="module")
+def interpreted_kernels():
+    if HAS_CUDA:
+        pytest.skip("interpreter cases run only where CUDA is absent; the gpu-marked cases cover CUDA")
+    pytest.importorskip("triton")
+    if not _interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET could be set; "
+                    "test_kernel_cases_in_a_fresh_process runs these cases")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    mods = {}
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"kvx.kernels.{name}")
+        jitted = [obj for obj in vars(module).values() if hasattr(obj, "fn") and hasattr(obj, "__getitem__")]
+        if not all(isinstance(obj, InterpretedFunction) for obj in jitted):
+            module = importlib.reload(module)  # imported earlier without the interpreter: decorate again
+        mods[name.removeprefix("triton_")] = module
+    return SimpleNamespace(**mods)
+
+
+def test_kernel_cases_in_a_fresh_process():
+    """Runs the interpreter cases in a new process when this one imported triton too early for them."""
+    if HAS_CUDA or _interpreter_active():
+        pytest.skip("the interpreter cases run in this process (or CUDA covers the kernels)")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def _compiled_kernels() -> SimpleNamespace:
+    return SimpleNamespace(**{
+        name.removeprefix("triton_"): importlib.import_module(f"kvx.kernels.{name}") for name in KERNEL_MODULES
+    })
+
+
+CASES = [
+    pytest.param(("interp", torch.float32), id="interp-fp32"),
+    pytest.param(("interp", torch.float16), id="interp-fp16"),
+    pytest.param(("cuda", torch.float32), id="cuda-fp32", marks=GPU),
+    pytest.param(("cuda", torch.float16), id="cuda-fp16", marks=GPU),
+    pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=GPU),
+]
+
+
+@pytest.fixture(params=CASES)
+def bk(request) -> Backend:
+    kind, dtype = request.param
+    if kind == "interp":
+        return Backend("cpu", request.getfixturevalue("interpreted_kernels"), dtype,
+                       attn_blocks=(16, 16, 4, 1), stats_blocks=(16, 16, 4), decode_blocks=(16, 4, 1),
+                       decode_chunk=32)
+    return Backend("cuda", _compiled_kernels(), dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def close(actual, expected, tol, what):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    err = (actual - expected).abs()
+    bound = tol + tol * expected.abs()
+    worst = (err - bound).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"{what}: max abs error {err.max().item():.3g} exceeds tolerance {tol}"
+
+
+# --- prefill attention ----------------------------------------------------------------------------------------
+
+ATTENTION_SHAPES = [  # H, Hkv, T, S, d, sliding window
+    (4, 4, 37, 37, 32, None),  # G=1, square causal, odd length
+    (6, 2, 19, 53, 16, None),  # G=3, queries are the last 19 of 53 keys
+    (8, 2, 45, 45, 64, 7),  # G=4, sliding window
+    (8, 1, 33, 50, 32, 16),  # G=8, T < S and a window
+    (4, 2, 1, 29, 16, None),  # one query over a cache (decode through the prefill kernel)
+]
+
+
+def _attention_case(bk: Backend, H, Hkv, T, S, d, window, need_lse=True, blocks=None):
+    q, k, v = bk.randn(H, T, d), bk.randn(Hkv, S, d), bk.randn(Hkv, S, d)
+    k_pos = torch.arange(S, device=bk.device) + 5
+    q_pos = k_pos[S - T:]
+    scale = d ** -0.5
+    out, lse = bk.k.attention.attention(q, k, v, q_pos, k_pos, scale, window, need_lse, blocks=blocks)
+    ref_out, ref_lse = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, scale, window, True)
+    assert out.dtype == bk.dtype and out.shape == (H, T, d)
+    close(out, ref_out, OUT_TOL[bk.dtype], "attention output")
+    if need_lse:
+        assert lse.dtype == torch.float32 and lse.shape == (H, T)
+        close(lse, ref_lse, 1e-4, "attention lse")
+    else:
+        assert lse is None
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "H{}-Hkv{}-T{}-S{}-d{}-w{}".format(*s))
+def test_attention_matches_reference(bk, shape):
+    _attention_case(bk, *shape, blocks=bk.attn_blocks)
+
+
+def test_attention_without_lse(bk):
+    _attention_case(bk, 4, 2, 21, 21, 16, None, need_lse=False, blocks=bk.attn_blocks)
+
+
+def test_attention_arbitrary_positions_and_strides(bk):
+    """Unsorted positions with gaps, strided inputs, and rows that see no key (zeros, lse = -inf)."""
+    H, Hkv, T, S, d = 6, 2, 23, 41, 32
+    q = bk.randn(T, H, d).transpose(0, 1)  # [H, T, d] view with the model's [T, H, d] layout
+    k = bk.randn(S, Hkv, d).transpose(0, 1)
+    v = bk.randn(Hkv, S + 9, d)[:, 4:4 + S]
+    k_pos = torch.randperm(3 * S)[:S].to(bk.device)
+    q_pos = torch.randint(-3, 3 * S, (T,)).to(bk.device)
+    q_pos[0] = int(k_pos.min()) - 1  # sees nothing
+    for window in (None, 11):
+        out, lse = bk.k.attention.attention(q, k, v, q_pos, k_pos, 0.2, window, True, blocks=bk.attn_blocks)
+        ref_out, ref_lse = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, 0.2, window, True)
+        seen = ref.visibility_mask(q_pos, k_pos, window).any(dim=1)
+        assert not bool(seen[0])
+        close(out[:, seen], ref_out[:, seen], OUT_TOL[bk.dtype], "attention output")
+        close(lse[:, seen], ref_lse[:, seen], 1e-4, "attention lse")
+        assert bool((out[:, ~seen] == 0).all()) and bool(torch.isneginf(lse[:, ~seen]).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,S,window", [(1000, 1000, None), (700, 1500, None), (1100, 1100, 300), (1, 2049, None)])
+def test_attention_large_on_gpu(dtype, T, S, window):
+    bk = Backend("cuda", _compiled_kernels(), dtype)
+    _attention_case(bk, 32, 8, T, S, 128, window)
+
+
+# --- window statistics ------------------------------------------------------------------------------------------
+
+STATS_SHAPES = [  # H, Hkv, T, d, window rows, sliding window
+    (4, 4, 29, 16, 1, None),  # TOVA: one row
+    (8, 2, 50, 32, 9, 13),  # G=4, with a sliding window
+    (6, 2, 41, 32, 41, None),  # every row: H2O's column sums
+]
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES, ids=lambda s: "H{}-Hkv{}-T{}-d{}-w{}-sw{}".format(*s))
+def test_window_stats_match_compute_layer_stats(bk, shape):
+    H, Hkv, T, d, w, window = shape
+    q, k, v = bk.randn(H, T, d), bk.randn(Hkv, T, d), bk.randn(Hkv, T, d)
+    pos = torch.arange(T, device=bk.device) + 2
+    scale = d ** -0.5
+    qf, kf, vf = q.float(), k.float(), v.float()
+    _, lse = ref.attention(qf, kf, vf, pos, pos, scale, window, True)
+    col_sum, col_sq = bk.k.stats.window_stats(
+        q[:, T - w:], k, pos[T - w:], pos, lse[:, T - w:], scale, window, True, blocks=bk.stats_blocks)
+    want = compute_layer_stats(StatsRequest(window=w, window_sq=True, colsum_all=True), qf, kf, vf, pos, pos,
+                               scale, window)
+    close(col_sum, want.col_sum, 1e-4, "col_sum")
+    close(col_sq, want.col_sq, 1e-4, "col_sq")
+    if w == T:
+        close(col_sum, want.colsum_all, 1e-4, "colsum_all")
+    no_sq, none = bk.k.stats.window_stats(
+        q[:, T - w:], k, pos[T - w:], pos, lse[:, T - w:], scale, window, False, blocks=bk.stats_blocks)
+    assert none is None
+    close(no_sq, want.col_sum, 1e-4, "col_sum without squares")
+
+
+@pytest.mark.parametrize("budget,window", [(10, None), (30, 17)])
+def test_sg_colsum_matches_compute_layer_stats(bk, budget, window):
+    """Rows past the budget sharpen (lambda > scale); rows before it are clamped to the model's scale."""
+    H, Hkv, T, d, rows = 6, 3, 44, 32, 20
+    q, k, v = bk.randn(H, T, d), bk.randn(Hkv, T, d), bk.randn(Hkv, T, d)
+    pos = torch.arange(T, device=bk.device)
+    scale = d ** -0.5
+    got = bk.k.stats.sg_colsum(q[:, T - rows:], k, pos[T - rows:], pos, budget, scale, window, blocks=bk.stats_blocks)
+    want = compute_layer_stats(StatsRequest(sg_rows=rows, sg_budget=budget), q.float(), k.float(), v.float(),
+                               pos, pos, scale, window)
+    close(got, want.col_sum_sg, 1e-4, "col_sum_sg")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_stats_large_on_gpu():
+    bk = Backend("cuda", _compiled_kernels(), torch.bfloat16)
+    H, Hkv, T, d, w = 32, 8, 3000, 128, 64
+    q, k, v = bk.randn(H, T, d), bk.randn(Hkv, T, d), bk.randn(Hkv, T, d)
+    pos = torch.arange(T, device="cuda")
+    qf, kf, vf = q.float(), k.float(), v.float()
+    _, lse = bk.k.attention.attention(q, k, v, pos, pos, d ** -0.5, None, True)
+    col_sum, col_sq = bk.k.stats.window_stats(q[:, -w:], k, pos[-w:], pos, lse[:, -w:], d ** -0.5, None, True)
+    all_rows, _ = bk.k.stats.window_stats(q, k, pos, pos, lse, d ** -0.5, None, False)
+    sg = bk.k.stats.sg_colsum(q[:, -32:], k, pos[-32:], pos, 500, d ** -0.5, None)
+    want = compute_layer_stats(StatsRequest(window=w, window_sq=True, colsum_all=True, sg_rows=32, sg_budget=500),
+                               qf, kf, vf, pos, pos, d ** -0.5)
+    close(col_sum, want.col_sum, 1e-3, "col_sum")
+    close(col_sq, want.col_sq, 1e-3, "col_sq")
+    close(all_rows, want.colsum_all, 1e-3, "colsum_all")
+    close(sg, want.col_sum_sg, 1e-3, "col_sum_sg")
+
+
+# --- ragged decode ----------------------------------------------------------------------------------------------
+
+DECODE_CASES = [  # group size, per-kv-head lengths, track key mass
+    (1, [0, 1, 37, 100], False),
+    (3, [70, 5], True),
+    (4, [33, 0], True),
+    (8, [129], True),
+]
+
+
+def _ragged_pool(bk: Backend, lengths, d, spare=3):
+    """Segments with gaps between them (capacity > length) filled with huge values that must never be read."""
+    caps = [n + spare + i for i, n in enumerate(lengths)]
+    starts = [sum(caps[:i]) for i in range(len(caps))]
+    slots = sum(caps)
+    k_pool = bk.randn(slots, d)
+    v_pool = bk.randn(slots, d)
+    for s, n, c in zip(starts, lengths, caps):
+        k_pool[s + n:s + c] = 1e4
+        v_pool[s + n:s + c] = 1e4
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=bk.device)  # noqa: E731
+    return k_pool, v_pool, as_i32(starts), as_i32(lengths)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"G{c[0]}-lens{'-'.join(map(str, c[1]))}-mass{c[2]}")
+def test_decode_attention_matches_reference(bk, case):
+    group, lengths, track_mass = case
+    Hkv, d = len(lengths), 32
+    H = group * Hkv
+    k_pool, v_pool, seg_start, seg_len = _ragged_pool(bk, lengths, d)
+    q = bk.randn(H, d)
+    scale = d ** -0.5
+    mass = torch.rand(k_pool.shape[0], device=bk.device) if track_mass else None
+    ref_mass = mass.clone() if track_mass else None
+    out = bk.k.decode.decode_attention(q, k_pool, v_pool, seg_start, seg_len, scale, mass, max(lengths) + 3,
+                                       chunk=bk.decode_chunk, blocks=bk.decode_blocks)
+    want = ref.decode_attention(q.float(), k_pool.float(), v_pool.float(), seg_start, seg_len, scale, ref_mass)
+    assert out.dtype == bk.dtype
+    close(out, want, OUT_TOL[bk.dtype], "decode output")
+    for g, n in enumerate(lengths):
+        if n == 0:
+            assert bool((out[g * group:(g + 1) * group] == 0).all())
+    if track_mass:
+        close(mass, ref_mass, 1e-4, "key mass")
+
+
+def test_decode_attention_default_bound(bk):
+    """Without max_len the grid is sized by the pool, which bounds every segment."""
+    k_pool, v_pool, seg_start, seg_len = _ragged_pool(bk, [40, 3, 0], 16)
+    q = bk.randn(6, 16)
+    out = bk.k.decode.decode_attention(q, k_pool, v_pool, seg_start, seg_len, 0.25, blocks=bk.decode_blocks)
+    want = ref.decode_attention(q.float(), k_pool.float(), v_pool.float(), seg_start, seg_len, 0.25)
+    close(out, want, OUT_TOL[bk.dtype], "decode output")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_decode_and_append_in_cuda_graph():
+    """Captured once with static buffers; replays follow new lengths and new tokens without re-capture."""
+    kern = _compiled_kernels()
+    Hkv, group, d, cap = 8, 4, 128, 5000
+    H = Hkv * group
+    lengths = [4000, 17, 0, 2500, 4999 - 1, 1, 300, 1234]
+    bk = Backend("cuda", kern, torch.bfloat16)
+    k_pool, v_pool = bk.randn(Hkv * cap, d), bk.randn(Hkv * cap, d)
+    pos_pool = torch.zeros(Hkv * cap, dtype=torch.long, device="cuda")
+    seg_start = torch.arange(Hkv, dtype=torch.int32, device="cuda") * cap
+    seg_len = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = bk.randn(H, d)
+    k_new, v_new = bk.randn(Hkv, 1, d), bk.randn(Hkv, 1, d)
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+    mass = torch.zeros(Hkv * cap, device="cuda")
+
+    def step():
+        kern.cache.cache_append(k_pool, v_pool, pos_pool, seg_start, seg_len, k_new, v_new, position)
+        return kern.decode.decode_attention(q, k_pool, v_pool, seg_start, seg_len, d ** -0.5, mass, cap)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) outside the graph
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    seg_len.copy_(torch.tensor(lengths, dtype=torch.int32))
+    mass.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(3):
+        new_lengths = [max(0, n - 7 * trial) for n in lengths]
+        seg_len.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+        q.copy_(torch.randn(H, d))
+        k_new.copy_(torch.randn(Hkv, 1, d))
+        v_new.copy_(torch.randn(Hkv, 1, d))
+        position.fill_(10_000 + trial)
+        mass.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert seg_len.tolist() == [n + 1 for n in new_lengths]
+        for g, n in enumerate(new_lengths):
+            assert int(pos_pool[g * cap + n]) == 10_000 + trial
+            assert torch.equal(k_pool[g * cap + n], k_new[g, 0])
+        ref_mass = torch.zeros_like(mass)
+        want = ref.decode_attention(q.float(), k_pool.float(), v_pool.float(), seg_start, seg_len, d ** -0.5, ref_mass)
+        close(out, want, OUT_TOL[torch.bfloat16], "graph decode output")
+        close(mass, ref_mass, 1e-3, "graph key mass")
+
+
+# --- cache writes -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_cache_append_matches_reference(bk, T):
+    Hkv, d = 3, 24
+    caps = [12, 20, 9]
+    starts = torch.tensor([0, 12, 32], dtype=torch.int32, device=bk.device)
+    lengths = torch.tensor([2, 13, 0], dtype=torch.int32, device=bk.device)
+    pools = (bk.randn(41, d), bk.randn(41, d), torch.randint(0, 99, (41,), device=bk.device))
+    k_new = torch.randn(T, Hkv, d, device=bk.device).transpose(0, 1)  # float32, strided: cast on store
+    v_new = torch.randn(Hkv, T, d, device=bk.device)
+    positions = torch.arange(T, device=bk.device) + 50
+    mine = [p.clone() for p in pools] + [starts.clone(), lengths.clone()]
+    theirs = [p.clone() for p in pools] + [starts.clone(), lengths.clone()]
+    bk.k.cache.cache_append(*mine, k_new, v_new, positions)
+    ref.cache_append(*theirs, k_new, v_new, positions)
+    assert sum(caps) == 41
+    for a, b, name in zip(mine, theirs, ("k", "v", "pos", "start", "length")):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_compact_gather_matches_reference(bk):
+    d = 20
+    starts = torch.tensor([0, 15, 15, 40], dtype=torch.int32, device=bk.device)
+    keep = [torch.tensor([0, 3, 4, 14]), torch.tensor([], dtype=torch.long), torch.tensor([2, 5, 6, 7, 20, 24]),
+            torch.tensor([0])]
+    keep = [idx.to(bk.device) for idx in keep]
+    new_start = torch.tensor([0, 6, 6, 14], dtype=torch.int32, device=bk.device)
+    pools = [bk.randn(45, d), torch.randint(0, 1000, (45,), device=bk.device), torch.rand(45, device=bk.device),
+             bk.randn(45, 2, 3)]
+    for pool in pools:
+        got = bk.k.cache.compact_gather(pool, starts, keep, new_start, 17)
+        want = ref.compact_gather(pool, starts, keep, new_start, 17)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    empty = bk.k.cache.compact_gather(pools[0], starts, [k[:0] for k in keep], new_start, 5)
+    assert empty.shape == (5, d) and bool((empty == 0).all())
+
+
+# --- dispatch and the reference twins of the statistics kernels -------------------------------------------------
+
+
+def test_ops_dispatch_on_cpu(monkeypatch):
+    q, k, v = torch.randn(4, 9, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    pos = torch.arange(9)
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+    assert not ops.use_triton(q)
+    out, lse = ops.attention(q, k, v, pos, pos, 0.25, None, True)
+    want, want_lse = ref.attention(q, k, v, pos, pos, 0.25, None, True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    monkeypatch.setenv(ops.BACKEND_ENV, "reference")
+    assert not ops.use_triton(q)
+    monkeypatch.setenv(ops.BACKEND_ENV, "cuda-please")
+    with pytest.raises(KvxError):
+        ops.use_triton(q)
+
+
+def test_ops_forced_triton_runs_the_interpreter(interpreted_kernels, monkeypatch):
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    q, k, v = torch.randn(4, 20, 16), torch.randn(2, 20, 16), torch.randn(2, 20, 16)
+    pos = torch.arange(20)
+    out, lse = ops.attention(q, k, v, pos, pos, 0.25, 5, True)
+    want, want_lse = ref.attention(q, k, v, pos, pos, 0.25, 5, True)
+    close(out, want, 1e-4, "forced triton output")
+    close(lse, want_lse, 1e-4, "forced triton lse")
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_reference_stats_twins_match_compute_layer_stats(window):
+    H, Hkv, T, d, w = 6, 2, 300, 16, 270  # w > QUERY_CHUNK: the twins chunk over rows
+    q, k, v = torch.randn(H, T, d), torch.randn(Hkv, T, d), torch.randn(Hkv, T, d)
+    pos = torch.arange(T) + 1
+    _, lse = ref.attention(q, k, v, pos, pos, d ** -0.5, window, True)
+    want = compute_layer_stats(StatsRequest(window=w, window_sq=True, sg_rows=w, sg_budget=40), q, k, v, pos, pos,
+                               d ** -0.5, window)
+    col_sum, col_sq = ops.window_stats(q[:, -w:], k, pos[-w:], pos, lse[:, -w:], d ** -0.5, window, True)
+    close(col_sum, want.col_sum, 1e-5, "reference col_sum")
+    close(col_sq, want.col_sq, 1e-5, "reference col_sq")
+    sg = ops.sg_colsum(q[:, -w:], k, pos[-w:], pos, 40, d ** -0.5, window)
+    close(sg, want.col_sum_sg, 1e-5, "reference col_sum_sg")
