@@ -103,9 +103,11 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
 
 
 def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, prefill_chunk: Optional[int] = None):
     from kvx.runtime.engine import Engine
 
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise KvxError("--prefill-chunk must be a positive number of tokens")
     if policy == "full" and budget is None and not allocation and not policy_args:
         return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
     from kvx.policies import build_policy, parse_budget
@@ -114,7 +116,7 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
         raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")
     pol = build_policy(policy, allocation=allocation, args=parse_policy_args(policy_args))
     bud = parse_budget(budget) if budget is not None else None
-    return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs)
+    return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
 def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:
@@ -189,6 +191,7 @@ def generate(
     jsonl: bool = typer.Option(False, "--jsonl", help="Pipeline mode: read one request object per line on stdin, write one result per line."),
     quiet: bool = typer.Option(False, "--quiet", help="No summary line on stderr."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
@@ -225,7 +228,8 @@ def generate(
             raise KvxError("the prompt is empty")
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
-    engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph)
+    engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph,
+                          prefill_chunk=prefill_chunk)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)

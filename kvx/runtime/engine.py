@@ -108,8 +108,10 @@ class Request:
 class Engine:
     """Runs a model with a ragged KV cache. `policy`/`budget` are the defaults for generate()."""
 
-    def __init__(self, model, tokenizer, policy=None, budget=None, use_graphs: bool = True):
+    def __init__(self, model, tokenizer, policy=None, budget=None, use_graphs: bool = True,
+                 prefill_chunk: int | None = None):
         self.model = model
+        self.prefill_chunk = prefill_chunk  # chunked prefill with interleaved eviction (see prefill_chunked)
         self.use_graphs = use_graphs  # CUDA-graph decode where supported (see runtime/graphs.py)
         self.tokenizer = tokenizer
         self.config = model.config
@@ -221,6 +223,49 @@ class Engine:
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 
+    def prefill_chunked(self, req: Request, ids: list[int], chunk: int):
+        """Prefill in chunks of `chunk` tokens, evicting after each one, so the cache never holds much more
+        than the budget plus one chunk (instead of the whole prompt).
+
+        Between chunks the policy's scorer keeps the per-head budget uniformly in every head (statistics
+        are taken over that chunk's queries); the final selection after the last chunk uses the policy's
+        own allocator over the survivors. Returns (last logits, the budget for that final compress):
+        a per-head token budget equal to what the original budget means for the whole prompt.
+        """
+        from kvx.policies import Budget, Policy
+        from kvx.policies.allocation import UniformAllocator
+
+        n = len(ids)
+        if chunk <= 0:
+            raise KvxError("--prefill-chunk must be a positive number of tokens")
+        if not req.compresses or req.budget.keeps_everything(n) or chunk >= n:
+            return self.prefill(req, ids), None
+        if req.policy.request.colsum_all:
+            raise KvxError(f"--prefill-chunk does not work with policy {req.policy.name}: its score sums "
+                           "attention over every query of the prompt")
+        if any(self.config.sliding_window_for(i) is not None for i in range(self.config.num_layers)):
+            raise KvxError("--prefill-chunk is not supported for models with a sliding window")
+        target = req.budget.per_head(n)
+        budget = Budget(tokens=target)
+        interim = Policy(req.policy.name, req.policy.scorer, UniformAllocator())
+        cfg = self.config
+        logits = None
+        for start in range(0, n, chunk):
+            part = ids[start:start + chunk]
+            held = req.cache.layers[0].lengths[0]
+            logits = self.prefill(req, part, interim.request_for(budget, held + len(part)))
+            if start + chunk >= n:
+                break
+            if held + len(part) > target:
+                t0 = time.perf_counter()
+                keep = interim.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+                t1 = time.perf_counter()
+                req.cache.compact(keep, headroom=min(chunk, n - start - len(part)))
+                req.timings.select_s += t1 - t0
+                req.timings.compact_s += time.perf_counter() - t1
+            req.stats = [None] * cfg.num_layers
+        return logits, budget
+
     def fork(self, req: Request, policy=None, budget=None) -> Request:
         """A copy of a prefilled request (cache cloned, statistics shared read-only) to compress differently.
 
@@ -237,16 +282,19 @@ class Engine:
 
     # -- compression ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def compress(self, req: Request, headroom: int) -> None:
-        """Select with the policy from the statistics of the last prefill, then compact the cache."""
+    def compress(self, req: Request, headroom: int, budget=None) -> None:
+        """Select with the policy from the statistics of the last prefill, then compact the cache.
+
+        `budget` overrides the request's (chunked prefill passes the per-head equivalent)."""
         n = req.cache.layers[0].lengths[0]
         cfg = self.config
-        if not req.compresses or req.budget.keeps_everything(n):
+        budget = budget or req.budget
+        if not req.compresses or budget.keeps_everything(n):
             req.cache.reserve(headroom)
             req.lengths_after_compress = req.cache.lengths()
             return
         t0 = time.perf_counter()
-        keep = req.policy.select(list(req.stats), req.budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+        keep = req.policy.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
         t1 = time.perf_counter()
         mass_seed = None
         if req.decode_mode == "accumulate":
@@ -359,13 +407,18 @@ class Engine:
         n = len(prompt_ids)
         self.check_length(n)
         max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n))
-        req = self.new_request(capacity=n, policy=policy, budget=budget)
+        req = self.new_request(capacity=min(n, self.prefill_chunk or n), policy=policy, budget=budget)
         if not req.compresses:
             req.cache.reserve(n + max_tokens)
-        logits = self.prefill(req, prompt_ids)
-        self.compress(req, headroom=max_tokens)
+        logits, final_budget = self._prefill_prompt(req, prompt_ids)
+        self.compress(req, headroom=max_tokens, budget=final_budget)
         out_ids, text, finish = self.decode(req, logits, params, max_tokens, on_text)
         return self.result(req, n, out_ids, text, finish)
+
+    def _prefill_prompt(self, req: Request, ids: list[int]):
+        if self.prefill_chunk:
+            return self.prefill_chunked(req, ids, self.prefill_chunk)
+        return self.prefill(req, ids), None
 
     def answer_all(self, req: Request, questions: list[list[int]], params: SamplingParams, max_tokens: int,
                    on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
@@ -402,9 +455,9 @@ class Engine:
         self.check_length(n)
         longest = max((len(q) for q in questions), default=0)
         self.check_length(n + longest)
-        req = self.new_request(capacity=n, policy=policy, budget=budget)
-        self.prefill(req, context_ids)
-        self.compress(req, headroom=0)
+        req = self.new_request(capacity=min(n, self.prefill_chunk or n), policy=policy, budget=budget)
+        _, final_budget = self._prefill_prompt(req, context_ids)
+        self.compress(req, headroom=0, budget=final_budget)
         return self.answer_all(req, questions, params, max_tokens, on_text)
 
 
