@@ -95,6 +95,7 @@ class Request:
     head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
     timings: Timings = field(default_factory=Timings)
     lengths_after_compress: list[list[int]] = field(default_factory=list)
+    graph: object | None = None  # the captured CUDA-graph decode step (runtime/graphs.py)
 
     @property
     def compresses(self) -> bool:
@@ -357,7 +358,9 @@ class Engine:
         stream = self.tokenizer.stream_decoder() if on_text is not None else None
         finish = "length"
         limit = self.config.max_position_embeddings
-        graph = DecodeGraph(self, req) if self.use_graphs and graphs_supported(self, req) else None
+        graph = None
+        if self.use_graphs and graphs_supported(self, req):
+            graph = req.graph = req.graph or DecodeGraph(self, req)  # kept: later decodes replay it
         t0 = time.perf_counter()
         for _ in range(max_tokens):
             tok = sample(logits.float().cpu(), params, gen)

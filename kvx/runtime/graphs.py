@@ -39,7 +39,9 @@ class DecodeGraph:
         self.captures = 0
 
     def _layout_key(self):
-        return tuple(lc.k.data_ptr() for lc in self.req.cache.layers)
+        # Everything the captured kernels read or write by address.
+        return tuple((lc.k.data_ptr(), lc.v.data_ptr(), lc.pos.data_ptr(), lc.start.data_ptr(), lc.length.data_ptr(),
+                      max(lc.capacities)) for lc in self.req.cache.layers)
 
     def _run_model(self) -> Tensor:
         eng, req = self.engine, self.req
