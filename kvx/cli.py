@@ -210,7 +210,8 @@ def generate(
 
         failures = run_jsonl(sys.stdin, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
-                             max_tokens=max_tokens, raw=raw, system=system, quiet=quiet)
+                             max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
+                             use_graphs=not no_graph, prefill_chunk=prefill_chunk)
         raise typer.Exit(1 if failures else 0)
 
     if context is None and question:

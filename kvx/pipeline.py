@@ -49,12 +49,13 @@ def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system)
 
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
-              params, max_tokens, raw, system, quiet) -> int:
+              params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None) -> int:
     """Process every line; returns the number of lines that failed."""
     from kvx.cli import build_engine, load
 
     llm, tok = load(model, device, dtype, quiet=quiet)
-    engine = build_engine(llm, tok, policy, budget, allocation, policy_args)
+    engine = build_engine(llm, tok, policy, budget, allocation, policy_args, use_graphs=use_graphs,
+                          prefill_chunk=prefill_chunk)
     failures = 0
     for lineno, line in enumerate(inp, start=1):
         if not line.strip():
