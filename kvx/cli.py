@@ -102,20 +102,32 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
     return args
 
 
-def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
-                 use_graphs: bool = True, prefill_chunk: Optional[int] = None):
-    from kvx.runtime.engine import Engine
+def policy_and_budget(policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
+                      prefill_chunk: Optional[int] = None):
+    """The Policy and Budget the options ask for, or (None, None) for the uncompressed runtime.
 
+    Cheap (no model), so commands call it before loading one: a bad option fails at once.
+    """
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise KvxError("--prefill-chunk must be a positive number of tokens")
     if policy == "full" and budget is None and not allocation and not policy_args:
-        return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
+        return None, None
     from kvx.policies import build_policy, parse_budget
 
     if policy != "full" and budget is None:
         raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")
     pol = build_policy(policy, allocation=allocation, args=parse_policy_args(policy_args))
     bud = parse_budget(budget) if budget is not None else None
+    return pol, bud
+
+
+def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
+                 use_graphs: bool = True, prefill_chunk: Optional[int] = None):
+    from kvx.runtime.engine import Engine
+
+    pol, bud = policy_and_budget(policy, budget, allocation, policy_args, prefill_chunk)
+    if pol is None:
+        return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
@@ -205,6 +217,7 @@ def generate(
     from kvx.runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)  # fail before loading a model
     if jsonl:
         from kvx.pipeline import run_jsonl
 
@@ -329,8 +342,10 @@ def _info_dict(info) -> dict:
 
 
 from kvx.commands.bench import bench_command  # noqa: E402
+from kvx.commands.eval import eval_command  # noqa: E402
 from kvx.commands.profile import profile_command  # noqa: E402
 
+app.command("eval")(eval_command)
 app.command("profile")(profile_command)
 app.command("bench")(bench_command)
 

@@ -1,0 +1,143 @@
+"""`kvx eval --against kvpress`: NVIDIA kvpress's presses on the same prompts, model folder and budgets.
+
+kvpress (github.com/NVIDIA/kvpress) compresses a transformers DynamicCache with forward hooks during the
+prefill. We drive it through its documented pipeline, "kv-press-text-generation", which is question-agnostic
+like kvx's default mode: it renders the chat template around the context, prefills and compresses the
+context alone, then appends the question (still inside the user turn), the assistant header and the answer
+prefix, and decodes greedily. We give it the sample's context, "\\n\\n" + question and answer prefix, so the
+prompt text is token for token the one kvx reads (eval.prompt).
+
+Budgets: kvpress's `compression_ratio` is the share of context tokens *removed*, so a kvx budget of 10%
+is compression_ratio 0.9; a token budget (512 per kv head) is 1 - 512 / context tokens.
+
+kv_bytes_held is what kvpress's cache really allocates after compression. Head-wise presses (AdaKV)
+only mask the evicted keys, so their cache does not shrink; the rows say so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvx.errors import KvxError
+
+PREFIX = "kvpress:"
+FULL_BUDGET = "100%"
+
+
+def _snapkv(kp, ratio):
+    return kp.SnapKVPress(compression_ratio=ratio)
+
+
+# kvx policy name -> kvpress press of the same method (kvpress's own defaults otherwise).
+PRESSES = {
+    "snapkv": _snapkv,
+    "ada-snapkv": lambda kp, ratio: kp.AdaKVPress(_snapkv(kp, ratio)),
+    "expected-attention": lambda kp, ratio: kp.ExpectedAttentionPress(compression_ratio=ratio),
+    "tova": lambda kp, ratio: kp.TOVAPress(compression_ratio=ratio),
+    "knorm": lambda kp, ratio: kp.KnormPress(compression_ratio=ratio),
+    "streaming": lambda kp, ratio: kp.StreamingLLMPress(compression_ratio=ratio),
+    "pyramidkv": lambda kp, ratio: kp.PyramidKVPress(compression_ratio=ratio),
+    "criticalkv": lambda kp, ratio: kp.CriticalKVPress(_snapkv(kp, ratio)),
+}
+
+
+def compression_ratio(budget, n_context: int) -> float:
+    """kvpress's compression_ratio (share removed) for a kvx Budget over an n_context-token context."""
+    if n_context <= 0:
+        raise KvxError("cannot convert a budget for an empty context")
+    if budget.fraction is not None:
+        kept = budget.fraction
+    else:
+        kept = min(1.0, budget.tokens / n_context)
+    return max(0.0, min(1.0, 1.0 - kept))
+
+
+def require_kvpress():
+    """Import kvpress (and transformers); a KvxError that says how to get them when either is missing."""
+    hint = "--against kvpress needs the kvpress and transformers packages: pip install 'kvx[kvpress]'"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise KvxError(hint + " (transformers is not installed)") from None
+    try:
+        import kvpress
+    except ImportError:
+        raise KvxError(hint + " (kvpress is not installed)") from None
+    except Exception as exc:  # kvpress pins transformers versions; an incompatible pair fails at import
+        raise KvxError(f"kvpress failed to import ({type(exc).__name__}: {exc}); "
+                       "check that its transformers version requirement is met") from None
+    return kvpress
+
+
+@dataclass
+class BaselineAnswer:
+    prediction: str
+    kv_bytes_held: int
+    kv_bytes_full: int
+    generated_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class KvpressBaseline:
+    """kvpress on a transformers model loaded from the same folder, dtype and device as kvx's."""
+
+    name = "kvpress"
+
+    def __init__(self, model_dir: str | Path, device: str, dtype, presses: list[str] | None = None):
+        self.kvpress = require_kvpress()
+        unknown = [p for p in presses or [] if p not in PRESSES]
+        if unknown:
+            raise KvxError(f"no kvpress press for {', '.join(unknown)}; known: {', '.join(PRESSES)}")
+        self.presses = list(presses) if presses else list(PRESSES)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as exc:
+            raise KvxError(f"transformers cannot load {model_dir} for kvpress: {exc}") from None
+        model = model.to(device).eval()
+        self.model = model
+        self.pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._entry_bytes = 2 * head_dim * next(model.parameters()).element_size()
+        self._heads = cfg.num_hidden_layers * cfg.num_key_value_heads
+
+    def pairs(self, budgets: list[str]) -> list[tuple[str, str]]:
+        """(policy name, budget label) rows this baseline adds: its full cache, then every press x budget."""
+        from kvx.policies import parse_budget
+
+        labels = [str(parse_budget(b)) for b in budgets]
+        return [(PREFIX + "full", FULL_BUDGET)] + [(PREFIX + p, b) for p in self.presses for b in labels]
+
+    def make_press(self, policy_name: str, budget_label: str, n_context: int):
+        """The kvpress press for a row (None for the full cache)."""
+        from kvx.policies import parse_budget
+
+        name = policy_name.removeprefix(PREFIX)
+        if name == "full":
+            return None
+        return PRESSES[name](self.kvpress, compression_ratio(parse_budget(budget_label), n_context))
+
+    def answer(self, prompt, policy_name: str, budget_label: str, n_context: int, max_tokens: int) -> BaselineAnswer:
+        import torch
+        from transformers import DynamicCache
+
+        press = self.make_press(policy_name, budget_label, n_context)
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe(prompt.context, question=prompt.question, answer_prefix=prompt.answer_prefix,
+                            press=press, max_new_tokens=max_tokens, cache=cache)
+        elapsed = time.perf_counter() - t0
+        prediction = out["answer"]
+        # The pipeline trims each answer off the cache again: what is left is the compressed context.
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+        generated = len(self.pipe.tokenizer.encode(prediction, add_special_tokens=False))
+        return BaselineAnswer(prediction=prediction, kv_bytes_held=held,
+                              kv_bytes_full=self._heads * n_context * self._entry_bytes,
+                              generated_tokens=generated, timings={"wall_s": elapsed})

@@ -1,0 +1,165 @@
+"""What an eval's rows say: mean score per (task, policy, budget), as a table, as JSON, as a plot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvx.errors import KvxError
+
+FULL = "full"
+ALL_TASKS = "all"
+
+
+@dataclass
+class Cell:
+    task: str  # a task name, or "all" (every row of every task, each sample weighing the same)
+    policy: str
+    budget: str
+    mean_score: float
+    samples: int
+    kv_fraction: float  # mean of kv_bytes_held / kv_bytes_full
+    mean_kl: float | None = None  # only when the rows carry fidelity metrics
+    top1: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("mean_score", "kv_fraction", "mean_kl", "top1"):
+            if d[key] is not None:
+                d[key] = round(d[key], 6)
+        return d
+
+
+def budget_sort_key(budget: str) -> tuple:
+    """Percent budgets first (ascending), then token budgets (ascending), then anything else."""
+    text = str(budget)
+    try:
+        if text.endswith("%"):
+            return (0, float(text[:-1]), text)
+        return (1, float(text), text)
+    except ValueError:
+        return (2, 0.0, text)
+
+
+def summarize(rows: list[dict]) -> list[Cell]:
+    """Mean score per (task, policy, budget); with several tasks also per (all, policy, budget)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    for row in rows:
+        groups[(row["task"], row["policy"], str(row["budget"]))].append(row)
+        if len(tasks) > 1:
+            groups[(ALL_TASKS, row["policy"], str(row["budget"]))].append(row)
+    order = {t: i for i, t in enumerate(tasks + [ALL_TASKS])}
+    policies = policy_order(rows)
+    cells = [_cell(key, members) for key, members in groups.items()]
+    cells.sort(key=lambda c: (order[c.task], policies.index(c.policy), budget_sort_key(c.budget)))
+    return cells
+
+
+def policy_order(rows: list[dict]) -> list[str]:
+    """Policies in the order they first appear, the full cache first."""
+    seen = []
+    for row in rows:
+        if row["policy"] not in seen:
+            seen.append(row["policy"])
+    return sorted(seen, key=lambda p: (p != FULL, seen.index(p)))
+
+
+def _cell(key: tuple, rows: list[dict]) -> Cell:
+    task, policy, budget = key
+    n = len(rows)
+    fractions = [r["kv_bytes_held"] / r["kv_bytes_full"] for r in rows if r.get("kv_bytes_full")]
+    fid = [r["fidelity"] for r in rows if isinstance(r.get("fidelity"), dict)]
+    return Cell(
+        task=task, policy=policy, budget=budget, samples=n,
+        mean_score=sum(float(r["score"]) for r in rows) / n,
+        kv_fraction=sum(fractions) / len(fractions) if fractions else 0.0,
+        mean_kl=sum(f["kl"] for f in fid) / len(fid) if fid else None,
+        top1=sum(f["top1"] for f in fid) / len(fid) if fid else None,
+    )
+
+
+# -- table --------------------------------------------------------------------------------------------
+
+def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
+    """One rich table per task: a row per policy, a column per budget; the full cache as reference row."""
+    from rich.table import Table
+
+    for task in dict.fromkeys(c.task for c in cells):
+        mine = [c for c in cells if c.task == task]
+        budgets = sorted({c.budget for c in mine if c.policy != FULL}, key=budget_sort_key)
+        table = Table(title=f"{task} — mean score{title_suffix}", title_justify="left")
+        table.add_column("policy")
+        for b in budgets:
+            table.add_column(b, justify="right")
+        for policy in dict.fromkeys(c.policy for c in mine):
+            by_budget = {c.budget: c for c in mine if c.policy == policy}
+            if policy == FULL:
+                ref = next(iter(by_budget.values()))
+                text = _fmt(ref)
+                table.add_row(f"{FULL} (reference)", *([text] * len(budgets) if budgets else [text]),
+                              style="bold")
+                continue
+            table.add_row(policy, *[_fmt(by_budget[b]) if b in by_budget else "-" for b in budgets])
+        console.print(table)
+
+
+def _fmt(cell: Cell) -> str:
+    text = f"{cell.mean_score:.2f}"
+    if cell.mean_kl is not None:
+        text += f" (KL {cell.mean_kl:.3f})"
+    return text
+
+
+# -- plot ---------------------------------------------------------------------------------------------
+
+def plot_curves(cells: list[Cell], path: str | Path) -> Path:
+    """Accuracy against budget, one line per policy and the full cache as a dashed line; one panel per task."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KvxError("--plot needs matplotlib, which is not installed: pip install 'kvx[plot]'") from None
+
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    if not tasks:
+        raise KvxError("nothing to plot: there are no results")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [c for c in cells if c.task == task]
+        budgets = sorted({c.budget for c in mine if c.policy != FULL}, key=budget_sort_key)
+        numeric = bool(budgets) and all(b.endswith("%") for b in budgets)
+        x_of = {b: (budget_sort_key(b)[1] if numeric else i) for i, b in enumerate(budgets)}
+        for policy in dict.fromkeys(c.policy for c in mine):
+            points = sorted((c for c in mine if c.policy == policy), key=lambda c: budget_sort_key(c.budget))
+            if policy == FULL:
+                ax.axhline(points[0].mean_score, color="black", linestyle="--", linewidth=1.2, label="full cache")
+                continue
+            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], marker="o", label=policy)
+        if numeric:
+            ax.set_xscale("log")
+            ax.set_xticks([x_of[b] for b in budgets])
+            ax.set_xticklabels(budgets)
+            ax.set_xlabel("KV budget (share of entries kept)")
+        else:
+            ax.set_xticks(range(len(budgets)))
+            ax.set_xticklabels(budgets)
+            ax.set_xlabel("KV budget")
+        ax.minorticks_off()
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("mean score")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        raise KvxError(f"cannot write the plot {out}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out

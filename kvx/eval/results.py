@@ -1,0 +1,86 @@
+"""The eval's JSONL results file: resumable, and never left with a half-written line.
+
+Each appended row rewrites the whole file to a temporary neighbour and renames it over the original
+(os.replace is atomic), so an interrupted run leaves either the old file or the new one. Rewriting is
+cheap next to the model work behind each row (a row costs at least one decode; the file is kilobytes
+to a few megabytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from kvx.errors import KvxError
+
+# What identifies a row: a rerun skips every row whose key is already in the file.
+KEY_FIELDS = ("task", "context", "haystack", "seed", "depth", "mode", "policy", "budget")
+
+
+def row_key(row: dict) -> tuple:
+    depth = row.get("depth")
+    return (row["task"], int(row["context"]), row["haystack"], int(row["seed"]),
+            None if depth is None else round(float(depth), 6), row["mode"], row["policy"], str(row["budget"]))
+
+
+class ResultsFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self._lines: list[str] = []
+        if self.path.is_dir():
+            raise KvxError(f"--out {self.path} is a folder; give a .jsonl file name")
+        if self.path.exists():
+            self._read()
+        self.keys = {row_key(r) for r in self.rows}
+
+    def _read(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KvxError(f"cannot read {self.path}: {exc}") from None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_key(row)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise KvxError(f"{self.path} line {number} is not an eval result row; "
+                               "use another --out or remove that line") from None
+            self.rows.append(row)
+            self._lines.append(line)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.keys
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False)
+        lines = self._lines + [line]
+        self._write("".join(f"{x}\n" for x in lines))
+        self._lines = lines
+        self.rows.append(row)
+        self.keys.add(row_key(row))
+
+    def _write(self, text: str) -> None:
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise KvxError(f"cannot write {self.path}: {exc}") from None
+        try:
+            os.chmod(tmp, self.path.stat().st_mode & 0o777 if self.path.exists() else 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise

@@ -1,0 +1,297 @@
+"""`kvx eval`'s loop: samples x (policy, budget) pairs, one shared prefill per sample, rows to a JSONL file.
+
+For every sample the prompt is prefilled once (eval.prefill.SharedPrefill) and every pair forks it:
+`fork -> compress -> answer`. The full cache is always evaluated too, as policy "full" at budget 100%.
+
+Modes:
+- agnostic (default, as kvpress): the chat-template prefix + context is prefilled and compressed, then the
+  question and the answer prefix are appended and the answer decoded. The cache cannot know the question.
+- aware: the whole prompt (context, question, answer prefix) is prefilled, compressed, then decoded.
+
+Samples: `samples` seeds per task (seed, seed + 1, ...); sample i puts its needle at depth
+depth_sweep(depths)[i % depths], so depths cycle through 0..100% evenly. Tasks without a needle ignore it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvx.errors import KvxError
+from kvx.eval import tasks as task_gen
+from kvx.eval.fidelity import compare_on_continuation
+from kvx.eval.prefill import SharedPrefill
+from kvx.eval.prompt import PromptIds, build_prompt, prompt_text
+from kvx.eval.results import ResultsFile, row_key
+from kvx.eval.scoring import score_sample
+from kvx.runtime.sampling import SamplingParams
+
+MODES = ("agnostic", "aware")
+FULL = "full"
+FULL_BUDGET = "100%"
+# Tasks whose generator ignores the needle depth (they hide no needle): their rows record depth None.
+NEEDLELESS_TASKS = frozenset({"common_words", "frequent_words"})
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str]
+    context: int
+    policies: list[str]
+    budgets: list[str]
+    samples: int
+    mode: str = "agnostic"
+    haystack: str = "noise"
+    max_tokens: int = 32
+    seed: int = 0
+    depths: int = 5
+    fidelity: bool = False  # also teacher-force question + full answer: KL / top-1 / layer errors per row
+    model: str = ""  # recorded in every row; a results file holds one model's rows
+    dtype: str = ""
+
+    def validate(self) -> None:
+        from kvx.eval.haystack import HAYSTACKS
+
+        self.tasks = [canonical_task(t) for t in self.tasks]
+        if not self.tasks:
+            raise KvxError("no task given; choose from: " + ", ".join(task_gen.TASKS))
+        if self.mode not in MODES:
+            raise KvxError(f"unknown mode {self.mode!r}; use agnostic or aware")
+        if self.haystack not in HAYSTACKS:
+            raise KvxError(f"unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
+        if self.samples < 1:
+            raise KvxError(f"--samples must be at least 1, got {self.samples}")
+        if self.context < 1:
+            raise KvxError(f"--context must be a positive number of tokens, got {self.context}")
+        if self.max_tokens < 1:
+            raise KvxError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.depths < 1:
+            raise KvxError(f"--depths must be at least 1, got {self.depths}")
+
+
+def canonical_task(name: str) -> str:
+    key = task_gen._ALIASES.get(name.strip(), name.strip())
+    if key not in task_gen.TASKS:
+        raise KvxError(f"unknown task {name!r}; choose from: {', '.join(task_gen.TASKS)}")
+    return key
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    task: str
+    seed: int
+    depth: float | None  # None for tasks without a needle
+
+
+def sample_specs(config: EvalConfig) -> list[SampleSpec]:
+    sweep = task_gen.depth_sweep(config.depths)
+    return [SampleSpec(task, config.seed + i, None if task in NEEDLELESS_TASKS else sweep[i % len(sweep)])
+            for task in config.tasks for i in range(config.samples)]
+
+
+@dataclass
+class Variant:
+    """One (policy, budget) of the grid: the names that go in the rows, and the objects that run it."""
+
+    policy_name: str
+    budget_label: str
+    policy: object = None  # kvx.policies.Policy; None for the full cache and for baselines
+    budget: object = None  # kvx.policies.Budget
+    baseline: object = None  # an external runner (kvpress) when not None
+    silent: bool = False  # run for the fidelity continuation only: its row is already in the results
+
+
+def kvx_variants(config: EvalConfig) -> list[Variant]:
+    """The full cache, then every policy at every budget (policies and budgets checked here)."""
+    from kvx.policies import build_policy, parse_budget
+
+    budgets = [parse_budget(b) for b in config.budgets]
+    if not budgets and any(p != FULL for p in config.policies):
+        raise KvxError("no budget given; use e.g. --budgets 5%,10%,25%,50%")
+    out = [Variant(FULL, FULL_BUDGET)]
+    seen = {(FULL, FULL_BUDGET)}
+    for name in config.policies:
+        policy = build_policy(name)
+        if policy.name == FULL:
+            continue  # the full cache is always there
+        for budget in budgets:
+            label = str(budget)
+            if (policy.name, label) not in seen:
+                seen.add((policy.name, label))
+                out.append(Variant(policy.name, label, build_policy(name), budget))
+    return out
+
+
+def _key(config: EvalConfig, spec: SampleSpec, variant: Variant) -> tuple:
+    return row_key({"task": spec.task, "context": config.context, "haystack": config.haystack,
+                    "seed": spec.seed, "depth": spec.depth, "mode": config.mode,
+                    "policy": variant.policy_name, "budget": variant.budget_label})
+
+
+@dataclass
+class Plan:
+    """What a run still has to do: per sample, the variants whose rows are missing from the results."""
+
+    work: list[tuple[SampleSpec, list[Variant]]] = field(default_factory=list)
+    grid_keys: list[tuple] = field(default_factory=list)
+
+    @property
+    def units(self) -> int:
+        return sum(len(v) for _, v in self.work)
+
+
+def make_plan(config: EvalConfig, variants: list[Variant], results: ResultsFile) -> Plan:
+    plan = Plan()
+    for spec in sample_specs(config):
+        todo = []
+        for v in variants:
+            key = _key(config, spec, v)
+            plan.grid_keys.append(key)
+            if key not in results:
+                todo.append(v)
+        if todo:
+            plan.work.append((spec, todo))
+    return plan
+
+
+def check_results_match(config: EvalConfig, results: ResultsFile) -> None:
+    """Refuse to mix models (or dtypes) in one results file: resumed rows would silently be another model's."""
+    for row in results.rows:
+        for field_name in ("model", "dtype"):
+            have, want = row.get(field_name), getattr(config, field_name)
+            if have and want and have != want:
+                raise KvxError(f"{results.path} holds results of {field_name} {have}, not {want}; "
+                               "use another --out")
+
+
+def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list | None = None,
+             on_start: Callable[[int], None] | None = None,
+             on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every missing row of the grid, appending each to `results`; returns all the grid's rows."""
+    config.validate()
+    check_results_match(config, results)
+    variants = kvx_variants(config)
+    for baseline in baselines or []:
+        if config.mode != "agnostic":
+            raise KvxError(f"--against {baseline.name} runs question-agnostic only; use --mode agnostic")
+        variants += [Variant(p, b, baseline=baseline) for p, b in baseline.pairs(config.budgets)]
+    plan = make_plan(config, variants, results)
+    if on_start is not None:
+        on_start(plan.units)
+    tokenizer = engine.tokenizer
+    for spec, todo in plan.work:
+        sample = task_gen.generate(spec.task, tokenizer, config.context, spec.seed, spec.depth, config.haystack)
+        prompt = build_prompt(tokenizer, sample)
+
+        def emit(row: dict) -> None:
+            results.append(row)
+            if on_row is not None:
+                on_row(row)
+
+        own = [v for v in todo if v.baseline is None]
+        if own:
+            evaluate_sample(engine, config, sample, prompt, own, emit)
+        for v in todo:
+            if v.baseline is not None:
+                emit(_baseline_row(config, sample, prompt, v, tokenizer))
+    wanted = set(plan.grid_keys)
+    return [r for r in results.rows if row_key(r) in wanted]
+
+
+def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant],
+                    emit: Callable[[dict], None]) -> None:
+    """One shared prefill of the sample, then fork -> compress -> answer for every variant."""
+    agnostic = config.mode == "agnostic"
+    prefill_ids = prompt.context if agnostic else prompt.full
+    engine.check_length(len(prompt.full))
+    max_tokens = min(config.max_tokens, engine.config.max_position_embeddings - len(prompt.full))
+    if max_tokens < 1:
+        raise KvxError(f"the prompt ({len(prompt.full)} tokens) leaves no room to answer in the model's "
+                       f"context of {engine.config.max_position_embeddings} tokens; use a smaller --context")
+    # With fidelity on, the full cache's answer is the continuation every policy is compared on.
+    if config.fidelity and not any(v.policy_name == FULL for v in variants):
+        variants = [Variant(FULL, FULL_BUDGET, silent=True)] + variants
+    # Room for the question and the answer, so the full cache's fork never has to grow its pools.
+    shared = SharedPrefill(engine, prefill_ids, [(v.policy, v.budget) for v in variants if v.policy is not None],
+                           capacity=len(prompt.full) + max_tokens)
+    params = SamplingParams()
+    n_compressed = len(prefill_ids)
+    full_answer: list[int] | None = None
+    for v in sorted(variants, key=lambda v: v.policy_name != FULL):
+        t0 = time.perf_counter()
+        req = shared.fork(v.policy, v.budget)
+        if agnostic:
+            engine.compress(req, headroom=0)
+            result = engine.answer_all(req, [prompt.question], params, max_tokens)[0]
+        else:
+            engine.compress(req, headroom=max_tokens)
+            out_ids, text, finish = engine.decode(req, shared.logits, params, max_tokens)
+            result = engine.result(req, len(prompt.full), out_ids, text, finish)
+        wall = time.perf_counter() - t0
+        if v.policy_name == FULL:
+            full_answer = list(result.token_ids)
+        if v.silent:
+            continue
+        row = _row(config, sample, v, result.text, engine, n_compressed, req.lengths_after_compress, result, wall)
+        if config.fidelity and v.policy_name != FULL:
+            continuation = (prompt.question if agnostic else []) + (full_answer or [])
+            fid = compare_on_continuation(engine, shared, continuation, v.policy, v.budget)
+            row["fidelity"] = fid.to_dict()
+        emit(row)
+
+
+def _row(config: EvalConfig, sample, v: Variant, prediction: str, engine, n_compressed: int,
+         lengths: list[list[int]], result, wall: float) -> dict:
+    cfg = engine.config
+    entry = engine.entry_bytes()
+    timings = {k: round(val, 6) for k, val in vars(result.timings).items()}
+    timings["wall_s"] = round(wall, 6)
+    return {
+        **_sample_fields(config, sample),
+        "policy": v.policy_name,
+        "budget": v.budget_label,
+        "score": score_sample(sample, prediction),
+        "prediction": prediction,
+        "answers": list(sample.answers),
+        "kv_bytes_held": sum(map(sum, lengths)) * entry,
+        "kv_bytes_full": cfg.num_layers * cfg.num_kv_heads * n_compressed * entry,
+        "kv_bytes_peak": result.kv_bytes_peak,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": result.generated_tokens,
+        "finish_reason": result.finish_reason,
+        "timings": timings,
+    }
+
+
+def _sample_fields(config: EvalConfig, sample) -> dict:
+    return {
+        "task": sample.task,
+        "context": config.context,
+        "context_tokens": sample.n_tokens,
+        "haystack": config.haystack,
+        "depth": sample.depth,
+        "seed": sample.seed,
+        "mode": config.mode,
+        "model": config.model,
+        "dtype": config.dtype,
+        "max_tokens": config.max_tokens,
+    }
+
+
+def _baseline_row(config: EvalConfig, sample, prompt: PromptIds, v: Variant, tokenizer) -> dict:
+    answer = v.baseline.answer(prompt_text(sample, tokenizer), v.policy_name, v.budget_label, n_context=len(prompt.context),
+                               max_tokens=config.max_tokens)
+    return {
+        **_sample_fields(config, sample),
+        "policy": v.policy_name,
+        "budget": v.budget_label,
+        "score": score_sample(sample, answer.prediction),
+        "prediction": answer.prediction,
+        "answers": list(sample.answers),
+        "kv_bytes_held": answer.kv_bytes_held,
+        "kv_bytes_full": answer.kv_bytes_full,
+        "prompt_tokens": len(prompt.full),
+        "generated_tokens": answer.generated_tokens,
+        "timings": {k: round(val, 6) for k, val in answer.timings.items()},
+    }

@@ -1,0 +1,332 @@
+"""`kvx eval`: shared prefill, fidelity metrics, resumable JSONL, summary, plot, kvpress adapter, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from kvx.errors import KvxError
+from kvx.eval import report
+from kvx.eval.fidelity import kl_divergence, measure_fidelity
+from kvx.eval.kvpress_baseline import KvpressBaseline, compression_ratio, require_kvpress
+from kvx.eval.prefill import SharedPrefill, wrapped_attend
+from kvx.eval.results import KEY_FIELDS, ResultsFile, row_key
+from kvx.eval.runner import EvalConfig, run_eval
+from kvx.models.transformer import Transformer
+from kvx.policies import build_policy, parse_budget
+from kvx.runtime.engine import Engine
+from kvx.runtime.sampling import SamplingParams
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word (hashed into a tiny vocabulary); no chat template."""
+
+    eos_token_ids: list[int] = []
+    has_chat_template = False
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [3 + zlib.crc32(w.encode()) % 120 for w in text.split()]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_checkpoint("qwen2", tmp_path_factory.mktemp("ck"))
+    return Engine(Transformer.from_pretrained(path), WordTokenizer())
+
+
+def _ids(n, seed=1):
+    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _kept_positions(req):
+    return [[lc.pos[s:s + n].tolist() for s, n in zip(lc.starts, lc.lengths)] for lc in req.cache.layers]
+
+
+# -- one prefill for many policies ---------------------------------------------------------------------
+
+def test_shared_prefill_equals_each_policys_own_prefill(tiny):
+    """Forks of one prefill keep exactly what each policy keeps after its own prefill, and decode alike."""
+    ids = _ids(96)
+    names = ["snapkv", "ada-snapkv", "pyramidkv", "ahakv", "laprox", "h2o", "tova", "criticalkv",
+             "expected-attention", "knorm", "streaming"]
+    # Different windows and sg_budgets (AhaKV: per budget) must not leak into each other.
+    pairs = [(build_policy(n), parse_budget(b)) for n in names for b in ("15%", "40%")]
+    pairs.append((build_policy("snapkv", args={"window": "8"}), parse_budget("15%")))
+    shared = SharedPrefill(tiny, ids, pairs)
+    for policy, budget in pairs:
+        forked = shared.fork(policy, budget)
+        tiny.compress(forked, headroom=2)
+        own = tiny.new_request(capacity=len(ids), policy=policy, budget=budget)
+        logits = tiny.prefill(own, ids)
+        tiny.compress(own, headroom=2)
+        assert torch.equal(logits, shared.logits)
+        assert _kept_positions(forked) == _kept_positions(own), (policy.name, budget)
+        a = tiny.decode(forked, logits, SamplingParams(), 6, stop_at_eos=False)[0]
+        b = tiny.decode(own, logits, SamplingParams(), 6, stop_at_eos=False)[0]
+        assert a == b, (policy.name, budget)
+
+
+def test_wrapped_attend_is_undone(tiny):
+    before = tiny._attend_fn
+    with wrapped_attend(tiny, lambda req, attend: attend):
+        assert "_attend_fn" in vars(tiny)
+    assert "_attend_fn" not in vars(tiny) and tiny._attend_fn == before
+
+
+# -- fidelity ----------------------------------------------------------------------------------------
+
+def test_kl_divergence_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3
+    want = torch.nn.functional.kl_div(torch.log_softmax(q.double(), -1), torch.log_softmax(p.double(), -1),
+                                      log_target=True, reduction="sum")
+    assert kl_divergence(p, q) == pytest.approx(float(want), rel=1e-9)
+    assert kl_divergence(p, p) == 0.0
+
+
+def test_fidelity_full_against_full_is_exact(tiny):
+    ids, cont = _ids(80), _ids(10, seed=2)
+    result = measure_fidelity(tiny, ids, cont, build_policy("full"), None)
+    assert result.kl == [0.0] * 10 and all(result.top1)
+    assert result.top1_agreement == 1.0 and result.layer_rel_error == [0.0, 0.0]
+    # A budget that keeps everything is the full cache too.
+    same = measure_fidelity(tiny, ids, cont, build_policy("snapkv"), parse_budget("100%"))
+    assert same.mean_kl == 0.0 and same.layer_rel_error == [0.0, 0.0]
+
+
+def test_fidelity_of_a_compressed_cache(tiny):
+    ids, cont = _ids(80), _ids(10, seed=2)
+    result = measure_fidelity(tiny, ids, cont, build_policy("snapkv"), parse_budget("20%"))
+    assert len(result.kl) == 10 and len(result.layer_rel_error) == 2
+    assert result.mean_kl > 1e-4 and all(k >= 0 for k in result.kl)
+    assert all(0 < e < 10 for e in result.layer_rel_error)
+    assert 0.0 <= result.top1_agreement <= 1.0
+
+    # Layer 0 sees identical inputs in both runs, so its isolated error (shadow cache fed the full run's
+    # q, k, v) must equal the error of the compressed run's own layer-0 output against the full run's.
+    shared = SharedPrefill(tiny, ids, [(build_policy("snapkv"), parse_budget("20%"))])
+    full, comp = shared.fork(), shared.fork(build_policy("snapkv"), parse_budget("20%"))
+    tiny.compress(full, headroom=len(cont))
+    tiny.compress(comp, headroom=len(cont))
+    outs = {id(full): [], id(comp): []}
+
+    def record(req, attend):
+        def inner(layer, q, k, v, p, qp):
+            o = attend(layer, q, k, v, p, qp)
+            if layer == 0:
+                outs[id(req)].append(o.clone())
+            return o
+        return inner
+
+    with wrapped_attend(tiny, record):
+        for tok in cont:
+            tiny.forward(full, [tok])
+            tiny.forward(comp, [tok])
+    of, oc = torch.cat(outs[id(full)], 1), torch.cat(outs[id(comp)], 1)
+    want = float((oc - of).norm() / of.norm())
+    assert result.layer_rel_error[0] == pytest.approx(want, rel=1e-4)
+
+
+# -- the runner: rows, resume ---------------------------------------------------------------------------
+
+def _config(**kw):
+    base = dict(tasks=["passkey"], context=120, policies=["snapkv"], budgets=["50%"], samples=2, max_tokens=4,
+                model="tiny", dtype="float32")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _count_prefills(monkeypatch, engine):
+    calls = []
+    original = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_rows_are_well_formed(tiny, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out))
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(rows) == 2 * 3
+    parsed = [json.loads(line) for line in lines]
+    assert len({row_key(r) for r in parsed}) == 6
+    for r in parsed:
+        for key in KEY_FIELDS + ("score", "prediction", "answers", "kv_bytes_held", "kv_bytes_full", "timings"):
+            assert key in r, key
+        assert r["task"] == "passkey" and r["mode"] == "agnostic" and r["context"] == 120
+        assert 0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) and r["answers"][0].isdigit()
+        assert r["generated_tokens"] == 4 and set(r["timings"]) >= {"prefill_s", "decode_s", "wall_s"}
+        share = r["kv_bytes_held"] / r["kv_bytes_full"]
+        want = {"full": 1.0, "50%": 0.5, "25%": 0.25}["full" if r["policy"] == "full" else r["budget"]]
+        assert share == pytest.approx(want, abs=0.02)
+    assert {r["depth"] for r in parsed} == {0.0, 0.25}  # samples cycle through the depth sweep
+
+
+def test_resume_skips_finished_rows(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    config = _config()
+    first = run_eval(tiny, config, ResultsFile(out))
+    text = out.read_text()
+    assert len(first) == 4
+
+    prefills = _count_prefills(monkeypatch, tiny)
+    started = []
+    second = run_eval(tiny, _config(), ResultsFile(out), on_start=started.append)
+    assert prefills == [] and started == [0] and out.read_text() == text
+    assert sorted(map(row_key, second)) == sorted(map(row_key, first))
+
+    # Drop one row: a rerun does that row only, with one prefill, and appends it.
+    lines = text.splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n")
+    third = run_eval(tiny, _config(), ResultsFile(out), on_start=started.append)
+    assert started[-1] == 1 and len(prefills) == 1 and len(third) == 4
+    assert json.loads(out.read_text().splitlines()[-1])["prediction"] == json.loads(lines[-1])["prediction"]
+
+
+def test_aware_mode_and_fidelity_rows(tiny, tmp_path):
+    rows = run_eval(tiny, _config(mode="aware", samples=1, fidelity=True), ResultsFile(tmp_path / "a.jsonl"))
+    by_policy = {r["policy"]: r for r in rows}
+    assert by_policy["full"]["prompt_tokens"] == by_policy["snapkv"]["prompt_tokens"]
+    assert "fidelity" not in by_policy["full"]
+    fid = by_policy["snapkv"]["fidelity"]
+    assert fid["kl"] >= 0 and 0 <= fid["top1"] <= 1 and len(fid["layer_rel_error"]) == 2
+
+
+def test_results_file_refuses_other_models_and_bad_lines(tiny, tmp_path):
+    out = tmp_path / "r.jsonl"
+    run_eval(tiny, _config(samples=1), ResultsFile(out))
+    with pytest.raises(KvxError, match="model"):
+        run_eval(tiny, _config(samples=1, model="other"), ResultsFile(out))
+    out.write_text(out.read_text() + '{"task": "passkey", "trunc\n')
+    with pytest.raises(KvxError, match="line 3"):
+        ResultsFile(out)
+
+
+def test_append_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    results = ResultsFile(out)
+    row = {"task": "passkey", "context": 1, "haystack": "noise", "seed": 0, "depth": 0.5, "mode": "agnostic",
+           "policy": "full", "budget": "100%", "score": 1.0}
+    results.append(row)
+    before = out.read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        results.append(dict(row, seed=1))
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["r.jsonl"]
+
+
+# -- summary, table, plot -------------------------------------------------------------------------------
+
+def _row(task, policy, budget, score, held=50, full=100):
+    return {"task": task, "policy": policy, "budget": budget, "score": score,
+            "kv_bytes_held": held, "kv_bytes_full": full}
+
+
+HAND_ROWS = [
+    _row("passkey", "full", "100%", 1.0, 100), _row("passkey", "full", "100%", 1.0, 100),
+    _row("passkey", "snapkv", "10%", 0.0, 10), _row("passkey", "snapkv", "10%", 1.0, 12),
+    _row("passkey", "snapkv", "5%", 0.0, 5), _row("passkey", "snapkv", "5%", 0.0, 5),
+    _row("niah_multikey", "full", "100%", 0.5, 100), _row("niah_multikey", "snapkv", "5%", 0.25, 5),
+]
+
+
+def test_summary_means_per_task_policy_budget():
+    cells = {(c.task, c.policy, c.budget): c for c in report.summarize(HAND_ROWS)}
+    assert cells[("passkey", "snapkv", "10%")].mean_score == 0.5
+    assert cells[("passkey", "snapkv", "10%")].kv_fraction == pytest.approx(0.11)
+    assert cells[("passkey", "snapkv", "5%")].samples == 2 and cells[("passkey", "snapkv", "5%")].mean_score == 0
+    assert cells[("passkey", "full", "100%")].mean_score == 1.0
+    assert cells[("all", "full", "100%")].mean_score == pytest.approx(2.5 / 3)
+    assert cells[("all", "snapkv", "5%")].mean_score == pytest.approx(0.25 / 3) and cells[("all", "snapkv", "5%")].samples == 3
+    order = [(c.task, c.policy, c.budget) for c in report.summarize(HAND_ROWS)]
+    assert order[:3] == [("passkey", "full", "100%"), ("passkey", "snapkv", "5%"), ("passkey", "snapkv", "10%")]
+    assert order[-1][0] == "all"
+
+
+def test_summary_table_shows_full_reference():
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    report.render_summary(report.summarize(HAND_ROWS), console)
+    text = console.export_text()
+    assert "full (reference)" in text and "passkey" in text and "0.50" in text and "0.08" in text
+
+
+def test_plot_curves(tmp_path):
+    path = report.plot_curves(report.summarize(HAND_ROWS), tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(KvxError, match="matplotlib"):
+        report.plot_curves(report.summarize(HAND_ROWS), tmp_path / "c.png")
+
+
+# -- kvpress ---------------------------------------------------------------------------------------------
+
+def test_kvpress_budget_conversion():
+    assert compression_ratio(parse_budget("10%"), 1000) == pytest.approx(0.9)
+    assert compression_ratio(parse_budget("100%"), 1000) == 0.0
+    assert compression_ratio(parse_budget("512"), 1024) == pytest.approx(0.5)
+    assert compression_ratio(parse_budget("512"), 300) == 0.0  # more than the context: keep everything
+
+
+def test_kvpress_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvpress", None)
+    with pytest.raises(KvxError, match=r"pip install 'kvx\[kvpress\]'"):
+        require_kvpress()
+    with pytest.raises(KvxError, match="kvpress"):
+        KvpressBaseline("unused", "cpu", torch.float32)
+
+
+def test_command_rejects_bad_input_before_loading_a_model(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from kvx.commands.eval import eval_command
+
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)
+    monkeypatch.setitem(sys.modules, "kvpress", None)
+    out = str(tmp_path / "r.jsonl")
+    for args, message in [(["--task", "nope"], "unknown task"), (["--policies", "nope"], "unknown policy"),
+                          (["--budgets", "0%"], "budget"), (["--mode", "maybe"], "mode"),
+                          (["--against", "kvpress"], "kvpress")]:
+        result = CliRunner().invoke(app, ["eval", "--out", out, *args])
+        assert isinstance(result.exception, KvxError) and message in str(result.exception), args
+
+
+# -- end to end on the default model ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_default_model_passkey_end_to_end(tmp_path):
+    from kvx.eval.prompt import build_prompt
+    from kvx.eval.tasks import generate
+    from kvx.models import load_model
+    from kvx.models.hub import pull_default_model
+
+    model, tok = load_model(pull_default_model(quiet=True))
+    engine = Engine(model, tok)
+    sample = generate("passkey", tok, 1024, 0, 0.5, "noise")
+    prompt = build_prompt(tok, sample)
+    text = tok.decode(prompt.full)
+    assert text.endswith("<|im_start|>assistant\nThe pass key is ") and sample.context + "\n\nWhat is" in text
+
+    config = EvalConfig(tasks=["passkey"], context=1024, policies=["snapkv"], budgets=["50%"], samples=3,
+                        max_tokens=10, model="default", dtype="float32")
+    rows = run_eval(engine, config, ResultsFile(tmp_path / "e2e.jsonl"))
+    full = [r for r in rows if r["policy"] == "full"]
+    assert len(full) == 3 and len(rows) == 6
+    assert sum(r["score"] for r in full) / 3 >= 0.9, [r["prediction"] for r in full]
+    assert all(r["context_tokens"] <= 1024 for r in rows)
