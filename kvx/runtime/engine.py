@@ -184,7 +184,9 @@ class Engine:
                 return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, self.scale,
                                             lc.key_mass, max_len=max(lc.capacities)).unsqueeze(1)
             if lc.is_uniform():
-                K, V, P = lc.dense()
+                # A fresh prompt: attend over the contiguous k, v just computed rather than the strided
+                # cache view (same values; saves SDPA a copy).
+                K, V, P = (k, v, positions) if lc.lengths[0] == T else lc.dense()
                 out, _ = ops.attention(q, K, V, positions, P, self.scale, sw)
                 if stats_req is not None:
                     t0 = time.perf_counter()
