@@ -26,6 +26,12 @@ from test_engine import StubTokenizer
 
 PASSKEY_SEEDS = (0, 1, 2)
 PASSKEY_POLICIES = ("snapkv", "ada-snapkv", "ahakv", "laprox")
+# SmolLM2's tokenizer writes a number one digit per token, so the needle is ~2x longer in tokens than on
+# the 7B models the papers tuned their pooling kernels (5-7) on. A 15-wide pool keeps the whole number
+# around the attended "pass key is"; for AhaKV (no attention pooling in the paper) it is the opt-in
+# score_kernel option.
+WIDE_POOL = {"snapkv": {"kernel": "15"}, "ada-snapkv": {"kernel": "15"}, "laprox": {"kernel": "15"},
+             "ahakv": {"score_kernel": "15"}}
 ANSWER_TOKENS = 14  # "The pass key is 51007." and a little more
 HEADROOM = 8
 
@@ -120,6 +126,7 @@ def passkey(default_model):
         answers = {"full": run.answer()}
         for name, pol in run.policies.items():
             answers[name] = run.answer(pol, run.budget)
+            answers[name + "+pool15"] = run.answer(build_policy(name, args=WIDE_POOL[name]), run.budget)
         # Oracle: SnapKV's per-head counts at 10%, but the needle sentence forced in (the oldest other
         # picks make room). Same entries, same bytes: only which tokens differ.
         oracle = []
@@ -277,6 +284,14 @@ def test_policy_keeps_where_the_needle_is(passkey, name):
     "snapkv 1, ada-snapkv 1, ahakv 0, laprox 0; full 3, oracle 3). Strict: remove this mark when it passes."))
 def test_policy_finds_the_passkey_at_10_percent(passkey, name):
     assert hits(passkey, name) >= 2, answers_of(passkey, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PASSKEY_POLICIES)
+def test_policy_finds_the_passkey_at_10_percent_with_a_wide_pool(passkey, name):
+    # The paper defaults above miss the key's later digits on this model; with a pooling kernel that spans
+    # a digit-per-token number, every policy retrieves it at 10% (measured: 3/3 for all four).
+    assert hits(passkey, name + "+pool15") >= 2, answers_of(passkey, name + "+pool15")
 
 
 # --------------------------------------------------------------------------------------------------------

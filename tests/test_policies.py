@@ -221,6 +221,19 @@ def test_ahakv_score_matches_formula(stats_and_raw):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 
 
+def test_ahakv_score_kernel_max_pools_the_attention_score(stats_and_raw):
+    # score_kernel (off by default, as in the paper) max-pools the accumulated score over the candidates
+    # before the value prior multiplies it.
+    st, _ = stats_and_raw
+    ctx = ctx_for(st, H, HKV, D, window=W)
+    plain = build_policy("ahakv", args={"recent": str(W), "kernel": "1"}).scorer.score(st, ctx)[:, :N - W]
+    pooled = build_policy("ahakv", args={"recent": str(W), "kernel": "1", "score_kernel": "5"}).scorer.score(st, ctx)
+    nu = st.value_norm.double()[:, :N - W] ** 2
+    prior = nu / nu.max(-1, keepdim=True).values
+    recent = plain.double() / prior
+    torch.testing.assert_close(pooled[:, :N - W].double(), ref_pool(recent, 5, "max") * prior, rtol=1e-4, atol=1e-7)
+
+
 def test_expected_attention_matches_formula(stats_and_raw):
     st, raw = stats_and_raw
     horizon = 16

@@ -23,6 +23,7 @@ from kvx.policies.base import (
     Scorer,
     gqa_mean,
     keep_with_protected,
+    pool_candidates,
     pool_keys,
     recent_indices,
 )
@@ -68,13 +69,16 @@ class AhaKVScorer(Scorer):
     window: int = field(default=32, metadata={"min": 1, "help": "r: recent query rows scored, and tokens protected"})
     kernel: int = field(default=7, metadata={"min": 0, "help": "avg-pool kernel of the value-norm prior"})
     sinks: int = field(default=0, metadata={"min": 0, "help": "first tokens always kept"})
+    # Not in the paper (default 1 = off): max-pooling the accumulated score keeps an attended token's
+    # neighbours, as SnapKV does; it matters when an answer spans many small tokens (digits).
+    score_kernel: int = field(default=1, metadata={"min": 0, "help": "max-pool kernel of the attention score (1 = none, as in the paper)"})
 
     def request(self) -> StatsRequest:
         # sg_budget is the per-head budget k, known once the budget and prompt are: Policy.request_for().
         return StatsRequest(sg_rows=self.window, value_norm=True)
 
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
-        recent = gqa_mean(stats.col_sum_sg.float(), ctx.num_kv_heads)
+        recent = pool_candidates(gqa_mean(stats.col_sum_sg.float(), ctx.num_kv_heads), ctx, self.score_kernel, "max")
         return recent * value_prior(stats.value_norm, ctx.lo, ctx.hi, self.kernel)
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
