@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from kvx.errors import KvxError
+from kvx.eval.haystack import filler_ids
 
 
 @dataclass
@@ -192,20 +193,3 @@ def prompt_ids(tokenizer, n_tokens: int, text: str | None = None) -> list[int]:
     return ids[:n_tokens]
 
 
-def filler_ids(tokenizer, n_tokens: int, first: bool = True) -> list[int]:
-    """At least n_tokens ids of English prose (CPython's pydoc_data), the same on every run."""
-    from kvx.eval.haystack import haystack_sentences, prose_topics
-
-    try:
-        prose_topics()
-        sentences = haystack_sentences("prose", seed=0)
-    except KvxError:  # a Python without pydoc_data
-        sentences = haystack_sentences("noise", seed=0)
-    text, chars = "", 6 * n_tokens + 64
-    while True:
-        while len(text) < chars:
-            text += next(sentences) + " "
-        ids = tokenizer.encode(text, add_special_tokens=first)
-        if len(ids) >= n_tokens:
-            return ids
-        chars *= 2

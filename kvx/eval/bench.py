@@ -16,19 +16,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvx.eval.haystack import filler_ids
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 
 
 def prose_ids(tokenizer, n: int) -> list[int]:
-    """Exactly n token ids of English prose (repeated if the text is too short)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    while len(ids) < n:
-        ids = ids + ids
-    return ids[:n]
+    """Exactly n token ids of English prose (the same filler `kvx profile` uses)."""
+    return filler_ids(tokenizer, n, first=False)[:n]
 
 
 def _sync(device) -> None:

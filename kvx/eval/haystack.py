@@ -99,3 +99,20 @@ def _is_plain_sentence(sentence: str) -> bool:
         return False
     # Reject leftovers of code and reST markup: backquotes, "*emphasis*", brackets, "a.b(c)" and such.
     return not any(ch in sentence for ch in "`*[]{}<>|=\\") and "()" not in sentence
+
+
+def filler_ids(tokenizer, n_tokens: int, first: bool = True) -> list[int]:
+    """At least n_tokens ids of English prose (CPython's pydoc_data), the same on every run."""
+    try:
+        prose_topics()
+        sentences = haystack_sentences("prose", seed=0)
+    except KvxError:  # a Python without pydoc_data
+        sentences = haystack_sentences("noise", seed=0)
+    text, chars = "", 6 * n_tokens + 64
+    while True:
+        while len(text) < chars:
+            text += next(sentences) + " "
+        ids = tokenizer.encode(text, add_special_tokens=first)
+        if len(ids) >= n_tokens:
+            return ids
+        chars *= 2
