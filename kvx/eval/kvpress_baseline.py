@@ -12,10 +12,18 @@ is compression_ratio 0.9; a token budget (512 per kv head) is 1 - 512 / context 
 
 kv_bytes_held is what kvpress's cache really allocates after compression. Head-wise presses (AdaKV)
 only mask the evicted keys, so their cache does not shrink; the rows say so.
+
+One prefill per sample, as kvx does (`KvpressBaseline.prefill`): a press runs as a forward hook *after*
+each attention layer has attended over the whole context, so what it compresses never changes what the
+next layer sees. We therefore run the context once, record every attention layer's hook arguments, and
+replay each press's own `forward_hook` on a copy of the full cache; then the pipeline's own
+`generate_answer` answers. tests/test_kvpress.py checks this against the pipeline, answer for answer and
+cache for cache. `KvpressBaseline.answer` runs the pipeline itself, one prefill per press.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +60,14 @@ def compression_ratio(budget, n_context: int) -> float:
     else:
         kept = min(1.0, budget.tokens / n_context)
     return max(0.0, min(1.0, 1.0 - kept))
+
+
+def _quiet_transformers() -> None:
+    """transformers' weight-loading bars and warnings would bury kvx's progress bar on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def require_kvpress():
@@ -94,6 +110,7 @@ class KvpressBaseline:
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
         try:
+            _quiet_transformers()
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
@@ -122,6 +139,10 @@ class KvpressBaseline:
             return None
         return PRESSES[name](self.kvpress, compression_ratio(parse_budget(budget_label), n_context))
 
+    def prefill(self, prompt) -> "KvpressPrefill":
+        """Run the sample's context once; the returned object answers every press x budget from it."""
+        return KvpressPrefill(self, prompt)
+
     def answer(self, prompt, policy_name: str, budget_label: str, n_context: int, max_tokens: int) -> BaselineAnswer:
         import torch
         from transformers import DynamicCache
@@ -135,9 +156,80 @@ class KvpressBaseline:
         elapsed = time.perf_counter() - t0
         prediction = out["answer"]
         # The pipeline trims each answer off the cache again: what is left is the compressed context.
-        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                   if t is not None)
+        held = _cache_bytes(cache)
         generated = len(self.pipe.tokenizer.encode(prediction, add_special_tokens=False))
         return BaselineAnswer(prediction=prediction, kv_bytes_held=held,
                               kv_bytes_full=self._heads * n_context * self._entry_bytes,
                               generated_tokens=generated, timings={"wall_s": elapsed})
+
+
+class KvpressPrefill:
+    """One sample's context prefilled once, with every attention layer's hook arguments recorded."""
+
+    def __init__(self, baseline: KvpressBaseline, prompt):
+        import torch
+        from transformers import DynamicCache
+
+        self.baseline = baseline
+        pipe, model = baseline.pipe, baseline.model
+        tensors = pipe.preprocess(prompt.context, questions=[prompt.question], answer_prefix=prompt.answer_prefix,
+                                  max_context_length=int(1e10))
+        self.context_ids = tensors["context_ids"].to(model.device)
+        self.question_ids = tensors["questions_ids"][0].to(model.device)
+        self.n_context = self.context_ids.shape[1]
+        self.records: list[tuple] = []  # (attention module, hook kwargs, hook output), in layer order
+
+        def record(module, args, kwargs, output):
+            self.records.append((module, dict(kwargs), output))
+
+        layers = model.model.layers
+        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
+        self.cache = DynamicCache()
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                model.model(input_ids=self.context_ids, past_key_values=self.cache)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.prefill_s = time.perf_counter() - t0
+
+    def compress(self, policy_name: str, budget_label: str):
+        """A copy of the full cache, compressed by the row's press exactly as the pipeline's prefill would."""
+        import torch
+
+        baseline = self.baseline
+        press = baseline.make_press(policy_name, budget_label, self.n_context)
+        cache = copy.deepcopy(self.cache)
+        with torch.inference_mode():
+            for module, _, _ in self.records:
+                module.masked_key_indices = None  # the pipeline's next prefill would clear a head-wise mask too
+            if press is not None:
+                with press(baseline.model):
+                    for module, kwargs, output in self.records:
+                        press.forward_hook(module, [], {**kwargs, "past_key_values": cache}, output)
+        return cache
+
+    def answer(self, policy_name: str, budget_label: str, max_tokens: int) -> BaselineAnswer:
+        """Replay the press on a copy of the full cache, then decode the question greedily."""
+        import torch
+
+        baseline = self.baseline
+        t0 = time.perf_counter()
+        cache = self.compress(policy_name, budget_label)
+        compress_s = time.perf_counter() - t0
+        held = _cache_bytes(cache)
+        with torch.inference_mode():
+            prediction = baseline.pipe.generate_answer(question_ids=self.question_ids, cache=cache,
+                                                       context_length=self.n_context, max_new_tokens=max_tokens)
+        generated = len(baseline.pipe.tokenizer.encode(prediction, add_special_tokens=False))
+        return BaselineAnswer(prediction=prediction, kv_bytes_held=held,
+                              kv_bytes_full=baseline._heads * self.n_context * baseline._entry_bytes,
+                              generated_tokens=generated,
+                              timings={"prefill_s": self.prefill_s, "compress_s": compress_s,
+                                       "wall_s": time.perf_counter() - t0})
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)

@@ -192,9 +192,13 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
         own = [v for v in todo if v.baseline is None]
         if own:
             evaluate_sample(engine, config, sample, prompt, own, emit)
-        for v in todo:
-            if v.baseline is not None:
-                emit(_baseline_row(config, sample, prompt, v, tokenizer))
+        theirs = [v for v in todo if v.baseline is not None]
+        for baseline in {id(v.baseline): v.baseline for v in theirs}.values():
+            # One prefill of the sample for all of this baseline's presses x budgets, as for kvx's own.
+            shared = baseline.prefill(prompt_text(sample, tokenizer))
+            for v in theirs:
+                if v.baseline is baseline:
+                    emit(_baseline_row(config, sample, prompt, v, shared))
     wanted = set(plan.grid_keys)
     return [r for r in results.rows if row_key(r) in wanted]
 
@@ -279,9 +283,8 @@ def _sample_fields(config: EvalConfig, sample) -> dict:
     }
 
 
-def _baseline_row(config: EvalConfig, sample, prompt: PromptIds, v: Variant, tokenizer) -> dict:
-    answer = v.baseline.answer(prompt_text(sample, tokenizer), v.policy_name, v.budget_label, n_context=len(prompt.context),
-                               max_tokens=config.max_tokens)
+def _baseline_row(config: EvalConfig, sample, prompt: PromptIds, v: Variant, shared) -> dict:
+    answer = shared.answer(v.policy_name, v.budget_label, max_tokens=config.max_tokens)
     return {
         **_sample_fields(config, sample),
         "policy": v.policy_name,
