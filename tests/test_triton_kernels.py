@@ -436,6 +436,42 @@ def test_ops_forced_triton_runs_the_interpreter(interpreted_kernels, monkeypatch
     close(lse, want_lse, 1e-4, "forced triton lse")
 
 
+@pytest.mark.parametrize("sliding", [None, 11])
+def test_layer_stats_through_the_kernels_equal_compute_layer_stats(interpreted_kernels, monkeypatch, sliding):
+    """What the engine calls: every requested statistic, attention side from the kernels, the rest as is."""
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    H, Hkv, T, d = 6, 2, 40, 16
+    q, k, v = torch.randn(H, T, d), torch.randn(Hkv, T, d), torch.randn(Hkv, T, d)
+    pos = torch.arange(T) + 3
+    req = StatsRequest(window=9, window_sq=True, last_row=True, colsum_all=True, sg_rows=7, sg_budget=12,
+                       key_norm=True, value_norm=True, query_moments=True)
+    got = ops.layer_stats(req, q, k, v, pos, pos, d ** -0.5, sliding, q_pre_rope=q)
+    want = compute_layer_stats(req, q, k, v, pos, pos, d ** -0.5, sliding, q_pre_rope=q)
+    assert got.window == want.window == 9 and got.n == want.n
+    for name in ("col_sum", "col_sq", "last_row", "colsum_all", "colsum_count", "col_sum_sg", "key_norm",
+                 "value_norm", "q_mean", "q_cov"):
+        close(getattr(got, name), getattr(want, name), 1e-4, name)
+    only_window = StatsRequest(window=100)  # more rows than the prompt has: the window is the whole prompt
+    got = ops.layer_stats(only_window, q, k, v, pos, pos, d ** -0.5, sliding)
+    want = compute_layer_stats(only_window, q, k, v, pos, pos, d ** -0.5, sliding)
+    close(got.col_sum, want.col_sum, 1e-4, "col_sum over every row")
+    assert got.col_sq is None and got.last_row is None and got.colsum_all is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_stats_on_gpu(dtype):
+    H, Hkv, T, d = 32, 8, 2500, 128
+    q, k, v = (torch.randn(s, device="cuda").to(dtype) for s in ((H, T, d), (Hkv, T, d), (Hkv, T, d)))
+    pos = torch.arange(T, device="cuda")
+    req = StatsRequest(window=64, window_sq=True, last_row=True, colsum_all=True, sg_rows=32, sg_budget=250)
+    got = ops.layer_stats(req, q, k, v, pos, pos, d ** -0.5)
+    want = compute_layer_stats(req, q.float(), k.float(), v.float(), pos, pos, d ** -0.5)
+    for name in ("col_sum", "col_sq", "last_row", "colsum_all", "colsum_count", "col_sum_sg"):
+        close(getattr(got, name), getattr(want, name), 2e-2, name)
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_reference_stats_twins_match_compute_layer_stats(window):
     H, Hkv, T, d, w = 6, 2, 300, 16, 270  # w > QUERY_CHUNK: the twins chunk over rows

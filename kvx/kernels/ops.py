@@ -10,6 +10,7 @@ function with their signature (stats.compute_layer_stats forms its own lse).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import cache
 from types import ModuleType
@@ -20,7 +21,7 @@ from torch import Tensor
 from kvx.errors import KvxError
 from kvx.kernels import reference
 from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
-from kvx.kernels.stats import sg_scales
+from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, sg_scales
 
 BACKEND_ENV = "KVX_KERNELS"
 
@@ -143,6 +144,74 @@ def sg_colsum(
     if use_triton(q_rows):
         return _module("triton_stats").sg_colsum(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
     return sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
+
+
+def layer_stats(
+    req: StatsRequest,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    q_pre_rope: Tensor | None = None,
+    o_proj_weight: Tensor | None = None,
+    gram: Tensor | None = None,
+) -> LayerStats:
+    """stats.compute_layer_stats, with the attention-side statistics from the Triton kernels on CUDA.
+
+    compute_layer_stats stays the plain-PyTorch oracle (the kernel tests compare against it, on CUDA too);
+    this is what the engine calls. The token-side statistics (norms, moments) are cheap elementwise work
+    and always come from compute_layer_stats.
+    """
+    if not (req.needs_attention and use_triton(q)):
+        return compute_layer_stats(req, q, k, v, q_pos, k_pos, scale, sliding_window, q_pre_rope,
+                                   o_proj_weight, gram)
+    token_side = dataclasses.replace(req, window=0, window_sq=False, last_row=False, colsum_all=False,
+                                     sg_rows=0, sg_budget=0)
+    stats = compute_layer_stats(token_side, q, k, v, q_pos, k_pos, scale, sliding_window, q_pre_rope,
+                                o_proj_weight, gram)
+    T = q.shape[1]
+    if T == 0:
+        raise ValueError("attention statistics need at least one query row")
+    window = min(req.window, T)
+    stats.window = window
+    # The rows whose softmax normaliser we need: every row for H2O, else the window (or the last row).
+    # This reruns the attention over those rows (for H2O a second full pass; the window is a few rows).
+    rows = T if req.colsum_all else max(window, 1 if req.last_row else 0)
+    lse = None
+    if rows:
+        _, lse = attention(q[:, T - rows:], k, v, q_pos[T - rows:], k_pos, scale, sliding_window, need_lse=True)
+    if req.colsum_all:
+        stats.colsum_all, _ = window_stats(q, k, q_pos, k_pos, lse, scale, sliding_window, False)
+        stats.colsum_count = _visible_row_counts(q_pos, k_pos, sliding_window)
+    if window:
+        stats.col_sum, stats.col_sq = window_stats(q[:, T - window:], k, q_pos[T - window:], k_pos,
+                                                   lse[:, rows - window:], scale, sliding_window, req.window_sq)
+    if req.last_row:
+        stats.last_row = _last_row_probs(q[:, -1], k, q_pos[-1:], k_pos, lse[:, -1], scale, sliding_window)
+    if req.sg_rows:
+        r = min(req.sg_rows, T)
+        stats.col_sum_sg = sg_colsum(q[:, T - r:], k, q_pos[T - r:], k_pos, req.sg_budget, scale, sliding_window)
+    return stats
+
+
+def _visible_row_counts(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
+    """[S] float32: how many query rows see each key, without forming the [T, S] mask."""
+    count = torch.zeros(k_pos.shape[0], dtype=torch.float32, device=k_pos.device)
+    for t0 in range(0, q_pos.shape[0], QUERY_CHUNK):
+        count += visibility_mask(q_pos[t0:t0 + QUERY_CHUNK], k_pos, sliding_window).sum(dim=0)
+    return count
+
+
+def _last_row_probs(q_last, k, q_pos, k_pos, lse_last, scale, sliding_window) -> Tensor:
+    """[H, S] float32 attention probabilities of one query row per head, given its log-sum-exp."""
+    H, d = q_last.shape
+    Hkv, S, _ = k.shape
+    logits = torch.einsum("kgd,ksd->kgs", q_last.float().view(Hkv, H // Hkv, d), k.float()).reshape(H, S)
+    probs = torch.exp(logits * scale - lse_last.float()[:, None])
+    return torch.where(visibility_mask(q_pos, k_pos, sliding_window)[0], probs, torch.zeros_like(probs))
 
 
 # --- plain-PyTorch twins of the statistics kernels -----------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kvx.errors import KvxError
 from kvx.kernels import ops
-from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, wo_gram
+from kvx.kernels.stats import LayerStats, StatsRequest, wo_gram
 from kvx.runtime.cache import RaggedKVCache
 from kvx.runtime.graphs import DecodeGraph, graphs_supported
 from kvx.runtime.sampling import SamplingParams, make_generator, sample
@@ -190,7 +190,7 @@ class Engine:
                 out, _ = ops.attention(q, K, V, positions, P, self.scale, sw)
                 if stats_req is not None:
                     t0 = time.perf_counter()
-                    req.stats[layer] = compute_layer_stats(
+                    req.stats[layer] = ops.layer_stats(
                         stats_req, q, K, V, positions, P, self.scale, sw, q_pre,
                         gram=self._gram(layer) if stats_req.value_out_norm else None,
                         o_proj_weight=self.model.o_proj_weight(layer) if stats_req.value_out_l1 else None)
