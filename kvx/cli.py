@@ -138,13 +138,14 @@ def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-_SPLIT = "\u2063KVX_QUESTION\u2063"  # an invisible separator no real context contains
-
-
 def split_context_question(tokenizer, context: str, question: str, system: Optional[str], raw: bool) -> tuple[list[int], list[int]]:
     """Token ids of the context part and the question part of one chat turn, split where the question starts."""
-    full = chat_prompt(tokenizer, context + "\n\n" + _SPLIT + question, system, raw)
-    head, tail = full.split(_SPLIT, 1)
+    from kvx.models.tokenizer import split_chat_turn
+
+    if raw or not tokenizer.has_chat_template:
+        head, tail = context + "\n\n", question
+    else:
+        head, tail = split_chat_turn(tokenizer, context + "\n\n", question, system)
     return tokenizer.encode(head, add_special_tokens=True), tokenizer.encode(tail, add_special_tokens=False)
 
 

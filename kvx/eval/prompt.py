@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# An invisible marker no task text contains: the chat template is rendered once with it, then split there.
-_SPLIT = "\u2063KVX_EVAL_QUESTION\u2063"
+from kvx.models.tokenizer import split_chat_turn
 
 
 @dataclass(frozen=True)
@@ -68,9 +67,7 @@ def build_prompt(tokenizer, sample) -> PromptIds:
     text = prompt_text(sample, tokenizer)
     templated = bool(getattr(tokenizer, "has_chat_template", False))
     if templated:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text.context + _SPLIT + text.question}], add_generation_prompt=True)
-        head, tail = rendered.split(_SPLIT, 1)
+        head, tail = split_chat_turn(tokenizer, text.context, text.question)
         tail += text.answer_prefix
     else:
         head, tail = text.context, text.question + "\n" + text.answer_prefix

@@ -157,6 +157,23 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+# An invisible marker no prompt text contains: the template is rendered once with it, then split there.
+_TURN_SPLIT = "\u2063KVX_SPLIT\u2063"
+
+
+def split_chat_turn(tokenizer, before: str, after: str, system: str | None = None) -> tuple[str, str]:
+    """The chat-templated text of one user turn `before + after`, cut where `after` starts.
+
+    The head is everything up to the end of `before` (template prefix included), the tail is `after` plus
+    the end of the turn and the assistant header: what kvx prefills and compresses before the question is
+    seen, and the question that comes after it.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": before + _TURN_SPLIT + after}]
+    head, tail = tokenizer.apply_chat_template(messages, add_generation_prompt=True).split(_TURN_SPLIT, 1)
+    return head, tail
+
+
 def _compile_template(source: str) -> Any:
     import jinja2
     import jinja2.ext
