@@ -272,6 +272,74 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
         report.plot_curves(report.summarize(HAND_ROWS), tmp_path / "c.png")
 
 
+def test_baseline_reference_and_error_cells(tmp_path):
+    from rich.console import Console
+
+    rows = HAND_ROWS[:6] + [
+        _row("passkey", "kvpress:full", "100%", 1.0, 100),
+        _row("passkey", "kvpress:snapkv", "10%", 0.0, 10),
+        {"task": "passkey", "policy": "kvpress:pyramidkv", "budget": "10%", "score": None, "error": "RuntimeError: x"},
+    ]
+    cells = {(c.task, c.policy, c.budget): c for c in report.summarize(rows)}
+    broken = cells[("passkey", "kvpress:pyramidkv", "10%")]
+    assert broken.mean_score is None and broken.errors == 1 and broken.samples == 0
+    assert broken.to_dict()["mean_score"] is None
+    console = Console(record=True, width=160)
+    report.render_summary(list(cells.values()), console)
+    text = console.export_text()
+    assert "kvpress:full (reference)" in text and "error" in text
+    assert "100%" not in text  # the references are rows, not a 100% budget column
+    plot = report.plot_curves(list(cells.values()), tmp_path / "c.png")  # error cells are left out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+class FakeBaseline:
+    """Stands in for kvpress: answers the passkey when the budget is 50%, fails for one press."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.prefills = 0
+
+    def pairs(self, budgets):
+        return [("fake:full", "100%")] + [(f"fake:{p}", b) for p in ("good", "broken") for b in budgets]
+
+    def prefill(self, prompt):
+        self.prefills += 1
+
+        class Shared:
+            def answer(self, policy, budget, max_tokens):
+                from kvx.eval.kvpress_baseline import BaselineAnswer
+
+                if policy == "fake:broken":
+                    raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)\nmore")
+                # The answer prefix holds no digits: a wrong answer, scored 0.
+                return BaselineAnswer(prediction=prompt.answer_prefix, kv_bytes_held=1, kv_bytes_full=2,
+                                      generated_tokens=1)
+
+        return Shared()
+
+
+def test_baseline_rows_one_prefill_per_sample_and_errors_recorded(tiny, tmp_path):
+    fake = FakeBaseline()
+    out = tmp_path / "b.jsonl"
+    rows = run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out), baselines=[fake])
+    assert fake.prefills == 2  # two samples, each prefilled once for all five of the baseline's rows
+    theirs = [r for r in rows if r["policy"].startswith("fake:")]
+    assert len(theirs) == 2 * 5
+    broken = [r for r in theirs if r["policy"] == "fake:broken"]
+    assert len(broken) == 4 and all(r["score"] is None for r in broken)
+    assert all(r["error"] == "RuntimeError: The size of tensor a (3) must match the size of tensor b (4)"
+               for r in broken)
+    assert all(r["score"] == 0.0 for r in theirs if r["policy"] == "fake:good")
+    # Error rows are results too: a rerun does not retry them.
+    again = FakeBaseline()
+    run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out), baselines=[again])
+    assert again.prefills == 0
+    with pytest.raises(KvxError, match="agnostic"):
+        run_eval(tiny, _config(mode="aware"), ResultsFile(tmp_path / "c.jsonl"), baselines=[FakeBaseline()])
+
+
 # -- kvpress ---------------------------------------------------------------------------------------------
 
 def test_kvpress_budget_conversion():

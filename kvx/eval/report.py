@@ -17,11 +17,12 @@ class Cell:
     task: str  # a task name, or "all" (every row of every task, each sample weighing the same)
     policy: str
     budget: str
-    mean_score: float
+    mean_score: float | None  # None when every row of the cell failed (see `errors`)
     samples: int
     kv_fraction: float  # mean of kv_bytes_held / kv_bytes_full
     mean_kl: float | None = None  # only when the rows carry fidelity metrics
     top1: float | None = None
+    errors: int = 0  # rows that recorded an error instead of an answer (external baselines)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,6 +58,11 @@ def summarize(rows: list[dict]) -> list[Cell]:
     return cells
 
 
+def is_reference(policy: str) -> bool:
+    """kvx's full cache, or an external baseline's own ("kvpress:full")."""
+    return policy == FULL or policy.endswith(":" + FULL)
+
+
 def policy_order(rows: list[dict]) -> list[str]:
     """Policies in the order they first appear, the full cache first."""
     seen = []
@@ -68,12 +74,12 @@ def policy_order(rows: list[dict]) -> list[str]:
 
 def _cell(key: tuple, rows: list[dict]) -> Cell:
     task, policy, budget = key
-    n = len(rows)
-    fractions = [r["kv_bytes_held"] / r["kv_bytes_full"] for r in rows if r.get("kv_bytes_full")]
+    scored = [r for r in rows if r.get("score") is not None]
+    fractions = [r["kv_bytes_held"] / r["kv_bytes_full"] for r in scored if r.get("kv_bytes_full")]
     fid = [r["fidelity"] for r in rows if isinstance(r.get("fidelity"), dict)]
     return Cell(
-        task=task, policy=policy, budget=budget, samples=n,
-        mean_score=sum(float(r["score"]) for r in rows) / n,
+        task=task, policy=policy, budget=budget, samples=len(scored), errors=len(rows) - len(scored),
+        mean_score=sum(float(r["score"]) for r in scored) / len(scored) if scored else None,
         kv_fraction=sum(fractions) / len(fractions) if fractions else 0.0,
         mean_kl=sum(f["kl"] for f in fid) / len(fid) if fid else None,
         top1=sum(f["top1"] for f in fid) / len(fid) if fid else None,
@@ -88,17 +94,17 @@ def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
 
     for task in dict.fromkeys(c.task for c in cells):
         mine = [c for c in cells if c.task == task]
-        budgets = sorted({c.budget for c in mine if c.policy != FULL}, key=budget_sort_key)
+        budgets = sorted({c.budget for c in mine if not is_reference(c.policy)}, key=budget_sort_key)
         table = Table(title=f"{task} — mean score{title_suffix}", title_justify="left")
         table.add_column("policy")
         for b in budgets:
             table.add_column(b, justify="right")
         for policy in dict.fromkeys(c.policy for c in mine):
             by_budget = {c.budget: c for c in mine if c.policy == policy}
-            if policy == FULL:
+            if is_reference(policy):
                 ref = next(iter(by_budget.values()))
                 text = _fmt(ref)
-                table.add_row(f"{FULL} (reference)", *([text] * len(budgets) if budgets else [text]),
+                table.add_row(f"{policy} (reference)", *([text] * len(budgets) if budgets else [text]),
                               style="bold")
                 continue
             table.add_row(policy, *[_fmt(by_budget[b]) if b in by_budget else "-" for b in budgets])
@@ -106,6 +112,8 @@ def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
 
 
 def _fmt(cell: Cell) -> str:
+    if cell.mean_score is None:
+        return "error"
     text = f"{cell.mean_score:.2f}"
     if cell.mean_kl is not None:
         text += f" (KL {cell.mean_kl:.3f})"
@@ -130,14 +138,22 @@ def plot_curves(cells: list[Cell], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [c for c in cells if c.task == task]
-        budgets = sorted({c.budget for c in mine if c.policy != FULL}, key=budget_sort_key)
+        budgets = sorted({c.budget for c in mine if not is_reference(c.policy)}, key=budget_sort_key)
         numeric = bool(budgets) and all(b.endswith("%") for b in budgets)
         x_of = {b: (budget_sort_key(b)[1] if numeric else i) for i, b in enumerate(budgets)}
         for policy in dict.fromkeys(c.policy for c in mine):
-            points = sorted((c for c in mine if c.policy == policy), key=lambda c: budget_sort_key(c.budget))
-            if policy == FULL:
-                ax.axhline(points[0].mean_score, color="black", linestyle="--", linewidth=1.2, label="full cache")
+            points = sorted((c for c in mine if c.policy == policy and c.mean_score is not None),
+                            key=lambda c: budget_sort_key(c.budget))
+            if not points:
                 continue
+            if is_reference(policy):
+                ax.axhline(points[0].mean_score, color="black" if policy == FULL else "grey", linestyle="--",
+                           linewidth=1.2, label="full cache" if policy == FULL else policy)
+                continue
+            # External baselines dashed, so kvx's policy and the same method's press pair up by colour order.
+            style = "--" if ":" in policy else "-"
+            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], marker="o",
+                    linestyle=style, label=policy)
             ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], marker="o", label=policy)
         if numeric:
             ax.set_xscale("log")

@@ -284,7 +284,14 @@ def _sample_fields(config: EvalConfig, sample) -> dict:
 
 
 def _baseline_row(config: EvalConfig, sample, prompt: PromptIds, v: Variant, shared) -> dict:
-    answer = shared.answer(v.policy_name, v.budget_label, max_tokens=config.max_tokens)
+    try:
+        answer = shared.answer(v.policy_name, v.budget_label, max_tokens=config.max_tokens)
+    except Exception as exc:  # noqa: BLE001 - another library's failure is a result to record, not a crash
+        # e.g. kvpress's PyramidKV leaves layers of different lengths, which transformers' sdpa and eager
+        # attention masks cannot take (only flash-attention can): that press has no answer on this machine.
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return {**_sample_fields(config, sample), "policy": v.policy_name, "budget": v.budget_label,
+                "score": None, "error": message, "answers": list(sample.answers)}
     return {
         **_sample_fields(config, sample),
         "policy": v.policy_name,
