@@ -332,6 +332,10 @@ def test_baseline_rows_one_prefill_per_sample_and_errors_recorded(tiny, tmp_path
     assert all(r["error"] == "RuntimeError: The size of tensor a (3) must match the size of tensor b (4)"
                for r in broken)
     assert all(r["score"] == 0.0 for r in theirs if r["policy"] == "fake:good")
+    from kvx.commands.eval import row_line
+
+    assert row_line(broken[0]).endswith("fake:broken@50% error")
+    assert row_line(theirs[0]).endswith("score 0.00")
     # Error rows are results too: a rerun does not retry them.
     again = FakeBaseline()
     run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out), baselines=[again])

@@ -103,6 +103,12 @@ def _check_matplotlib() -> None:
         raise KvxError("--plot needs matplotlib, which is not installed: pip install 'kvx[plot]'") from None
 
 
+def row_line(row: dict) -> str:
+    """The progress bar's description after a row (a baseline's failed row has no score)."""
+    score = "error" if row.get("score") is None else f"score {row['score']:.2f}"
+    return f"{row['task']} seed {row['seed']} {row['policy']}@{row['budget']} {score}"
+
+
 def _run_with_progress(engine, config, results, baselines, quiet: bool) -> list[dict]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -118,8 +124,7 @@ def _run_with_progress(engine, config, results, baselines, quiet: bool) -> list[
                         else "eval")
 
     def on_row(row: dict) -> None:
-        progress.update(bar, advance=1, description=f"{row['task']} seed {row['seed']} {row['policy']}@{row['budget']}"
-                                                    f" score {row['score']:.2f}")
+        progress.update(bar, advance=1, description=row_line(row))
 
     with progress:
         return run_eval(engine, config, results, baselines=baselines, on_start=on_start, on_row=on_row)
