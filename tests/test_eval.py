@@ -289,6 +289,12 @@ def test_baseline_reference_and_error_cells(tmp_path):
     text = console.export_text()
     assert "kvpress:full (reference)" in text and "error" in text
     assert "100%" not in text  # the references are rows, not a 100% budget column
+    md = report.render_markdown(report.summarize(rows)).splitlines()
+    assert md[0] == "**passkey** (2 samples per cell)" or md[0].startswith("**passkey** (1–2 samples")
+    assert md[2] == "| policy | 5% | 10% |"
+    assert "| full (reference) | 1.00 | 1.00 |" in md and "| kvpress:full (reference) | 1.00 | 1.00 |" in md
+    assert "| snapkv | 0.00 | **0.50** |" in md and "| kvpress:pyramidkv | - | error |" in md
+    assert "| K+V held / full (kvx) | 5.0% | 11.0% |" in md and "| K+V held / full (kvpress) | - | 10.0% |" in md
     plot = report.plot_curves(list(cells.values()), tmp_path / "c.png")  # error cells are left out
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -374,7 +380,7 @@ def test_command_rejects_bad_input_before_loading_a_model(tmp_path, monkeypatch)
     out = str(tmp_path / "r.jsonl")
     for args, message in [(["--task", "nope"], "unknown task"), (["--policies", "nope"], "unknown policy"),
                           (["--budgets", "0%"], "budget"), (["--mode", "maybe"], "mode"),
-                          (["--against", "kvpress"], "kvpress")]:
+                          (["--against", "kvpress"], "kvpress"), (["--json", "--markdown"], "choose one")]:
         result = CliRunner().invoke(app, ["eval", "--out", out, *args])
         assert isinstance(result.exception, KvxError) and message in str(result.exception), args
 

@@ -33,6 +33,7 @@ def eval_command(
     against: Optional[str] = typer.Option(None, "--against", help="Also run an external baseline on the same prompts: kvpress."),
     fidelity: bool = typer.Option(False, "--fidelity", help="Also record KL / top-1 agreement / per-layer attention error against the full cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the summary as Markdown tables (as in docs/results.md)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
@@ -45,7 +46,7 @@ def eval_command(
     from rich.console import Console
 
     from kvx.errors import KvxError
-    from kvx.eval.report import plot_curves, render_summary, summarize
+    from kvx.eval.report import plot_curves, render_markdown, render_summary, summarize
     from kvx.eval.results import ResultsFile
     from kvx.eval.runner import EvalConfig, kvx_variants
 
@@ -58,6 +59,8 @@ def eval_command(
         raise KvxError(f"unknown --against {against!r}: the only baseline is kvpress")
     if against and mode != "agnostic":
         raise KvxError("--against kvpress runs question-agnostic only; use --mode agnostic")
+    if as_json and markdown:
+        raise KvxError("--json and --markdown are two formats for the same summary: choose one")
     if plot is not None:
         _check_matplotlib()
     if against:
@@ -87,6 +90,8 @@ def eval_command(
     cells = summarize(rows)
     if as_json:
         print(json.dumps({"out": str(out), "rows": len(rows), "summary": [c.to_dict() for c in cells]}))
+    elif markdown:
+        print(render_markdown(cells))
     else:
         render_summary(cells, Console(), title_suffix=f" · {context} tokens · {haystack} · {mode}")
     if plot is not None:

@@ -111,6 +111,46 @@ def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
         console.print(table)
 
 
+def render_markdown(cells: list[Cell]) -> str:
+    """The summary as Markdown tables (one per task), the best score of each budget in bold, and what the
+    caches really held: mean K+V bytes over a full cache's, per runtime (kvx's, each baseline's)."""
+    out = []
+    for task in dict.fromkeys(c.task for c in cells):
+        mine = [c for c in cells if c.task == task]
+        budgets = sorted({c.budget for c in mine if not is_reference(c.policy)}, key=budget_sort_key)
+        best = {b: max((c.mean_score for c in mine if c.budget == b and c.mean_score is not None
+                        and not is_reference(c.policy)), default=None) for b in budgets}
+        samples = sorted({c.samples + c.errors for c in mine})
+        n = f"{samples[0]}" if len(samples) == 1 else f"{samples[0]}–{samples[-1]}"
+        out.append(f"**{task}** ({n} samples per cell)\n")
+        out.append("| policy | " + " | ".join(budgets) + " |")
+        out.append("|---" * (len(budgets) + 1) + "|")
+        for policy in dict.fromkeys(c.policy for c in mine):
+            by_budget = {c.budget: c for c in mine if c.policy == policy}
+            if is_reference(policy):
+                ref = _fmt(next(iter(by_budget.values())))
+                out.append(f"| {policy} (reference) | " + " | ".join([ref] * len(budgets)) + " |")
+                continue
+            row = []
+            for b in budgets:
+                cell = by_budget.get(b)
+                text = "-" if cell is None else _fmt(cell)
+                if cell is not None and cell.mean_score is not None and cell.mean_score == best[b] and best[b] > 0:
+                    text = f"**{text}**"
+                row.append(text)
+            out.append(f"| {policy} | " + " | ".join(row) + " |")
+        runtimes = dict.fromkeys(c.policy.split(":")[0] if ":" in c.policy else "kvx" for c in mine)
+        for runtime in runtimes:
+            fractions = []
+            for b in budgets:
+                held = [c.kv_fraction for c in mine if c.budget == b and not is_reference(c.policy)
+                        and (c.policy.split(":")[0] if ":" in c.policy else "kvx") == runtime and c.samples]
+                fractions.append(f"{100 * sum(held) / len(held):.1f}%" if held else "-")
+            out.append(f"| K+V held / full ({runtime}) | " + " | ".join(fractions) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _fmt(cell: Cell) -> str:
     if cell.mean_score is None:
         return "error"
