@@ -192,6 +192,14 @@ def test_resume_skips_finished_rows(tiny, tmp_path, monkeypatch):
     assert json.loads(out.read_text().splitlines()[-1])["prediction"] == json.loads(lines[-1])["prediction"]
 
 
+def test_policy_options_in_the_policy_list(tiny, tmp_path):
+    config = _config(samples=1, policies=["tova", "tova[heads=layer]", "snapkv[window=4]"])
+    rows = run_eval(tiny, config, ResultsFile(tmp_path / "o.jsonl"))
+    assert [r["policy"] for r in rows] == ["full", "tova", "tova[heads=layer]", "snapkv[window=4]"]
+    with pytest.raises(KvxError, match="unknown option"):
+        run_eval(tiny, _config(policies=["tova[kernel=3]"]), ResultsFile(tmp_path / "p.jsonl"))
+
+
 def test_aware_mode_and_fidelity_rows(tiny, tmp_path):
     rows = run_eval(tiny, _config(mode="aware", samples=1, fidelity=True), ResultsFile(tmp_path / "a.jsonl"))
     by_policy = {r["policy"]: r for r in rows}

@@ -171,6 +171,14 @@ def test_tova_knorm_scores(stats_and_raw):
     st, raw = stats_and_raw
     got = build_policy("tova").scorer.score(st, ctx_for(st, H, HKV, D, window=1))
     torch.testing.assert_close(got.double(), group_mean(raw["A"][:, -1], HKV), rtol=1e-5, atol=1e-7)
+    # The paper's variant: the mean over every head of the layer, the same ranking for every kv head.
+    layer = build_policy("tova", args={"heads": "layer"}).scorer.score(st, ctx_for(st, H, HKV, D, window=1))
+    want = raw["A"][:, -1].mean(0).expand(HKV, -1)
+    torch.testing.assert_close(layer.double(), want, rtol=1e-5, atol=1e-7)
+    keep = build_policy("tova", args={"heads": "layer"}).select([st], parse_budget("3"), HKV, H, D)[0]
+    assert all(torch.equal(keep[0], idx) for idx in keep)
+    with pytest.raises(KvxError, match="group, layer"):
+        build_policy("tova", args={"heads": "all"})
     got = build_policy("knorm").scorer.score(st, ctx_for(st, H, HKV, D))
     torch.testing.assert_close(got, -raw["k"].norm(dim=-1))
 
@@ -684,3 +692,19 @@ def test_unknown_policy_lists_the_valid_names():
     with pytest.raises(KvxError) as info:
         build_policy("nope")
     assert all(name in str(info.value) for name in POLICY_NAMES)
+
+
+def test_policy_specs_with_options():
+    from kvx.policies.registry import parse_policy_spec, policy_label, split_policy_list
+
+    assert split_policy_list("snapkv, ahakv[score_kernel=15,window=64],tova[heads=layer]") == [
+        "snapkv", "ahakv[score_kernel=15,window=64]", "tova[heads=layer]"]
+    assert parse_policy_spec("AhaKV[score_kernel=15, window=64]") == ("ahakv", {"score_kernel": "15", "window": "64"})
+    assert parse_policy_spec("snapkv") == ("snapkv", {})
+    assert policy_label("ahakv", {"score_kernel": "15"}) == "ahakv[score_kernel=15]"
+    for bad, message in [("snapkv[window=3", "unclosed"), ("snapkv]", "unbalanced")]:
+        with pytest.raises(KvxError, match=message):
+            split_policy_list(bad)
+    for bad, message in [("snapkv[window]", "key=value"), ("snapkv[window=3]x", "brackets")]:
+        with pytest.raises(KvxError, match=message):
+            parse_policy_spec(bad)

@@ -17,7 +17,7 @@ def _split(text: str) -> list[str]:
 def eval_command(
     task: str = typer.Option("passkey", "--task", help="Comma-separated tasks (see docs/eval.md): passkey, niah_single, niah_uuid, niah_multikey, niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words."),
     context: int = typer.Option(4096, "--context", min=1, help="Context length in tokens (the question and chat template come on top)."),
-    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Comma-separated policies (see `kvx policies`); the full cache is always added."),
+    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Comma-separated policies (see `kvx policies`), options in brackets: tova[heads=layer]; the full cache is always added."),
     budgets: str = typer.Option("5%,10%,25%,50%", "--budgets", help="Comma-separated budgets: percentages of the entries, or tokens per kv head."),
     samples: int = typer.Option(20, "--samples", min=1, help="Samples per task (seeds seed, seed+1, ...)."),
     mode: str = typer.Option("agnostic", "--mode", help="agnostic: compress the context before the question is seen (as kvpress); aware: compress the whole prompt."),
@@ -41,6 +41,7 @@ def eval_command(
     \b
     kvx eval --task passkey,niah_multikey --context 4096 --samples 20 --out results.jsonl --plot curves.png
     kvx eval --policies snapkv,laprox --budgets 10%,512 --mode aware --haystack prose --out prose.jsonl
+    kvx eval --policies "ahakv,ahakv[score_kernel=15]" --mode aware --out aha.jsonl
     Interrupted runs resume: rerun the same command and finished rows are skipped.
     """
     from rich.console import Console
@@ -50,7 +51,9 @@ def eval_command(
     from kvx.eval.results import ResultsFile
     from kvx.eval.runner import EvalConfig, kvx_variants
 
-    config = EvalConfig(tasks=_split(task), context=context, policies=_split(policies), budgets=_split(budgets),
+    from kvx.policies.registry import split_policy_list
+
+    config = EvalConfig(tasks=_split(task), context=context, policies=split_policy_list(policies), budgets=_split(budgets),
                         samples=samples, mode=mode, haystack=haystack, max_tokens=max_tokens, seed=seed,
                         depths=depths, fidelity=fidelity)
     config.validate()

@@ -105,21 +105,23 @@ class Variant:
 def kvx_variants(config: EvalConfig) -> list[Variant]:
     """The full cache, then every policy at every budget (policies and budgets checked here)."""
     from kvx.policies import build_policy, parse_budget
+    from kvx.policies.registry import parse_policy_spec, policy_label
 
     budgets = [parse_budget(b) for b in config.budgets]
     if not budgets and any(p != FULL for p in config.policies):
         raise KvxError("no budget given; use e.g. --budgets 5%,10%,25%,50%")
     out = [Variant(FULL, FULL_BUDGET)]
     seen = {(FULL, FULL_BUDGET)}
-    for name in config.policies:
-        policy = build_policy(name)
+    for spec in config.policies:
+        name, args = parse_policy_spec(spec)
+        policy = build_policy(name, args=args)
         if policy.name == FULL:
             continue  # the full cache is always there
+        label = policy_label(policy.name, args)
         for budget in budgets:
-            label = str(budget)
-            if (policy.name, label) not in seen:
-                seen.add((policy.name, label))
-                out.append(Variant(policy.name, label, build_policy(name), budget))
+            if (label, str(budget)) not in seen:
+                seen.add((label, str(budget)))
+                out.append(Variant(label, str(budget), build_policy(name, args=args), budget))
     return out
 
 

@@ -172,3 +172,46 @@ def describe_policies() -> list[PolicyInfo]:
         out.append(PolicyInfo(name=name, one_line=e.one_line, paper=e.paper, stats=e.stats, phases=e.phases,
                               allocation=e.allocation, options=options))
     return out
+
+
+def split_policy_list(text: str) -> list[str]:
+    """Comma-separated policy specs, where a spec may carry options in brackets: "snapkv,tova[heads=layer]"."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise KvxError(f"unbalanced ']' in policy list {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise KvxError(f"unclosed '[' in policy list {text!r}")
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """"ahakv[score_kernel=15,window=64]" -> ("ahakv", {"score_kernel": "15", "window": "64"})."""
+    text = spec.strip()
+    if "[" not in text:
+        return text.lower(), {}
+    if not text.endswith("]"):
+        raise KvxError(f"policy {spec!r}: options go in brackets at the end, e.g. tova[heads=layer]")
+    name, inner = text[:-1].split("[", 1)
+    args: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in inner.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise KvxError(f"policy {spec!r}: expected key=value options, got {item!r}")
+        args[key.strip().lower()] = value.strip()
+    return name.strip().lower(), args
+
+
+def policy_label(name: str, args: dict[str, str]) -> str:
+    """How results name a policy spec: the name, and its options in brackets when there are any."""
+    return name if not args else f"{name}[{','.join(f'{k}={v}' for k, v in args.items())}]"
