@@ -318,8 +318,9 @@ class FakeBaseline:
     def pairs(self, budgets):
         return [("fake:full", "100%")] + [(f"fake:{p}", b) for p in ("good", "broken") for b in budgets]
 
-    def prefill(self, prompt):
+    def prefill(self, prompt, aware=False):
         self.prefills += 1
+        self.aware = aware
 
         class Shared:
             def answer(self, policy, budget, max_tokens):
@@ -354,8 +355,9 @@ def test_baseline_rows_one_prefill_per_sample_and_errors_recorded(tiny, tmp_path
     again = FakeBaseline()
     run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out), baselines=[again])
     assert again.prefills == 0
-    with pytest.raises(KvxError, match="agnostic"):
-        run_eval(tiny, _config(mode="aware"), ResultsFile(tmp_path / "c.jsonl"), baselines=[FakeBaseline()])
+    aware = FakeBaseline()
+    rows = run_eval(tiny, _config(mode="aware", samples=1), ResultsFile(tmp_path / "c.jsonl"), baselines=[aware])
+    assert aware.aware and aware.prefills == 1 and {r["mode"] for r in rows} == {"aware"}
 
 
 # -- kvpress ---------------------------------------------------------------------------------------------

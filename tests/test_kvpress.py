@@ -47,16 +47,20 @@ def _pipeline_cache(baseline, prompt, press_name, budget):
     press = baseline.make_press(press_name, budget, n_context=1000)
     cache = DynamicCache()
     with torch.inference_mode():
-        out = baseline.pipe(prompt.context, question=prompt.question, answer_prefix=prompt.answer_prefix,
+        out = baseline.pipe(prompt.context, question=prompt.question or None, answer_prefix=prompt.answer_prefix,
                             press=press, max_new_tokens=8, cache=cache)
     masks = [getattr(layer.self_attn, "masked_key_indices", None) for layer in baseline.model.model.layers]
     return out["answer"], cache, masks
 
 
+@pytest.mark.parametrize("aware", [False, True], ids=["agnostic", "aware"])
 @pytest.mark.parametrize("press_name", sorted(PRESSES))
-def test_shared_prefill_equals_the_pipeline(baseline, prompt, press_name):
-    shared = baseline.prefill(prompt)
+def test_shared_prefill_equals_the_pipeline(baseline, prompt, press_name, aware):
+    shared = baseline.prefill(prompt, aware=aware)
     name = "kvpress:" + press_name
+    if aware:  # kvpress's query-aware setting: the question at the end of the context, none after it
+        prompt = type(prompt)(context=prompt.context + prompt.question, question="",
+                              answer_prefix=prompt.answer_prefix)
     want_answer, want_cache, want_masks = _pipeline_cache(baseline, prompt, name, "25%")
     got_cache = shared.compress(name, "25%")
     got_masks = [getattr(layer.self_attn, "masked_key_indices", None) for layer in baseline.model.model.layers]

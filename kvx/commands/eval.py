@@ -60,8 +60,6 @@ def eval_command(
     kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against is not None and against != "kvpress":
         raise KvxError(f"unknown --against {against!r}: the only baseline is kvpress")
-    if against and mode != "agnostic":
-        raise KvxError("--against kvpress runs question-agnostic only; use --mode agnostic")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
     if plot is not None:

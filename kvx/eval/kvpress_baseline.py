@@ -1,8 +1,9 @@
 """`kvx eval --against kvpress`: NVIDIA kvpress's presses on the same prompts, model folder and budgets.
 
 kvpress (github.com/NVIDIA/kvpress) compresses a transformers DynamicCache with forward hooks during the
-prefill. We drive it through its documented pipeline, "kv-press-text-generation", which is question-agnostic
-like kvx's default mode: it renders the chat template around the context, prefills and compresses the
+prefill. We follow its documented pipeline, "kv-press-text-generation", which is question-agnostic
+like kvx's default mode (for kvx's aware mode the question moves into the context, as kvpress's query-aware
+evaluation does): it renders the chat template around the context, prefills and compresses the
 context alone, then appends the question (still inside the user turn), the assistant header and the answer
 prefix, and decodes greedily. We give it the sample's context, "\\n\\n" + question and answer prefix, so the
 prompt text is token for token the one kvx reads (eval.prompt).
@@ -139,9 +140,15 @@ class KvpressBaseline:
             return None
         return PRESSES[name](self.kvpress, compression_ratio(parse_budget(budget_label), n_context))
 
-    def prefill(self, prompt) -> "KvpressPrefill":
-        """Run the sample's context once; the returned object answers every press x budget from it."""
-        return KvpressPrefill(self, prompt)
+    def prefill(self, prompt, aware: bool = False) -> "KvpressPrefill":
+        """Run the sample's context once; the returned object answers every press x budget from it.
+
+        aware: the question is part of what is prefilled and compressed (kvpress's "query-aware" setting:
+        the question goes at the end of the context, the pipeline's question is empty), so the prompt's
+        tokens are the same and only the end of the user turn, the assistant header and the answer prefix
+        come after the compression; kvx's aware mode also compresses those few tokens.
+        """
+        return KvpressPrefill(self, prompt, aware)
 
     def answer(self, prompt, policy_name: str, budget_label: str, n_context: int, max_tokens: int) -> BaselineAnswer:
         import torch
@@ -166,13 +173,14 @@ class KvpressBaseline:
 class KvpressPrefill:
     """One sample's context prefilled once, with every attention layer's hook arguments recorded."""
 
-    def __init__(self, baseline: KvpressBaseline, prompt):
+    def __init__(self, baseline: KvpressBaseline, prompt, aware: bool = False):
         import torch
         from transformers import DynamicCache
 
         self.baseline = baseline
         pipe, model = baseline.pipe, baseline.model
-        tensors = pipe.preprocess(prompt.context, questions=[prompt.question], answer_prefix=prompt.answer_prefix,
+        context, question = (prompt.context + prompt.question, "") if aware else (prompt.context, prompt.question)
+        tensors = pipe.preprocess(context, questions=[question], answer_prefix=prompt.answer_prefix,
                                   max_context_length=int(1e10))
         self.context_ids = tensors["context_ids"].to(model.device)
         self.question_ids = tensors["questions_ids"][0].to(model.device)

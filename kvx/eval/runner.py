@@ -175,8 +175,6 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
     check_results_match(config, results)
     variants = kvx_variants(config)
     for baseline in baselines or []:
-        if config.mode != "agnostic":
-            raise KvxError(f"--against {baseline.name} runs question-agnostic only; use --mode agnostic")
         variants += [Variant(p, b, baseline=baseline) for p, b in baseline.pairs(config.budgets)]
     plan = make_plan(config, variants, results)
     if on_start is not None:
@@ -197,7 +195,7 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
         theirs = [v for v in todo if v.baseline is not None]
         for baseline in {id(v.baseline): v.baseline for v in theirs}.values():
             # One prefill of the sample for all of this baseline's presses x budgets, as for kvx's own.
-            shared = baseline.prefill(prompt_text(sample, tokenizer))
+            shared = baseline.prefill(prompt_text(sample, tokenizer), aware=config.mode == "aware")
             for v in theirs:
                 if v.baseline is baseline:
                     emit(_baseline_row(config, sample, prompt, v, shared))
