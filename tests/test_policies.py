@@ -172,13 +172,31 @@ def test_tova_knorm_scores(stats_and_raw):
     got = build_policy("tova").scorer.score(st, ctx_for(st, H, HKV, D, window=1))
     torch.testing.assert_close(got.double(), group_mean(raw["A"][:, -1], HKV), rtol=1e-5, atol=1e-7)
     # The paper's variant: the mean over every head of the layer, the same ranking for every kv head.
-    layer = build_policy("tova", args={"heads": "layer"}).scorer.score(st, ctx_for(st, H, HKV, D, window=1))
+    layer = build_policy("tova", args={"heads": "layer"})._plan(st, 0, 1, HKV, H, D, per_head=3.0).scores
     want = raw["A"][:, -1].mean(0).expand(HKV, -1)
     torch.testing.assert_close(layer.double(), want, rtol=1e-5, atol=1e-7)
     keep = build_policy("tova", args={"heads": "layer"}).select([st], parse_budget("3"), HKV, H, D)[0]
     assert all(torch.equal(keep[0], idx) for idx in keep)
     with pytest.raises(KvxError, match="group, layer"):
         build_policy("tova", args={"heads": "all"})
+    assert "heads=layer" in build_policy("tova", args={"heads": "layer"}).describe()
+
+
+@pytest.mark.parametrize("name", ["snapkv", "criticalkv", "laprox", "ada-snapkv", "knorm"])
+def test_heads_layer_keeps_one_token_set_per_layer(stats_and_raw, name):
+    """heads=layer: every kv head ranks by the layer's mean score, so (with equal counts) keeps the same set."""
+    st, raw = stats_and_raw
+    policy = build_policy(name, args={"heads": "layer"})
+    assert policy.selection.heads == "layer" and build_policy(name).selection.heads == "group"
+    per_head = build_policy(name)._plan(st, 0, 1, HKV, H, D, per_head=10.0).scores
+    plan = policy._plan(st, 0, 1, HKV, H, D, per_head=10.0)
+    torch.testing.assert_close(plan.scores, per_head.mean(0, keepdim=True).expand_as(per_head))
+    if plan.second is not None:
+        assert all(torch.equal(plan.second[0], row) for row in plan.second)
+    keep = policy.select([st], parse_budget("12"), HKV, H, D)[0]
+    if name not in ("laprox", "ada-snapkv"):  # these may give heads different counts
+        assert all(torch.equal(keep[0], idx) for idx in keep)
+    assert [len(i) for i in keep] != [] and sum(len(i) for i in keep) == 12 * HKV
     got = build_policy("knorm").scorer.score(st, ctx_for(st, H, HKV, D))
     torch.testing.assert_close(got, -raw["k"].norm(dim=-1))
 
@@ -679,7 +697,7 @@ def test_build_policy_defaults_and_overrides():
     ("h2o", None, {"normalize": "maybe"}, "true or false"),
     ("criticalkv", None, {"eps": "nan"}, "finite"),
     ("full", None, {"window": "3"}, "no options"),
-    ("streaming", None, {"window": "3"}, "valid options: sinks"),
+    ("streaming", None, {"window": "3"}, "valid options: heads, sinks"),
 ])
 def test_build_policy_errors(name, allocation, args, fragment):
     with pytest.raises(KvxError) as info:

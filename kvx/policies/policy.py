@@ -7,7 +7,7 @@ budget; when a head's count is smaller than its protected set, the sinks win, th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -16,6 +16,18 @@ from kvx.kernels.stats import LayerStats, StatsRequest
 from kvx.policies.allocation import Allocator, LayerCandidates
 from kvx.policies.base import DecodeView, ScoreContext, Scorer, recent_indices, top_indices
 from kvx.policies.budget import Budget
+
+
+@dataclass
+class SelectionOptions:
+    """Options of the prefill selection that every scoring policy takes (`kvx generate --policy-arg`)."""
+
+    # One token set per layer: the scores are averaged over the layer's kv heads before the top-k, so a
+    # token that any head attends to strongly stays in every head. TOVA's paper ranks this way; on the
+    # default model it holds needles together far better than per-head ranking (docs/results.md).
+    heads: str = field(default="group", metadata={
+        "choices": ("group", "layer"),
+        "help": "prefill: rank each kv head by its own scores (group), or all by the layer's mean (layer)"})
 
 
 @dataclass
@@ -28,10 +40,12 @@ class _LayerPlan:
 
 
 class Policy:
-    def __init__(self, name: str, scorer: Scorer | None, allocator: Allocator):
+    def __init__(self, name: str, scorer: Scorer | None, allocator: Allocator,
+                 selection: SelectionOptions | None = None):
         self.name = name
         self.scorer = scorer  # None: keep everything ("full")
         self.allocator = allocator
+        self.selection = selection or SelectionOptions()
 
     # -- what the engine reads ---------------------------------------------------------------------
     @property
@@ -66,7 +80,7 @@ class Policy:
     def describe(self) -> str:
         """'snapkv [allocation=ada alpha=0.2 window=32 ...]': the policy with every option in effect."""
         parts = [f"allocation={self.allocator.name}"]
-        for owner in (self.scorer, self.allocator):
+        for owner in (self.scorer, self.allocator, self.selection if self.scorer is not None else None):
             if owner is not None:
                 parts += [f"{f.name}={getattr(owner, f.name)}" for f in fields(owner)]
         return f"{self.name} [{' '.join(parts)}]"
@@ -104,6 +118,9 @@ class Policy:
         if self.scorer.first_stage_ratio < 1.0:
             second = self.scorer.stage_two(st, ctx, scores)
             second = None if second is None else second.float()
+        if self.selection.heads == "layer":
+            scores = _layer_mean(scores)
+            second = None if second is None else _layer_mean(second)
         protected = torch.cat([torch.arange(sinks, device=device), recent_indices(st.n, window, device)])
         return _LayerPlan(scores=scores, second=second, protected=protected, lo=ctx.lo, hi=ctx.hi)
 
@@ -125,7 +142,7 @@ class Policy:
             picks = torch.cat([stage_one, top_indices(rest, extra - first)])
         return torch.sort(torch.cat([protected, picks + plan.lo])).values
 
-    # -- decode-time eviction ----------------------------------------------------------------------
+    # -- decode-time eviction (per head: heads=layer shapes the prefill selection only) ----------------------------------------------------------------------
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
         """Sorted indices of the segment to keep so that it holds keep_count entries."""
         n = view.keys.shape[0]
@@ -134,3 +151,8 @@ class Policy:
         if self.scorer is None or self.decode_mode is None:
             raise RuntimeError(f"policy {self.name} has no decode-time eviction")
         return self.scorer.decode_keep(view, keep_count)
+
+
+def _layer_mean(scores: Tensor) -> Tensor:
+    """[Hkv, n] -> the mean over the kv heads, the same row for every head."""
+    return scores.mean(dim=0, keepdim=True).expand_as(scores).contiguous()

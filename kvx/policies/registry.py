@@ -15,7 +15,7 @@ from kvx.policies.h2o import H2OScorer
 from kvx.policies.knorm import KNormScorer
 from kvx.policies.laprox import LaProxScorer
 from kvx.policies.options import describe_options, parse_option
-from kvx.policies.policy import Policy
+from kvx.policies.policy import Policy, SelectionOptions
 from kvx.policies.pyramidkv import PyramidAllocator
 from kvx.policies.random_scores import RandomScorer
 from kvx.policies.snapkv import SnapKVScorer
@@ -139,6 +139,8 @@ def build_policy(name: str, allocation: str | None = None, args: dict[str, str] 
     scorer_cls, alloc_cls = SCORERS[entry.scorer], ALLOCATORS[alloc_name]
     scorer_fields = {f.name: f for f in fields(scorer_cls)}
     alloc_fields = {f.name: f for f in fields(alloc_cls)}
+    selection_fields = {f.name: f for f in fields(SelectionOptions)}
+    selection_kw: dict = {}
     scorer_kw: dict = {}
     alloc_kw: dict = dict(entry.allocator_args) if alloc_name == entry.allocation else {}
     aliases = _ALIASES.get(key, {})
@@ -150,8 +152,10 @@ def build_policy(name: str, allocation: str | None = None, args: dict[str, str] 
             scorer_kw[opt] = parse_option(f"policy {key}", scorer_fields[opt], text)
         elif opt in alloc_fields:
             alloc_kw[opt] = parse_option(f"allocation {alloc_name}", alloc_fields[opt], text)
+        elif opt in selection_fields:
+            selection_kw[opt] = parse_option(f"policy {key}", selection_fields[opt], text)
         else:
-            valid = sorted(set(scorer_fields) | set(alloc_fields) | set(aliases))
+            valid = sorted(set(scorer_fields) | set(alloc_fields) | set(selection_fields) | set(aliases))
             owners = [a for a, cls in ALLOCATORS.items() if opt in {f.name for f in fields(cls)}]
             hint = f" ({opt} belongs to allocation {' / '.join(owners)})" if owners else ""
             raise KvxError(f"unknown option {raw_key!r} for policy {key} with allocation {alloc_name}{hint}; "
@@ -159,7 +163,7 @@ def build_policy(name: str, allocation: str | None = None, args: dict[str, str] 
     scorer = scorer_cls(**scorer_kw)
     if hasattr(scorer, "mark_explicit"):
         scorer.mark_explicit(set(scorer_kw))
-    return Policy(key, scorer, alloc_cls(**alloc_kw))
+    return Policy(key, scorer, alloc_cls(**alloc_kw), SelectionOptions(**selection_kw))
 
 
 def describe_policies() -> list[PolicyInfo]:
@@ -168,7 +172,8 @@ def describe_policies() -> list[PolicyInfo]:
         options: tuple = ()
         if e.scorer is not None:
             alloc_options = [(o, str(e.allocator_args.get(o, d)), h) for o, d, h in describe_options(ALLOCATORS[e.allocation])]
-            options = tuple(describe_options(SCORERS[e.scorer])) + tuple(alloc_options)
+            options = (tuple(describe_options(SCORERS[e.scorer])) + tuple(alloc_options)
+                       + tuple(describe_options(SelectionOptions)))
         out.append(PolicyInfo(name=name, one_line=e.one_line, paper=e.paper, stats=e.stats, phases=e.phases,
                               allocation=e.allocation, options=options))
     return out

@@ -21,19 +21,14 @@ class TOVAScorer(Scorer):
     decode_mode = "last"
     window: int = field(default=1, metadata={"min": 0, "help": "most recent tokens protected"})
     sinks: int = field(default=0, metadata={"min": 0, "help": "first tokens always kept"})
-    # The paper (and kvpress) average the last row over all heads of the layer, so every head keeps the same
-    # tokens; kvx's default ranks each kv head by its own group, which the ragged cache allows.
-    heads: str = field(default="group", metadata={"choices": ("group", "layer"),
-                                                   "help": "prefill: rank by each kv head's group, or by the layer's mean (paper)"})
 
     def request(self) -> StatsRequest:
         return StatsRequest(last_row=True)
 
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
-        per_group = gqa_mean(stats.last_row.float(), ctx.num_kv_heads)
-        if self.heads == "layer":
-            return per_group.mean(dim=0, keepdim=True).expand_as(per_group)
-        return per_group
+        # The paper (and kvpress) rank by the mean over every head of the layer: that is the policy-wide
+        # option heads=layer (policy.SelectionOptions); by default each kv head ranks by its own group.
+        return gqa_mean(stats.last_row.float(), ctx.num_kv_heads)
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
         n = view.keys.shape[0]
