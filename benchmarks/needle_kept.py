@@ -1,6 +1,6 @@
 """Which of a needle's tokens each policy keeps: the share of (layer, kv head) caches holding each token.
 
-    python benchmarks/needle_kept.py --context 4096 --budget 50% --policies snapkv,ahakv,h2o,laprox
+    python benchmarks/needle_kept.py --context 4096 --budget 5% --policies "tova,tova[heads=layer],snapkv"
 
 Explains eval scores below the task level: a passkey is answered only when its digits survive in the heads
 that retrieve it. Question-aware (the whole prompt is prefilled, then compressed); one shared prefill.
@@ -18,6 +18,7 @@ from kvx.eval.tasks import generate
 from kvx.models import load_model
 from kvx.models.hub import pull_default_model
 from kvx.policies import build_policy, parse_budget
+from kvx.policies.registry import parse_policy_spec, policy_label, split_policy_list
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 
@@ -50,13 +51,15 @@ def main() -> None:
     ids = prompt.full
     where = needle_positions(tok, ids, sample.answers[0])
     budget = parse_budget(args.budget)
-    pairs = [(build_policy(name), budget) for name in args.policies.split(",")]
+    specs = [parse_policy_spec(spec) for spec in split_policy_list(args.policies)]
+    pairs = [(build_policy(name, args=opts), budget) for name, opts in specs]
+    labels = [policy_label(name, opts) for name, opts in specs]
     shared = SharedPrefill(engine, ids, pairs)
     pieces = [tok.decode([ids[p]]) for p in where]
     print(f"passkey {sample.answers[0]} at positions {where[0]}..{where[-1]} of {len(ids)}; budget {budget}")
-    print(f"{'policy':<20}" + "".join(f"{p!r:>8}" for p in pieces) + "     all   answer")
+    print(f"{'policy':<24}" + "".join(f"{p!r:>8}" for p in pieces) + "     all   answer")
     print("(share of the layer x kv-head caches that keep each needle token; all: that keep every one of them)")
-    for policy, _ in pairs:
+    for label, (policy, _) in zip(labels, pairs):
         req = shared.fork(policy, budget)
         engine.compress(req, headroom=8)
         held = torch.zeros(len(where))
@@ -69,7 +72,7 @@ def main() -> None:
                 whole += int(bool(here.all()))
                 heads += 1
         answer = engine.decode(req, shared.logits, SamplingParams(), 8)[1].strip().split()[0]
-        print(f"{policy.name:<20}" + "".join(f"{x:>8.2f}" for x in (held / heads).tolist())
+        print(f"{label:<24}" + "".join(f"{x:>8.2f}" for x in (held / heads).tolist())
               + f"{whole / heads:>8.2f}   {answer}")
 
 
