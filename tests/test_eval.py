@@ -395,6 +395,30 @@ def test_command_rejects_bad_input_before_loading_a_model(tmp_path, monkeypatch)
         assert isinstance(result.exception, KvxError) and message in str(result.exception), args
 
 
+def test_summary_only_reads_the_file_and_runs_nothing(tiny, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import kvx.cli
+    from kvx.commands.eval import eval_command
+
+    out = tmp_path / "r.jsonl"
+    run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out))
+    monkeypatch.setattr(kvx.cli, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["eval", "--out", str(out), "--summary-only", "--markdown",
+                                      "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert "| policy | 25% | 50% |" in result.output and "| full (reference) |" in result.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    as_json = CliRunner().invoke(app, ["eval", "--out", str(out), "--summary-only", "--json"])
+    assert json.loads(as_json.output)["rows"] == 6
+    empty = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "none.jsonl"), "--summary-only"])
+    assert isinstance(empty.exception, KvxError) and "no results" in str(empty.exception)
+
+
 # -- end to end on the default model ----------------------------------------------------------------------
 
 @pytest.mark.slow

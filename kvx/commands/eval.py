@@ -35,6 +35,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the summary as Markdown tables (as in docs/results.md)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    summary_only: bool = typer.Option(False, "--summary-only", help="Run nothing: summarise (and --plot) every row already in --out."),
 ) -> None:
     """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
 
@@ -44,10 +45,7 @@ def eval_command(
     kvx eval --policies "ahakv,ahakv[score_kernel=15]" --mode aware --out aha.jsonl
     Interrupted runs resume: rerun the same command and finished rows are skipped.
     """
-    from rich.console import Console
-
     from kvx.errors import KvxError
-    from kvx.eval.report import plot_curves, render_markdown, render_summary, summarize
     from kvx.eval.results import ResultsFile
     from kvx.eval.runner import EvalConfig, kvx_variants
 
@@ -69,6 +67,11 @@ def eval_command(
 
         require_kvpress()
     results = ResultsFile(out)
+    if summary_only:
+        if not results.rows:
+            raise KvxError(f"--summary-only: {out} holds no results")
+        _print_summary(results.rows, out, as_json, markdown, plot, _describe_rows(results.rows))
+        return
 
     from kvx.cli import load, resolve_device, resolve_dtype
     from kvx.models.hub import resolve_model
@@ -88,16 +91,32 @@ def eval_command(
         baselines.append(KvpressBaseline(folder, dev, torch_dtype))
 
     rows = _run_with_progress(engine, config, results, baselines, quiet)
+    _print_summary(rows, out, as_json, markdown, plot, f" · {context} tokens · {haystack} · {mode}")
+
+
+def _print_summary(rows: list[dict], out: Path, as_json: bool, markdown: bool, plot: Optional[Path],
+                   title_suffix: str) -> None:
+    from rich.console import Console
+
+    from kvx.eval.report import plot_curves, render_markdown, render_summary, summarize
+
     cells = summarize(rows)
     if as_json:
         print(json.dumps({"out": str(out), "rows": len(rows), "summary": [c.to_dict() for c in cells]}))
     elif markdown:
         print(render_markdown(cells))
     else:
-        render_summary(cells, Console(), title_suffix=f" · {context} tokens · {haystack} · {mode}")
+        render_summary(cells, Console(), title_suffix=title_suffix)
     if plot is not None:
         plot_curves(cells, plot)
         print(f"kvx: plot written to {plot}", file=sys.stderr)
+
+
+def _describe_rows(rows: list[dict]) -> str:
+    """' · 4096 tokens · noise · aware' from the rows themselves (every value seen, joined by '/')."""
+    def seen(key: str) -> str:
+        return "/".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows))
+    return f" · {seen('context')} tokens · {seen('haystack')} · {seen('mode')}"
 
 
 def _check_matplotlib() -> None:
