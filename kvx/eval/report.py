@@ -175,7 +175,9 @@ def plot_curves(cells: list[Cell], path: str | Path) -> Path:
     tasks = list(dict.fromkeys(c.task for c in cells))
     if not tasks:
         raise KvxError("nothing to plot: there are no results")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    many = len({c.policy for c in cells}) > 10  # then the legend goes beside the panels, not over them
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + (3.0 if many else 0.0), 4.6),
+                             squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [c for c in cells if c.task == task]
         budgets = sorted({c.budget for c in mine if not is_reference(c.policy)}, key=budget_sort_key)
@@ -192,9 +194,9 @@ def plot_curves(cells: list[Cell], path: str | Path) -> Path:
                 continue
             # External baselines dashed, so kvx's policy and the same method's press pair up by colour order.
             style = "--" if ":" in policy else "-"
-            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], marker="o",
-                    linestyle=style, label=policy)
-            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], marker="o", label=policy)
+            i = len(ax.get_lines())
+            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], linestyle=style,
+                    marker="osD^v<>p*hX"[i % 11], color=plt.get_cmap("tab20")(i % 20), label=policy)
         if numeric:
             ax.set_xscale("log")
             ax.set_xticks([x_of[b] for b in budgets])
@@ -209,7 +211,10 @@ def plot_curves(cells: list[Cell], path: str | Path) -> Path:
         ax.set_ylabel("mean score")
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
     try:
