@@ -219,6 +219,30 @@ def test_results_file_refuses_other_models_and_bad_lines(tiny, tmp_path):
         ResultsFile(out)
 
 
+def test_a_second_writer_is_refused(tmp_path):
+    out = tmp_path / "r.jsonl"
+    first = ResultsFile(out)
+    first.lock()
+    first.append({"task": "passkey", "context": 1, "haystack": "noise", "seed": 0, "depth": 0.5,
+                  "mode": "agnostic", "policy": "full", "budget": "100%", "score": 1.0})
+    with pytest.raises(KvxError, match="another kvx eval is writing"):
+        ResultsFile(out).lock()
+    # In another process too (flock is per open file, so this is the real case).
+    import subprocess
+
+    code = ("import sys; from kvx.eval.results import ResultsFile; from kvx.errors import KvxError\n"
+            "try:\n    ResultsFile(sys.argv[1]).lock()\nexcept KvxError as e:\n    print(e); sys.exit(3)")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert run.returncode == 3 and "another kvx eval" in run.stdout
+    del first
+    import gc
+
+    gc.collect()
+    again = ResultsFile(out)
+    again.lock()  # free once the first writer is gone
+    assert len(again.rows) == 1
+
+
 def test_append_is_atomic(tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
     results = ResultsFile(out)

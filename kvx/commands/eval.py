@@ -72,6 +72,7 @@ def eval_command(
             raise KvxError(f"--summary-only: {out} holds no results")
         _print_summary(results.rows, out, as_json, markdown, plot, _describe_rows(results.rows))
         return
+    results.lock()
 
     from kvx.cli import load, resolve_device, resolve_dtype
     from kvx.models.hub import resolve_model

@@ -4,6 +4,10 @@ Each appended row rewrites the whole file to a temporary neighbour and renames i
 (os.replace is atomic), so an interrupted run leaves either the old file or the new one. Rewriting is
 cheap next to the model work behind each row (a row costs at least one decode; the file is kilobytes
 to a few megabytes).
+
+Because each writer rewrites the file from its own copy, two runs writing one file would erase each
+other's rows: `lock()` takes an exclusive advisory lock (a `.lock` neighbour, flock) for the life of the
+process, and a second run on the same file stops at once with a clear error.
 """
 
 from __future__ import annotations
@@ -32,6 +36,30 @@ class ResultsFile:
         self._lines: list[str] = []
         if self.path.is_dir():
             raise KvxError(f"--out {self.path} is a folder; give a .jsonl file name")
+        if self.path.exists():
+            self._read()
+        self.keys = {row_key(r) for r in self.rows}
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on this results file until the process ends (POSIX; elsewhere a no-op)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a")
+        except OSError as exc:
+            raise KvxError(f"cannot write next to {self.path}: {exc}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise KvxError(f"another kvx eval is writing {self.path}; wait for it or use another --out") from None
+        self._lock_handle = handle  # kept open: the lock lasts as long as this object (or the process)
+        # Rows the other run appended before we got the lock must not be erased by our first rewrite.
+        self.rows, self._lines = [], []
         if self.path.exists():
             self._read()
         self.keys = {row_key(r) for r in self.rows}
