@@ -320,6 +320,10 @@ def test_baseline_reference_and_error_cells(tmp_path):
     report.render_summary(list(cells.values()), console)
     text = console.export_text()
     assert "kvpress:full (reference)" in text and "error" in text
+    options = [dict(r, policy="tova[heads=layer]") for r in HAND_ROWS[2:4]]
+    console = Console(record=True, width=160)
+    report.render_summary(report.summarize(HAND_ROWS[:2] + options), console)
+    assert "tova[heads=layer]" in console.export_text()
     assert "100%" not in text  # the references are rows, not a 100% budget column
     md = report.render_markdown(report.summarize(rows)).splitlines()
     assert md[0] == "**passkey** (2 samples per cell)" or md[0].startswith("**passkey** (1–2 samples")

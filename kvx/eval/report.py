@@ -90,6 +90,7 @@ def _cell(key: tuple, rows: list[dict]) -> Cell:
 
 def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
     """One rich table per task: a row per policy, a column per budget; the full cache as reference row."""
+    from rich.markup import escape
     from rich.table import Table
 
     for task in dict.fromkeys(c.task for c in cells):
@@ -104,10 +105,11 @@ def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
             if is_reference(policy):
                 ref = next(iter(by_budget.values()))
                 text = _fmt(ref)
-                table.add_row(f"{policy} (reference)", *([text] * len(budgets) if budgets else [text]),
+                table.add_row(escape(f"{policy} (reference)"), *([text] * len(budgets) if budgets else [text]),
                               style="bold")
                 continue
-            table.add_row(policy, *[_fmt(by_budget[b]) if b in by_budget else "-" for b in budgets])
+            # escape: rich would read a policy's options, "tova[heads=layer]", as a markup tag and drop them
+            table.add_row(escape(policy), *[_fmt(by_budget[b]) if b in by_budget else "-" for b in budgets])
         console.print(table)
 
 
