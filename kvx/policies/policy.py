@@ -23,8 +23,8 @@ class SelectionOptions:
     """Options of the prefill selection that every scoring policy takes (`kvx generate --policy-arg`)."""
 
     # One token set per layer: the scores are averaged over the layer's kv heads before the top-k, so a
-    # token that any head attends to strongly stays in every head. TOVA's paper ranks this way; on the
-    # default model it holds needles together far better than per-head ranking (docs/results.md).
+    # token that any head attends to strongly stays in every head. TOVA's paper ranks this way; what it
+    # buys depends on the method and task (docs/results.md: large for TOVA on passkey, a tie for SnapKV).
     heads: str = field(default="group", metadata={
         "choices": ("group", "layer"),
         "help": "prefill: rank each kv head by its own scores (group), or all by the layer's mean (layer)"})
