@@ -178,7 +178,8 @@ def plot_curves(cells: list[Cell], path: str | Path) -> Path:
     if not tasks:
         raise KvxError("nothing to plot: there are no results")
     many = len({c.policy for c in cells}) > 10  # then the legend goes beside the panels, not over them
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + (3.0 if many else 0.0), 4.6),
+    height = max(4.6, 0.21 * len({c.policy for c in cells}) + 0.6)  # room for a long legend beside
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + (3.0 if many else 0.0), height),
                              squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [c for c in cells if c.task == task]
