@@ -21,7 +21,7 @@ from torch import Tensor
 from kvx.errors import KvxError
 from kvx.kernels import reference
 from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
-from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, sg_scales
+from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, sg_scales, visible_row_counts
 
 BACKEND_ENV = "KVX_KERNELS"
 
@@ -185,7 +185,7 @@ def layer_stats(
         _, lse = attention(q[:, T - rows:], k, v, q_pos[T - rows:], k_pos, scale, sliding_window, need_lse=True)
     if req.colsum_all:
         stats.colsum_all, _ = window_stats(q, k, q_pos, k_pos, lse, scale, sliding_window, False)
-        stats.colsum_count = _visible_row_counts(q_pos, k_pos, sliding_window)
+        stats.colsum_count = visible_row_counts(q_pos, k_pos, sliding_window)
     if window:
         stats.col_sum, stats.col_sq = window_stats(q[:, T - window:], k, q_pos[T - window:], k_pos,
                                                    lse[:, rows - window:], scale, sliding_window, req.window_sq)
@@ -195,14 +195,6 @@ def layer_stats(
         r = min(req.sg_rows, T)
         stats.col_sum_sg = sg_colsum(q[:, T - r:], k, q_pos[T - r:], k_pos, req.sg_budget, scale, sliding_window)
     return stats
-
-
-def _visible_row_counts(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
-    """[S] float32: how many query rows see each key, without forming the [T, S] mask."""
-    count = torch.zeros(k_pos.shape[0], dtype=torch.float32, device=k_pos.device)
-    for t0 in range(0, q_pos.shape[0], QUERY_CHUNK):
-        count += visibility_mask(q_pos[t0:t0 + QUERY_CHUNK], k_pos, sliding_window).sum(dim=0)
-    return count
 
 
 def _last_row_probs(q_last, k, q_pos, k_pos, lse_last, scale, sliding_window) -> Tensor:

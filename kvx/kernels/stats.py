@@ -253,13 +253,19 @@ def _colsum_all(rows: _RowSource, scale: float) -> tuple[Tensor, Tensor]:
     Hkv, G, _, _ = rows.qg.shape
     S = rows.kt.shape[-1]
     total = rows.qg.new_zeros(Hkv, G, S)
-    count = torch.zeros(S, dtype=torch.float32, device=rows.qg.device)
     for t0, t1 in rows.chunks(0):
         keys = rows.visible_keys(t0, t1)
         if keys.stop > keys.start:
             total[:, :, keys] += rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32), keys).sum(2)
-        count += visibility_mask(rows.q_pos[t0:t1], rows.k_pos, rows.sliding_window).sum(dim=0)
-    return _per_query_head(total), count
+    return _per_query_head(total), visible_row_counts(rows.q_pos, rows.k_pos, rows.sliding_window)
+
+
+def visible_row_counts(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
+    """[S] float32: how many query rows see each key (H2O's normaliser), without forming the [T, S] mask."""
+    count = torch.zeros(k_pos.shape[0], dtype=torch.float32, device=k_pos.device)
+    for t0 in range(0, q_pos.shape[0], ROW_CHUNK):
+        count += visibility_mask(q_pos[t0:t0 + ROW_CHUNK], k_pos, sliding_window).sum(dim=0)
+    return count
 
 
 def _col_sum_sg(rows: _RowSource, scale: float, sg_rows: int, sg_budget: int) -> Tensor:
