@@ -18,7 +18,7 @@ _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "seed": 
 
 
 def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system) -> dict:
-    from kvx.cli import encode_prompt, split_context_question
+    from kvx.options import encode_prompt, split_context_question
 
     if not isinstance(obj, dict):
         raise KvxError("each line must be a JSON object")
@@ -51,7 +51,7 @@ def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system)
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
               params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None) -> int:
     """Process every line; returns the number of lines that failed."""
-    from kvx.cli import build_engine, load
+    from kvx.options import build_engine, load
 
     llm, tok = load(model, device, dtype, quiet=quiet)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_args, use_graphs=use_graphs,

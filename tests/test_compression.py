@@ -310,7 +310,7 @@ class EvictionCounter(Engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["knorm", "h2o"])
 def test_agnostic_answers_every_question_from_one_compressed_cache(default_model, name):
-    from kvx.cli import split_context_question
+    from kvx.options import split_context_question
 
     model, tok = default_model
     sample = tasks.generate("passkey", tok, 1000, seed=0)

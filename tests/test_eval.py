@@ -427,12 +427,12 @@ def test_summary_only_reads_the_file_and_runs_nothing(tiny, tmp_path, monkeypatc
     import typer
     from typer.testing import CliRunner
 
-    import kvx.cli
+    import kvx.options
     from kvx.commands.eval import eval_command
 
     out = tmp_path / "r.jsonl"
     run_eval(tiny, _config(budgets=["50%", "25%"]), ResultsFile(out))
-    monkeypatch.setattr(kvx.cli, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    monkeypatch.setattr(kvx.options, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded a model")))
     app = typer.Typer()
     app.command("eval")(eval_command)
     app.command("other")(lambda: None)

@@ -34,7 +34,7 @@ def bench_command(
     """
     import torch
 
-    from kvx.cli import build_engine, load
+    from kvx.options import build_engine, load
     from kvx.errors import KvxError
     from kvx.eval import bench
     from kvx.models.hub import resolve_model

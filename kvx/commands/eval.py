@@ -74,7 +74,7 @@ def eval_command(
         return
     results.lock()
 
-    from kvx.cli import load, resolve_device, resolve_dtype
+    from kvx.options import load, resolve_device, resolve_dtype
     from kvx.models.hub import resolve_model
     from kvx.runtime.engine import Engine
 

@@ -109,7 +109,7 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
         raise KvxError("--batch applies to --plan; a measured run profiles one sequence")
     text = _read_prompt(s.prompt_file) if s.prompt_file is not None else None
     if loaded is None:
-        from kvx.cli import resolve_device, resolve_dtype
+        from kvx.options import resolve_device, resolve_dtype
         from kvx.models.hub import resolve_model
 
         dev = resolve_device(s.device)
@@ -136,7 +136,7 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
 
 def _policy(s: ProfileSettings):
     """(policy name, Policy or None, Budget or None), checked before anything is loaded."""
-    from kvx.cli import parse_policy_args
+    from kvx.options import parse_policy_args
     from kvx.policies import build_policy, parse_budget
 
     bud = parse_budget(s.budget) if s.budget is not None else None
