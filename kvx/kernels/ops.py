@@ -253,3 +253,15 @@ def sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_windo
         lse[:, :, r0:r1] = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
     col_sum, _ = _column_sums(q_rows, k, q_pos, k_pos, lam, lse.reshape(H, R), sliding_window, False)
     return col_sum
+
+
+def paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, *, mass_pool=None, mass_mode=None,
+                           pos_pool=None, q_pos=None, sliding_window=None, max_len=None):
+    """Batched decode attention over paged segments; see reference.paged_decode_attention.
+
+    max_len sizes the Triton grid: a host upper bound on every length (CUDA graphs need it fixed)."""
+    kw = dict(mass_pool=mass_pool, mass_mode=mass_mode, pos_pool=pos_pool, q_pos=q_pos,
+              sliding_window=sliding_window, max_len=max_len)
+    if use_triton(q):
+        return _module("triton_paged").paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
+    return reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)

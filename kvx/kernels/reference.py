@@ -155,3 +155,59 @@ def compact_gather(pool: Tensor, seg_start: Tensor, keep: list[Tensor], new_star
     if src.numel():
         out[dst] = pool[src]
     return out
+
+
+def paged_decode_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    tables: Tensor,
+    lengths: Tensor,
+    scale: float,
+    *,
+    mass_pool: Tensor | None = None,
+    mass_mode: Tensor | None = None,
+    pos_pool: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    sliding_window: int | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """One query token per head over paged segments: the batched decode step's attention.
+
+    q: [N, G, d], the G query heads of each of N segments (a segment is one (sequence, kv head));
+    k_pool, v_pool: [blocks, B, d]; tables: [N, max_blocks] int32 block ids (entries past a segment's
+    length are ignored); lengths: [N] int32. Returns out [N, G, d] in q's dtype; an empty segment gives zeros.
+    mass_pool [blocks, B] float32 with mass_mode [N] int32 (0: leave, 1: add, 2: replace) receives each key's
+    probability summed over its G heads (H2O accumulates, TOVA keeps the last step's). With sliding_window,
+    pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len: an upper bound on the
+    lengths (default: their maximum).
+    """
+    N, G, d = q.shape
+    B = k_pool.shape[1]
+    L = int(lengths.max()) if max_len is None and N else int(max_len or 0)
+    out = torch.zeros_like(q)
+    if L == 0 or N == 0:
+        return out
+    dev = q.device
+    ar = torch.arange(L, device=dev)
+    blocks = tables.long()[:, (ar // B).clamp(max=tables.shape[1] - 1)]
+    slots = blocks * B + ar % B  # [N, L]
+    valid = ar[None, :] < lengths.to(dev).long()[:, None]
+    if sliding_window is not None:
+        k_pos = pos_pool.reshape(-1)[slots]
+        valid &= (q_pos.to(dev).long()[:, None] - k_pos) < sliding_window
+    k = k_pool.reshape(-1, d)[slots].float()
+    v = v_pool.reshape(-1, d)[slots].float()
+    logits = torch.einsum("ngd,nld->ngl", q.float(), k) * scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty row softmaxes to NaN: make it zeros
+    out = torch.einsum("ngl,nld->ngd", probs, v).to(q.dtype)
+    if mass_pool is not None and mass_mode is not None:
+        flat = mass_pool.view(-1)
+        mass = probs.sum(1)
+        mode = mass_mode.to(dev).long()[:, None].expand(N, L)
+        rep = valid & (mode == 2)
+        flat[slots[rep]] = mass[rep]
+        add = valid & (mode == 1)
+        flat.index_add_(0, slots[add], mass[add])
+    return out

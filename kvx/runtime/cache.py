@@ -49,6 +49,23 @@ class LayerCache:
         s, n = self.starts[g], self.lengths[g]
         return self.k[s:s + n], self.v[s:s + n], self.pos[s:s + n]
 
+    @property
+    def track_mass(self) -> bool:
+        return self.key_mass is not None
+
+    def head_mass(self, g: int) -> Tensor:
+        """Decode-time attention mass of head g's entries (zeros when the cache does not track it)."""
+        s, n = self.starts[g], self.lengths[g]
+        if self.key_mass is None:
+            return torch.zeros(n, device=self.k.device)
+        return self.key_mass[s:s + n]
+
+    def set_head_mass(self, g: int, values: Tensor) -> None:
+        """The mass of head g's first len(values) entries."""
+        if self.key_mass is not None:
+            s = self.starts[g]
+            self.key_mass[s:s + values.numel()] = values.to(self.key_mass.device, torch.float32)
+
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
         """[Hkv, n, d] views of K and V and the [n] positions; only valid when is_uniform()."""
         hkv, cap, n = len(self.starts), self.capacities[0], self.lengths[0]
@@ -76,6 +93,8 @@ def _new_layer(hkv: int, capacities: list[int], d: int, dtype, device, track_mas
 
 class RaggedKVCache:
     """KV cache for one sequence, ragged per (layer, kv head)."""
+
+    contiguous = True  # each segment is one contiguous run of slots (the ragged decode kernel's layout)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, capacity: int, track_mass: bool = False):

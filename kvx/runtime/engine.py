@@ -137,15 +137,21 @@ class Engine:
         """Bytes of one (layer, kv head, token) entry: K and V."""
         return 2 * self.config.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def new_request(self, capacity: int, policy=None, budget=None) -> Request:
+    def new_request(self, capacity: int, policy=None, budget=None, cache_factory=None) -> Request:
+        """A fresh request; `cache_factory(capacity, track_mass)` builds its cache (default: a RaggedKVCache
+        of its own; the batched engine passes one drawing from its shared pool)."""
         cfg = self.config
         req = Request(cache=None, policy=policy, budget=budget, stats=[None] * cfg.num_layers,
                       recent_q=[None] * cfg.num_layers)
         if policy is not None:
             policy.set_model_info(inv_freq=getattr(self.model, "inv_freq", None), num_heads=cfg.num_heads,
                                   head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
-        req.cache = RaggedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
-                                  capacity, track_mass=req.decode_mode in ("accumulate", "last"))
+        track = req.decode_mode in ("accumulate", "last")
+        if cache_factory is not None:
+            req.cache = cache_factory(capacity, track)
+        else:
+            req.cache = RaggedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+                                      capacity, track_mass=track)
         return req
 
     def stats_request(self, req: Request, n_tokens: int) -> StatsRequest | None:
@@ -177,7 +183,7 @@ class Engine:
                 prev = req.recent_q[layer]
                 rq = q if prev is None else torch.cat([prev, q], dim=1)
                 req.recent_q[layer] = rq[:, -keep_recent:].clone()
-            if T == 1 and sw is None:
+            if T == 1 and sw is None and cache.contiguous:
                 if mode == "last":
                     lc.key_mass.zero_()
                 # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
@@ -309,8 +315,7 @@ class Engine:
         if mass_seed is not None:
             for lc, seed, layer_keep in zip(req.cache.layers, mass_seed, keep):
                 for g, idx in enumerate(layer_keep):
-                    s = lc.starts[g]
-                    lc.key_mass[s:s + idx.numel()] = seed[g][idx.to(seed.device)]
+                    lc.set_head_mass(g, seed[g][idx.to(seed.device)])
         req.stats = [None] * cfg.num_layers  # statistics are consumed: free them
         req.timings.select_s += t1 - t0
         req.timings.compact_s += time.perf_counter() - t1
@@ -340,11 +345,9 @@ class Engine:
                     keep.append(torch.arange(n, device=self.device))
                     continue
                 K, V, P = lc.head(g)
-                s = lc.starts[g]
                 rq = req.recent_q[layer]
                 view = DecodeView(
-                    keys=K, values=V, positions=P,
-                    key_mass=lc.key_mass[s:s + n] if lc.key_mass is not None else torch.zeros(n, device=self.device),
+                    keys=K, values=V, positions=P, key_mass=lc.head_mass(g),
                     recent_queries=None if rq is None else rq[g * G:(g + 1) * G],
                     query_position=req.position - 1, head_dim=self.config.head_dim, scale=self.scale)
                 keep.append(req.policy.decode_keep(view, target))

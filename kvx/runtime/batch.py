@@ -1,0 +1,289 @@
+"""Continuous batching: many requests at once over one shared, paged, ragged KV pool.
+
+Each `step()`:
+1. admits waiting requests whose worst case the pool can still promise (scheduler.py);
+2. runs one prefill unit — a newly admitted request's prompt (prefill + compression), or a question of a
+   question-agnostic request — so running sequences wait for at most one prefill between their tokens;
+3. samples every decoding sequence's next token (its own sampling parameters and seed), retires those
+   that finished (their blocks go back to the pool at once), and feeds the rest through one batched
+   decode step (batch_step.py); decode-time policies then evict inside their own blocks.
+
+Prefill, compression and decode-time eviction are the single-sequence engine's own code (engine.py) over a
+PagedKVCache, so a request's output in a batch is the output it gets alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from kvx.errors import KvxError
+from kvx.runtime.batch_step import decode_step
+from kvx.runtime.engine import DECODE_SLACK, Engine, GenerationResult
+from kvx.runtime.paged_cache import PagedKVCache
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.sampling import sample
+from kvx.runtime.scheduler import Scheduler
+from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
+
+DEFAULT_MAX_BATCH = 16
+
+
+class BatchEngine:
+    def __init__(self, engine: Engine, kv_memory: int, max_batch: int = DEFAULT_MAX_BATCH,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        if max_batch < 1:
+            raise KvxError("--max-batch must be at least 1")
+        self.engine = engine
+        cfg = engine.config
+        self.pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, engine.device,
+                                         block_size)
+        self.scheduler = Scheduler(self.pool, cfg, max_batch, engine.prefill_chunk)
+        self.tokenizer = engine.tokenizer
+        self.finished: list[Sequence] = []
+        self.generated_tokens = 0  # over the engine's life (for /metrics and benchmarks)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Sequence:
+        """Queue a request; KvxError at once if it can never run (too long, or larger than the pool)."""
+        eng = self.engine
+        limit = eng.config.max_position_embeddings
+        if request.agnostic:
+            if not request.question_ids:
+                raise KvxError("a context needs at least one question")
+            n = len(request.context_ids)
+            eng.check_length(n)
+            longest = max(len(q) for q in request.question_ids)
+            eng.check_length(n + longest)
+            max_tokens = max(0, min(request.max_tokens, limit - n - longest))
+        else:
+            n = len(request.prompt_ids)
+            eng.check_length(n)
+            max_tokens = max(0, min(request.max_tokens, limit - n))
+        seq = Sequence(request, max_tokens)
+        if not self.scheduler.fits_ever(seq):
+            need = self.scheduler.need(seq) * self.pool.block_bytes
+            raise KvxError(f"the request needs {_mib(need)} of KV cache, more than the whole pool "
+                           f"({_mib(self.pool.bytes_total)}): raise --kv-memory, lower --max-tokens or "
+                           "compress it (--policy ... --budget ...)")
+        self.scheduler.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request now (a client went away); its blocks return to the pool at once."""
+        if not seq.done:
+            self._retire(seq, CANCELLED)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def run(self) -> list[Sequence]:
+        """Step until every submitted request is done; returns them in the order they finished."""
+        while self.has_work:
+            self.step()
+        done, self.finished = self.finished, []
+        return done
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting), **self.pool.stats(),
+                "generated_tokens": self.generated_tokens}
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """One scheduler iteration; returns the sequences that finished in it."""
+        before = len(self.finished)
+        self.scheduler.admit()
+        pending = [s for s in self.scheduler.running if s.state == PREFILL or s.req is None]
+        if pending:
+            self._guarded(pending[0], self._prefill)
+        self._decode()
+        return self.finished[before:]
+
+    def _guarded(self, seq: Sequence, fn) -> None:
+        try:
+            fn(seq)
+        except KvxError as exc:  # a request-level error (e.g. --prefill-chunk with h2o) ends that request only
+            seq.error = str(exc)
+            self._retire(seq, FAILED)
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def _prefill(self, seq: Sequence) -> None:
+        eng = self.engine
+        r = seq.request
+        if seq.req is None:
+            seq.state = PREFILL
+            ids = r.context_ids if r.agnostic else r.prompt_ids
+            n = len(ids)
+            pool, cfg = self.pool, eng.config
+            req = eng.new_request(capacity=min(n, eng.prefill_chunk or n), policy=r.policy, budget=r.budget,
+                                  cache_factory=lambda cap, track: PagedKVCache(
+                                      pool, cfg.num_layers, cfg.num_kv_heads, cap, track_mass=track))
+            seq.req = req
+            if not req.compresses and not r.agnostic:
+                req.cache.reserve(n + seq.max_tokens)
+            logits, final_budget = eng._prefill_prompt(req, ids)
+            if r.agnostic:
+                eng.compress(req, headroom=0, budget=final_budget)
+                longest = max(len(q) for q in r.question_ids)
+                req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
+                seq.snapshot = _Snapshot.take(req)
+                grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
+                self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
+                self._start_question(seq)
+                return
+            eng.compress(req, headroom=seq.max_tokens, budget=final_budget)
+            self.scheduler.shrink(seq, req.cache.blocks_held())
+            seq.start_answer(logits, self.tokenizer)
+            return
+        self._start_question(seq)
+
+    def _start_question(self, seq: Sequence) -> None:
+        """Prefill question `seq.question` over the compressed context and start its answer."""
+        eng, req = self.engine, seq.req
+        q_ids = seq.request.question_ids[seq.question]
+        if req.decode_mode:  # eviction while answering would destroy the context: answer in a copy
+            req.cache = seq.snapshot.cache.clone()
+        t0 = time.perf_counter()
+        logits = eng.forward(req, q_ids)
+        req.timings.prefill_s += time.perf_counter() - t0
+        seq.start_answer(logits, self.tokenizer)
+
+    # -- decode -----------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        running = [s for s in self.scheduler.running if s.state == DECODE]
+        go, tokens = [], []
+        limit = self.engine.config.max_position_embeddings
+        for seq in running:
+            tok = self._sample(seq)
+            if tok is None:
+                continue
+            if len(seq.out_ids) >= seq.max_tokens or seq.req.position >= limit:
+                self._end_answer(seq, "length")
+                continue
+            go.append(seq)
+            tokens.append(tok)
+        if not go:
+            return
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = decode_step(self.engine, [s.req for s in go], tokens)
+        for i, seq in enumerate(go):
+            seq.logits = logits[i]
+            if seq.req.decode_mode and seq.req.head_budget is not None:
+                te = time.perf_counter()
+                self.engine._decode_evict(seq.req)
+                seq.req.timings.decode_evict_s += time.perf_counter() - te
+        del t0
+
+    def _sample(self, seq: Sequence) -> int | None:
+        """Sample seq's next token and stream it; None when the answer ended (eos, stop string, cancel)."""
+        if seq.max_tokens == 0:
+            self._end_answer(seq, "length")
+            return None
+        r = seq.request
+        tok = sample(seq.logits.float().cpu(), r.params, seq.generator)
+        if r.stop_at_eos and tok in self.tokenizer.eos_token_ids:
+            self._end_answer(seq, "eos")
+            return None
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        seq.out_ids.append(tok)
+        self.generated_tokens += 1
+        seq.text += seq.stream.push(tok)
+        if r.stop:
+            hit = min((i for i in (seq.text.find(s) for s in r.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                seq.text = seq.text[:hit]
+                self._end_answer(seq, "stop")
+                return None
+        self._emit(seq, hold=max((len(s) for s in r.stop), default=1) - 1)
+        return tok
+
+    def _emit(self, seq: Sequence, hold: int = 0) -> None:
+        """Stream the text not yet sent, holding back what could still be the start of a stop string."""
+        upto = max(seq.emitted, len(seq.text) - hold)
+        if upto > seq.emitted and seq.request.on_text is not None:
+            seq.request.on_text(seq, seq.question, seq.text[seq.emitted:upto])
+        seq.emitted = upto
+
+    def _end_answer(self, seq: Sequence, finish: str) -> None:
+        eng, req, r = self.engine, seq.req, seq.request
+        if finish != "stop":
+            seq.text += seq.stream.flush()
+        self._emit(seq)
+        req.timings.decode_s += time.perf_counter() - seq.decode_started
+        text = seq.text if finish == "stop" else self.tokenizer.decode(seq.out_ids)
+        res = eng.result(req, seq.prompt_tokens, list(seq.out_ids), text, finish)
+        seq.results.append(res)
+        if r.agnostic and seq.question + 1 < len(r.question_ids):
+            seq.snapshot.restore(seq)
+            seq.question += 1
+            seq.state = PREFILL  # the next question is the next prefill unit
+            return
+        self._retire(seq, FINISHED)
+
+    def _retire(self, seq: Sequence, state: str) -> None:
+        if seq.req is not None:
+            seq.req.cache.release()
+            if seq.snapshot is not None and seq.snapshot.cache is not seq.req.cache:
+                seq.snapshot.cache.release()
+        self.scheduler.finish(seq)
+        seq.state = state
+        self.finished.append(seq)
+
+
+class _Snapshot:
+    """The compressed context a question-agnostic request returns to between questions.
+
+    Without decode-time eviction an answer only appends, so rewinding lengths and position is enough; with
+    it each answer runs in a copy of the context's cache (the copy is released when the answer ends).
+    """
+
+    def __init__(self, req):
+        self.cache = req.cache
+        self.position = req.position
+        self.lengths = req.cache.lengths()
+        self.recent_q = list(req.recent_q)
+        self.head_budget = None if req.head_budget is None else [list(h) for h in req.head_budget]
+        self.timings = replace(req.timings)  # a copy: the first answer adds to the request's own
+
+    @classmethod
+    def take(cls, req) -> "_Snapshot":
+        return cls(req)
+
+    def restore(self, seq: Sequence) -> None:
+        from kvx.runtime.engine import Timings
+
+        req = seq.req
+        if req.cache is not self.cache:
+            req.cache.release()
+            req.cache = self.cache
+        for lc, lengths in zip(self.cache.layers, self.lengths):
+            lc.lengths = list(lengths)
+        req.position = self.position
+        req.recent_q = list(self.recent_q)
+        req.head_budget = None if self.head_budget is None else [list(h) for h in self.head_budget]
+        t = self.timings
+        req.timings = Timings(prefill_s=t.prefill_s, stats_s=t.stats_s, select_s=t.select_s, compact_s=t.compact_s)
+
+
+def _mib(n: int) -> str:
+    from kvx.runtime.memory import human_bytes
+
+    return human_bytes(n)
+
+
+def generate_batch(engine: Engine, requests: list[GenerationRequest], kv_memory: int,
+                   max_batch: int = DEFAULT_MAX_BATCH) -> list[list[GenerationResult]]:
+    """Run `requests` through one BatchEngine; returns each request's results, in input order."""
+    batch = BatchEngine(engine, kv_memory, max_batch)
+    seqs = [batch.submit(r) for r in requests]
+    batch.run()
+    for s in seqs:
+        if s.state == FAILED:
+            raise KvxError(s.error)
+    return [s.results for s in seqs]

@@ -1,0 +1,202 @@
+"""One sequence's KV cache as block tables into the shared pool: ragged per (layer, kv head).
+
+The twin of RaggedKVCache (same methods, so the engine's prefill, compression and decode-time eviction
+run on either), but storage is borrowed from a BlockPool: kv head g of a layer owns a list of blocks and a
+length; its first `length` entries, in position order, are its retained tokens.
+
+Compaction is in place: the kept entries of a segment are gathered to the front of its own blocks, then
+the blocks past kept + headroom go back to the pool at once (or, rarely, blocks are added for a headroom
+larger than what the segment had). Nothing is masked and nothing copies the whole cache: a compaction
+reads and writes only the kept entries, and decode-time eviction never allocates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvx.runtime.pool import BlockPool
+
+
+class PagedLayer:
+    """One layer's segments: a block table and a length per kv head (host lists; no device syncs)."""
+
+    def __init__(self, pool: BlockPool, num_kv_heads: int, track_mass: bool):
+        self.pool = pool
+        self.tables: list[list[int]] = [[] for _ in range(num_kv_heads)]
+        self.lengths: list[int] = [0] * num_kv_heads
+        self.track_mass = track_mass
+
+    @property
+    def capacities(self) -> list[int]:
+        return [len(t) * self.pool.block_size for t in self.tables]
+
+    def blocks_held(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+    def slots(self, g: int, idx: Tensor | None = None) -> Tensor:
+        """Flat pool slots of head g's entries `idx` (default: all of its first length entries)."""
+        B = self.pool.block_size
+        dev = self.pool.device
+        if idx is None:
+            idx = torch.arange(self.lengths[g], device=dev)
+        idx = idx.to(dev).long()
+        table = torch.tensor(self.tables[g], dtype=torch.long, device=dev)
+        return table[idx // B] * B + idx % B if idx.numel() else idx
+
+    def is_uniform(self) -> bool:
+        return all(n == self.lengths[0] for n in self.lengths)
+
+    def head(self, g: int) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.slots(g)
+        p = self.pool
+        return p.k_flat[s], p.v_flat[s], p.pos_flat[s]
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        """[Hkv, n, d] K and V (gathered) and the [n] positions; only valid when is_uniform()."""
+        heads = [self.head(g) for g in range(len(self.tables))]
+        return torch.stack([h[0] for h in heads]), torch.stack([h[1] for h in heads]), heads[0][2]
+
+    def head_mass(self, g: int) -> Tensor:
+        if not self.track_mass:
+            return torch.zeros(self.lengths[g], device=self.pool.device)
+        return self.pool.mass_flat[self.slots(g)]
+
+    def set_head_mass(self, g: int, values: Tensor) -> None:
+        """The mass of head g's first len(values) entries."""
+        if self.track_mass:
+            idx = torch.arange(values.numel(), device=self.pool.device)
+            self.pool.mass_flat[self.slots(g, idx)] = values.to(self.pool.mass.device, torch.float32)
+
+    # -- growth ------------------------------------------------------------------------------------
+    def resize(self, g: int, capacity: int) -> None:
+        """Hold exactly enough blocks for `capacity` entries (never fewer than the length)."""
+        want = self.pool.blocks_for(max(capacity, self.lengths[g]))
+        have = len(self.tables[g])
+        if want < have:
+            self.pool.free(self.tables[g][want:])
+            del self.tables[g][want:]
+        elif want > have:
+            self.tables[g].extend(self.pool.allocate(want - have))
+
+    def release(self) -> None:
+        for t in self.tables:
+            self.pool.free(t)
+            t.clear()
+        self.lengths = [0] * len(self.lengths)
+
+
+class PagedKVCache:
+    """KV cache of one sequence in a shared BlockPool, ragged per (layer, kv head)."""
+
+    contiguous = False  # the engine's contiguous-segment decode kernel does not apply
+
+    def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int, capacity: int = 0,
+                 track_mass: bool = False):
+        self.pool = pool
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = pool.head_dim
+        self.dtype = pool.dtype
+        self.device = pool.device
+        self.track_mass = track_mass
+        self.layers = [PagedLayer(pool, num_kv_heads, track_mass) for _ in range(num_layers)]
+        self.peak_bytes = 0
+        if capacity:
+            self.reserve(capacity)
+
+    # -- accounting -------------------------------------------------------------------------------
+    def blocks_held(self) -> int:
+        return sum(lc.blocks_held() for lc in self.layers)
+
+    def bytes_allocated(self) -> int:
+        """K + V bytes of the blocks this sequence holds (its share of the pool)."""
+        return self.blocks_held() * self.pool.block_bytes
+
+    def bytes_used(self) -> int:
+        return self.total_entries() * 2 * self.head_dim * self.pool.k.element_size()
+
+    def total_entries(self) -> int:
+        return sum(sum(lc.lengths) for lc in self.layers)
+
+    def lengths(self) -> list[list[int]]:
+        return [list(lc.lengths) for lc in self.layers]
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated())
+
+    # -- growth and appends -----------------------------------------------------------------------
+    def reserve(self, extra: int, headroom: int = 0) -> None:
+        """Make sure every segment can take `extra` more tokens; grows by extra + headroom when it can't."""
+        for lc in self.layers:
+            for g, (n, c) in enumerate(zip(lc.lengths, lc.capacities)):
+                if n + extra > c:
+                    lc.resize(g, n + extra + headroom)
+        self._note_peak()
+
+    def append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Append T tokens to every head of a layer. k, v: [Hkv, T, d]; positions: [T]."""
+        lc = self.layers[layer]
+        Hkv, T, d = k.shape
+        dev = self.device
+        slots = torch.cat([lc.slots(g, torch.arange(n, n + T, device=dev)) for g, n in enumerate(lc.lengths)])
+        p = self.pool
+        p.k_flat[slots] = k.reshape(Hkv * T, d).to(p.dtype)
+        p.v_flat[slots] = v.reshape(Hkv * T, d).to(p.dtype)
+        p.pos_flat[slots] = positions.to(dev, torch.int64).repeat(Hkv)
+        lc.lengths = [n + T for n in lc.lengths]
+
+    # -- compaction -------------------------------------------------------------------------------
+    def compact(self, keep: list[list[Tensor]], headroom: int) -> None:
+        """Keep only the given entries (per layer, per head: sorted indices into the head's segment),
+        in place; then each segment holds exactly the blocks for len(keep) + headroom entries."""
+        for layer in range(self.num_layers):
+            self.compact_layer(layer, keep[layer], headroom)
+
+    def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        lc = self.layers[layer]
+        p = self.pool
+        dev = self.device
+        src = torch.cat([lc.slots(g, idx) for g, idx in enumerate(keep)])
+        # Read every kept entry before writing any (a kept entry may sit where another lands).
+        k, v, pos = p.k_flat[src], p.v_flat[src], p.pos_flat[src]
+        mass = p.mass_flat[src] if lc.track_mass else None
+        counts = [int(idx.numel()) for idx in keep]
+        old_caps = lc.capacities
+        lc.lengths = counts
+        # Shrink every head before growing any, so the pool never holds more than before or after.
+        order = sorted(range(len(counts)), key=lambda g: lc.pool.blocks_for(counts[g] + headroom) - len(lc.tables[g]))
+        for g in order:
+            lc.resize(g, counts[g] + headroom)
+        dst = torch.cat([lc.slots(g, torch.arange(n, device=dev)) for g, n in enumerate(counts)])
+        p.k_flat[dst], p.v_flat[dst], p.pos_flat[dst] = k, v, pos
+        if mass is not None:
+            p.mass_flat[dst] = mass
+            # Slots past a length must read zero mass: the entries that moved away leave stale values.
+            tails = [lc.slots(g, torch.arange(n, min(c, lc.capacities[g]), device=dev))
+                     for g, (n, c) in enumerate(zip(counts, old_caps))]
+            p.mass_flat[torch.cat(tails)] = 0.0
+        self._note_peak()
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def clone(self, track_mass: bool | None = None) -> "PagedKVCache":
+        """An independent copy in fresh blocks of the same pool."""
+        track = self.track_mass if track_mass is None else track_mass
+        new = PagedKVCache(self.pool, self.num_layers, self.num_kv_heads, track_mass=track)
+        p = self.pool
+        for src_lc, dst_lc in zip(self.layers, new.layers):
+            for g, n in enumerate(src_lc.lengths):
+                dst_lc.resize(g, src_lc.capacities[g])
+                dst_lc.lengths[g] = n
+            src = torch.cat([src_lc.slots(g) for g in range(self.num_kv_heads)])
+            dst = torch.cat([dst_lc.slots(g) for g in range(self.num_kv_heads)])
+            p.k_flat[dst], p.v_flat[dst], p.pos_flat[dst] = p.k_flat[src], p.v_flat[src], p.pos_flat[src]
+            if track and src_lc.track_mass:
+                p.mass_flat[dst] = p.mass_flat[src]
+        new._note_peak()
+        return new
+
+    def release(self) -> None:
+        """Every block back to the pool, at once."""
+        for lc in self.layers:
+            lc.release()
