@@ -178,7 +178,8 @@ def paged_decode_attention(
     k_pool, v_pool: [blocks, B, d]; tables: [N, max_blocks] int32 block ids (entries past a segment's
     length are ignored); lengths: [N] int32. Returns out [N, G, d] in q's dtype; an empty segment gives zeros.
     mass_pool [blocks, B] float32 with mass_mode [N] int32 (0: leave, 1: add, 2: replace) receives each key's
-    probability summed over its G heads (H2O accumulates, TOVA keeps the last step's). With sliding_window,
+    probability summed over its G heads (H2O accumulates, TOVA keeps the last step's; a key the window
+    hides gets 0). With sliding_window,
     pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len: an upper bound on the
     lengths (default: their maximum).
     """
@@ -192,10 +193,11 @@ def paged_decode_attention(
     ar = torch.arange(L, device=dev)
     blocks = tables.long()[:, (ar // B).clamp(max=tables.shape[1] - 1)]
     slots = blocks * B + ar % B  # [N, L]
-    valid = ar[None, :] < lengths.to(dev).long()[:, None]
+    in_segment = ar[None, :] < lengths.to(dev).long()[:, None]
+    valid = in_segment
     if sliding_window is not None:
         k_pos = pos_pool.reshape(-1)[slots]
-        valid &= (q_pos.to(dev).long()[:, None] - k_pos) < sliding_window
+        valid = in_segment & ((q_pos.to(dev).long()[:, None] - k_pos) < sliding_window)
     k = k_pool.reshape(-1, d)[slots].float()
     v = v_pool.reshape(-1, d)[slots].float()
     logits = torch.einsum("ngd,nld->ngl", q.float(), k) * scale
@@ -206,8 +208,8 @@ def paged_decode_attention(
         flat = mass_pool.view(-1)
         mass = probs.sum(1)
         mode = mass_mode.to(dev).long()[:, None].expand(N, L)
-        rep = valid & (mode == 2)
+        rep = in_segment & (mode == 2)  # a key hidden by the window got no attention this step: 0
         flat[slots[rep]] = mass[rep]
-        add = valid & (mode == 1)
+        add = in_segment & (mode == 1)
         flat.index_add_(0, slots[add], mass[add])
     return out
