@@ -198,8 +198,9 @@ def paged_decode_attention(
     if sliding_window is not None:
         k_pos = pos_pool.reshape(-1)[slots]
         valid = in_segment & ((q_pos.to(dev).long()[:, None] - k_pos) < sliding_window)
-    k = k_pool.reshape(-1, d)[slots].float()
-    v = v_pool.reshape(-1, d)[slots].float()
+    # Slots past a length hold whatever the pool held (it is never cleared): NaN there would survive 0 * NaN.
+    k = k_pool.reshape(-1, d)[slots].float().masked_fill(~valid[..., None], 0.0)
+    v = v_pool.reshape(-1, d)[slots].float().masked_fill(~valid[..., None], 0.0)
     logits = torch.einsum("ngd,nld->ngl", q.float(), k) * scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty row softmaxes to NaN: make it zeros

@@ -104,6 +104,7 @@ class RaggedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.track_mass = track_mass
+        self.compacted = False  # heads may hold different positions once a compaction ran
         self.layers = [
             _new_layer(num_kv_heads, [capacity] * num_kv_heads, head_dim, dtype, self.device, track_mass)
             for _ in range(num_layers)
@@ -155,11 +156,13 @@ class RaggedKVCache:
 
         The pools are reallocated to exactly len(keep) + headroom slots per head, so memory shrinks.
         """
+        self.compacted = True
         for i, lc in enumerate(self.layers):
             caps = [int(idx.numel()) + headroom for idx in keep[i]]
             self.layers[i] = self._rebuild(lc, keep[i], caps)
 
     def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        self.compacted = True
         lc = self.layers[layer]
         caps = [int(idx.numel()) + headroom for idx in keep]
         self.layers[layer] = self._rebuild(lc, keep, caps)

@@ -189,7 +189,9 @@ class Engine:
                 # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
                 return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, self.scale,
                                             lc.key_mass, max_len=max(lc.capacities)).unsqueeze(1)
-            if lc.is_uniform():
+            # The batched [Hkv, n, d] view carries one position vector (head 0's): after a compaction heads
+            # hold different positions, which a sliding window's mask must see head by head.
+            if lc.is_uniform() and (sw is None or not cache.compacted):
                 # A fresh prompt: attend over the contiguous k, v just computed rather than the strided
                 # cache view (same values; saves SDPA a copy).
                 K, V, P = (k, v, positions) if lc.lengths[0] == T else lc.dense()
@@ -210,7 +212,18 @@ class Engine:
                     q[g * G:(g + 1) * G], Kg.unsqueeze(0), Vg.unsqueeze(0), positions, Pg, self.scale, sw)
             return out
 
-        return attend
+        if mode not in ("accumulate", "last"):
+            return attend
+
+        def attend_with_mass(layer, q, k, v, positions, q_pre):
+            out = attend(layer, q, k, v, positions, q_pre)
+            sw = self.config.sliding_window_for(layer)
+            if q.shape[1] == 1 and (sw is not None or not cache.contiguous):
+                # The contiguous decode kernel adds the mass itself; these paths do not.
+                _add_decode_mass(cache.layers[layer], q[:, 0], int(positions[0]), sw, self.scale, G, mode)
+            return out
+
+        return attend_with_mass
 
     @torch.inference_mode()
     def forward(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None) -> Tensor:
@@ -467,6 +480,20 @@ class Engine:
         _, final_budget = self._prefill_prompt(req, context_ids)
         self.compress(req, headroom=0, budget=final_budget)
         return self.answer_all(req, questions, params, max_tokens, on_text)
+
+
+def _add_decode_mass(lc, q: Tensor, q_pos: int, sliding_window: int | None, scale: float, G: int, mode: str) -> None:
+    """H2O / TOVA statistics of one decode step: each key's probability summed over its group, added to
+    (accumulate) or written over (last) the head's mass; a key the window hides gets 0."""
+    for g in range(len(lc.lengths)):
+        K, _, P = lc.head(g)
+        logits = (q[g * G:(g + 1) * G].float() @ K.float().T) * scale
+        visible = P <= q_pos
+        if sliding_window is not None:
+            visible &= (q_pos - P) < sliding_window
+        probs = torch.softmax(logits.masked_fill(~visible[None, :], float("-inf")), dim=-1).nan_to_num(0.0)
+        mass = probs.sum(0)
+        lc.set_head_mass(g, mass if mode == "last" else lc.head_mass(g) + mass)
 
 
 @dataclass

@@ -100,6 +100,7 @@ class PagedKVCache:
         self.dtype = pool.dtype
         self.device = pool.device
         self.track_mass = track_mass
+        self.compacted = False  # heads may hold different positions once a compaction ran
         self.layers = [PagedLayer(pool, num_kv_heads, track_mass) for _ in range(num_layers)]
         self.peak_bytes = 0
         if capacity:
@@ -154,6 +155,7 @@ class PagedKVCache:
             self.compact_layer(layer, keep[layer], headroom)
 
     def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        self.compacted = True
         lc = self.layers[layer]
         p = self.pool
         dev = self.device
@@ -183,6 +185,7 @@ class PagedKVCache:
         """An independent copy in fresh blocks of the same pool."""
         track = self.track_mass if track_mass is None else track_mass
         new = PagedKVCache(self.pool, self.num_layers, self.num_kv_heads, track_mass=track)
+        new.compacted = self.compacted
         p = self.pool
         for src_lc, dst_lc in zip(self.layers, new.layers):
             for g, n in enumerate(src_lc.lengths):

@@ -1,0 +1,193 @@
+"""Continuous batching: a request's output in a batch is its output alone; the pool accounts every block.
+
+"Alone" is the single-sequence engine (`Engine.generate` / `generate_agnostic`, what `kvx generate` ran
+before batching) on its own RaggedKVCache; the batch is the BatchEngine over one shared paged pool, with
+requests of different policies, budgets and lengths in the same decode steps. CPU, float32, greedy.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from kvx.errors import KvxError
+from kvx.models.transformer import Transformer
+from kvx.policies import build_policy, parse_budget
+from kvx.runtime.batch import BatchEngine
+from kvx.runtime.engine import Engine
+from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.sequence import CANCELLED, FINISHED, GenerationRequest
+from test_engine import StubTokenizer
+
+# One policy of every family: window-scored (snapkv), accumulated + decode-time (h2o), decode-time last
+# row (tova), decode-time recent queries (ahakv), positional (streaming), head-adaptive (ada-snapkv),
+# model-wide (laprox: global top-K), query-moment (expected-attention).
+FAMILIES = [("snapkv", "20%"), ("h2o", "20%"), ("tova", "30%"), ("ahakv", "20%"), ("streaming", "25%"),
+            ("ada-snapkv", "10%"), ("laprox", "15%"), ("expected-attention", "20%"), ("full", None)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral"])
+def engine(request, tmp_path_factory):
+    # mistral: a sliding window (8) shorter than every prompt, so the paged attention's window is exercised.
+    path, _ = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), max_position_embeddings=4096)
+    return Engine(Transformer.from_pretrained(path), StubTokenizer())
+
+
+def _ids(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return [rng.randrange(3, 128) for _ in range(rng.randrange(lo, hi))]
+
+
+def _policy(name):
+    return None if name == "full" else build_policy(name)
+
+
+def _alone(engine, ids, name, budget, max_tokens, params=SamplingParams()):
+    b = None if budget is None else parse_budget(budget)
+    return engine.generate(ids, params, max_tokens, policy=_policy(name), budget=b)
+
+
+def _request(ids, name, budget, max_tokens, **kw):
+    return GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, policy=_policy(name),
+                             budget=None if budget is None else parse_budget(budget), **kw)
+
+
+@pytest.mark.parametrize("name,budget", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_each_family_in_a_batch_equals_alone(engine, name, budget):
+    rng = random.Random(sum(map(ord, name)))
+    prompts = [_ids(rng, 40, 260) for _ in range(4)]
+    want = [_alone(engine, ids, name, budget, 24).token_ids for ids in prompts]
+    batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=4)
+    seqs = [batch.submit(_request(ids, name, budget, 24)) for ids in prompts]
+    batch.run()
+    assert [s.results[0].token_ids for s in seqs] == want
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+
+
+def test_a_batch_mixing_policies_and_budgets_equals_each_alone(engine):
+    rng = random.Random(7)
+    specs = FAMILIES + [("snapkv", "5%"), ("h2o", "40%"), ("ada-snapkv", "64"), ("tova", "50%")]
+    prompts = [_ids(rng, 30, 300) for _ in specs]
+    temps = [SamplingParams(temperature=0.8, seed=i) if i % 4 == 3 else SamplingParams() for i in range(len(specs))]
+    want = [_alone(engine, ids, n, b, 20, p) for ids, (n, b), p in zip(prompts, specs, temps)]
+    batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=8)
+    seqs = [batch.submit(_request(ids, n, b, 20, params=p)) for ids, (n, b), p in zip(prompts, specs, temps)]
+    max_running = 0
+    while batch.has_work:
+        batch.step()
+        max_running = max(max_running, len(batch.scheduler.running))
+    assert max_running == 8  # they really shared decode steps
+    for s, w in zip(seqs, want):
+        r = s.results[0]
+        assert r.token_ids == w.token_ids
+        assert r.kv_entries_kept == w.kv_entries_kept  # the same entries kept
+        assert r.lengths == w.lengths  # ... per (layer, kv head)
+
+
+@pytest.mark.parametrize("name,budget", [("full", None), ("snapkv", "25%"), ("h2o", "25%"), ("tova", "30%")])
+def test_question_agnostic_requests_in_a_batch_equal_alone(engine, name, budget):
+    rng = random.Random(3)
+    cases = [(_ids(rng, 80, 200), [_ids(rng, 3, 9) for _ in range(3)]) for _ in range(3)]
+    b = None if budget is None else parse_budget(budget)
+    want = [[r.token_ids for r in engine.generate_agnostic(ctx, qs, SamplingParams(), 12, policy=_policy(name), budget=b)]
+            for ctx, qs in cases]
+    batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=3)
+    seqs = [batch.submit(GenerationRequest(context_ids=ctx, question_ids=qs, max_tokens=12, policy=_policy(name),
+                                           budget=b)) for ctx, qs in cases]
+    batch.run()
+    assert [[r.token_ids for r in s.results] for s in seqs] == want
+    assert batch.pool.num_used == 0
+
+
+def test_chunked_prefill_in_a_batch_equals_alone(tmp_path):
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
+    rng = random.Random(5)
+    prompts = [_ids(rng, 150, 400) for _ in range(3)]
+    want = [_alone(engine, ids, "snapkv", "10%", 16).token_ids for ids in prompts]
+    batch = BatchEngine(engine, kv_memory=8 << 20, max_batch=3)
+    seqs = [batch.submit(_request(ids, "snapkv", "10%", 16)) for ids in prompts]
+    batch.run()
+    assert [s.results[0].token_ids for s in seqs] == want
+
+
+def test_pool_accounting_under_random_load(tmp_path):
+    """Many randomly sized requests (compressed, full, decode-time eviction, agnostic), some cancelled at
+    random, through a pool far too small for all at once: the pool never exceeds its cap, no sequence
+    holds more than it reserved, admission waits instead of overflowing, and every block comes back."""
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    rng = random.Random(11)
+    batch = BatchEngine(engine, kv_memory=6 << 20, max_batch=6, block_size=16)
+    pool = batch.pool
+    seqs = []
+    for i in range(40):
+        name, budget = rng.choice(FAMILIES)
+        if rng.random() < 0.2:
+            req = GenerationRequest(context_ids=_ids(rng, 50, 300), question_ids=[_ids(rng, 2, 6) for _ in range(2)],
+                                    max_tokens=rng.randrange(0, 20), policy=_policy(name),
+                                    budget=None if budget is None else parse_budget(budget))
+        else:
+            req = _request(_ids(rng, 20, 400), name, budget, rng.randrange(0, 40))
+        seqs.append(batch.submit(req))
+    waited = False
+    for _ in range(5000):
+        if not batch.has_work:
+            break
+        batch.step()
+        assert pool.num_used <= pool.num_blocks and pool.reserved <= pool.num_blocks
+        for s in batch.scheduler.running:
+            if s.req is not None:
+                held = s.req.cache.blocks_held() + (s.snapshot.cache.blocks_held()
+                                                    if s.snapshot and s.snapshot.cache is not s.req.cache else 0)
+                assert held <= s.reserved
+        waited |= bool(batch.scheduler.waiting) and len(batch.scheduler.running) < 6
+        if rng.random() < 0.05 and batch.scheduler.running:
+            batch.cancel(rng.choice(batch.scheduler.running))
+    assert not batch.has_work
+    assert waited  # the pool, not max_batch, held requests back at some point
+    assert pool.num_used == 0 and pool.reserved == 0 and pool.num_free == pool.num_blocks
+    assert {s.state for s in seqs} <= {FINISHED, CANCELLED}
+    assert sum(s.state == FINISHED for s in seqs) >= 20
+
+
+def test_a_request_larger_than_the_pool_is_refused_at_once(tmp_path):
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    model = Transformer.from_pretrained(path)
+    long_prompt = list(range(3, 120)) * 8
+    batch = BatchEngine(Engine(model, StubTokenizer()), kv_memory=64 << 10, max_batch=2)
+    for name, budget in [("full", None), ("snapkv", "5%")]:  # without chunks, a prefill holds the prompt
+        with pytest.raises(KvxError, match="more than the whole pool"):
+            batch.submit(_request(long_prompt, name, budget, 10))
+    # with chunked prefill the same prompt, compressed, peaks near budget + chunk and fits
+    chunked = BatchEngine(Engine(model, StubTokenizer(), prefill_chunk=64), kv_memory=64 << 10, max_batch=2)
+    seq = chunked.submit(_request(long_prompt, "snapkv", "5%", 4))
+    chunked.run()
+    assert seq.state == FINISHED and chunked.pool.num_used == 0
+
+
+def test_stop_strings_end_the_answer_before_the_stop(tmp_path):
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    ids = list(range(10, 60))
+    full = _alone(engine, ids, "full", None, 12)
+    text = "".join(f"{t} " for t in full.token_ids)  # the StubTokenizer writes "id " per token
+    stop = f"{full.token_ids[2]} {full.token_ids[3]}"
+    pieces = []
+    batch = BatchEngine(engine, kv_memory=8 << 20)
+    seq = batch.submit(_request(ids, "full", None, 12, stop=(stop, "never"), on_text=lambda s, q, t: pieces.append(t)))
+    batch.run()
+    r = seq.results[0]
+    assert r.finish_reason == "stop"
+    assert r.text == text[:text.find(stop)] and "".join(pieces) == r.text
+    assert r.generated_tokens <= 4
