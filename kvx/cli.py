@@ -105,6 +105,9 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", help="No summary line on stderr."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (1 = one at a time)."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 90% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
+    ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
@@ -113,19 +116,25 @@ def generate(
     echo "Tell me a joke" | kvx generate
     kvx generate --policy snapkv --budget 10% "$(cat long.txt) Summarise the above."
     kvx generate --policy ada-snapkv --budget 5% --context paper.txt -q "What is the main result?" -q "Who are the authors?"
-    cat requests.jsonl | kvx generate --jsonl > results.jsonl
+    cat requests.jsonl | kvx generate --jsonl --max-batch 16 --kv-memory 2GiB > results.jsonl
     """
     from kvx.runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)  # fail before loading a model
+    pool_bytes = None
+    if kv_memory is not None:
+        from kvx.runtime.memory import parse_size
+
+        pool_bytes = parse_size(kv_memory)
     if jsonl:
         from kvx.pipeline import run_jsonl
 
         failures = run_jsonl(sys.stdin, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
-                             use_graphs=not no_graph, prefill_chunk=prefill_chunk)
+                             use_graphs=not no_graph, prefill_chunk=prefill_chunk, max_batch=max_batch,
+                             kv_memory=pool_bytes, ordered=ordered)
         raise typer.Exit(1 if failures else 0)
 
     if context is None and question:

@@ -1,8 +1,14 @@
 """`kvx generate --jsonl`: one request object per stdin line, one result object per stdout line.
 
 Request fields: "prompt" (question-aware), or "context" with "question" or "questions" (question-agnostic);
-optional "id", "system", "max_tokens", "temperature", "top_p", "top_k", "seed", "raw". A line that cannot be
-run gets {"id": ..., "line": N, "error": "..."} and the next line still runs. The model loads once.
+optional "id", "system", "max_tokens", "temperature", "top_p", "top_k", "seed", "raw", and the line's own
+compression: "policy", "budget", "allocation", "policy_args" (an object or a list of "key=value"); the
+command's flags are the defaults. A line that cannot be run gets {"id": ..., "line": N, "error": "..."}
+and the other lines still run.
+
+Up to --max-batch requests run at once through the batched engine (runtime/batch.py) over one KV pool of
+--kv-memory bytes; each result is written as soon as it finishes (with its "id" and "line"), or in input
+order with --ordered. The model loads once.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from kvx.errors import KvxError
 _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "seed": int}
 
 
-def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system) -> dict:
-    from kvx.options import encode_prompt, split_context_question
+def parse_line(obj, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
+    """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix)."""
+    from kvx.options import encode_prompt, policy_and_budget, split_context_question
+    from kvx.runtime.sequence import GenerationRequest
 
     if not isinstance(obj, dict):
         raise KvxError("each line must be a JSON object")
@@ -28,52 +36,148 @@ def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system)
                 params = replace(params, **{key: cast(obj[key])})
             except (TypeError, ValueError):
                 raise KvxError(f"field {key!r} must be a number") from None
+    if params.temperature < 0 or not 0 <= params.top_p <= 1 or params.top_k < 0:
+        raise KvxError("fields 'temperature' and 'top_k' must be >= 0 and 'top_p' within [0, 1]")
     n = obj.get("max_tokens", max_tokens)
-    if not isinstance(n, int) or n < 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise KvxError("field 'max_tokens' must be a non-negative integer")
     raw = bool(obj.get("raw", raw))
     system = obj.get("system", system)
+    if system is not None and not isinstance(system, str):
+        raise KvxError("field 'system' must be a string")
+    policy, budget = _compression(obj, defaults, policy_and_budget)
+    common = dict(params=params, max_tokens=n, policy=policy, budget=budget, id=obj.get("id"))
     if "context" in obj:
         questions = obj.get("questions", [obj["question"]] if "question" in obj else None)
-        if not questions or not all(isinstance(q, str) for q in questions):
+        if not questions or not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
             raise KvxError("a 'context' request needs 'question' (a string) or 'questions' (a list of strings)")
         if not isinstance(obj["context"], str) or not obj["context"].strip():
             raise KvxError("field 'context' must be a non-empty string")
         ids = [split_context_question(tok, obj["context"], q, system, raw) for q in questions]
-        results = engine.generate_agnostic(ids[0][0], [q for _, q in ids], params, n)
-        return {"results": [dict(r.to_dict(), question=q) for r, q in zip(results, questions)]}
+        return GenerationRequest(context_ids=ids[0][0], question_ids=[q for _, q in ids], **common), questions
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise KvxError("field 'prompt' must be a non-empty string (or give 'context' and 'question')")
-    return engine.generate(encode_prompt(tok, prompt, system, raw), params, n).to_dict()
+    return GenerationRequest(prompt_ids=encode_prompt(tok, prompt, system, raw), **common), None
+
+
+def _compression(obj: dict, defaults: dict, policy_and_budget):
+    """The line's (Policy, Budget): its own fields over the command's flags; a fresh Policy per line."""
+    fields = {}
+    for key in ("policy", "budget", "allocation"):
+        value = obj.get(key, defaults[key])
+        if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise KvxError(f"field {key!r} must be a string")
+        fields[key] = None if value is None else str(value)
+    args = obj.get("policy_args", defaults["policy_args"])
+    if isinstance(args, dict):
+        args = [f"{k}={v}" for k, v in args.items()]
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise KvxError("field 'policy_args' must be an object or a list of 'key=value' strings")
+    if "policy" in obj and "budget" not in obj and obj["policy"] == "full":
+        fields["budget"] = None  # a line asking for the full cache drops the command's budget
+    return policy_and_budget(fields["policy"] or "full", fields["budget"], fields["allocation"], args)
 
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
-              params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None) -> int:
+              params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None, max_batch=None,
+              kv_memory=None, ordered=False) -> int:
     """Process every line; returns the number of lines that failed."""
     from kvx.options import build_engine, load
+    from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
+    from kvx.runtime.pool import default_kv_memory
 
     llm, tok = load(model, device, dtype, quiet=quiet)
-    engine = build_engine(llm, tok, policy, budget, allocation, policy_args, use_graphs=use_graphs,
-                          prefill_chunk=prefill_chunk)
+    engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+    batch = BatchEngine(engine, kv_memory or default_kv_memory(engine.device), max_batch or DEFAULT_MAX_BATCH)
+    defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
+    writer = _Writer(out, ordered)
     failures = 0
-    for lineno, line in enumerate(inp, start=1):
-        if not line.strip():
-            continue
-        rid = None
-        try:
+    live: dict = {}  # Sequence -> (line number, id, questions)
+    lines = enumerate(inp, start=1)
+    exhausted = False
+
+    def fail(lineno: int, rid, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        writer.put(lineno, {"id": rid, "line": lineno, "error": message})
+        if not quiet:
+            print(f"kvx: line {lineno}: {message}", file=sys.stderr)
+
+    while True:
+        # Read while the queue is short, so a long input streams through instead of being held at once.
+        while not exhausted and len(batch.scheduler.waiting) < batch.scheduler.max_batch:
+            item = next(lines, None)
+            if item is None:
+                exhausted = True
+                break
+            lineno, line = item
+            if not line.strip():
+                writer.skip(lineno)
+                continue
+            rid = None
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            result = _run_one(obj, engine, tok, params, max_tokens, raw, system)
-            result = {"id": rid, "line": lineno, **result}
-        except KvxError as exc:
-            failures += 1
-            result = {"id": rid, "line": lineno, "error": str(exc)}
-            if not quiet:
-                print(f"kvx: line {lineno}: {exc}", file=sys.stderr)
-        out.write(json.dumps(result) + "\n")
-        out.flush()
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+                rid = obj.get("id") if isinstance(obj, dict) else None
+                request, questions = parse_line(obj, tok, params, max_tokens, raw, system, defaults)
+                live[batch.submit(request)] = (lineno, rid, questions)
+            except KvxError as exc:
+                fail(lineno, rid, str(exc))
+        if not batch.has_work:
+            if exhausted:
+                break
+            continue
+        for seq in batch.step():
+            lineno, rid, questions = live.pop(seq)
+            if seq.error is not None:
+                fail(lineno, rid, seq.error)
+            elif questions is not None:
+                writer.put(lineno, {"id": rid, "line": lineno, "results": [
+                    dict(r.to_dict(), question=q) for r, q in zip(seq.results, questions)]})
+            else:
+                writer.put(lineno, {"id": rid, "line": lineno, **seq.results[0].to_dict()})
+    writer.close()
     return failures
+
+
+class _Writer:
+    """Writes results as they finish, or (ordered) holds each until every earlier line is written."""
+
+    def __init__(self, out: TextIO, ordered: bool):
+        self.out = out
+        self.ordered = ordered
+        self.held: dict[int, dict | None] = {}
+        self.next_line = 1
+
+    def put(self, lineno: int, obj: dict) -> None:
+        if not self.ordered:
+            self._write(obj)
+            return
+        self.held[lineno] = obj
+        self._drain()
+
+    def skip(self, lineno: int) -> None:
+        """A blank line: nothing to write, but ordered output must not wait for it."""
+        if self.ordered:
+            self.held[lineno] = None
+            self._drain()
+
+    def _drain(self) -> None:
+        while self.next_line in self.held:
+            obj = self.held.pop(self.next_line)
+            if obj is not None:
+                self._write(obj)
+            self.next_line += 1
+
+    def _write(self, obj: dict) -> None:
+        self.out.write(json.dumps(obj) + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        for lineno in sorted(self.held):
+            if self.held[lineno] is not None:
+                self._write(self.held[lineno])
+        self.held.clear()

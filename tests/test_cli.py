@@ -79,8 +79,9 @@ def test_jsonl_pipeline_with_a_bad_line(default_dir):
     ]
     proc = kvx("generate", "--jsonl", stdin="\n".join(lines) + "\n")
     assert proc.returncode == 1
-    out = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert len(out) == 4
+    # Results are written as each finishes (errors at once); "line" says which input line each answers.
+    out = sorted((json.loads(line) for line in proc.stdout.strip().splitlines()), key=lambda o: o["line"])
+    assert len(out) == 4 and [o["line"] for o in out] == [1, 2, 3, 4]
     assert out[0]["id"] == "a" and "Paris" in out[0]["text"]
     assert "error" in out[1] and out[1]["line"] == 2
     assert "error" in out[2] and out[2]["id"] == "c"

@@ -125,3 +125,29 @@ class BlockPool:
 
 def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
     return 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_memory(device: torch.device | str) -> int:
+    """The KV pool's size when --kv-memory is not given: a share of what the device has free.
+
+    GPU: 90% of the memory free once the model is loaded (activations of a decode step are small next to
+    it). CPU: a quarter of the available memory, at most 4 GiB — the pool is allocated lazily by the
+    OS, but a cap keeps one kvx process from crowding out the rest of the machine.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    available = _meminfo_available()
+    return min(4 << 30, available // 4) if available else 1 << 30
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

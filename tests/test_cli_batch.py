@@ -1,0 +1,76 @@
+"""`kvx generate --jsonl` over the batched engine, through the installed command: per-line policies in one
+batch give what each line gets alone (--max-batch 1), --ordered keeps input order, a bad line gets its
+error object while the others run, bad batch options exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvx.models.hub import pull_default_model
+
+pytestmark = pytest.mark.slow
+
+LINES = [
+    {"id": "paris", "prompt": "What is the capital of France?", "max_tokens": 12},
+    {"id": "snap", "prompt": "Name three primary colors.", "policy": "snapkv", "budget": "50%", "max_tokens": 12},
+    "{broken",
+    {"id": "h2o", "prompt": "Write one sentence about the sea.", "policy": "h2o", "budget": "60%",
+     "policy_args": {"sinks": 4}, "max_tokens": 12},
+    {"id": "bad-policy", "prompt": "hi", "policy": "no-such-policy", "budget": "5%"},
+    {"id": "ctx", "context": "Alice keeps a red umbrella. Bob has a green one.", "policy": "ada-snapkv",
+     "budget": "70%", "questions": ["What color is Alice's umbrella?", "Who has the green one?"], "max_tokens": 10},
+    {"id": "tova", "prompt": "Count from one to five.", "policy": "tova", "budget": "50%", "max_tokens": 12},
+]
+
+
+@pytest.fixture(scope="module")
+def default_dir():
+    return pull_default_model(quiet=True)
+
+
+def kvx(*args, stdin: str = "", timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = [sys.executable, "-m", "kvx"]
+    return subprocess.run([*exe, *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def _stdin() -> str:
+    return "\n".join(line if isinstance(line, str) else json.dumps(line) for line in LINES) + "\n"
+
+
+def _texts(out: list[dict]) -> dict:
+    return {o["line"]: (o.get("text"), [r["text"] for r in o.get("results", [])], o.get("error") is not None)
+            for o in out}
+
+
+def test_a_batch_of_mixed_policies_equals_each_line_alone(default_dir):
+    batched = kvx("generate", "--jsonl", "--max-batch", "8", "--kv-memory", "256MiB", "--quiet", stdin=_stdin())
+    alone = kvx("generate", "--jsonl", "--max-batch", "1", "--ordered", "--quiet", stdin=_stdin())
+    assert batched.returncode == 1 and alone.returncode == 1  # two lines fail in both
+    b = [json.loads(x) for x in batched.stdout.splitlines()]
+    a = [json.loads(x) for x in alone.stdout.splitlines()]
+    assert [o["line"] for o in a] == list(range(1, len(LINES) + 1))  # --ordered
+    assert sorted(o["line"] for o in b) == list(range(1, len(LINES) + 1))  # nothing lost
+    assert _texts(b) == _texts(a)
+    by_id = {o["id"]: o for o in b if o.get("id")}
+    assert "Paris" in by_id["paris"]["text"]
+    assert "error" in by_id["bad-policy"] and "no-such-policy" in by_id["bad-policy"]["error"]
+    assert by_id["snap"]["policy"] == "snapkv" and by_id["snap"]["kv_entries_kept"] < by_id["snap"]["kv_entries_full"]
+    assert [r["question"] for r in by_id["ctx"]["results"]] == LINES[5]["questions"]
+    assert all(o["line"] == 3 for o in b if o.get("id") is None)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--kv-memory", "lots"], "memory size"),
+    (["--kv-memory", "0"], "memory"),
+])
+def test_bad_batch_options_exit_2(args, fragment):
+    proc = kvx("generate", "--jsonl", *args, stdin="")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvx: error:") and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
