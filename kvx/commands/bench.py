@@ -23,6 +23,10 @@ def bench_command(
     budgets: str = typer.Option("5%,20%", "--budgets", help="Budgets for the compression suite (the first is used for overhead)."),
     no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers baseline."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of tables."),
+    batch_requests: int = typer.Option(16, "--batch-requests", min=1, help="batch suite: number of requests."),
+    batch_prompt: int = typer.Option(2048, "--batch-prompt", min=1, help="batch suite: prompt tokens per request."),
+    batch_gen: int = typer.Option(128, "--batch-gen", min=1, help="batch suite: generated tokens per request."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="batch suite: the KV pool for every configuration (default: what 4 full-cache requests hold)."),
 ) -> None:
     """Measure speed as ratios against a baseline taken in the same run.
 
@@ -30,7 +34,11 @@ def bench_command(
     runtime:      prefill and decode tokens/s of kvx and HF transformers (sdpa), same model, dtype, threads
     compression:  (statistics + selection + compaction) / prefill at 4k and 8k, decode tokens/s at 8k
                   for budgets 100% and the given ones
+    batch:        continuous batching in one --kv-memory: (a) sequential full cache, (b) batched full
+                  cache, (c) batched at the first --budgets with the first --policies; decode and end-to-end
+                  tokens/s, and how many 4k-token sequences the memory holds full and compressed
     Example: kvx bench --suite runtime --threads 2
+             kvx bench --suite batch --batch-requests 16 --batch-prompt 2048 --batch-gen 128
     """
     import torch
 
@@ -39,8 +47,13 @@ def bench_command(
     from kvx.eval import bench
     from kvx.models.hub import resolve_model
 
-    if suite not in ("runtime", "compression", "all"):
-        raise KvxError(f"unknown suite {suite!r}: use runtime, compression or all")
+    if suite not in ("runtime", "compression", "batch", "all"):
+        raise KvxError(f"unknown suite {suite!r}: use runtime, compression, batch or all")
+    pool_bytes = None
+    if kv_memory is not None:
+        from kvx.runtime.memory import parse_size
+
+        pool_bytes = parse_size(kv_memory)
     torch.set_num_threads(threads)
     llm, tok = load(model, device, dtype)
     engine = build_engine(llm, tok, "full", None, None, [])
@@ -80,6 +93,9 @@ def bench_command(
         out.append(("decode with a compressed cache", ["policy", "budget", "context", "tokens/s", "vs 100%"],
                     [[r.policy, r.budget, r.context, f"{r.decode_tokens_per_s:.1f}",
                       f"{r.decode_tokens_per_s / base:.2f}x"] for r in dec]))
+    if suite in ("batch", "all"):
+        out += _batch_suite(engine, tok, batch_requests, batch_prompt, batch_gen, pool_bytes,
+                            policies.split(",")[0], budgets.split(",")[0], show)
     if as_json:
         return
     from rich.console import Console
@@ -93,3 +109,35 @@ def bench_command(
         for row in body:
             table.add_row(*map(str, row))
         console.print(table)
+
+
+def _batch_suite(engine, tok, n, prompt, gen, pool_bytes, policy, budget, show):
+    from kvx.eval import bench_batch
+    from kvx.runtime.memory import human_bytes
+
+    cfg = engine.config
+    per_token = cfg.num_layers * cfg.num_kv_heads * engine.entry_bytes()  # K+V bytes of one token
+    memory = pool_bytes or 4 * (prompt + gen + 64) * per_token
+    configs = [("(a) sequential, full", 1, None, None), ("(b) batched, full", n, None, None),
+               (f"(c) batched, {policy} {budget}", n, policy, budget)]
+    rows = []
+    for name, max_batch, pol, bud in configs:
+        if max_batch == 1:
+            row = bench_batch.run_sequential(engine, tok, name, n, prompt, gen)
+        else:
+            row = bench_batch.run_config(engine, tok, name, n, prompt, gen, memory, max_batch, pol, bud)
+        show(row)
+        rows.append(row)
+    base_a, base_b = rows[0].decode_tokens_per_s, rows[1].decode_tokens_per_s
+    body = [[r.config, r.max_running, f"{r.decode_tokens_per_s:.1f}", f"{r.end_to_end_tokens_per_s:.1f}",
+             f"{r.decode_tokens_per_s / base_a:.2f}x", f"{r.decode_tokens_per_s / base_b:.2f}x", f"{r.wall_s:.1f}"]
+            for r in rows]
+    cap = bench_batch.capacity(engine, 4096, gen, memory, policy, budget)
+    show(cap)
+    title = (f"continuous batching: {n} x {prompt} prompt tokens, {gen} generated, KV memory "
+             f"{human_bytes(memory)}")
+    return [(title, ["config", "most running", "decode tok/s", "end-to-end tok/s", "vs (a)", "vs (b)", "wall s"], body),
+            (f"4096-token sequences held at once in {human_bytes(memory)}",
+             ["full cache", f"{policy} {budget}", "ratio"],
+             [[cap.full_sequences, cap.compressed_sequences,
+               "-" if cap.ratio is None else f"{cap.ratio:.1f}x"]])]

@@ -180,31 +180,34 @@ def paged_decode_attention(
     mass_pool [blocks, B] float32 with mass_mode [N] int32 (0: leave, 1: add, 2: replace) receives each key's
     probability summed over its G heads (H2O accumulates, TOVA keeps the last step's; a key the window
     hides gets 0). With sliding_window,
-    pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len: an upper bound on the
-    lengths (default: their maximum).
+    pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len (an upper bound on the
+    lengths) sizes the Triton grid and is not needed here.
     """
     N, G, d = q.shape
     B = k_pool.shape[1]
-    L = int(lengths.max()) if max_len is None and N else int(max_len or 0)
+    # max_len only sizes the Triton grid; here the longest segment does (a host sync is free on the CPU).
+    L = min(int(lengths.max()), tables.shape[1] * B) if N else 0
     out = torch.zeros_like(q)
     if L == 0 or N == 0:
         return out
     dev = q.device
+    nb = -(-L // B)
+    blocks = tables.long()[:, :nb]
     ar = torch.arange(L, device=dev)
-    blocks = tables.long()[:, (ar // B).clamp(max=tables.shape[1] - 1)]
-    slots = blocks * B + ar % B  # [N, L]
+    slots = (blocks[:, :, None] * B + torch.arange(B, device=dev)).reshape(N, nb * B)[:, :L]  # [N, L]
     in_segment = ar[None, :] < lengths.to(dev).long()[:, None]
     valid = in_segment
     if sliding_window is not None:
-        k_pos = pos_pool.reshape(-1)[slots]
+        k_pos = pos_pool[blocks].reshape(N, nb * B)[:, :L]
         valid = in_segment & ((q_pos.to(dev).long()[:, None] - k_pos) < sliding_window)
-    # Slots past a length hold whatever the pool held (it is never cleared): NaN there would survive 0 * NaN.
-    k = k_pool.reshape(-1, d)[slots].float().masked_fill(~valid[..., None], 0.0)
-    v = v_pool.reshape(-1, d)[slots].float().masked_fill(~valid[..., None], 0.0)
-    logits = torch.einsum("ngd,nld->ngl", q.float(), k) * scale
+    # Whole blocks are gathered (one index per block, not per key). Slots past a length hold stale but finite
+    # values (the pool zeroes a block when it hands it out): their zero probabilities zero them out.
+    k = k_pool[blocks].reshape(N, nb * B, d)[:, :L].float()
+    v = v_pool[blocks].reshape(N, nb * B, d)[:, :L].float()
+    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty row softmaxes to NaN: make it zeros
-    out = torch.einsum("ngl,nld->ngd", probs, v).to(q.dtype)
+    out = torch.matmul(probs, v).to(q.dtype)
     if mass_pool is not None and mass_mode is not None:
         flat = mass_pool.view(-1)
         mass = probs.sum(1)

@@ -44,6 +44,10 @@ class BatchEngine:
         self.tokenizer = engine.tokenizer
         self.finished: list[Sequence] = []
         self.generated_tokens = 0  # over the engine's life (for /metrics and benchmarks)
+        self.prefill_s = 0.0  # wall time in prefill units (prompts, questions) over the engine's life
+        self.decode_s = 0.0  # wall time in batched decode steps (sampling included)
+        self.decode_steps = 0
+        self.max_running = 0  # most sequences decoding in one step
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
@@ -99,8 +103,12 @@ class BatchEngine:
         self.scheduler.admit()
         pending = [s for s in self.scheduler.running if s.state == PREFILL or s.req is None]
         if pending:
+            t0 = time.perf_counter()
             self._guarded(pending[0], self._prefill)
+            self.prefill_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         self._decode()
+        self.decode_s += time.perf_counter() - t0
         return self.finished[before:]
 
     def _guarded(self, seq: Sequence, fn) -> None:
@@ -168,7 +176,8 @@ class BatchEngine:
             tokens.append(tok)
         if not go:
             return
-        t0 = time.perf_counter()
+        self.decode_steps += 1
+        self.max_running = max(self.max_running, len(go))
         with torch.inference_mode():
             logits = decode_step(self.engine, [s.req for s in go], tokens)
         for i, seq in enumerate(go):
@@ -177,7 +186,6 @@ class BatchEngine:
                 te = time.perf_counter()
                 self.engine._decode_evict(seq.req)
                 seq.req.timings.decode_evict_s += time.perf_counter() - te
-        del t0
 
     def _sample(self, seq: Sequence) -> int | None:
         """Sample seq's next token and stream it; None when the answer ended (eos, stop string, cancel)."""

@@ -421,7 +421,8 @@ class Engine:
         )
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
-                 on_text: Callable[[str], None] | None = None, policy=None, budget=None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, policy=None, budget=None,
+                 stop_at_eos: bool = True) -> GenerationResult:
         """Question-aware: prefill the whole prompt, compress, decode."""
         policy = policy or self.policy
         budget = budget or self.budget
@@ -433,7 +434,7 @@ class Engine:
             req.cache.reserve(n + max_tokens)
         logits, final_budget = self._prefill_prompt(req, prompt_ids)
         self.compress(req, headroom=max_tokens, budget=final_budget)
-        out_ids, text, finish = self.decode(req, logits, params, max_tokens, on_text)
+        out_ids, text, finish = self.decode(req, logits, params, max_tokens, on_text, stop_at_eos)
         return self.result(req, n, out_ids, text, finish)
 
     def _prefill_prompt(self, req: Request, ids: list[int]):

@@ -35,8 +35,9 @@ class BlockPool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        # empty, not zeros: on the CPU untouched pages cost nothing, and nothing reads past a segment's
-        # length. The mass must read zero past a length, so it is cleared when a block is handed out.
+        # empty, not zeros: on the CPU untouched pages cost nothing. A block is zeroed when it is handed out
+        # instead: its slots past a segment's length are then finite (so a zero probability zeroes them in
+        # the reference attention) and its mass reads zero.
         self.k = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=self.device)
         self.v = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=self.device)
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
@@ -111,7 +112,10 @@ class BlockPool:
             raise PoolExhausted(f"the KV pool has {len(self._free)} free blocks, {n} were asked for")
         blocks = [self._free.pop() for _ in range(n)]
         if blocks:
-            self.mass[torch.tensor(blocks, device=self.device)] = 0.0
+            idx = torch.tensor(blocks, device=self.device)
+            self.k[idx] = 0
+            self.v[idx] = 0
+            self.mass[idx] = 0.0
         return blocks
 
     def free(self, blocks: list[int]) -> None:
