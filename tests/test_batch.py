@@ -191,3 +191,28 @@ def test_stop_strings_end_the_answer_before_the_stop(tmp_path):
     assert r.finish_reason == "stop"
     assert r.text == text[:text.find(stop)] and "".join(pieces) == r.text
     assert r.generated_tokens <= 4
+
+
+def test_the_plans_concurrency_is_what_the_engine_reaches(tmp_path):
+    """`kvx profile --plan`'s batched-engine rows (memory.pool_capacity) against a real run: in the same
+    pool the engine runs exactly that many uncompressed sequences at once, and at least that many compressed
+    ones (the plan bounds each segment's waste by a whole block; a real segment often wastes less)."""
+    from kvx.runtime.memory import pool_capacity
+
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    cfg, n, gen, memory = engine.config, 300, 40, 400 << 10
+    rng = random.Random(2)
+    for name, budget in [("full", None), ("snapkv", "10%")]:
+        b = None if budget is None else parse_budget(budget)
+        want_full, want_compressed = pool_capacity(cfg, n, b or parse_budget("100%"), 4, gen, memory)
+        batch = BatchEngine(engine, kv_memory=memory, max_batch=64)
+        for _ in range(16):
+            batch.submit(GenerationRequest(prompt_ids=[rng.randrange(3, 128) for _ in range(n)], max_tokens=gen,
+                                           policy=_policy(name), budget=b, stop_at_eos=False))
+        batch.run()
+        if budget is None:
+            assert batch.max_running == want_full
+        else:
+            assert want_compressed >= 3 * want_full
+            assert batch.max_running >= want_compressed

@@ -49,7 +49,7 @@ TOP_KEYS = {"schema", "mode", "model", "architecture", "config", "device", "dtyp
 KV_KEYS = {"bytes_per_token", "entry_bytes", "full", "kept", "held", "headroom", "held_fraction_of_full",
            "peak_prefill_bytes"}
 FITS_KEYS = {"memory", "free", "max_context_full", "max_context_budget", "max_context_held", "max_batch_full",
-             "max_batch_budget", "max_batch_held"}
+             "max_batch_budget", "max_batch_held", "block_size", "max_batch_pool_full", "max_batch_pool_budget"}
 MEASURED_KEYS = {"tokens", "weights", "kv", "layers", "kept_map", "kept_positions", "peak", "timings", "agreement"}
 PEAK_KEYS = {"kv_bytes", "kv_bytes_end", "device_bytes", "rss_bytes", "rss_peak_bytes", "rss_peak_scope"}
 TIMING_KEYS = {"prefill_s", "stats_s", "select_s", "compact_s", "decode_s", "decode_evict_s",

@@ -84,8 +84,9 @@ def _fits_table(r: dict):
 
     f = r["planned"]["fits"]
     table = Table(title=f"what fits in {human_bytes(f['memory'])} ({human_bytes(f['free'])} after the weights)",
-                  caption="prefill peak: each prompt prefilled whole, one at a time (kvx today); "
-                          "held only: as if prefill were chunked")
+                  caption="prefill peak: each prompt prefilled whole, one at a time; held only: as if prefill were "
+                          f"chunked; batched engine: kvx generate --jsonl / kvx serve with --kv-memory = the free "
+                          f"memory, blocks of {f.get('block_size') or '-'} tokens (each segment wastes < 1 block)")
     for col in ("", "max context, batch 1", f"max batch @ {r['context']}"):
         table.add_column(col, justify="right" if col else "left", no_wrap=True)
     table.add_row("uncompressed", f"{f['max_context_full']:,}", f"{f['max_batch_full']:,}")
@@ -94,6 +95,10 @@ def _fits_table(r: dict):
         table.add_row(f"budget {r['budget']}, prefill peak", f"{f['max_context_budget']:,}",
                       f"{f['max_batch_budget']:,}")
         table.add_row(f"budget {r['budget']}, held only", held, f"{f['max_batch_held']:,}")
+    if f.get("block_size"):
+        table.add_row(f"batched engine, uncompressed", "", f"{f['max_batch_pool_full']:,}")
+        if r["budget"] is not None:
+            table.add_row(f"batched engine, budget {r['budget']}", "", f"{f['max_batch_pool_budget']:,}")
     return table
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from kvx.eval.haystack import filler_ids
 
 
@@ -100,25 +102,14 @@ def run_sequential(engine, tokenizer, name: str, n: int, prompt_tokens: int, gen
 
 
 def capacity(engine, context: int, gen: int, kv_memory: int, policy: str, budget: str) -> CapacityRow:
-    """Sequences of `context` prompt tokens (+ gen) that fit at once in kv_memory: full and compressed.
-
-    Steady state: what a sequence holds once compressed (its reservation after compression); the prefill
-    transient of the one request being prefilled is counted once.
-    """
-    from kvx.options import policy_and_budget
+    """Sequences of `context` prompt tokens (+ gen) the batched engine holds at once in kv_memory, full and
+    compressed (memory.pool_capacity: the scheduler's admission arithmetic, as `kvx profile --plan`)."""
+    from kvx.policies import parse_budget
+    from kvx.runtime.memory import pool_capacity
     from kvx.runtime.pool import BlockPool
-    from kvx.runtime.scheduler import blocks_needed
-    from kvx.runtime.sequence import GenerationRequest, Sequence
 
     cfg = engine.config
-    pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, "meta")
-    S, B = cfg.num_layers * cfg.num_kv_heads, pool.block_size
-    ids = [0] * context
-    full = blocks_needed(Sequence(GenerationRequest(prompt_ids=ids, max_tokens=gen), gen), cfg, B, None)
-    pol, bud = policy_and_budget(policy, budget, None, [])
-    worst = blocks_needed(Sequence(GenerationRequest(prompt_ids=ids, max_tokens=gen, policy=pol, budget=bud), gen),
-                          cfg, B, None)
-    held = -(-(bud.total_entries(context, cfg.num_layers, cfg.num_kv_heads) + S * gen) // B) + S
-    fit_full = pool.num_blocks // full
-    fit_compressed = 0 if worst > pool.num_blocks else 1 + (pool.num_blocks - worst) // held
-    return CapacityRow(context, gen, kv_memory, pool.num_blocks, policy, budget, fit_full, fit_compressed)
+    nbytes = torch.empty((), dtype=engine.dtype).element_size()
+    fit_full, fit_compressed = pool_capacity(cfg, context, parse_budget(budget), nbytes, gen, kv_memory)
+    blocks = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, "meta").num_blocks
+    return CapacityRow(context, gen, kv_memory, blocks, policy, budget, fit_full, fit_compressed)

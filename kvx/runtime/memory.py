@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from kvx.errors import KvxError
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE
 from kvx.models.config import ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -81,6 +82,11 @@ class Fits:
     max_batch_full: int  # at `context`, uncompressed
     max_batch_budget: int  # at `context`, compressed, sequences prefilled one at a time
     max_batch_held: int  # at `context`, counting only what is held after compression
+    # The batched engine (kvx generate --jsonl, kvx serve): the same memory as a pool of blocks, admitting a
+    # request only when its worst case fits (a compressed one reserves its prefill until it is compressed).
+    block_size: int = 0
+    max_batch_pool_full: int = 0
+    max_batch_pool_budget: int = 0
 
 
 @dataclass
@@ -187,10 +193,33 @@ class _SequenceBytes:
         kept = self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
         return (kept + self.heads * self.headroom) * self.entry
 
+    def pool_batches(self, context: int, free: int) -> tuple[int, int]:
+        """(full, compressed) sequences of `context` tokens the batched engine runs at once in `free` bytes."""
+        from kvx.runtime.scheduler import compressed_blocks, full_blocks
+
+        B = DEFAULT_BLOCK_SIZE
+        blocks = free // (B * self.entry)
+        full = full_blocks(self.heads, B, context + self.headroom)
+        if self.budget is None or self.budget.keeps_everything(context):
+            return blocks // full, blocks // full
+        kept = self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
+        held = compressed_blocks(self.heads, B, kept, self.headroom)
+        worst = full_blocks(self.heads, B, context) + held
+        return blocks // full, 0 if worst > blocks else 1 + (blocks - worst) // held
+
     def prefill_peak(self, context: int) -> int:
         # A compressed run allocates exactly the prompt, then compacts; an uncompressed one allocates the
         # prompt and its headroom up front. (Compaction briefly holds one layer's new pools on top.)
         return max(self.heads * context * self.entry, self.held(context))
+
+
+def pool_capacity(cfg: ModelConfig, context: int, budget, dtype_bytes: int, headroom_tokens: int,
+                  pool_bytes: int) -> tuple[int, int]:
+    """(uncompressed, compressed) sequences of `context` tokens the batched engine holds at once in a KV
+    pool of pool_bytes (the same admission arithmetic as runtime/scheduler.py)."""
+    sizes = _SequenceBytes(cfg.num_layers * cfg.num_kv_heads, 2 * cfg.head_dim * dtype_bytes, budget, cfg,
+                           headroom_tokens)
+    return sizes.pool_batches(context, pool_bytes)
 
 
 def _fits(sizes: _SequenceBytes, context: int, memory: int, weights: int) -> Fits:
@@ -198,6 +227,7 @@ def _fits(sizes: _SequenceBytes, context: int, memory: int, weights: int) -> Fit
     if free <= 0:
         raise KvxError(f"memory {human_bytes(memory)} is smaller than the weights ({human_bytes(weights)})")
     held, peak = sizes.held(context), sizes.prefill_peak(context)
+    pool_full, pool_budget = sizes.pool_batches(context, free)
     return Fits(
         memory=memory, free=free,
         max_context_full=_largest(sizes.full, free) or 0,
@@ -206,6 +236,7 @@ def _fits(sizes: _SequenceBytes, context: int, memory: int, weights: int) -> Fit
         max_batch_full=free // sizes.full(context),
         max_batch_budget=0 if peak > free else 1 + (free - peak) // held,
         max_batch_held=free // held,
+        block_size=DEFAULT_BLOCK_SIZE, max_batch_pool_full=pool_full, max_batch_pool_budget=pool_budget,
     )
 
 

@@ -23,6 +23,17 @@ from kvx.runtime.sequence import Sequence
 from kvx.runtime.engine import DECODE_SLACK
 
 
+def full_blocks(segments: int, block_size: int, tokens: int) -> int:
+    """Blocks of `segments` segments holding `tokens` entries each."""
+    return segments * -(-tokens // block_size)
+
+
+def compressed_blocks(segments: int, block_size: int, kept: int, headroom: int) -> int:
+    """The most blocks a compressed cache of `kept` entries in all (ragged over the segments) plus
+    `headroom` free slots per segment can occupy: each segment wastes less than one block."""
+    return -(-(kept + segments * headroom) // block_size) + segments
+
+
 def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | None) -> int:
     """The most blocks `seq` can hold at any point of its life."""
     r = seq.request
@@ -32,25 +43,19 @@ def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | N
     n = len(ids)
     longest = max((len(q) for q in r.question_ids), default=0) if r.agnostic else 0
     mt = seq.max_tokens
-
-    def per_seg(entries: int) -> int:
-        return -(-entries // block_size)
-
     compresses = (r.policy is not None and r.policy.name != "full" and r.budget is not None
                   and not r.budget.keeps_everything(n))
     if not compresses:
-        return S * per_seg(n + longest + mt)
+        return full_blocks(S, block_size, n + longest + mt)
     decode_mode = r.policy.decode_mode
     headroom = (DECODE_SLACK if decode_mode else mt) + longest
+    prefill_tokens = n
     if prefill_chunk and prefill_chunk < n:
-        prefill = S * per_seg(min(n, r.budget.per_head(n) + prefill_chunk))
-    else:
-        prefill = S * per_seg(n)
-    kept = r.budget.total_entries(n, L, Hkv)
-    compressed = per_seg(kept + S * headroom) + S
+        prefill_tokens = min(n, r.budget.per_head(n) + prefill_chunk)
+    compressed = compressed_blocks(S, block_size, r.budget.total_entries(n, L, Hkv), headroom)
     if r.agnostic and decode_mode:
         compressed *= 2  # each answer evicts inside a copy of the compressed context
-    return prefill + compressed
+    return full_blocks(S, block_size, prefill_tokens) + compressed
 
 
 class Scheduler:
