@@ -470,3 +470,21 @@ def test_default_model_passkey_end_to_end(tmp_path):
     assert len(full) == 3 and len(rows) == 6
     assert sum(r["score"] for r in full) / 3 >= 0.9, [r["prediction"] for r in full]
     assert all(r["context_tokens"] <= 1024 for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["agnostic", "aware"])
+def test_batched_eval_rows_equal_the_sequential_ones(tiny, tmp_path, mode):
+    """kvx eval decodes a sample's answers together through the batched engine; every row (prediction,
+    score, bytes held, tokens) is what the one-after-another loop writes."""
+    pols = ["snapkv", "h2o", "tova", "ada-snapkv", "streaming"]
+    rows = {}
+    for max_batch in (1, 4):
+        out = tmp_path / f"r{max_batch}.jsonl"
+        run_eval(tiny, _config(policies=pols, budgets=["50%", "25%"], mode=mode, max_batch=max_batch, max_tokens=6),
+                 ResultsFile(out))
+        rows[max_batch] = {(r["seed"], r["policy"], r["budget"]): r for r in ResultsFile(out).rows}
+    assert rows[1].keys() == rows[4].keys() and len(rows[1]) == 2 * (len(pols) * 2 + 1)
+    fields = ("prediction", "score", "kv_bytes_held", "kv_bytes_full", "prompt_tokens", "generated_tokens",
+              "finish_reason")
+    for key, row in rows[1].items():
+        assert {f: row[f] for f in fields} == {f: rows[4][key][f] for f in fields}, key

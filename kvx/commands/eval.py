@@ -36,6 +36,7 @@ def eval_command(
     markdown: bool = typer.Option(False, "--markdown", help="Print the summary as Markdown tables (as in docs/results.md)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     summary_only: bool = typer.Option(False, "--summary-only", help="Run nothing: summarise (and --plot) every row already in --out."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Answers of one sample decoded together by the batched engine (1: one after another)."),
 ) -> None:
     """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
 
@@ -53,7 +54,7 @@ def eval_command(
 
     config = EvalConfig(tasks=_split(task), context=context, policies=split_policy_list(policies), budgets=_split(budgets),
                         samples=samples, mode=mode, haystack=haystack, max_tokens=max_tokens, seed=seed,
-                        depths=depths, fidelity=fidelity)
+                        depths=depths, fidelity=fidelity, max_batch=max_batch)
     config.validate()
     kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against is not None and against != "kvpress":

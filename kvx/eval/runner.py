@@ -47,6 +47,7 @@ class EvalConfig:
     seed: int = 0
     depths: int = 5
     fidelity: bool = False  # also teacher-force question + full answer: KL / top-1 / layer errors per row
+    max_batch: int = 16  # answers decoded together per sample (1: one variant after another)
     model: str = ""  # recorded in every row; a results file holds one model's rows
     dtype: str = ""
 
@@ -221,6 +222,9 @@ def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, varia
                            capacity=len(prompt.full) + max_tokens)
     params = SamplingParams()
     n_compressed = len(prefill_ids)
+    if config.max_batch > 1:
+        _evaluate_batched(engine, config, sample, prompt, variants, shared, max_tokens, emit)
+        return
     full_answer: list[int] | None = None
     for v in sorted(variants, key=lambda v: v.policy_name != FULL):
         t0 = time.perf_counter()
@@ -242,6 +246,52 @@ def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, varia
             continuation = (prompt.question if agnostic else []) + (full_answer or [])
             fid = compare_on_continuation(engine, shared, continuation, v.policy, v.budget)
             row["fidelity"] = fid.to_dict()
+        emit(row)
+
+
+def _evaluate_batched(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant], shared,
+                      max_tokens: int, emit: Callable[[dict], None]) -> None:
+    """Every variant forked and compressed as in the sequential loop, then all answers decoded together
+    through the batched engine (runtime/batch.py), --max-batch at a time: the same answers (a request's
+    output in a batch is its output alone), fewer passes over the weights."""
+    from kvx.runtime.batch import BatchEngine
+    from kvx.runtime.pool import BlockPool
+    from kvx.runtime.sequence import GenerationRequest
+
+    agnostic = config.mode == "agnostic"
+    ordered = sorted(variants, key=lambda v: v.policy_name != FULL)
+    prepared = []
+    for v in ordered:
+        t0 = time.perf_counter()
+        req = shared.fork(v.policy, v.budget)
+        engine.compress(req, headroom=0 if agnostic else max_tokens)
+        request = (GenerationRequest(context_ids=prompt.context, question_ids=[prompt.question], max_tokens=max_tokens)
+                   if agnostic else GenerationRequest(prompt_ids=prompt.full, max_tokens=max_tokens))
+        prepared.append((v, req, request, time.perf_counter() - t0, req.lengths_after_compress))
+    cfg = engine.config
+    block = BlockPool.for_memory(1 << 20, cfg.num_kv_heads, cfg.head_dim, engine.dtype, "meta")
+    needs = [BatchEngine.adoption_blocks(engine, block.block_size, req, request)[0] for _, req, request, _, _ in prepared]
+    results = {}
+    for start in range(0, len(prepared), config.max_batch):
+        group = prepared[start:start + config.max_batch]
+        batch = BatchEngine(engine, sum(needs[start:start + config.max_batch]) * block.block_bytes,
+                            max_batch=config.max_batch)
+        seqs = []
+        for v, req, request, _, _ in group:
+            seqs.append((v, batch.adopt(req, request, None if agnostic else shared.logits)))
+        batch.run()
+        for v, seq in seqs:
+            results[id(v)] = seq.results[0]
+    full_answer = next((list(results[id(v)].token_ids) for v, *_ in prepared if v.policy_name == FULL), None)
+    for v, req, _, prep_s, lengths in prepared:
+        if v.silent:
+            continue
+        result = results[id(v)]
+        row = _row(config, sample, v, result.text, engine, len(prompt.context if agnostic else prompt.full),
+                   lengths, result, prep_s + result.timings.decode_s)
+        if config.fidelity and v.policy_name != FULL:
+            continuation = (prompt.question if agnostic else []) + (full_answer or [])
+            row["fidelity"] = compare_on_continuation(engine, shared, continuation, v.policy, v.budget).to_dict()
         emit(row)
 
 

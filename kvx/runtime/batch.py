@@ -75,6 +75,42 @@ class BatchEngine:
         self.scheduler.waiting.append(seq)
         return seq
 
+    @staticmethod
+    def adoption_blocks(engine, block_size: int, req, request: GenerationRequest) -> tuple[int, int, int]:
+        """(blocks to reserve, extra slots per segment, clipped max_tokens) for adopting `req`."""
+        limit = engine.config.max_position_embeddings
+        longest = max((len(q) for q in request.question_ids), default=0) if request.agnostic else 0
+        max_tokens = max(0, min(request.max_tokens, limit - req.position - longest))
+        extra = longest + (DECODE_SLACK if req.decode_mode else max_tokens)
+        need = sum(-(-(n + extra) // block_size) for lc in req.cache.layers for n in lc.lengths)
+        if request.agnostic and req.decode_mode:
+            need *= 2
+        return need, extra, max_tokens
+
+    def adopt(self, req, request: GenerationRequest, logits=None) -> Sequence:
+        """Join a request already prefilled and compressed on its own (an eval fork) to the batch.
+
+        Aware (request.prompt_ids): it decodes from `logits`; agnostic (request.context_ids and one or more
+        question_ids): each question is prefilled over its compressed context. Its cache is copied into the
+        pool (the caller drops the original); KvxError if the pool cannot hold it now.
+        """
+        need, extra, max_tokens = self.adoption_blocks(self.engine, self.pool.block_size, req, request)
+        seq = Sequence(request, max_tokens)
+        if not self.pool.can_reserve(need):
+            raise KvxError(f"the KV pool cannot take another {need} blocks now")
+        self.pool.reserve(need)
+        seq.reserved = need
+        seq.prefix_tokens = req.position
+        req.cache = PagedKVCache.copy_of(req.cache, self.pool, extra)
+        seq.req = req
+        self.scheduler.running.append(seq)
+        if request.agnostic:
+            seq.snapshot = _Snapshot.take(req)
+            seq.state = PREFILL
+        else:
+            seq.start_answer(logits, self.tokenizer)
+        return seq
+
     def cancel(self, seq: Sequence) -> None:
         """Stop a request now (a client went away); its blocks return to the pool at once."""
         if not seq.done:
@@ -201,6 +237,8 @@ class BatchEngine:
             seq.first_token_at = time.perf_counter()
         seq.out_ids.append(tok)
         self.generated_tokens += 1
+        if seq.stream is None:
+            return tok
         seq.text += seq.stream.push(tok)
         if r.stop:
             hit = min((i for i in (seq.text.find(s) for s in r.stop) if i >= 0), default=-1)
@@ -220,9 +258,10 @@ class BatchEngine:
 
     def _end_answer(self, seq: Sequence, finish: str) -> None:
         eng, req, r = self.engine, seq.req, seq.request
-        if finish != "stop":
-            seq.text += seq.stream.flush()
-        self._emit(seq)
+        if seq.stream is not None:
+            if finish != "stop":
+                seq.text += seq.stream.flush()
+            self._emit(seq)
         req.timings.decode_s += time.perf_counter() - seq.decode_started
         text = seq.text if finish == "stop" else self.tokenizer.decode(seq.out_ids)
         res = eng.result(req, seq.prompt_tokens, list(seq.out_ids), text, finish)

@@ -199,6 +199,26 @@ class PagedKVCache:
         new._note_peak()
         return new
 
+    @classmethod
+    def copy_of(cls, src, pool: BlockPool, extra: int) -> "PagedKVCache":
+        """A paged copy of any cache with this interface (a RaggedKVCache), with room for `extra` more
+        tokens per segment: how a request prefilled alone joins a batch."""
+        new = cls(pool, src.num_layers, src.num_kv_heads, track_mass=src.track_mass)
+        new.compacted = src.compacted
+        for s_lc, d_lc in zip(src.layers, new.layers):
+            for g, n in enumerate(s_lc.lengths):
+                d_lc.resize(g, n + extra)
+                d_lc.lengths[g] = n
+            dst = torch.cat([d_lc.slots(g) for g in range(src.num_kv_heads)])
+            heads = [s_lc.head(g) for g in range(src.num_kv_heads)]
+            pool.k_flat[dst] = torch.cat([h[0] for h in heads]).to(pool.dtype)
+            pool.v_flat[dst] = torch.cat([h[1] for h in heads]).to(pool.dtype)
+            pool.pos_flat[dst] = torch.cat([h[2] for h in heads])
+            if src.track_mass:
+                pool.mass_flat[dst] = torch.cat([s_lc.head_mass(g) for g in range(src.num_kv_heads)])
+        new._note_peak()
+        return new
+
     def release(self) -> None:
         """Every block back to the pool, at once."""
         for lc in self.layers:

@@ -68,6 +68,7 @@ class Sequence:
         self.generator = None
         self.decode_started = 0.0
         self.snapshot = None  # what a question rewinds to (agnostic mode)
+        self.prefix_tokens: int | None = None  # set when a prefilled request is adopted (BatchEngine.adopt)
 
     @property
     def done(self) -> bool:
@@ -76,6 +77,8 @@ class Sequence:
     @property
     def prompt_tokens(self) -> int:
         r = self.request
+        if self.prefix_tokens is not None:  # adopted: the prompt's length as its own engine counted it
+            return self.prefix_tokens + (len(r.question_ids[self.question]) if r.agnostic else 0)
         if r.agnostic:
             return len(r.context_ids) + len(r.question_ids[self.question])
         return len(r.prompt_ids)
@@ -85,7 +88,9 @@ class Sequence:
         self.out_ids = []
         self.text = ""
         self.emitted = 0
-        self.stream = tokenizer.stream_decoder()
+        # Text is decoded as it comes only when someone reads it (streaming, stop strings).
+        r = self.request
+        self.stream = tokenizer.stream_decoder() if (r.on_text is not None or r.stop) else None
         self.generator = make_generator(self.request.params, torch.device("cpu"))
         self.decode_started = time.perf_counter()
         self.state = DECODE
