@@ -121,6 +121,26 @@ def test_chunked_prefill_in_a_batch_equals_alone(tmp_path):
     assert [s.results[0].token_ids for s in seqs] == want
 
 
+def test_running_sequences_decode_between_the_chunks_of_a_long_prefill(tmp_path):
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
+    rng = random.Random(9)
+    batch = BatchEngine(engine, kv_memory=8 << 20, max_batch=4)
+    short = batch.submit(_request(_ids(rng, 20, 30), "snapkv", "50%", 40, stop_at_eos=False))
+    batch.step()  # short is prefilled (one chunk) and takes its first step
+    long = batch.submit(_request(_ids(rng, 600, 601), "snapkv", "10%", 4))
+    during = []
+    for _ in range(100):
+        batch.step()
+        if long.state == "prefill" or long.prefill_steps is not None:
+            during.append(len(short.out_ids))
+        if long.state != "prefill" and long.prefill_steps is None:
+            break
+    assert len(during) >= 8 and during[-1] - during[0] >= 7  # ~10 chunks, a token of short's after each
+    batch.run()
+    assert long.results[0].token_ids == _alone(engine, long.request.prompt_ids, "snapkv", "10%", 4).token_ids
+
+
 def test_pool_accounting_under_random_load(tmp_path):
     """Many randomly sized requests (compressed, full, decode-time eviction, agnostic), some cancelled at
     random, through a pool far too small for all at once: the pool never exceeds its cap, no sequence

@@ -156,6 +156,8 @@ class BatchEngine:
 
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
+        """One prefill unit of seq: a chunk of its prompt (--prefill-chunk), or the whole prompt, then its
+        compression; or, for a question-agnostic request already compressed, its next question."""
         eng = self.engine
         r = seq.request
         if seq.req is None:
@@ -169,21 +171,35 @@ class BatchEngine:
             seq.req = req
             if not req.compresses and not r.agnostic:
                 req.cache.reserve(n + seq.max_tokens)
-            logits, final_budget = eng._prefill_prompt(req, ids)
-            if r.agnostic:
-                eng.compress(req, headroom=0, budget=final_budget)
-                longest = max(len(q) for q in r.question_ids)
-                req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
-                seq.snapshot = _Snapshot.take(req)
-                grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
-                self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
-                self._start_question(seq)
+            if eng.prefill_chunk:
+                seq.prefill_steps = eng.prefill_steps(req, ids, eng.prefill_chunk)
+            else:
+                self._compress(seq, eng.prefill(req, ids), None)
                 return
-            eng.compress(req, headroom=seq.max_tokens, budget=final_budget)
-            self.scheduler.shrink(seq, req.cache.blocks_held())
-            seq.start_answer(logits, self.tokenizer)
-            return
+        if seq.prefill_steps is not None:
+            try:
+                next(seq.prefill_steps)  # one chunk; running sequences decode before the next
+                return
+            except StopIteration as done:
+                seq.prefill_steps = None
+                self._compress(seq, *done.value)
+                return
         self._start_question(seq)
+
+    def _compress(self, seq: Sequence, logits, final_budget) -> None:
+        eng, req, r = self.engine, seq.req, seq.request
+        if r.agnostic:
+            eng.compress(req, headroom=0, budget=final_budget)
+            longest = max(len(q) for q in r.question_ids)
+            req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
+            seq.snapshot = _Snapshot.take(req)
+            grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
+            self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
+            self._start_question(seq)
+            return
+        eng.compress(req, headroom=seq.max_tokens, budget=final_budget)
+        self.scheduler.shrink(seq, req.cache.blocks_held())
+        seq.start_answer(logits, self.tokenizer)
 
     def _start_question(self, seq: Sequence) -> None:
         """Prefill question `seq.question` over the compressed context and start its answer."""

@@ -254,6 +254,16 @@ class Engine:
         own allocator over the survivors. Returns (last logits, the budget for that final compress):
         a per-head token budget equal to what the original budget means for the whole prompt.
         """
+        steps = self.prefill_steps(req, ids, chunk)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, req: Request, ids: list[int], chunk: int):
+        """prefill_chunked one chunk at a time: a generator that yields after each chunk and returns
+        (last logits, final budget); the batched engine runs other requests' decode steps in between."""
         from kvx.policies import Budget, Policy
         from kvx.policies.allocation import UniformAllocator
 
@@ -286,6 +296,7 @@ class Engine:
                 req.timings.select_s += t1 - t0
                 req.timings.compact_s += time.perf_counter() - t1
             req.stats = [None] * cfg.num_layers
+            yield
         return logits, budget
 
     def fork(self, req: Request, policy=None, budget=None) -> Request:
