@@ -69,8 +69,10 @@ class BatchEngine:
         seq = Sequence(request, max_tokens)
         if not self.scheduler.fits_ever(seq):
             need = self.scheduler.need(seq) * self.pool.block_bytes
-            raise KvxError(f"the request needs {_mib(need)} of KV cache, more than the whole pool "
-                           f"({_mib(self.pool.bytes_total)}): raise --kv-memory, lower --max-tokens or "
+            from kvx.runtime.memory import human_bytes
+
+            raise KvxError(f"the request needs {human_bytes(need)} of KV cache, more than the whole pool "
+                           f"({human_bytes(self.pool.bytes_total)}): raise --kv-memory, lower --max-tokens or "
                            "compress it (--policy ... --budget ...)")
         self.scheduler.waiting.append(seq)
         return seq
@@ -105,7 +107,7 @@ class BatchEngine:
         seq.req = req
         self.scheduler.running.append(seq)
         if request.agnostic:
-            seq.snapshot = _Snapshot.take(req)
+            seq.snapshot = _Snapshot(req)
             seq.state = PREFILL
         else:
             seq.start_answer(logits, self.tokenizer)
@@ -192,7 +194,7 @@ class BatchEngine:
             eng.compress(req, headroom=0, budget=final_budget)
             longest = max(len(q) for q in r.question_ids)
             req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
-            seq.snapshot = _Snapshot.take(req)
+            seq.snapshot = _Snapshot(req)
             grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
             self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
             self._start_question(seq)
@@ -314,13 +316,7 @@ class _Snapshot:
         self.head_budget = None if req.head_budget is None else [list(h) for h in req.head_budget]
         self.timings = replace(req.timings)  # a copy: the first answer adds to the request's own
 
-    @classmethod
-    def take(cls, req) -> "_Snapshot":
-        return cls(req)
-
     def restore(self, seq: Sequence) -> None:
-        from kvx.runtime.engine import Timings
-
         req = seq.req
         if req.cache is not self.cache:
             req.cache.release()
@@ -330,14 +326,7 @@ class _Snapshot:
         req.position = self.position
         req.recent_q = list(self.recent_q)
         req.head_budget = None if self.head_budget is None else [list(h) for h in self.head_budget]
-        t = self.timings
-        req.timings = Timings(prefill_s=t.prefill_s, stats_s=t.stats_s, select_s=t.select_s, compact_s=t.compact_s)
-
-
-def _mib(n: int) -> str:
-    from kvx.runtime.memory import human_bytes
-
-    return human_bytes(n)
+        req.timings = replace(self.timings)
 
 
 def generate_batch(engine: Engine, requests: list[GenerationRequest], kv_memory: int,
