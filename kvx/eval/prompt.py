@@ -44,8 +44,13 @@ class PromptText:
     answer_prefix: str
 
 
-def prompt_text(sample, tokenizer=None) -> PromptText:
-    """The prompt's parts as text; with a tokenizer, the answer prefix as the model will read it."""
+def prompt_text(sample, tokenizer=None, answer_prefix: bool = True) -> PromptText:
+    """The prompt's parts as text; with a tokenizer, the answer prefix as the model will read it.
+
+    answer_prefix=False: the plain question, nothing after the assistant header (what a user typing one
+    prompt sends; `kvx eval --mode aware-plain`)."""
+    if not answer_prefix:
+        return PromptText(context=sample.context, question="\n\n" + sample.question, answer_prefix="")
     prefix = sample.answer_prefix
     if tokenizer is not None:
         prefix += answer_lead(tokenizer, sample)
@@ -62,9 +67,10 @@ def answer_lead(tokenizer, sample) -> str:
     return " " if with_number[:len(with_space)] == with_space else ""
 
 
-def build_prompt(tokenizer, sample) -> PromptIds:
-    """Token ids of `sample`'s prompt, split after the context (see the module docstring)."""
-    text = prompt_text(sample, tokenizer)
+def build_prompt(tokenizer, sample, answer_prefix: bool = True) -> PromptIds:
+    """Token ids of `sample`'s prompt, split after the context (see the module docstring); without the
+    answer prefix when answer_prefix is False."""
+    text = prompt_text(sample, tokenizer, answer_prefix)
     templated = bool(getattr(tokenizer, "has_chat_template", False))
     if templated:
         head, tail = split_chat_turn(tokenizer, text.context, text.question)
