@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from kvx.models.tokenizer import split_chat_turn
 
 
+# What aware-plain mode appends to a question whose answers are numbers (tests/test_compression.py's
+# passkey prompt, the format the default model answers reliably with its full cache).
+PLAIN_NUMBER_INSTRUCTION = " Answer with the number only."
+
+
 @dataclass(frozen=True)
 class PromptIds:
     context: list[int]
@@ -50,7 +55,10 @@ def prompt_text(sample, tokenizer=None, answer_prefix: bool = True) -> PromptTex
     answer_prefix=False: the plain question, nothing after the assistant header (what a user typing one
     prompt sends; `kvx eval --mode aware-plain`)."""
     if not answer_prefix:
-        return PromptText(context=sample.context, question="\n\n" + sample.question, answer_prefix="")
+        # Without RULER's answer prefix the question alone ("What is the pass key?") gets an explanation of
+        # what a pass key is, even from the full cache; a user asks for the value.
+        ask = PLAIN_NUMBER_INSTRUCTION if sample.answers and all(a.isdigit() for a in sample.answers) else ""
+        return PromptText(context=sample.context, question="\n\n" + sample.question + ask, answer_prefix="")
     prefix = sample.answer_prefix
     if tokenizer is not None:
         prefix += answer_lead(tokenizer, sample)
