@@ -488,3 +488,52 @@ def test_batched_eval_rows_equal_the_sequential_ones(tiny, tmp_path, mode):
               "finish_reason")
     for key, row in rows[1].items():
         assert {f: row[f] for f in fields} == {f: rows[4][key][f] for f in fields}, key
+
+
+# -- the plain-question aware setting, and KVzip in eval ------------------------------------------------------
+
+def test_aware_plain_mode_ends_with_the_plain_question(tiny, tmp_path):
+    from kvx.eval import tasks as task_gen
+    from kvx.eval.prompt import build_prompt, prompt_text
+
+    sample = task_gen.generate("passkey", tiny.tokenizer, 120, 0, 0.5, "noise")
+    assert sample.answer_prefix  # RULER's "The pass key is"
+    plain, ruler = build_prompt(tiny.tokenizer, sample, answer_prefix=False), build_prompt(tiny.tokenizer, sample)
+    assert plain.context == ruler.context
+    assert plain.question != ruler.question
+    text = prompt_text(sample, tiny.tokenizer, answer_prefix=False)
+    assert text.answer_prefix == "" and text.question == "\n\n" + sample.question + " Answer with the number only."
+    fake = FakeBaseline()
+    rows = run_eval(tiny, _config(mode="aware-plain", samples=1, policies=["snapkv", "kvzip"]),
+                    ResultsFile(tmp_path / "p.jsonl"), baselines=[fake])
+    assert {r["mode"] for r in rows} == {"aware-plain"}
+    assert fake.aware and fake.prefills == 1
+    mine = {r["policy"]: r for r in rows if not r["policy"].startswith("fake:")}
+    assert set(mine) == {"full", "snapkv", "kvzip"}
+    # the whole plain prompt is what was compressed: context + question, no answer prefix
+    assert mine["snapkv"]["kv_bytes_full"] == mine["full"]["kv_bytes_full"]
+    n = len(plain.full)
+    cfg = tiny.config
+    assert mine["snapkv"]["kv_bytes_full"] == cfg.num_layers * cfg.num_kv_heads * n * tiny.entry_bytes()
+    assert mine["kvzip"]["kv_bytes_held"] == mine["snapkv"]["kv_bytes_held"]  # same budget, same bytes
+    with pytest.raises(KvxError, match="aware-plain"):
+        run_eval(tiny, _config(mode="plain"), ResultsFile(tmp_path / "q.jsonl"))
+
+
+def test_kvzip_in_eval_equals_its_own_prefill(tiny):
+    """SharedPrefill's reconstruction (one per sample, shared by every budget) equals the engine's own."""
+    from kvx.policies import build_policy, parse_budget
+
+    ids = _ids(90)
+    pol, budgets = build_policy("kvzip", args={"chunk": "32"}), [parse_budget("20%"), parse_budget("50%")]
+    shared = SharedPrefill(tiny, ids, [(pol, b) for b in budgets])
+    for b in budgets:
+        req = shared.fork(pol, b)
+        own = tiny.new_request(capacity=len(ids), policy=pol, budget=b)
+        tiny.prefill(own, ids)
+        for a, c in zip(req.stats, own.stats):
+            torch.testing.assert_close(a.col_max, c.col_max, rtol=1e-5, atol=1e-7)
+        tiny.compress(req, headroom=0)
+        tiny.compress(own, headroom=0)
+        assert _kept_positions(req) == _kept_positions(own)
+    assert len(shared._stats) == 1  # the reconstruction ran once for both budgets

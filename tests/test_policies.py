@@ -84,8 +84,9 @@ def ctx_for(st: LayerStats, H, Hkv, d, sinks=0, window=0) -> ScoreContext:
                         hi=st.n - window, per_head=8.0)
 
 
-def ref_pool(x: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
-    """Loop pooling with zero padding (avg counts the padding), output length = input length."""
+def ref_pool(x: torch.Tensor, kernel: int, kind: str, count_pad: bool = True) -> torch.Tensor:
+    """Loop pooling with zero padding (avg counts the padding unless count_pad is False), output length =
+    input length."""
     m = x.shape[-1]
     out = torch.empty_like(x)
     p = kernel // 2
@@ -95,7 +96,7 @@ def ref_pool(x: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
         if kind == "max":
             out[..., j] = seg.max(-1).values
         else:
-            out[..., j] = seg.sum(-1) / kernel
+            out[..., j] = seg.sum(-1) / (kernel if count_pad else seg.shape[-1])
     return out
 
 
@@ -228,9 +229,11 @@ def test_criticalkv_stage_two_matches_formula(stats_and_raw):
     assert pol.scorer.first_stage_ratio == 0.5
 
 
-def test_ahakv_score_matches_formula(stats_and_raw):
+@pytest.mark.parametrize("prior_pad", ["exclude", "include"])
+def test_ahakv_score_matches_formula(stats_and_raw, prior_pad):
     st, raw = stats_and_raw
-    pol = build_policy("ahakv", args={"recent": str(W)})
+    args = {"recent": str(W)} if prior_pad == "exclude" else {"recent": str(W), "prior_pad": prior_pad}
+    pol = build_policy("ahakv", args=args)
     got = pol.scorer.score(st, ctx_for(st, H, HKV, D, window=W))[:, :N - W]
     q, k, v = raw["q"], raw["k"], raw["v"]
     # Step-gain softmax of the last W rows, from the raw logits (no 1/sqrt(d)).
@@ -242,7 +245,8 @@ def test_ahakv_score_matches_formula(stats_and_raw):
             x = q[h, i].double() @ k[h // G, :i + 1].double().T
             recent[h, :i + 1] += torch.softmax(lam * x, dim=0)
     nu = v.double().norm(dim=-1)[:, :N - W] ** 2
-    gamma = ref_pool(nu, 7, "avg")
+    # By default the value prior's avg-pool averages only real candidates (no zero padding counted).
+    gamma = ref_pool(nu, 7, "avg", count_pad=prior_pad == "include")
     want = group_mean(recent, HKV)[:, :N - W] * gamma / gamma.max(-1, keepdim=True).values
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 
@@ -357,10 +361,51 @@ def test_laprox_prefers_large_projected_value():
 
 def test_tova_keeps_last_row_argmax(stats_and_raw):
     st, raw = stats_and_raw
+    # The paper's rule by default: the mean over every head of the layer, one token for every kv head.
+    assert build_policy("tova").selection.heads == "layer"
     keep = build_policy("tova").select([st], parse_budget("2"), HKV, H, D)
+    best = int(raw["A"][:, -1, :N - 1].mean(0).argmax())
+    for idx in keep[0]:
+        assert idx.tolist() == sorted([best, N - 1])
+    # kvx's per-group variant stays an option.
+    keep = build_policy("tova", args={"heads": "group"}).select([st], parse_budget("2"), HKV, H, D)
     best = group_mean(raw["A"][:, -1, :N - 1], HKV).argmax(-1)
     for g, idx in enumerate(keep[0]):
         assert idx.tolist() == sorted([int(best[g]), N - 1])
+
+
+@pytest.mark.parametrize("name", ["ada-snapkv", "ada-pyramidkv"])
+def test_ada_snapkv_takes_the_group_mean_before_pooling(stats_and_raw, name):
+    """Ada-KV's code: window mean, group mean, then max-pool; pool_order=head (SnapKV's default) pools each
+    query head first. They differ: max-pool and mean do not commute."""
+    st, raw = stats_and_raw
+    ctx = ctx_for(st, H, HKV, D, window=W)
+    mean = raw["A"][:, N - W:].mean(1)  # [H, N] window mean
+    pol = build_policy(name, args={"window": str(W)})
+    assert pol.scorer.pool_order == "group" and build_policy("snapkv").scorer.pool_order == "head"
+    got = pol.scorer.score(st, ctx)[:, :N - W].double()
+    want = ref_pool(group_mean(mean, HKV)[:, :N - W], 7, "max")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    old = build_policy(name, args={"window": str(W), "pool_order": "head"}).scorer.score(st, ctx)[:, :N - W]
+    torch.testing.assert_close(old.double(), group_mean(ref_pool(mean[:, :N - W], 7, "max"), HKV),
+                               rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(old.double(), got)
+    info = {p.name: p for p in describe_policies()}[name]
+    assert dict((o, d) for o, d, _ in info.options)["pool_order"] == "group"
+
+
+@pytest.mark.parametrize("budget", ["5%", "20%", "12"])
+def test_laprox_window_inside_or_on_top_of_the_budget(model_stats, budget):
+    b = parse_budget(budget)
+    inside = build_policy("laprox").select(model_stats, b, HKV, H, D)
+    assert sum(i.numel() for layer in inside for i in layer) == b.total_entries(96, 3, HKV)
+    top = build_policy("laprox", args={"window_budget": "outside"}).select(model_stats, b, HKV, H, D)
+    # K = budget of the n - w others, plus the window in every head
+    want = min(b.total_entries(96 - 32, 3, HKV) + 3 * HKV * 32, 3 * HKV * 96)
+    assert sum(i.numel() for layer in top for i in layer) == want
+    for layer in top:
+        for idx in layer:
+            assert set(range(64, 96)) <= set(idx.tolist())
 
 
 def test_criticalkv_second_stage_takes_large_output_norm():
@@ -442,22 +487,51 @@ def test_decode_modes():
     assert build_policy("tova").decode_keep(view, n + 3).tolist() == list(range(n))
 
 
-def test_ahakv_decode_matches_formula():
+@pytest.mark.parametrize("old", [False, True])
+def test_ahakv_decode_matches_formula(old):
+    # A compressed cache: 50 keys spread over positions 0..245, so a row's absolute position (kvx's old
+    # choice) is far above the number of keys it sees (the default).
     view = decode_view(n=50, d=8, G=2, r=4, seed=2)
-    pol = build_policy("ahakv", args={"window": "4", "kernel": "3"})
+    view.positions = torch.arange(0, 250, 5)
+    view.query_position = 245
+    args = {"window": "4", "kernel": "3"}
+    if old:
+        args.update(decode_scale="position", prior_pad="include")
+    pol = build_policy("ahakv", args=args)
     keep = pol.decode_keep(view, 12).tolist()
     # Reference: step-gain rows of the 4 recent queries, group mean, times the pooled ||v||² prior.
     total = torch.zeros(50, dtype=torch.float64)
     for g in range(2):
         for t in range(4):
             pos = view.query_position - 3 + t
-            lam = max(math.sqrt(2 * math.log((pos + 1) / 12) / 8), 8 ** -0.5)
-            total += torch.softmax(lam * (view.recent_queries[g, t].double() @ view.keys.double().T), 0) / 2
+            seen = view.positions <= pos
+            i = pos + 1 if old else int(seen.sum())
+            lam = max(math.sqrt(2 * math.log(max(i / 12, 1.0)) / 8), 8 ** -0.5)
+            logits = lam * (view.recent_queries[g, t].double() @ view.keys.double().T)
+            total += torch.softmax(logits.masked_fill(~seen, float("-inf")), 0) / 2
     nu = view.values.double().norm(dim=-1)[:46] ** 2
-    gamma = ref_pool(nu, 3, "avg")
+    gamma = ref_pool(nu, 3, "avg", count_pad=old)
     score = total[:46] * gamma / gamma.max()
     want = sorted(torch.argsort(score, descending=True)[:8].tolist() + [46, 47, 48, 49])
     assert keep == want
+
+
+def test_ahakv_decode_scale_follows_the_keys_a_row_sees():
+    """Over a cache compressed to ~k keys, i = keys seen keeps λ at the model's scale (entropy near ln k);
+    the absolute position would sharpen it far beyond."""
+    d, k = 64, 40
+    gen = torch.Generator().manual_seed(1)
+    q, keys = torch.randn(1, 1, d, generator=gen), torch.randn(k + 8, d, generator=gen)
+    pos = torch.arange(0, 4000, 4000 // (k + 8))[: k + 8]
+    q_pos = torch.tensor([4000])
+
+    def entropy(p):
+        return float(-(p * p.clamp(min=1e-30).log()).sum())
+
+    by_keys = sg_column_sums(q, q_pos, keys, pos, k, d ** -0.5)[0]
+    by_pos = sg_column_sums(q, q_pos, keys, pos, k, d ** -0.5, visible="position")[0]
+    torch.testing.assert_close(by_keys, torch.softmax(q[0, 0] @ keys.T / math.sqrt(d), 0))
+    assert entropy(by_pos) < entropy(by_keys) - 0.5
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -563,7 +637,10 @@ def test_rounding_helpers():
 
 @pytest.fixture(scope="module")
 def model_stats():
-    return [make_stats(H, HKV, 96, D, window=32, sg_rows=32, sg_budget=10, seed=10 + l)[0] for l in range(3)]
+    stats = [make_stats(H, HKV, 96, D, window=32, sg_rows=32, sg_budget=10, seed=10 + l)[0] for l in range(3)]
+    for layer, st in enumerate(stats):  # KVzip's reconstruction column max (runtime/reconstruction.py)
+        st.col_max = torch.rand(H, 96, generator=torch.Generator().manual_seed(layer))
+    return stats
 
 
 @pytest.mark.parametrize("name", [p for p in POLICY_NAMES if p != "full"])
@@ -610,6 +687,10 @@ def test_statistics_from_the_kernels_match_and_feed_every_policy():
                                      o_proj_weight=raw["wo"])
             if getattr(st, "keys", None) is None:
                 st.keys = raw["k"]  # ExpectedAttention reads the post-RoPE keys (not yet a LayerStats field)
+            if req.reconstruction:  # KVzip: the column max its reconstruction pass fills in (here: these rows)
+                from kvx.kernels.stats import col_max_over_rows
+
+                st.col_max = col_max_over_rows(raw["q"], raw["k"], pos, pos, scale)
             stats.append(st)
         keep = pol.select(stats, budget, HKV, H, D)
         kept = sum(idx.numel() for layer in keep for idx in layer)
@@ -659,7 +740,7 @@ def test_names_and_descriptions():
                                  "tova", "knorm", "expected-attention", "criticalkv", "ahakv", "laprox"]
     assert "random" in POLICY_NAMES
     assert set(SCORER_NAMES) == {"random", "streaming", "h2o", "snapkv", "tova", "knorm", "expected-attention",
-                                 "criticalkv", "ahakv", "laprox"}
+                                 "criticalkv", "ahakv", "laprox", "kvzip"}
     assert ALLOCATOR_NAMES == ["uniform", "pyramid", "ada", "global"]
     infos = describe_policies()
     assert [i.name for i in infos] == POLICY_NAMES

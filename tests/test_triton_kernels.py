@@ -485,3 +485,21 @@ def test_reference_stats_twins_match_compute_layer_stats(window):
     close(col_sq, want.col_sq, 1e-5, "reference col_sq")
     sg = ops.sg_colsum(q[:, -w:], k, pos[-w:], pos, 40, d ** -0.5, window)
     close(sg, want.col_sum_sg, 1e-5, "reference col_sum_sg")
+
+
+@pytest.mark.parametrize("rows,keys", [(20, 44), (5, 70)])
+def test_column_max_matches_the_reference(bk, rows, keys):
+    """KVzip's col_max: max over the rows of their probabilities over a key subset, optionally weighted."""
+    from kvx.kernels.stats import col_max_over_rows
+
+    H, Hkv, d = 6, 3, 32
+    q, k, v = bk.randn(H, rows, d), bk.randn(Hkv, keys, d), bk.randn(Hkv, keys, d)
+    k_pos = torch.cat([torch.arange(3), torch.arange(10, 10 + keys - 3 - rows), torch.arange(90, 90 + rows)])
+    k_pos = k_pos.to(bk.device)
+    q_pos = k_pos[-rows:]
+    scale = d ** -0.5
+    _, lse = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, scale, None, True)
+    w = torch.rand(rows).to(bk.device) + 0.5
+    for weight in (None, w):
+        got = bk.k.stats.column_max(q, k, q_pos, k_pos, lse, scale, weight, blocks=bk.stats_blocks)
+        close(got, col_max_over_rows(q.float(), k.float(), q_pos, k_pos, scale, weight), 1e-4, "col_max")

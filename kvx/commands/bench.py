@@ -19,7 +19,7 @@ def bench_command(
     decode_steps: int = typer.Option(16, "--decode-steps", min=1, help="Timed decode steps per run."),
     prefill_contexts: str = typer.Option("1024,4096", "--prefill-contexts", help="Comma-separated prompt lengths."),
     decode_contexts: str = typer.Option("1024,4096,8192", "--decode-contexts", help="Comma-separated context lengths for decode."),
-    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Policies for the compression suite."),
+    policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox,kvzip", "--policies", help="Policies for the compression suite (kvzip: its reconstruction passes show in prefill s and stats s)."),
     budgets: str = typer.Option("5%,20%", "--budgets", help="Budgets for the compression suite (the first is used for overhead)."),
     no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers baseline."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of tables."),

@@ -20,7 +20,7 @@ def eval_command(
     policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox", "--policies", help="Comma-separated policies (see `kvx policies`), options in brackets: tova[heads=layer]; the full cache is always added."),
     budgets: str = typer.Option("5%,10%,25%,50%", "--budgets", help="Comma-separated budgets: percentages of the entries, or tokens per kv head."),
     samples: int = typer.Option(20, "--samples", min=1, help="Samples per task (seeds seed, seed+1, ...)."),
-    mode: str = typer.Option("agnostic", "--mode", help="agnostic: compress the context before the question is seen (as kvpress); aware: compress the whole prompt."),
+    mode: str = typer.Option("agnostic", "--mode", help="agnostic: compress the context before the question is seen (as kvpress); aware: compress the whole prompt (RULER's answer prefix included); aware-plain: the whole prompt, ending with the plain question (no answer prefix)."),
     haystack: str = typer.Option("noise", "--haystack", help="noise (repeated short sentences) or prose (CPython's pydoc text)."),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file for the rows; rows already there are skipped (resume)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw accuracy against budget to this image (needs matplotlib)."),

@@ -19,7 +19,9 @@ each attention layer has attended over the whole context, so what it compresses 
 next layer sees. We therefore run the context once, record every attention layer's hook arguments, and
 replay each press's own `forward_hook` on a copy of the full cache; then the pipeline's own
 `generate_answer` answers. tests/test_kvpress.py checks this against the pipeline, answer for answer and
-cache for cache. `KvpressBaseline.answer` runs the pipeline itself, one prefill per press.
+cache for cache. `KvpressBaseline.answer` runs the pipeline itself, one prefill per press; KVzipPress,
+which makes its own reconstruction passes after the prefill, always goes that way (OWN_PIPELINE). The
+KVzipPress rows are untested against kvpress here (kvpress was not installed where they were written).
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ PRESSES = {
     "streaming": lambda kp, ratio: kp.StreamingLLMPress(compression_ratio=ratio),
     "pyramidkv": lambda kp, ratio: kp.PyramidKVPress(compression_ratio=ratio),
     "criticalkv": lambda kp, ratio: kp.CriticalKVPress(_snapkv(kp, ratio)),
+    "kvzip": lambda kp, ratio: kp.KVzipPress(compression_ratio=ratio),
 }
+# Presses that make their own forward passes after the prefill (KVzip's context reconstruction): replaying
+# the prefill's hooks cannot run them, so their rows go through kvpress's pipeline itself, one prefill each.
+OWN_PIPELINE = frozenset({"kvzip"})
 
 
 def compression_ratio(budget, n_context: int) -> float:
@@ -180,6 +186,7 @@ class KvpressPrefill:
         self.baseline = baseline
         pipe, model = baseline.pipe, baseline.model
         context, question = (prompt.context + prompt.question, "") if aware else (prompt.context, prompt.question)
+        self.pipeline_prompt = type(prompt)(context=context, question=question, answer_prefix=prompt.answer_prefix)
         tensors = pipe.preprocess(context, questions=[question], answer_prefix=prompt.answer_prefix,
                                   max_context_length=int(1e10))
         self.context_ids = tensors["context_ids"].to(model.device)
@@ -223,6 +230,9 @@ class KvpressPrefill:
         import torch
 
         baseline = self.baseline
+        if policy_name.removeprefix(PREFIX) in OWN_PIPELINE:
+            # n_context for the budget: the context tokens the pipeline compresses, as for every other row.
+            return baseline.answer(self.pipeline_prompt, policy_name, budget_label, self.n_context, max_tokens)
         t0 = time.perf_counter()
         cache = self.compress(policy_name, budget_label)
         compress_s = time.perf_counter() - t0

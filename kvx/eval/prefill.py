@@ -6,7 +6,8 @@ sums, and AhaKV's step-gain column sums depend on the per-head budget (sg_budget
 budget. Fortunately almost every statistic only needs the *last* query rows and the keys/values:
 
 - window sums, squares, the last row and AhaKV's step-gain sums use the last max(window, sg_rows) rows;
-- key, value and output-projected value norms use the keys and values alone.
+- key, value and output-projected value norms use the keys and values alone;
+- KVzip's reconstruction passes read the context's cache and its token ids (kept here), nothing else.
 
 Only H2O's column sums over all rows and ExpectedAttention's query moments need every query row. So the
 prefill computes just those (the union over policies: both are independent of the budget), and records
@@ -51,6 +52,7 @@ class SharedPrefill:
     def __init__(self, engine, ids: list[int], pairs: list[tuple[object, object]], capacity: int | None = None):
         self.engine = engine
         self.n = len(ids)
+        self.ids = list(ids)
         engine.check_length(self.n)
         self._requests = {self._key(p, b): self._request_of(p, b) for p, b in pairs}
         wanted = [r for r in self._requests.values() if r is not None]
@@ -119,6 +121,14 @@ class SharedPrefill:
             if request.query_moments:
                 st.q_mean, st.q_cov = full.q_mean, full.q_cov
             out.append(st)
+        if request.reconstruction:
+            # KVzip: reconstruction passes over the base request's context (read only; budget-independent,
+            # so every budget of the same kvzip options shares them through the cache above).
+            from kvx.runtime.reconstruction import reconstruction_stats
+
+            saved = self.base.timings.stats_s
+            out = reconstruction_stats(engine, self.base, self.ids, out, request)
+            self.base.timings.stats_s = saved
         return out
 
     # -- forks ------------------------------------------------------------------------------------

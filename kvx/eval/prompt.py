@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from kvx.models.tokenizer import split_chat_turn
 
 
+# What aware-plain mode appends to a question whose answers are numbers (tests/test_compression.py's
+# passkey prompt, the format the default model answers reliably with its full cache).
+PLAIN_NUMBER_INSTRUCTION = " Answer with the number only."
+
+
 @dataclass(frozen=True)
 class PromptIds:
     context: list[int]
@@ -44,8 +49,16 @@ class PromptText:
     answer_prefix: str
 
 
-def prompt_text(sample, tokenizer=None) -> PromptText:
-    """The prompt's parts as text; with a tokenizer, the answer prefix as the model will read it."""
+def prompt_text(sample, tokenizer=None, answer_prefix: bool = True) -> PromptText:
+    """The prompt's parts as text; with a tokenizer, the answer prefix as the model will read it.
+
+    answer_prefix=False: the plain question, nothing after the assistant header (what a user typing one
+    prompt sends; `kvx eval --mode aware-plain`)."""
+    if not answer_prefix:
+        # Without RULER's answer prefix the question alone ("What is the pass key?") gets an explanation of
+        # what a pass key is, even from the full cache; a user asks for the value.
+        ask = PLAIN_NUMBER_INSTRUCTION if sample.answers and all(a.isdigit() for a in sample.answers) else ""
+        return PromptText(context=sample.context, question="\n\n" + sample.question + ask, answer_prefix="")
     prefix = sample.answer_prefix
     if tokenizer is not None:
         prefix += answer_lead(tokenizer, sample)
@@ -62,9 +75,10 @@ def answer_lead(tokenizer, sample) -> str:
     return " " if with_number[:len(with_space)] == with_space else ""
 
 
-def build_prompt(tokenizer, sample) -> PromptIds:
-    """Token ids of `sample`'s prompt, split after the context (see the module docstring)."""
-    text = prompt_text(sample, tokenizer)
+def build_prompt(tokenizer, sample, answer_prefix: bool = True) -> PromptIds:
+    """Token ids of `sample`'s prompt, split after the context (see the module docstring); without the
+    answer prefix when answer_prefix is False."""
+    text = prompt_text(sample, tokenizer, answer_prefix)
     templated = bool(getattr(tokenizer, "has_chat_template", False))
     if templated:
         head, tail = split_chat_turn(tokenizer, text.context, text.question)

@@ -7,6 +7,9 @@ Modes:
 - agnostic (default, as kvpress): the chat-template prefix + context is prefilled and compressed, then the
   question and the answer prefix are appended and the answer decoded. The cache cannot know the question.
 - aware: the whole prompt (context, question, answer prefix) is prefilled, compressed, then decoded.
+- aware-plain: as aware, but the prompt ends with the plain question and the assistant header, with no
+  answer prefix (RULER's "The pass key is" would hand the observation window the answer's position): the
+  prompt a user typing one question sends.
 
 Samples: `samples` seeds per task (seed, seed + 1, ...); sample i puts its needle at depth
 depth_sweep(depths)[i % depths], so depths cycle through 0..100% evenly. Tasks without a needle ignore it.
@@ -27,7 +30,7 @@ from kvx.eval.results import ResultsFile, row_key
 from kvx.eval.scoring import score_sample
 from kvx.runtime.sampling import SamplingParams
 
-MODES = ("agnostic", "aware")
+MODES = ("agnostic", "aware", "aware-plain")
 FULL = "full"
 FULL_BUDGET = "100%"
 # Tasks whose generator ignores the needle depth (they hide no needle): their rows record depth None.
@@ -58,7 +61,7 @@ class EvalConfig:
         if not self.tasks:
             raise KvxError("no task given; choose from: " + ", ".join(task_gen.TASKS))
         if self.mode not in MODES:
-            raise KvxError(f"unknown mode {self.mode!r}; use agnostic or aware")
+            raise KvxError(f"unknown mode {self.mode!r}; use agnostic, aware or aware-plain")
         if self.haystack not in HAYSTACKS:
             raise KvxError(f"unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
         if self.samples < 1:
@@ -183,7 +186,7 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
     tokenizer = engine.tokenizer
     for spec, todo in plan.work:
         sample = task_gen.generate(spec.task, tokenizer, config.context, spec.seed, spec.depth, config.haystack)
-        prompt = build_prompt(tokenizer, sample)
+        prompt = build_prompt(tokenizer, sample, answer_prefix=config.mode != "aware-plain")
 
         def emit(row: dict) -> None:
             results.append(row)
@@ -196,7 +199,8 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
         theirs = [v for v in todo if v.baseline is not None]
         for baseline in {id(v.baseline): v.baseline for v in theirs}.values():
             # One prefill of the sample for all of this baseline's presses x budgets, as for kvx's own.
-            shared = baseline.prefill(prompt_text(sample, tokenizer), aware=config.mode == "aware")
+            shared = baseline.prefill(prompt_text(sample, tokenizer, config.mode != "aware-plain"),
+                                      aware=config.mode != "agnostic")
             for v in theirs:
                 if v.baseline is baseline:
                     emit(_baseline_row(config, sample, prompt, v, shared))

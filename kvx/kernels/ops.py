@@ -21,7 +21,14 @@ from torch import Tensor
 from kvx.errors import KvxError
 from kvx.kernels import reference
 from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
-from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats, sg_scales, visible_row_counts
+from kvx.kernels.stats import (
+    LayerStats,
+    StatsRequest,
+    col_max_over_rows,
+    compute_layer_stats,
+    sg_scales,
+    visible_row_counts,
+)
 
 BACKEND_ENV = "KVX_KERNELS"
 
@@ -144,6 +151,17 @@ def sg_colsum(
     if use_triton(q_rows):
         return _module("triton_stats").sg_colsum(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
     return sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_window)
+
+
+def column_max(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+               row_weight: Tensor | None = None) -> Tensor:
+    """KVzip's col_max [H, S] float32: max over the rows q [H, T, d] of (row_weight *) their attention over
+    exactly the keys k [Hkv, S, d] (causal by position). On CUDA: the rows' lse from the Triton attention,
+    then triton_stats.column_max; elsewhere stats.col_max_over_rows."""
+    if use_triton(q):
+        _, lse = attention(q, k, k, q_pos, k_pos, scale, None, need_lse=True)
+        return _module("triton_stats").column_max(q, k, q_pos, k_pos, lse, scale, row_weight)
+    return col_max_over_rows(q, k, q_pos, k_pos, scale, row_weight)
 
 
 def layer_stats(

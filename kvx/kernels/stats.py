@@ -32,6 +32,13 @@ class StatsRequest:
     value_out_l1: bool = False  # ||v W_O^h||_1 per query head (CriticalKV)
     query_moments: bool = False  # pre-RoPE query mean / covariance per query head (ExpectedAttention)
     keys: bool = False  # the post-RoPE keys themselves, [Hkv, n, d] (a view, no copy: ExpectedAttention)
+    # KVzip: after the prefill, reconstruction passes (runtime/reconstruction.py) fill col_max. The prefill
+    # itself computes nothing for them (needs_attention stays False). reconstruction = context tokens per
+    # pass (0: no pass); the cue, the sinks in the scoring softmax and KVzip+'s row normaliser shape it too.
+    reconstruction: int = 0
+    reconstruction_cue: int = 0
+    reconstruction_sinks: int = 0
+    reconstruction_plus: bool = False
 
     def merge(self, other: "StatsRequest") -> "StatsRequest":
         """The union of two requests (largest window, any flag set in either)."""
@@ -65,6 +72,7 @@ class LayerStats:
     q_mean: Tensor | None = None  # [H, d] pre-RoPE
     q_cov: Tensor | None = None  # [H, d, d] pre-RoPE
     keys: Tensor | None = None  # [Hkv, n, d] post-RoPE keys (a view of the cache)
+    col_max: Tensor | None = None  # [H, n] KVzip: max over reconstruction query rows of A[t, j]
     window: int = 0  # rows the window statistics were taken over
     query_position: int = 0  # absolute position of the last query row (AhaKV's i, RoPE of future queries)
 
@@ -276,6 +284,28 @@ def _col_sum_sg(rows: _RowSource, scale: float, sg_rows: int, sg_budget: int) ->
     for t0, t1 in rows.chunks(T - min(sg_rows, T)):
         total += rows.probs(t0, t1, lam[t0:t1]).sum(dim=2)
     return _per_query_head(total)
+
+
+def col_max_over_rows(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+                      row_weight: Tensor | None = None) -> Tensor:
+    """[H, S] float32: max over the query rows t of A[t, j] (times row_weight[t] when given).
+
+    q: [H, T, d] post-RoPE rows at positions q_pos [T]; k: [Hkv, S, d] at k_pos [S]. A is the softmax of
+    each row over exactly these keys (causal by position, the model's scale), so a caller that passes a key
+    subset (KVzip: sinks + one context chunk + the rows' own keys) gets the softmax over that subset.
+    Rows are processed ROW_CHUNK at a time: memory O(ROW_CHUNK * S) per query head, no [T, S] matrix.
+    """
+    H, T, d = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    rows = _RowSource(q.reshape(Hkv, G, T, d).float(), k.float().transpose(-1, -2), q_pos, k_pos, None)
+    best = rows.qg.new_zeros(Hkv, G, S)
+    for t0, t1 in rows.chunks(0):
+        p = rows.probs(t0, t1, torch.full((t1 - t0,), scale, dtype=torch.float32))
+        if row_weight is not None:
+            p = p * row_weight[t0:t1].float().to(p.device).view(1, 1, -1, 1)
+        best = torch.maximum(best, p.amax(dim=2))
+    return _per_query_head(best)
 
 
 # --- token-side helpers ------------------------------------------------------------------------------------

@@ -242,3 +242,75 @@ def sg_colsum(
         lse = torch.logsumexp(part, dim=-1)
     col_sum, _ = _column_stats(q_rows, k, q_pos, k_pos, lam, lse, sliding_window, False, blocks)
     return col_sum
+
+
+@triton.jit
+def _column_max_kernel(
+    Q, K, QPOS, KPOS, LSE, ROW_W, ROW_RANGES, COL_MAX,
+    stride_qh, stride_qr, stride_kh, stride_ks, stride_lh, S, scale2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """KVzip: max over the rows of w_r * exp(q_r·k_j * scale - lse_r), one program per (head, key tile)."""
+    h = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    g = h // GROUP
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < S
+    d_ok = offs_d < HEAD_DIM
+    k_ptrs = K + g.to(tl.int64) * stride_kh + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None]
+    kt = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    k_pos = tl.load(KPOS + offs_n, mask=n_ok, other=_FAR)
+    r_lo = tl.load(ROW_RANGES + n_tile * 2)
+    r_hi = tl.load(ROW_RANGES + n_tile * 2 + 1)
+    col_max = tl.zeros([BLOCK_N], tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < r_hi
+        q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_r[:, None].to(tl.int64) * stride_qr + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        q_pos = tl.load(QPOS + offs_r, mask=r_ok, other=-_FAR)
+        lse2 = tl.load(LSE + h.to(tl.int64) * stride_lh + offs_r, mask=r_ok, other=0.0) * _LOG2E
+        w = tl.load(ROW_W + offs_r, mask=r_ok, other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale2 - lse2[:, None]
+        visible = (q_pos[:, None] - k_pos[None, :]) >= 0
+        p = tl.where(visible, tl.exp2(tl.where(visible, s, 0.0)), 0.0) * w[:, None]
+        col_max = tl.maximum(col_max, tl.max(p, 0))
+    tl.store(COL_MAX + h.to(tl.int64) * S + offs_n, col_max, mask=n_ok)
+
+
+def column_max(
+    q_rows: Tensor,
+    k: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    lse: Tensor,
+    scale: float,
+    row_weight: Tensor | None = None,
+    *,
+    blocks: tuple[int, int, int] | None = None,
+) -> Tensor:
+    """[H, S] float32 max over the rows of (row_weight *) the attention probabilities (KVzip's col_max).
+
+    q_rows: [H, R, d] at q_pos [R]; k: [Hkv, S, d] at k_pos [S]; lse: [H, R] natural-log row log-sum-exp
+    over exactly these keys at `scale` (attention(..., need_lse=True)). Causal by position.
+    """
+    q_rows, k = _prepare(q_rows, k)
+    H, R, d = q_rows.shape
+    Hkv, S, _ = k.shape
+    out = torch.zeros((H, S), dtype=torch.float32, device=q_rows.device)
+    if R == 0 or S == 0:
+        return out
+    block_r, block_n, warps = blocks or _stats_config(R, q_rows.dtype)
+    ranges = row_ranges(q_pos, k_pos, block_n, None)
+    lse = lse if lse.dtype == torch.float32 and lse.stride(-1) == 1 else lse.float().contiguous()
+    w = (torch.ones(R, dtype=torch.float32, device=q_rows.device) if row_weight is None
+         else row_weight.float().to(q_rows.device).contiguous())
+    _column_max_kernel[(H, triton.cdiv(S, block_n))](
+        q_rows, k, positions32(q_pos), positions32(k_pos), lse, w, ranges, out,
+        q_rows.stride(0), q_rows.stride(1), k.stride(0), k.stride(1), lse.stride(0), S, scale * LOG2E,
+        GROUP=H // Hkv, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_R=block_r,
+        BLOCK_N=block_n, PRECISION=dot_precision(q_rows.dtype), num_warps=warps,
+    )
+    return out

@@ -40,24 +40,36 @@ def sg_scale(visible: Tensor | float, budget: int, head_dim: int, floor: float =
     return formula.clamp(min=floor).float()
 
 
-def value_prior(value_norm: Tensor, lo: int, hi: int, kernel: int) -> Tensor:
-    """γ̄ [..., n]: AvgPool(||v||²) over the candidates [lo, hi), divided by its per-head maximum there."""
+def value_prior(value_norm: Tensor, lo: int, hi: int, kernel: int, count_pad: bool = False) -> Tensor:
+    """γ̄ [..., n]: AvgPool(||v||²) over the candidates [lo, hi), divided by its per-head maximum there.
+
+    The pool averages only the candidates inside each window (count_pad=False): counting the zero padding
+    would lower the prior of the first and last kernel//2 candidates (the last ones, just before the
+    recent window, are often the question)."""
     nu = value_norm.float() ** 2
     prior = torch.ones_like(nu)
     if hi > lo:
-        pooled = pool_keys(nu[..., lo:hi], kernel, "avg")
+        pooled = pool_keys(nu[..., lo:hi], kernel, "avg", count_pad=count_pad)
         prior[..., lo:hi] = pooled / pooled.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return prior
 
 
 def sg_column_sums(queries: Tensor, query_positions: Tensor, keys: Tensor, key_positions: Tensor,
-                   budget: int, floor: float = 0.0) -> Tensor:
-    """Σ over the query rows of the step-gain softmax (causal by position): [G, r, d] x [n, d] -> [G, n]."""
+                   budget: int, floor: float = 0.0, visible: str = "keys") -> Tensor:
+    """Σ over the query rows of the step-gain softmax (causal by position): [G, r, d] x [n, d] -> [G, n].
+
+    λ_i's `i` is the number of keys row i's softmax runs over (visible="keys"), or its absolute position + 1
+    (visible="position", kvx's earlier choice: over a cache compressed to about k keys it over-sharpens the
+    row, an entropy near ln(k²/i) instead of ln k)."""
     d = keys.shape[-1]
     logits = torch.einsum("grd,nd->grn", queries.float(), keys.float())
-    lam = sg_scale(query_positions.cpu() + 1, budget, d, floor).to(logits.device)
-    scaled = logits * lam[None, :, None]
     hidden = key_positions[None, None, :] > query_positions[None, :, None]
+    if visible == "position":
+        seen = query_positions.cpu() + 1
+    else:
+        seen = (~hidden[0]).sum(dim=-1).cpu()
+    lam = sg_scale(seen, budget, d, floor).to(logits.device)
+    scaled = logits * lam[None, :, None]
     scaled = scaled.masked_fill(hidden, float("-inf"))
     return torch.softmax(scaled, dim=-1).sum(dim=1)
 
@@ -72,6 +84,12 @@ class AhaKVScorer(Scorer):
     # Not in the paper (default 1 = off): max-pooling the accumulated score keeps an attended token's
     # neighbours, as SnapKV does; it matters when an answer spans many small tokens (digits).
     score_kernel: int = field(default=1, metadata={"min": 0, "help": "max-pool kernel of the attention score (1 = none, as in the paper)"})
+    decode_scale: str = field(default="keys", metadata={
+        "choices": ("keys", "position"),
+        "help": "decode: lambda's i is the number of cached keys the row sees (keys) or its absolute position"})
+    prior_pad: str = field(default="exclude", metadata={
+        "choices": ("exclude", "include"),
+        "help": "the value prior's avg-pool averages only real candidates (exclude) or counts the zero padding"})
 
     def request(self) -> StatsRequest:
         # sg_budget is the per-head budget k, known once the budget and prompt are: Policy.request_for().
@@ -79,7 +97,7 @@ class AhaKVScorer(Scorer):
 
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
         recent = pool_candidates(gqa_mean(stats.col_sum_sg.float(), ctx.num_kv_heads), ctx, self.score_kernel, "max")
-        return recent * value_prior(stats.value_norm, ctx.lo, ctx.hi, self.kernel)
+        return recent * value_prior(stats.value_norm, ctx.lo, ctx.hi, self.kernel, self.prior_pad == "include")
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
         n = view.keys.shape[0]
@@ -93,8 +111,9 @@ class AhaKVScorer(Scorer):
             r = queries.shape[1]
             q_pos = torch.arange(view.query_position - r + 1, view.query_position + 1, device=device)
             accumulated = sg_column_sums(queries, q_pos, view.keys, view.positions.to(device), keep_count,
-                                         view.scale).mean(0)
-        score = accumulated * value_prior(view.values.norm(dim=-1), sinks, n - window, self.kernel)
+                                         view.scale, self.decode_scale).mean(0)
+        score = accumulated * value_prior(view.values.norm(dim=-1), sinks, n - window, self.kernel,
+                                          self.prior_pad == "include")
         protected = torch.cat([torch.arange(sinks, device=device), recent_indices(n - sinks, window, device) + sinks])
         return keep_with_protected(score, protected, keep_count)
 

@@ -64,6 +64,11 @@ class Scorer:
         """Recent tokens protected in every head (H2O derives it from the budget)."""
         return self.window
 
+    def window_on_top(self) -> bool:
+        """Whether the protected window is kept on top of the budget (the budget then counts the other
+        n - window tokens: K = budget of (n - w) + w per head), rather than inside it (the default)."""
+        return False
+
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
         raise NotImplementedError
 
@@ -80,9 +85,9 @@ def gqa_mean(x: Tensor, num_kv_heads: int) -> Tensor:
     return x.reshape(num_kv_heads, H // num_kv_heads, n).mean(dim=1)
 
 
-def pool_keys(x: Tensor, kernel: int, kind: str) -> Tensor:
-    """1-D max/avg pooling along the last axis, stride 1, padding kernel//2 (avg counts the padding),
-    output as long as the input. Kernel <= 1 leaves x unchanged."""
+def pool_keys(x: Tensor, kernel: int, kind: str, count_pad: bool = True) -> Tensor:
+    """1-D max/avg pooling along the last axis, stride 1, padding kernel//2 (avg counts the padding unless
+    count_pad is False), output as long as the input. Kernel <= 1 leaves x unchanged."""
     if kernel <= 1 or x.shape[-1] == 0:
         return x
     shape = x.shape
@@ -91,7 +96,7 @@ def pool_keys(x: Tensor, kernel: int, kind: str) -> Tensor:
     if kind == "max":
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=pad)
     else:
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=True)
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=count_pad)
     return pooled[..., : shape[-1]].reshape(shape)
 
 

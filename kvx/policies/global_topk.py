@@ -8,7 +8,7 @@ with very different counts: that is the point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,13 +35,17 @@ def normalise_layer(scores: Tensor) -> Tensor:
 @dataclass
 class GlobalAllocator(Allocator):
     name = "global"
+    # KVzip's scores are attention probabilities, comparable across layers as they are: its authors (and
+    # kvpress) rank the raw scores, so kvzip runs with normalize=false.
+    normalize: bool = field(default=True, metadata={
+        "help": "scale each layer's candidate scores to sum to 1 before the model-wide top-K"})
 
     def allocate(self, layers: list[LayerCandidates], total: int) -> list[list[int]]:
         if not floors_fit(layers, total):
             return uniform_counts(layers, total)
         pools, owners, floors = [], [], []
         for layer in layers:
-            s = normalise_layer(layer.scores)
+            s = normalise_layer(layer.scores) if self.normalize else layer.scores.float()
             hkv, m = s.shape
             if layer.floor > layer.protected and m > 0:
                 # Nothing protected: the head's floor of one entry is its own best candidate.

@@ -25,6 +25,14 @@ class LaProxScorer(Scorer):
     kernel: int = field(default=7, metadata={"min": 0, "help": "pooling kernel along the keys (0 or 1: none)"})
     pooling: str = field(default="avg", metadata={"choices": ("max", "avg"), "help": "pooling kind"})
     sinks: int = field(default=0, metadata={"min": 0, "help": "first tokens always kept"})
+    # "5% of the KV cache" (the paper's wording) counts every entry the cache holds, the window included:
+    # inside. A re-implementation from the paper keeps the window on top, K = rho L Hkv (n - w): outside.
+    window_budget: str = field(default="inside", metadata={
+        "choices": ("inside", "outside"),
+        "help": "the protected window counts inside the budget, or is kept on top of it (K = rho L Hkv (n-w))"})
+
+    def window_on_top(self) -> bool:
+        return self.window_budget == "outside"
 
     def request(self) -> StatsRequest:
         return StatsRequest(window=self.window, window_sq=True, value_out_norm=True)

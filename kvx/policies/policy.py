@@ -94,7 +94,13 @@ class Policy:
         n = max(sizes)
         if self.scorer is None or budget.keeps_everything(n):
             return [[torch.arange(s.n, device=s.positions.device) for _ in range(num_kv_heads)] for s in stats]
-        total = min(budget.total_entries(n, L, num_kv_heads), num_kv_heads * sum(sizes))
+        if self.scorer.window_on_top():
+            # The window is kept on top: the budget applies to the n - w others (K = rho L Hkv (n - w)).
+            w = min(self.scorer.window, n - 1)
+            total = budget.total_entries(n - w, L, num_kv_heads) + L * num_kv_heads * w
+        else:
+            total = budget.total_entries(n, L, num_kv_heads)
+        total = min(total, num_kv_heads * sum(sizes))
         per_head = total / (L * num_kv_heads)
         plans, candidates = [], []
         for layer, st in enumerate(stats):

@@ -13,6 +13,7 @@ from kvx.policies.expected_attention import ExpectedAttentionScorer
 from kvx.policies.global_topk import GlobalAllocator
 from kvx.policies.h2o import H2OScorer
 from kvx.policies.knorm import KNormScorer
+from kvx.policies.kvzip import KVzipScorer
 from kvx.policies.laprox import LaProxScorer
 from kvx.policies.options import describe_options, parse_option
 from kvx.policies.policy import Policy, SelectionOptions
@@ -33,6 +34,7 @@ SCORERS = {
     "criticalkv": CriticalKVScorer,
     "ahakv": AhaKVScorer,
     "laprox": LaProxScorer,
+    "kvzip": KVzipScorer,
 }
 ALLOCATORS = {
     "uniform": UniformAllocator,
@@ -67,6 +69,9 @@ class _Entry:
     stats: str
     phases: tuple[str, ...]
     allocator_args: dict = field(default_factory=dict)
+    # The scorer's and the selection's defaults where this policy's paper differs from the shared scorer's.
+    scorer_args: dict = field(default_factory=dict)
+    selection_args: dict = field(default_factory=dict)
 
 
 _PREFILL = ("prefill",)
@@ -86,15 +91,18 @@ _ENTRIES: dict[str, _Entry] = {
     "pyramidkv": _Entry("snapkv", "pyramid", "SnapKV scores with per-layer budgets decreasing with depth",
                         "2406.02069 PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
                         _WINDOW, _PREFILL),
+    # Ada-KV's code takes the group mean of the window-mean attention, then max-pools (pool_order=group).
     "ada-snapkv": _Entry("snapkv", "ada", "SnapKV scores with head-wise budgets (top-B over a layer's heads)",
                          "2407.11550 Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation",
-                         _WINDOW, _PREFILL),
+                         _WINDOW, _PREFILL, scorer_args={"pool_order": "group"}),
     "ada-pyramidkv": _Entry("snapkv", "ada", "Ada-KV head-wise budgets within PyramidKV's layer budgets",
                             "2407.11550 Ada-KV (with 2406.02069 PyramidKV's layer schedule)", _WINDOW, _PREFILL,
-                            {"schedule": "pyramid"}),
-    "tova": _Entry("tova", "uniform", "keep what the current query attends to most (group mean)",
+                            {"schedule": "pyramid"}, scorer_args={"pool_order": "group"}),
+    # The paper (and kvpress) rank by the mean over every head of the layer: heads=layer by default.
+    "tova": _Entry("tova", "uniform", "keep what the current query attends to most (mean over the layer's heads)",
                    "2401.06104 TOVA: Transformers are Multi-State RNNs",
-                   "the last query's attention row; decode: each step's attention", _BOTH),
+                   "the last query's attention row; decode: each step's attention", _BOTH,
+                   selection_args={"heads": "layer"}),
     "knorm": _Entry("knorm", "uniform", "keep the keys with the lowest L2 norm",
                     "2406.11430 A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
                     "key norms", _PREFILL),
@@ -116,6 +124,11 @@ _ENTRIES: dict[str, _Entry] = {
                      "output-product approximation score ||A[W,j]||_2 ||v W_O^h||_2, one top-K over the model",
                      "2605.07234 LaProx: layer-output approximation for model-wide KV cache eviction",
                      _WINDOW + ", its squares (col_sq) and ||v W_O^h||_2", _PREFILL),
+    "kvzip": _Entry("kvzip", "global",
+                    "max attention a context reconstruction pass gives each entry, one top-K over the model",
+                    "2505.23416 KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
+                    "column max of the reconstruction queries' attention (an extra pass after the prefill, "
+                    "about two prefills)", _PREFILL, {"normalize": False}),
     "random": _Entry("random", "uniform", "random tokens (a control)", "-", "none", _PREFILL),
 }
 POLICY_NAMES = list(_ENTRIES)
@@ -160,10 +173,14 @@ def build_policy(name: str, allocation: str | None = None, args: dict[str, str] 
             hint = f" ({opt} belongs to allocation {' / '.join(owners)})" if owners else ""
             raise KvxError(f"unknown option {raw_key!r} for policy {key} with allocation {alloc_name}{hint}; "
                            f"valid options: {', '.join(valid) if valid else 'none'}")
-    scorer = scorer_cls(**scorer_kw)
+    scorer = scorer_cls(**{**entry.scorer_args, **scorer_kw})
     if hasattr(scorer, "mark_explicit"):
         scorer.mark_explicit(set(scorer_kw))
-    return Policy(key, scorer, alloc_cls(**alloc_kw), SelectionOptions(**selection_kw))
+    return Policy(key, scorer, alloc_cls(**alloc_kw), SelectionOptions(**{**entry.selection_args, **selection_kw}))
+
+
+def _shown(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def describe_policies() -> list[PolicyInfo]:
@@ -171,9 +188,12 @@ def describe_policies() -> list[PolicyInfo]:
     for name, e in _ENTRIES.items():
         options: tuple = ()
         if e.scorer is not None:
-            alloc_options = [(o, str(e.allocator_args.get(o, d)), h) for o, d, h in describe_options(ALLOCATORS[e.allocation])]
-            options = (tuple(describe_options(SCORERS[e.scorer])) + tuple(alloc_options)
-                       + tuple(describe_options(SelectionOptions)))
+            def own(cls, overrides):
+                return tuple((o, _shown(overrides[o]) if o in overrides else d, h)
+                             for o, d, h in describe_options(cls))
+
+            options = (own(SCORERS[e.scorer], e.scorer_args) + own(ALLOCATORS[e.allocation], e.allocator_args)
+                       + own(SelectionOptions, e.selection_args))
         out.append(PolicyInfo(name=name, one_line=e.one_line, paper=e.paper, stats=e.stats, phases=e.phases,
                               allocation=e.allocation, options=options))
     return out

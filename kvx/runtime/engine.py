@@ -242,6 +242,10 @@ class Engine:
             stats_req = self.stats_request(req, len(ids))
         t0 = time.perf_counter()
         logits = self.forward(req, ids, stats_req)
+        if stats_req is not None and stats_req.reconstruction:
+            # KVzip: reconstruction passes score the context (their own K/V never enter the cache).
+            from kvx.runtime.reconstruction import reconstruction_stats
+            req.stats = reconstruction_stats(self, req, ids, req.stats, stats_req)
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 
