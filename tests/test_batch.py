@@ -236,3 +236,21 @@ def test_the_plans_concurrency_is_what_the_engine_reaches(tmp_path):
         else:
             assert want_compressed >= 3 * want_full
             assert batch.max_running >= want_compressed
+
+
+def test_kvzip_in_a_batch_equals_alone(tmp_path):
+    """KVzip's reconstruction passes run inside the batched engine's prefill unit and leave the same cache."""
+    from test_kvzip import StubTokenizer as ReconstructionTokenizer
+
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), ReconstructionTokenizer())
+    rng = random.Random(4)
+    cases = [(_ids(rng, 100, 220), [_ids(rng, 3, 8) for _ in range(2)]) for _ in range(3)]
+    b = parse_budget("20%")
+    want = [[r.token_ids for r in engine.generate_agnostic(c, qs, SamplingParams(), 10, policy=build_policy("kvzip"),
+                                                            budget=b)] for c, qs in cases]
+    batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=3)
+    seqs = [batch.submit(GenerationRequest(context_ids=c, question_ids=qs, max_tokens=10, policy=build_policy("kvzip"),
+                                           budget=b)) for c, qs in cases]
+    batch.run()
+    assert [[r.token_ids for r in s.results] for s in seqs] == want
