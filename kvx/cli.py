@@ -252,9 +252,11 @@ app.command("bench")(bench_command)
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (kvx's own and the parser's) become one line on stderr, exit code 2."""
+    from kvx import usage
+
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="kvx")
         if isinstance(code, int) and code:
             sys.exit(code)
     except KvxError as exc:
@@ -267,15 +269,18 @@ def main() -> None:
         sys.exit(0)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except Exception as exc:  # the parser's own signals and usage errors (typer's vendored click, or click)
+        code = usage.exit_code(exc)
+        if code is not None:
+            sys.exit(code)
+        if usage.is_no_args_help(exc):  # `kvx` alone: show the help, as `kvx --help` does
+            print(usage.help_text(exc))
+            sys.exit(0)
+        line = usage.usage_error_line(exc)
+        if line is not None:
+            _err(f"error: {line}")
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if usage.is_abort(exc):
             sys.exit(1)
         raise
 
