@@ -15,7 +15,20 @@ import typer
 
 from kvx import __version__
 from kvx.errors import KvxError
-from kvx.options import build_engine, encode_prompt, load, policy_and_budget, resolve_dtype, split_context_question
+from kvx.options import (
+    DEFAULT_POLICY,
+    build_engine,
+    check_device_dtype,
+    check_memory,
+    check_sampling,
+    encode_prompt,
+    load,
+    policy_and_budget,
+    policy_name,
+    resolve_dtype,
+    split_context_question,
+)
+from kvx.result_view import result_json, summary_line
 
 app = typer.Typer(
     name="kvx",
@@ -54,45 +67,20 @@ def _root(
     pass
 
 
-def summary_line(result) -> str:
-    from kvx.runtime.memory import human_bytes
-
-    held, full = result.kv_bytes_held, result.kv_bytes_full
-    share = f" ({100 * held / full:.1f}% of full {human_bytes(full)})" if full else ""
-    pol = result.policy + (f" @ {result.budget}" if result.budget else "")
-    return (
-        f"{result.prompt_tokens} prompt + {result.generated_tokens} generated tokens · "
-        f"prefill {result.prefill_tokens_per_s:.1f} tok/s · decode {result.decode_tokens_per_s:.1f} tok/s · "
-        f"policy {pol} · KV held {human_bytes(held)}{share}"
-    )
-
-
-def _read_text(source: str, what: str) -> str:
-    if source == "-":
-        return sys.stdin.read()
-    p = Path(source)
-    if not p.is_file():
-        raise KvxError(f"{what} file not found: {source}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KvxError(f"{what} file is not UTF-8 text: {source}") from None
-
-
 # -- generate ----------------------------------------------------------------------------------------
 
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it or pass - to read it from stdin."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder (default: SmolLM2-135M-Instruct, pulled on first use)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder, or hub id ORG/NAME[@revision] (default: SmolLM2-135M-Instruct, pulled on first use)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=0, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="At least 0; 0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, above 0 and at most 1."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling, 0 to 2^64-1."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
-    policy: str = typer.Option("full", "--policy", "-p", help="Eviction policy (see `kvx policies`)."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help=f"Eviction policy (see `kvx policies`); default: {DEFAULT_POLICY} with --budget, else full."),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="KV budget: '5%' of all entries, or '512' tokens per kv head on average."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Override the policy's allocator: uniform, pyramid, ada, global."),
     policy_arg: List[str] = typer.Option([], "--policy-arg", help="Policy option key=value (repeatable), e.g. window=32."),
@@ -115,14 +103,25 @@ def generate(
     kvx generate --policy ada-snapkv --budget 5% --context paper.txt -q "What is the main result?" -q "Who are the authors?"
     cat requests.jsonl | kvx generate --jsonl > results.jsonl
     """
+    from kvx.inputs import check_utf8, read_stdin, read_text_file, utf8_lines
     from kvx.runtime.sampling import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)  # fail before loading a model
+    # Every option is checked before anything slow (stdin, the model): a bad value fails at once.
+    params = check_sampling(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    check_device_dtype(device, dtype)
+    policy = policy_name(policy, budget)
+    policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)
+    if system is not None:
+        check_utf8(system, "--system")
     if jsonl:
+        if prompt is not None or context is not None or question:
+            raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
+        if as_json:
+            raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
         from kvx.pipeline import run_jsonl
 
-        failures = run_jsonl(sys.stdin, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
+        inp = utf8_lines(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin
+        failures = run_jsonl(inp, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
                              use_graphs=not no_graph, prefill_chunk=prefill_chunk)
@@ -133,12 +132,16 @@ def generate(
     if context is not None:
         if not question:
             raise KvxError("--context needs at least one --question")
-        ctx_text = _read_text(context, "context")
+        if prompt is not None:
+            raise KvxError("--context takes its questions from --question; drop the PROMPT argument")
+        for q in question:
+            if not check_utf8(q, "--question").strip():
+                raise KvxError("--question: a question is empty")
+        ctx_text = read_text_file(context, "context")
         if not ctx_text.strip():
             raise KvxError("the context is empty")
     else:
-        if prompt is None or prompt == "-":
-            prompt = sys.stdin.read()
+        prompt = read_stdin() if prompt is None or prompt == "-" else check_utf8(prompt, "the prompt")
         if not prompt.strip():
             raise KvxError("the prompt is empty")
 
@@ -153,11 +156,13 @@ def generate(
     if context is not None:
         ids = [split_context_question(tok, ctx_text, q, system, raw) for q in question]
         ctx_ids = ids[0][0]
+        engine.check_length(len(ctx_ids))
+        check_memory(engine, len(ctx_ids), max_tokens, question_tokens=max(len(q) for _, q in ids))
         results = engine.generate_agnostic(
             ctx_ids, [q for _, q in ids], params, max_tokens,
             on_text=None if as_json else (lambda qi, s: stream(s)))
         if as_json:
-            print(json.dumps({"results": [_result_json(r, question=q) for r, q in zip(results, question)]}))
+            print(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}))
         else:
             stream("\n")
         if not quiet:
@@ -166,19 +171,15 @@ def generate(
         return
 
     ids = encode_prompt(tok, prompt, system, raw)
+    engine.check_length(len(ids))
+    check_memory(engine, len(ids), max_tokens)
     result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
     if as_json:
-        print(json.dumps(_result_json(result)))
+        print(json.dumps(result_json(result)))
     else:
         stream("\n")
     if not quiet:
         _err(summary_line(result))
-
-
-def _result_json(result, **extra) -> dict:
-    d = result.to_dict()
-    d.update(extra)
-    return d
 
 
 # -- model management --------------------------------------------------------------------------------

@@ -9,30 +9,41 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kvx.errors import KvxError
+from kvx.errors import KvxError, about
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `--budget` alone compresses with: a budget is never silently ignored (stated in --help and the summary).
+DEFAULT_POLICY = "laprox"
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """The names alone, without importing torch: commands call this first, so a typo fails at once."""
+    if device not in DEVICES:
+        raise KvxError(f"--device: unknown device {device!r}; use auto, cpu or cuda")
+    if dtype not in DTYPES:
+        raise KvxError(f"--dtype: unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
 
 
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device_dtype(device, "auto")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise KvxError("--device cuda was asked for but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise KvxError(f"unknown device {device!r}: use auto, cpu or cuda")
     return device
 
 
 def resolve_dtype(dtype: str, device: str):
     import torch
 
+    check_device_dtype("auto", dtype)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         # float32 on the CPU: bfloat16 matmuls are slower there at long context.
         return torch.float32 if device == "cpu" else torch.bfloat16
-    if dtype not in table:
-        raise KvxError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return table[dtype]
 
 
@@ -52,30 +63,60 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
         for part in item.split(","):
             if not part:
                 continue
-            if "=" not in part:
+            if "=" not in part or not part.split("=", 1)[0].strip():
                 raise KvxError(f"--policy-arg expects key=value, got {part!r}")
             key, value = part.split("=", 1)
             args[key.strip()] = value.strip()
     return args
 
 
-def policy_and_budget(policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
-                      prefill_chunk: Optional[int] = None):
+def policy_name(policy: Optional[str], budget: Optional[str]) -> str:
+    """The policy the options mean: none given is the full cache, or DEFAULT_POLICY when a budget is."""
+    if policy is None:
+        return DEFAULT_POLICY if budget is not None else "full"
+    return policy
+
+
+def policy_and_budget(policy: Optional[str], budget: Optional[str], allocation: Optional[str],
+                      policy_args: list[str], prefill_chunk: Optional[int] = None):
     """The Policy and Budget the options ask for, or (None, None) for the uncompressed runtime.
 
-    Cheap (no model), so commands call it before loading one: a bad option fails at once.
+    Cheap (no model), so commands call it before loading one: a bad option fails at once, naming it.
     """
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise KvxError("--prefill-chunk must be a positive number of tokens")
-    if policy == "full" and budget is None and not allocation and not policy_args:
-        return None, None
-    from kvx.policies import build_policy, parse_budget
+    from kvx.policies import ALLOCATOR_NAMES, build_policy, parse_budget
 
-    if policy != "full" and budget is None:
-        raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")
-    pol = build_policy(policy, allocation=allocation, args=parse_policy_args(policy_args))
-    bud = parse_budget(budget) if budget is not None else None
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise KvxError(f"--prefill-chunk must be a positive number of tokens, got {prefill_chunk}")
+    name = policy_name(policy, budget)
+    with about("--budget"):
+        bud = parse_budget(budget) if budget is not None else None
+    with about("--policy"):
+        pol = build_policy(name)
+    if allocation is not None and str(allocation).strip().lower() not in ALLOCATOR_NAMES:
+        raise KvxError(f"--allocation: unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATOR_NAMES)}")
+    if pol.name == "full":
+        # The full cache keeps everything: a budget, allocator or option given with it would be ignored.
+        given = [o for o, v in (("--budget", budget), ("--allocation", allocation), ("--policy-arg", policy_args)) if v]
+        if given:
+            raise KvxError(f"--policy full keeps every entry and takes no {' or '.join(given)}; "
+                           f"pick a policy that compresses (see `kvx policies`), e.g. --policy {DEFAULT_POLICY}")
+        return None, None
+    if bud is None:
+        raise KvxError(f"--policy {pol.name} needs a --budget (e.g. --budget 10% or --budget 512)")
+    with about("--policy-arg"):
+        pol = build_policy(name, allocation=allocation, args=parse_policy_args(policy_args))
     return pol, bud
+
+
+def check_sampling(params, name=lambda field: "--" + field.replace("_", "-")):
+    """The sampling parameters, or KvxError naming the bad one (`name` turns a field into its option)."""
+    from kvx.runtime.sampling import sampling_problem
+
+    problem = sampling_problem(params)
+    if problem is not None:
+        field, text = problem
+        raise KvxError(f"{name(field)} {text}")
+    return params
 
 
 def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
@@ -86,6 +127,53 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
     if pol is None:
         return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+
+
+def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
+                 available: Optional[int] = None) -> None:
+    """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit.
+
+    The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
+    decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question.
+    The message suggests a per-head --budget with --prefill-chunk that would fit.
+    """
+    from kvx.runtime.engine import DECODE_SLACK
+    from kvx.runtime.memory import check_fits, request_need
+
+    cfg, n = engine.config, prompt_tokens
+    nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
+    new = max(0, min(max_tokens, cfg.max_position_embeddings - n - question_tokens))
+    pol, bud = engine.policy, engine.budget
+    compresses = pol is not None and bud is not None and not bud.keeps_everything(n)
+    headroom = question_tokens + (min(new, DECODE_SLACK) if compresses and pol.decode_mode else new)
+    on_gpu = engine.device.type == "cuda"
+
+    def need(budget, chunk):
+        return request_need(cfg, nbytes, n, headroom, budget, chunk, on_gpu)
+
+    def fitting_budget(free: int, chunk: int) -> int:
+        """The largest per-head token budget that fits with this chunk (0: none). What a budget of B tokens
+        needs grows linearly in B: solve from B = 1 and 2, then step down to be sure."""
+        from kvx.policies import Budget
+
+        one, two = need(Budget(tokens=1), chunk).total, need(Budget(tokens=2), chunk).total
+        tokens = min(n - 1, 1 + (free - one) // max(1, two - one))
+        while tokens >= 1 and need(Budget(tokens=tokens), chunk).total > free:
+            tokens -= max(1, tokens // 100)
+        return max(0, tokens)
+
+    def hint(free: int) -> str:
+        # The chunk given, else the largest of 512, 256, ..., 16 that still allows half the best budget:
+        # smaller chunks leave more room for the budget but prefill more slowly.
+        chunks = [engine.prefill_chunk] if engine.prefill_chunk else [512 >> i for i in range(6)]
+        budgets = {chunk: fitting_budget(free, chunk) for chunk in chunks}
+        best = max(budgets.values())
+        if best < 1:
+            return "try a shorter prompt or fewer --max-tokens"
+        chunk = next(c for c in chunks if budgets[c] * 2 >= best)
+        return f"try --budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
+
+    check_fits(need(bud if compresses else None, engine.prefill_chunk), engine.device, available, hint)
 
 
 def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:

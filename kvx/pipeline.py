@@ -17,35 +17,59 @@ from kvx.errors import KvxError
 _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "seed": int}
 
 
+def _number(key: str, value, whole: bool):
+    """A JSON number as the field's type: 3.0 is a whole number, 3.5, "3", true and 1e400 are not."""
+    if isinstance(value, float) and whole and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (float, int)) or (whole and not isinstance(value, int)):
+        raise KvxError(f"field {key!r} must be a {'whole ' if whole else ''}number")
+    try:
+        return value if whole else float(value)
+    except OverflowError:
+        raise KvxError(f"field {key!r} is too large") from None
+
+
 def _run_one(obj: dict, engine, tok, params, max_tokens: int, raw: bool, system) -> dict:
-    from kvx.options import encode_prompt, split_context_question
+    from kvx.inputs import check_utf8
+    from kvx.options import check_memory, check_sampling, encode_prompt, split_context_question
+    from kvx.result_view import result_json
 
     if not isinstance(obj, dict):
         raise KvxError("each line must be a JSON object")
     for key, cast in _SAMPLING_FIELDS.items():
         if key in obj:
-            try:
-                params = replace(params, **{key: cast(obj[key])})
-            except (TypeError, ValueError):
-                raise KvxError(f"field {key!r} must be a number") from None
+            params = replace(params, **{key: _number(key, obj[key], whole=cast is int)})
+    check_sampling(params, name=lambda field: f"field {field!r}")
     n = obj.get("max_tokens", max_tokens)
-    if not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise KvxError("field 'max_tokens' must be a non-negative integer")
     raw = bool(obj.get("raw", raw))
     system = obj.get("system", system)
+    if system is not None and not isinstance(system, str):
+        raise KvxError("field 'system' must be a string")
+    for key in ("prompt", "context", "question", "system"):
+        if isinstance(obj.get(key), str):
+            check_utf8(obj[key], f"field {key!r}")
     if "context" in obj:
         questions = obj.get("questions", [obj["question"]] if "question" in obj else None)
-        if not questions or not all(isinstance(q, str) for q in questions):
+        if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
             raise KvxError("a 'context' request needs 'question' (a string) or 'questions' (a list of strings)")
+        for q in questions:
+            check_utf8(q, "field 'questions'")
         if not isinstance(obj["context"], str) or not obj["context"].strip():
             raise KvxError("field 'context' must be a non-empty string")
         ids = [split_context_question(tok, obj["context"], q, system, raw) for q in questions]
+        engine.check_length(len(ids[0][0]))
+        check_memory(engine, len(ids[0][0]), n, question_tokens=max(len(q) for _, q in ids))
         results = engine.generate_agnostic(ids[0][0], [q for _, q in ids], params, n)
-        return {"results": [dict(r.to_dict(), question=q) for r, q in zip(results, questions)]}
+        return {"results": [result_json(r, question=q) for r, q in zip(results, questions)]}
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise KvxError("field 'prompt' must be a non-empty string (or give 'context' and 'question')")
-    return engine.generate(encode_prompt(tok, prompt, system, raw), params, n).to_dict()
+    ids = encode_prompt(tok, prompt, system, raw)
+    engine.check_length(len(ids))
+    check_memory(engine, len(ids), n)
+    return result_json(engine.generate(ids, params, n))
 
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,

@@ -32,24 +32,33 @@ def bench_command(
                   for budgets 100% and the given ones
     Example: kvx bench --suite runtime --threads 2
     """
+    from kvx.errors import KvxError, about
+    from kvx.options import build_engine, check_device_dtype, load
+
+    # Every option is checked before the model loads.
+    check_device_dtype(device, dtype)
+    if suite not in ("runtime", "compression", "all"):
+        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression or all")
+    prefill_ns, decode_ns = _ints(prefill_contexts, "--prefill-contexts"), _ints(decode_contexts, "--decode-contexts")
+    policy_names, budget_texts = _split(policies), _split(budgets)
+    if suite != "runtime":
+        from kvx.policies import build_policy, parse_budget
+
+        with about("--policies"):
+            for name in policy_names or [""]:  # none given is an error too
+                build_policy(name)
+        with about("--budgets"):
+            for text in budget_texts or [""]:
+                parse_budget(text)
+
     import torch
 
-    from kvx.options import build_engine, load
-    from kvx.errors import KvxError
     from kvx.eval import bench
     from kvx.models.hub import resolve_model
 
-    if suite not in ("runtime", "compression", "all"):
-        raise KvxError(f"unknown suite {suite!r}: use runtime, compression or all")
     torch.set_num_threads(threads)
     llm, tok = load(model, device, dtype)
     engine = build_engine(llm, tok, "full", None, None, [])
-
-    def ints(text: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",") if x]
-        except ValueError:
-            raise KvxError(f"expected comma-separated integers, got {text!r}") from None
 
     def show(row) -> None:
         if as_json:
@@ -60,7 +69,7 @@ def bench_command(
     out = []
     if suite in ("runtime", "all"):
         rows = bench.runtime_vs_transformers(
-            resolve_model(model, quiet=True), engine, tok, ints(prefill_contexts), ints(decode_contexts),
+            resolve_model(model, quiet=True), engine, tok, prefill_ns, decode_ns,
             decode_steps, repeats, with_hf=not no_hf, progress=show)
         out.append(("kvx vs transformers (tokens/s, median of %d)" % repeats,
                     ["phase", "context", "kvx", "transformers", "ratio"],
@@ -68,7 +77,7 @@ def bench_command(
                       "-" if r.hf_tokens_per_s is None else f"{r.hf_tokens_per_s:.1f}",
                       "-" if r.ratio is None else f"{r.ratio:.2f}x"] for r in rows]))
     if suite in ("compression", "all"):
-        rows = bench.compression(engine, tok, policies.split(","), budgets.split(","),
+        rows = bench.compression(engine, tok, policy_names, budget_texts,
                                  decode_steps=decode_steps, progress=show)
         over = [r for r in rows if r.decode_tokens_per_s is None]
         dec = [r for r in rows if r.decode_tokens_per_s is not None]
@@ -93,3 +102,20 @@ def bench_command(
         for row in body:
             table.add_row(*map(str, row))
         console.print(table)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str, option: str) -> list[int]:
+    """Comma-separated positive whole numbers (token counts)."""
+    from kvx.errors import KvxError
+
+    try:
+        values = [int(x) for x in _split(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise KvxError(f"{option}: expected comma-separated positive whole numbers, got {text!r}")
+    return values

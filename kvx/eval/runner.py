@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvx.errors import KvxError
+from kvx.errors import KvxError, about
 from kvx.eval import tasks as task_gen
 from kvx.eval.fidelity import compare_on_continuation
 from kvx.eval.prefill import SharedPrefill
@@ -55,11 +55,11 @@ class EvalConfig:
 
         self.tasks = [canonical_task(t) for t in self.tasks]
         if not self.tasks:
-            raise KvxError("no task given; choose from: " + ", ".join(task_gen.TASKS))
+            raise KvxError("--task: no task given; choose from: " + ", ".join(task_gen.TASKS))
         if self.mode not in MODES:
-            raise KvxError(f"unknown mode {self.mode!r}; use agnostic or aware")
+            raise KvxError(f"--mode: unknown mode {self.mode!r}; use agnostic or aware")
         if self.haystack not in HAYSTACKS:
-            raise KvxError(f"unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
+            raise KvxError(f"--haystack: unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
         if self.samples < 1:
             raise KvxError(f"--samples must be at least 1, got {self.samples}")
         if self.context < 1:
@@ -73,7 +73,7 @@ class EvalConfig:
 def canonical_task(name: str) -> str:
     key = task_gen._ALIASES.get(name.strip(), name.strip())
     if key not in task_gen.TASKS:
-        raise KvxError(f"unknown task {name!r}; choose from: {', '.join(task_gen.TASKS)}")
+        raise KvxError(f"--task: unknown task {name!r}; choose from: {', '.join(task_gen.TASKS)}")
     return key
 
 
@@ -107,14 +107,16 @@ def kvx_variants(config: EvalConfig) -> list[Variant]:
     from kvx.policies import build_policy, parse_budget
     from kvx.policies.registry import parse_policy_spec, policy_label
 
-    budgets = [parse_budget(b) for b in config.budgets]
+    with about("--budgets"):
+        budgets = [parse_budget(b) for b in config.budgets]
     if not budgets and any(p != FULL for p in config.policies):
-        raise KvxError("no budget given; use e.g. --budgets 5%,10%,25%,50%")
+        raise KvxError("--budgets: no budget given; use e.g. --budgets 5%,10%,25%,50%")
     out = [Variant(FULL, FULL_BUDGET)]
     seen = {(FULL, FULL_BUDGET)}
     for spec in config.policies:
-        name, args = parse_policy_spec(spec)
-        policy = build_policy(name, args=args)
+        with about("--policies"):
+            name, args = parse_policy_spec(spec)
+            policy = build_policy(name, args=args)
         if policy.name == FULL:
             continue  # the full cache is always there
         label = policy_label(policy.name, args)
