@@ -202,11 +202,15 @@ def convert(
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype to store: float32, bfloat16, float16."),
 ) -> None:
     """Convert a Llama-architecture GGUF file into a Hugging Face folder kvx (and transformers) can load."""
-    from kvx.models.gguf import convert_gguf
-
+    check_device_dtype("auto", dtype)
+    if dtype == "auto":
+        raise KvxError("--dtype: choose the stored dtype: float32, bfloat16 or float16")
     if not gguf_file.is_file():
         raise KvxError(f"GGUF file not found: {gguf_file}")
-    print(convert_gguf(gguf_file, out_dir, dtype=resolve_dtype(dtype, "cpu")))
+    from kvx.models.gguf import convert_gguf
+
+    torch_dtype = resolve_dtype(dtype, "cpu")
+    print(convert_gguf(gguf_file, out_dir, dtype=torch_dtype))
 
 
 @app.command()

@@ -52,8 +52,8 @@ def load(model: Optional[str], device: str, dtype: str, quiet: bool = False):
     from kvx.models import load_model
     from kvx.models.hub import resolve_model
 
+    path = resolve_model(model, quiet=quiet)  # first: a bad path fails before torch is even imported
     dev = resolve_device(device)
-    path = resolve_model(model, quiet=quiet)
     return load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
 
 
@@ -83,28 +83,32 @@ def policy_and_budget(policy: Optional[str], budget: Optional[str], allocation: 
 
     Cheap (no model), so commands call it before loading one: a bad option fails at once, naming it.
     """
-    from kvx.policies import ALLOCATOR_NAMES, build_policy, parse_budget
+    from kvx.policies.budget import parse_budget
 
+    # The checks that need no policy code come first: policy code imports torch, which takes seconds.
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise KvxError(f"--prefill-chunk must be a positive number of tokens, got {prefill_chunk}")
     name = policy_name(policy, budget)
     with about("--budget"):
         bud = parse_budget(budget) if budget is not None else None
-    with about("--policy"):
-        pol = build_policy(name)
-    if allocation is not None and str(allocation).strip().lower() not in ALLOCATOR_NAMES:
-        raise KvxError(f"--allocation: unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATOR_NAMES)}")
-    if pol.name == "full":
+    args = parse_policy_args(policy_args)
+    if name.strip().lower() == "full":
         # The full cache keeps everything: a budget, allocator or option given with it would be ignored.
-        given = [o for o, v in (("--budget", budget), ("--allocation", allocation), ("--policy-arg", policy_args)) if v]
+        given = [o for o, v in (("--budget", budget), ("--allocation", allocation), ("--policy-arg", args)) if v]
         if given:
             raise KvxError(f"--policy full keeps every entry and takes no {' or '.join(given)}; "
                            f"pick a policy that compresses (see `kvx policies`), e.g. --policy {DEFAULT_POLICY}")
         return None, None
+    from kvx.policies.registry import ALLOCATOR_NAMES, build_policy
+
+    with about("--policy"):
+        pol = build_policy(name)
+    if allocation is not None and str(allocation).strip().lower() not in ALLOCATOR_NAMES:
+        raise KvxError(f"--allocation: unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATOR_NAMES)}")
     if bud is None:
         raise KvxError(f"--policy {pol.name} needs a --budget (e.g. --budget 10% or --budget 512)")
     with about("--policy-arg"):
-        pol = build_policy(name, allocation=allocation, args=parse_policy_args(policy_args))
+        pol = build_policy(name, allocation=allocation, args=args)
     return pol, bud
 
 

@@ -42,14 +42,16 @@ def bench_command(
     prefill_ns, decode_ns = _ints(prefill_contexts, "--prefill-contexts"), _ints(decode_contexts, "--decode-contexts")
     policy_names, budget_texts = _split(policies), _split(budgets)
     if suite != "runtime":
-        from kvx.policies import build_policy, parse_budget
+        from kvx.policies.budget import parse_budget
+
+        with about("--budgets"):
+            for text in budget_texts or [""]:  # none given is an error too
+                parse_budget(text)
+        from kvx.policies.registry import build_policy
 
         with about("--policies"):
-            for name in policy_names or [""]:  # none given is an error too
+            for name in policy_names or [""]:
                 build_policy(name)
-        with about("--budgets"):
-            for text in budget_texts or [""]:
-                parse_budget(text)
 
     import torch
 

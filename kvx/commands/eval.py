@@ -50,17 +50,14 @@ def eval_command(
     from kvx.eval.runner import EvalConfig, kvx_variants
     from kvx.inputs import check_writable
     from kvx.options import check_device_dtype
-    from kvx.policies.registry import split_policy_list
 
-    # Every option is checked before the model loads and before --out is locked or written.
+    # Every option is checked before the model loads and before --out is locked or written; the cheap
+    # checks first, the policies (whose code imports torch) last.
     check_device_dtype(device, dtype)
-    with about("--policies"):
-        policy_list = split_policy_list(policies)
-    config = EvalConfig(tasks=_split(task), context=context, policies=policy_list, budgets=_split(budgets),
+    config = EvalConfig(tasks=_split(task), context=context, policies=[], budgets=_split(budgets),
                         samples=samples, mode=mode, haystack=haystack, max_tokens=max_tokens, seed=seed,
                         depths=depths, fidelity=fidelity)
     config.validate()
-    kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against is not None and against != "kvpress":
         raise KvxError(f"--against: unknown baseline {against!r}; the only one is kvpress")
     if as_json and markdown:
@@ -70,11 +67,16 @@ def eval_command(
     if plot is not None:
         _check_matplotlib()
         check_writable(plot, "--plot")
+    results = ResultsFile(out)
+    from kvx.policies.registry import split_policy_list
+
+    with about("--policies"):
+        config.policies = split_policy_list(policies)
+    kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against:
         from kvx.eval.kvpress_baseline import require_kvpress
 
         require_kvpress()
-    results = ResultsFile(out)
     if summary_only:
         if not results.rows:
             raise KvxError(f"--summary-only: {out} holds no results")

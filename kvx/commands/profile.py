@@ -82,7 +82,6 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     """The kvx.profile/1 report for these settings. `loaded` = (model, tokenizer, folder) skips loading."""
     from kvx.models.config import load_config
     from kvx.runtime.memory import parse_size, plan, resolve_plan_dtype
-    from kvx.runtime.profile import effective_headroom, report
 
     from kvx.options import check_device_dtype
 
@@ -100,6 +99,8 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     if s.plan_only:
         if s.prompt_file is not None:
             raise KvxError("--prompt-file is for a measured run; --plan reads config.json alone")
+        from kvx.runtime.profile import effective_headroom, report  # the engine, torch: after the checks
+
         source = _plan_source(s.model, quiet)
         cfg = load_config(source)
         dtype = resolve_plan_dtype(s.dtype, cfg)
@@ -112,6 +113,7 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     if s.batch != 1:
         raise KvxError("--batch applies to --plan; a measured run profiles one sequence")
     text = _read_prompt(s.prompt_file) if s.prompt_file is not None else None
+    from kvx.runtime.profile import effective_headroom, report  # the engine, torch: after the checks
     if loaded is None:
         from kvx.options import resolve_device, resolve_dtype
         from kvx.models.hub import resolve_model

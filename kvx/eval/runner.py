@@ -20,8 +20,6 @@ from typing import Callable
 
 from kvx.errors import KvxError, about
 from kvx.eval import tasks as task_gen
-from kvx.eval.fidelity import compare_on_continuation
-from kvx.eval.prefill import SharedPrefill
 from kvx.eval.prompt import PromptIds, build_prompt, prompt_text
 from kvx.eval.results import ResultsFile, row_key
 from kvx.eval.scoring import score_sample
@@ -68,6 +66,11 @@ class EvalConfig:
             raise KvxError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.depths < 1:
             raise KvxError(f"--depths must be at least 1, got {self.depths}")
+        from kvx.policies.budget import parse_budget
+
+        with about("--budgets"):  # here too, so that a bad budget fails before any policy code loads
+            for text in self.budgets:
+                parse_budget(text)
 
 
 def canonical_task(name: str) -> str:
@@ -104,13 +107,14 @@ class Variant:
 
 def kvx_variants(config: EvalConfig) -> list[Variant]:
     """The full cache, then every policy at every budget (policies and budgets checked here)."""
-    from kvx.policies import build_policy, parse_budget
-    from kvx.policies.registry import parse_policy_spec, policy_label
+    from kvx.policies.budget import parse_budget
 
     with about("--budgets"):
         budgets = [parse_budget(b) for b in config.budgets]
     if not budgets and any(p != FULL for p in config.policies):
         raise KvxError("--budgets: no budget given; use e.g. --budgets 5%,10%,25%,50%")
+    from kvx.policies.registry import build_policy, parse_policy_spec, policy_label
+
     out = [Variant(FULL, FULL_BUDGET)]
     seen = {(FULL, FULL_BUDGET)}
     for spec in config.policies:
@@ -208,6 +212,10 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
 def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant],
                     emit: Callable[[dict], None]) -> None:
     """One shared prefill of the sample, then fork -> compress -> answer for every variant."""
+    # Imported here, not at the top: `kvx eval` checks its options through this module before torch loads.
+    from kvx.eval.fidelity import compare_on_continuation
+    from kvx.eval.prefill import SharedPrefill
+
     agnostic = config.mode == "agnostic"
     prefill_ids = prompt.context if agnostic else prompt.full
     engine.check_length(len(prompt.full))
