@@ -54,10 +54,35 @@ def read_text_file(source: str, what: str) -> str:
     return decode_utf8(data, f"{what} file {source}")
 
 
+# JSON nested deeper than this would exhaust Python's recursion limit inside json.loads.
+MAX_JSON_DEPTH = 500
+
+
 def utf8_lines(stream: BinaryIO, what: str = "stdin") -> Iterator[str]:
-    """The stream's lines as text; a line that is not UTF-8 stops the run with one line naming it."""
+    """The stream's lines as text; a line that is not UTF-8 (or JSON nested beyond MAX_JSON_DEPTH) stops
+    the run with one line naming it."""
     for number, raw in enumerate(stream, start=1):
-        yield decode_utf8(raw, f"{what} line {number}")
+        line = decode_utf8(raw, f"{what} line {number}")
+        if line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
+            raise KvxError(f"{what} line {number} nests deeper than {MAX_JSON_DEPTH} levels")
+        yield line
+
+
+def json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON text, outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def check_writable(path: Path, option: str) -> None:
