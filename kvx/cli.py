@@ -103,8 +103,10 @@ def generate(
     kvx generate --policy ada-snapkv --budget 5% --context paper.txt -q "What is the main result?" -q "Who are the authors?"
     cat requests.jsonl | kvx generate --jsonl > results.jsonl
     """
-    from kvx.inputs import check_utf8, read_stdin, read_text_file, utf8_lines
+    from kvx.inputs import Output, check_utf8, read_stdin, read_text_file, utf8_lines
     from kvx.runtime.sampling import SamplingParams
+
+    out = Output(sys.stdout)
 
     # Every option is checked before anything slow (stdin, the model): a bad value fails at once.
     params = check_sampling(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
@@ -121,7 +123,7 @@ def generate(
         from kvx.pipeline import run_jsonl
 
         inp = utf8_lines(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin
-        failures = run_jsonl(inp, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
+        failures = run_jsonl(inp, out, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
                              use_graphs=not no_graph, prefill_chunk=prefill_chunk)
@@ -150,8 +152,8 @@ def generate(
                           prefill_chunk=prefill_chunk)
 
     def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out.write(text)
+        out.flush()
 
     if context is not None:
         ids = [split_context_question(tok, ctx_text, q, system, raw) for q in question]
@@ -162,7 +164,7 @@ def generate(
             ctx_ids, [q for _, q in ids], params, max_tokens,
             on_text=None if as_json else (lambda qi, s: stream(s)))
         if as_json:
-            print(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}))
+            stream(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}) + "\n")
         else:
             stream("\n")
         if not quiet:
@@ -175,7 +177,7 @@ def generate(
     check_memory(engine, len(ids), max_tokens)
     result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
     if as_json:
-        print(json.dumps(result_json(result)))
+        stream(json.dumps(result_json(result)) + "\n")
     else:
         stream("\n")
     if not quiet:
@@ -270,7 +272,10 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)
-    except BrokenPipeError:
+    except BrokenPipeError:  # `kvx ... | head`: the reader has all it wanted
+        from kvx.inputs import silence
+
+        silence(sys.stdout)
         sys.exit(0)
     except SystemExit:
         raise

@@ -95,3 +95,40 @@ def check_writable(path: Path, option: str) -> None:
         raise KvxError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise KvxError(f"{option} {path}: cannot write there (permission denied)")
+
+
+class Output:
+    """A text stream (stdout) whose write failures (a full disk, a closed terminal) are one-line errors.
+
+    A closed pipe stays a BrokenPipeError: `kvx ... | head` ending early is not an error.
+    """
+
+    def __init__(self, stream, what: str = "standard output"):
+        self.stream, self.what = stream, what
+
+    def write(self, text: str) -> None:
+        self._guard(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            silence(self.stream)
+            raise KvxError(f"cannot write to {self.what}: {exc.strerror or exc}") from None
+
+
+def silence(stream) -> None:
+    """Point the stream's file descriptor at /dev/null, so that the interpreter's last flush of what is
+    still buffered cannot fail again (and print a second error) on the way out."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
