@@ -133,36 +133,52 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
-def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
-                 available: Optional[int] = None) -> None:
-    """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit.
+def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0, policy="request",
+                budget="request", prefill_chunk="request"):
+    """What generating from a prompt of `prompt_tokens` allocates at its peak (kvx.runtime.memory.Need).
 
     The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
     decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question.
-    The message suggests a per-head --budget with --prefill-chunk that would fit.
+    `policy`, `budget` and `prefill_chunk` default to the engine's own.
     """
     from kvx.runtime.engine import DECODE_SLACK
-    from kvx.runtime.memory import check_fits, request_need
+    from kvx.runtime.memory import request_need
 
     cfg, n = engine.config, prompt_tokens
+    budget = engine.budget if budget == "request" else budget
+    chunk = engine.prefill_chunk if prefill_chunk == "request" else prefill_chunk
+    pol = engine.policy if policy == "request" else policy
     nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
     new = max(0, min(max_tokens, cfg.max_position_embeddings - n - question_tokens))
-    pol, bud = engine.policy, engine.budget
-    compresses = pol is not None and bud is not None and not bud.keeps_everything(n)
-    headroom = question_tokens + (min(new, DECODE_SLACK) if compresses and pol.decode_mode else new)
-    on_gpu = engine.device.type == "cuda"
+    compresses = pol is not None and budget is not None and not budget.keeps_everything(n)
+    decode_mode = compresses and getattr(pol, "decode_mode", None)
+    headroom = question_tokens + (min(new, DECODE_SLACK) if decode_mode else new)
+    return request_need(cfg, nbytes, n, headroom, budget if compresses else None, chunk,
+                        on_gpu=engine.device.type == "cuda")
 
-    def need(budget, chunk):
-        return request_need(cfg, nbytes, n, headroom, budget, chunk, on_gpu)
+
+def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
+                 available: Optional[int] = None) -> None:
+    """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit in the
+    device's free memory, saying how much it needs and how much there is, and suggesting a per-head
+    --budget with --prefill-chunk that would fit. `available` overrides the measured figure."""
+    from kvx.runtime.memory import check_fits
+
+    n = prompt_tokens
+
+    def need(policy="request", budget="request", chunk="request"):
+        return memory_need(engine, n, max_tokens, question_tokens, policy, budget, chunk)
 
     def fitting_budget(free: int, chunk: int) -> int:
         """The largest per-head token budget that fits with this chunk (0: none). What a budget of B tokens
         needs grows linearly in B: solve from B = 1 and 2, then step down to be sure."""
-        from kvx.policies import Budget
+        from kvx.policies import Budget, build_policy
 
-        one, two = need(Budget(tokens=1), chunk).total, need(Budget(tokens=2), chunk).total
+        # The policy that would run: the one given, else the one --budget alone picks.
+        pol = engine.policy if engine.policy is not None else build_policy(DEFAULT_POLICY)
+        one, two = need(pol, Budget(tokens=1), chunk).total, need(pol, Budget(tokens=2), chunk).total
         tokens = min(n - 1, 1 + (free - one) // max(1, two - one))
-        while tokens >= 1 and need(Budget(tokens=tokens), chunk).total > free:
+        while tokens >= 1 and need(pol, Budget(tokens=tokens), chunk).total > free:
             tokens -= max(1, tokens // 100)
         return max(0, tokens)
 
@@ -177,7 +193,7 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
         chunk = next(c for c in chunks if budgets[c] * 2 >= best)
         return f"try --budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
 
-    check_fits(need(bud if compresses else None, engine.prefill_chunk), engine.device, available, hint)
+    check_fits(need(), engine.device, available, hint)
 
 
 def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:

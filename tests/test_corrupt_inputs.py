@@ -6,7 +6,6 @@ installed script without paying for a fresh interpreter per case (test_cli_error
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_model_folder
-from kvx.cli import main
+from cli_checks import error_line
 
 
 @pytest.fixture(scope="module")
@@ -27,34 +26,6 @@ def model_dir(tmp_path_factory) -> Path:
 def model(model_dir, tmp_path) -> Path:
     """A fresh copy of the tiny model folder, for one test to damage."""
     return Path(shutil.copytree(model_dir, tmp_path / "model"))
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """cli(*argv, stdin=b"") -> (exit code, stdout, stderr), as the `kvx` script would give them."""
-
-    def run(*argv, stdin: bytes = b""):
-        monkeypatch.setattr(sys, "argv", ["kvx", *map(str, argv)])
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-def error_line(result) -> str:
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("kvx: error:"), err
-    assert "Traceback" not in err and out == ""
-    return lines[0]
 
 
 def generate(cli, model, *extra, prompt="Hello there"):
