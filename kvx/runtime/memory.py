@@ -7,9 +7,12 @@ download. It follows what kvx's runtime really allocates, so the measured report
 - the cache keeps every token of the prompt (a sliding window masks attention, it does not trim the cache);
 - compression keeps `Budget.total_entries` (layer, kv head, token) entries, and each kv head's segment is
   reallocated to its kept tokens plus `headroom_tokens` free slots for decoding;
-- the prompt is prefilled whole before it is compressed (no chunked prefill), so while a sequence is
+- the planner assumes the prompt is prefilled whole before it is compressed, so while a sequence is
   prefilled its full cache exists: the budget shrinks what is held afterwards, not the prefill peak.
   Sequences are prefilled one at a time, each compressed before the next.
+
+The check before a prefill (`request_need`, `check_fits`) also knows chunked prefill and, on a GPU, the
+activations; `kvx generate` calls it through kvx.options.check_memory.
 """
 
 from __future__ import annotations
