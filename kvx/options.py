@@ -133,8 +133,11 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
-def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0, policy="request",
-                budget="request", prefill_chunk="request"):
+_ENGINES = object()  # memory_need's default: the engine's own policy, budget or chunk
+
+
+def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0, policy=_ENGINES,
+                budget=_ENGINES, prefill_chunk=_ENGINES):
     """What generating from a prompt of `prompt_tokens` allocates at its peak (kvx.runtime.memory.Need).
 
     The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
@@ -145,9 +148,9 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
     from kvx.runtime.memory import request_need
 
     cfg, n = engine.config, prompt_tokens
-    budget = engine.budget if budget == "request" else budget
-    chunk = engine.prefill_chunk if prefill_chunk == "request" else prefill_chunk
-    pol = engine.policy if policy == "request" else policy
+    budget = engine.budget if budget is _ENGINES else budget
+    chunk = engine.prefill_chunk if prefill_chunk is _ENGINES else prefill_chunk
+    pol = engine.policy if policy is _ENGINES else policy
     nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
     new = max(0, min(max_tokens, cfg.max_position_embeddings - n - question_tokens))
     compresses = pol is not None and budget is not None and not budget.keeps_everything(n)
@@ -165,8 +168,12 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
     from kvx.runtime.memory import check_fits
 
     n = prompt_tokens
+    # The policy the suggestion is for: the one given, unless it cannot prefill in chunks (its score needs
+    # every query: h2o), else the one --budget alone picks.
+    chunkable = engine.policy is not None and not engine.policy.request.colsum_all
+    suggest = "" if chunkable or engine.policy is None else f"--policy {DEFAULT_POLICY} "
 
-    def need(policy="request", budget="request", chunk="request"):
+    def need(policy=_ENGINES, budget=_ENGINES, chunk=_ENGINES):
         return memory_need(engine, n, max_tokens, question_tokens, policy, budget, chunk)
 
     def fitting_budget(free: int, chunk: int) -> int:
@@ -174,8 +181,7 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
         needs grows linearly in B: solve from B = 1 and 2, then step down to be sure."""
         from kvx.policies import Budget, build_policy
 
-        # The policy that would run: the one given, else the one --budget alone picks.
-        pol = engine.policy if engine.policy is not None else build_policy(DEFAULT_POLICY)
+        pol = engine.policy if chunkable else build_policy(DEFAULT_POLICY)
         one, two = need(pol, Budget(tokens=1), chunk).total, need(pol, Budget(tokens=2), chunk).total
         tokens = min(n - 1, 1 + (free - one) // max(1, two - one))
         while tokens >= 1 and need(pol, Budget(tokens=tokens), chunk).total > free:
@@ -183,15 +189,16 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
         return max(0, tokens)
 
     def hint(free: int) -> str:
-        # The chunk given, else the largest of 512, 256, ..., 16 that still allows half the best budget:
-        # smaller chunks leave more room for the budget but prefill more slowly.
-        chunks = [engine.prefill_chunk] if engine.prefill_chunk else [512 >> i for i in range(6)]
+        # The largest chunk (the one given, else 512; then halves down to 16) that still allows half the
+        # best budget: smaller chunks leave more room for the budget but prefill more slowly.
+        first = engine.prefill_chunk or 512
+        chunks = [first] + [c for c in (512 >> i for i in range(6)) if c < first]
         budgets = {chunk: fitting_budget(free, chunk) for chunk in chunks}
         best = max(budgets.values())
         if best < 1:
             return "try a shorter prompt or fewer --max-tokens"
         chunk = next(c for c in chunks if budgets[c] * 2 >= best)
-        return f"try --budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
+        return f"try {suggest}--budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
 
     check_fits(need(), engine.device, available, hint)
 
