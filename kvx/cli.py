@@ -14,8 +14,21 @@ from typing import List, Optional
 import typer
 
 from kvx import __version__
-from kvx.errors import KvxError
-from kvx.options import build_engine, encode_prompt, load, policy_and_budget, resolve_dtype, split_context_question
+from kvx.errors import KvxError, about
+from kvx.options import (
+    DEFAULT_POLICY,
+    build_engine,
+    check_device_dtype,
+    check_memory,
+    check_sampling,
+    encode_prompt,
+    load,
+    policy_and_budget,
+    policy_name,
+    resolve_dtype,
+    split_context_question,
+)
+from kvx.result_view import result_json, summary_line
 
 app = typer.Typer(
     name="kvx",
@@ -54,45 +67,20 @@ def _root(
     pass
 
 
-def summary_line(result) -> str:
-    from kvx.runtime.memory import human_bytes
-
-    held, full = result.kv_bytes_held, result.kv_bytes_full
-    share = f" ({100 * held / full:.1f}% of full {human_bytes(full)})" if full else ""
-    pol = result.policy + (f" @ {result.budget}" if result.budget else "")
-    return (
-        f"{result.prompt_tokens} prompt + {result.generated_tokens} generated tokens · "
-        f"prefill {result.prefill_tokens_per_s:.1f} tok/s · decode {result.decode_tokens_per_s:.1f} tok/s · "
-        f"policy {pol} · KV held {human_bytes(held)}{share}"
-    )
-
-
-def _read_text(source: str, what: str) -> str:
-    if source == "-":
-        return sys.stdin.read()
-    p = Path(source)
-    if not p.is_file():
-        raise KvxError(f"{what} file not found: {source}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KvxError(f"{what} file is not UTF-8 text: {source}") from None
-
-
 # -- generate ----------------------------------------------------------------------------------------
 
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it or pass - to read it from stdin."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder (default: SmolLM2-135M-Instruct, pulled on first use)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder, or hub id ORG/NAME[@revision] (default: SmolLM2-135M-Instruct, pulled on first use)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=0, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="At least 0; 0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, above 0 and at most 1."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling, 0 to 2^64-1."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
-    policy: str = typer.Option("full", "--policy", "-p", help="Eviction policy (see `kvx policies`)."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help=f"Eviction policy (see `kvx policies`); default: {DEFAULT_POLICY} with --budget, else full."),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="KV budget: '5%' of all entries, or '512' tokens per kv head on average."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Override the policy's allocator: uniform, pyramid, ada, global."),
     policy_arg: List[str] = typer.Option([], "--policy-arg", help="Policy option key=value (repeatable), e.g. window=32."),
@@ -118,19 +106,33 @@ def generate(
     kvx generate --policy ada-snapkv --budget 5% --context paper.txt -q "What is the main result?" -q "Who are the authors?"
     cat requests.jsonl | kvx generate --jsonl --max-batch 16 --kv-memory 2GiB > results.jsonl
     """
+    from kvx.inputs import Output, check_utf8, read_stdin, read_text_file, utf8_lines
     from kvx.runtime.sampling import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)  # fail before loading a model
+    out = Output(sys.stdout)
+
+    # Every option is checked before anything slow (stdin, the model): a bad value fails at once.
+    params = check_sampling(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    check_device_dtype(device, dtype)
+    policy = policy_name(policy, budget)
+    policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)
+    if system is not None:
+        check_utf8(system, "--system")
     pool_bytes = None
     if kv_memory is not None:
         from kvx.runtime.memory import parse_size
 
-        pool_bytes = parse_size(kv_memory)
+        with about("--kv-memory"):
+            pool_bytes = parse_size(kv_memory)
     if jsonl:
+        if prompt is not None or context is not None or question:
+            raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
+        if as_json:
+            raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
         from kvx.pipeline import run_jsonl
 
-        failures = run_jsonl(sys.stdin, sys.stdout, model=model, device=device, dtype=dtype, policy=policy,
+        inp = utf8_lines(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin
+        failures = run_jsonl(inp, out, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
                              use_graphs=not no_graph, prefill_chunk=prefill_chunk, max_batch=max_batch,
@@ -142,12 +144,16 @@ def generate(
     if context is not None:
         if not question:
             raise KvxError("--context needs at least one --question")
-        ctx_text = _read_text(context, "context")
+        if prompt is not None:
+            raise KvxError("--context takes its questions from --question; drop the PROMPT argument")
+        for q in question:
+            if not check_utf8(q, "--question").strip():
+                raise KvxError("--question: a question is empty")
+        ctx_text = read_text_file(context, "context")
         if not ctx_text.strip():
             raise KvxError("the context is empty")
     else:
-        if prompt is None or prompt == "-":
-            prompt = sys.stdin.read()
+        prompt = read_stdin() if prompt is None or prompt == "-" else check_utf8(prompt, "the prompt")
         if not prompt.strip():
             raise KvxError("the prompt is empty")
 
@@ -156,17 +162,19 @@ def generate(
                           prefill_chunk=prefill_chunk)
 
     def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out.write(text)
+        out.flush()
 
     if context is not None:
         ids = [split_context_question(tok, ctx_text, q, system, raw) for q in question]
         ctx_ids = ids[0][0]
+        engine.check_length(len(ctx_ids))
+        check_memory(engine, len(ctx_ids), max_tokens, question_tokens=max(len(q) for _, q in ids))
         results = engine.generate_agnostic(
             ctx_ids, [q for _, q in ids], params, max_tokens,
             on_text=None if as_json else (lambda qi, s: stream(s)))
         if as_json:
-            print(json.dumps({"results": [_result_json(r, question=q) for r, q in zip(results, question)]}))
+            stream(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}) + "\n")
         else:
             stream("\n")
         if not quiet:
@@ -175,19 +183,15 @@ def generate(
         return
 
     ids = encode_prompt(tok, prompt, system, raw)
+    engine.check_length(len(ids))
+    check_memory(engine, len(ids), max_tokens)
     result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
     if as_json:
-        print(json.dumps(_result_json(result)))
+        stream(json.dumps(result_json(result)) + "\n")
     else:
         stream("\n")
     if not quiet:
         _err(summary_line(result))
-
-
-def _result_json(result, **extra) -> dict:
-    d = result.to_dict()
-    d.update(extra)
-    return d
 
 
 # -- model management --------------------------------------------------------------------------------
@@ -210,11 +214,15 @@ def convert(
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype to store: float32, bfloat16, float16."),
 ) -> None:
     """Convert a Llama-architecture GGUF file into a Hugging Face folder kvx (and transformers) can load."""
-    from kvx.models.gguf import convert_gguf
-
+    check_device_dtype("auto", dtype)
+    if dtype == "auto":
+        raise KvxError("--dtype: choose the stored dtype: float32, bfloat16 or float16")
     if not gguf_file.is_file():
         raise KvxError(f"GGUF file not found: {gguf_file}")
-    print(convert_gguf(gguf_file, out_dir, dtype=resolve_dtype(dtype, "cpu")))
+    from kvx.models.gguf import convert_gguf
+
+    torch_dtype = resolve_dtype(dtype, "cpu")
+    print(convert_gguf(gguf_file, out_dir, dtype=torch_dtype))
 
 
 @app.command()
@@ -261,9 +269,11 @@ app.command("bench")(bench_command)
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (kvx's own and the parser's) become one line on stderr, exit code 2."""
+    from kvx import usage
+
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="kvx")
         if isinstance(code, int) and code:
             sys.exit(code)
     except KvxError as exc:
@@ -272,19 +282,25 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)
-    except BrokenPipeError:
+    except BrokenPipeError:  # `kvx ... | head`: the reader has all it wanted
+        from kvx.inputs import silence
+
+        silence(sys.stdout)
         sys.exit(0)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except Exception as exc:  # the parser's own signals and usage errors (typer's vendored click, or click)
+        code = usage.exit_code(exc)
+        if code is not None:
+            sys.exit(code)
+        if usage.is_no_args_help(exc):  # `kvx` alone: show the help, as `kvx --help` does
+            print(usage.help_text(exc))
+            sys.exit(0)
+        line = usage.usage_error_line(exc)
+        if line is not None:
+            _err(f"error: {line}")
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if usage.is_abort(exc):
             sys.exit(1)
         raise
 

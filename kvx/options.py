@@ -9,30 +9,41 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kvx.errors import KvxError
+from kvx.errors import KvxError, about
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `--budget` alone compresses with: a budget is never silently ignored (stated in --help and the summary).
+DEFAULT_POLICY = "laprox"
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """The names alone, without importing torch: commands call this first, so a typo fails at once."""
+    if device not in DEVICES:
+        raise KvxError(f"--device: unknown device {device!r}; use auto, cpu or cuda")
+    if dtype not in DTYPES:
+        raise KvxError(f"--dtype: unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
 
 
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device_dtype(device, "auto")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise KvxError("--device cuda was asked for but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise KvxError(f"unknown device {device!r}: use auto, cpu or cuda")
     return device
 
 
 def resolve_dtype(dtype: str, device: str):
     import torch
 
+    check_device_dtype("auto", dtype)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         # float32 on the CPU: bfloat16 matmuls are slower there at long context.
         return torch.float32 if device == "cpu" else torch.bfloat16
-    if dtype not in table:
-        raise KvxError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return table[dtype]
 
 
@@ -41,8 +52,8 @@ def load(model: Optional[str], device: str, dtype: str, quiet: bool = False):
     from kvx.models import load_model
     from kvx.models.hub import resolve_model
 
+    path = resolve_model(model, quiet=quiet)  # first: a bad path fails before torch is even imported
     dev = resolve_device(device)
-    path = resolve_model(model, quiet=quiet)
     return load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
 
 
@@ -52,30 +63,64 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
         for part in item.split(","):
             if not part:
                 continue
-            if "=" not in part:
+            if "=" not in part or not part.split("=", 1)[0].strip():
                 raise KvxError(f"--policy-arg expects key=value, got {part!r}")
             key, value = part.split("=", 1)
             args[key.strip()] = value.strip()
     return args
 
 
-def policy_and_budget(policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
-                      prefill_chunk: Optional[int] = None):
+def policy_name(policy: Optional[str], budget: Optional[str]) -> str:
+    """The policy the options mean: none given is the full cache, or DEFAULT_POLICY when a budget is."""
+    if policy is None:
+        return DEFAULT_POLICY if budget is not None else "full"
+    return policy
+
+
+def policy_and_budget(policy: Optional[str], budget: Optional[str], allocation: Optional[str],
+                      policy_args: list[str], prefill_chunk: Optional[int] = None):
     """The Policy and Budget the options ask for, or (None, None) for the uncompressed runtime.
 
-    Cheap (no model), so commands call it before loading one: a bad option fails at once.
+    Cheap (no model), so commands call it before loading one: a bad option fails at once, naming it.
     """
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise KvxError("--prefill-chunk must be a positive number of tokens")
-    if policy == "full" and budget is None and not allocation and not policy_args:
-        return None, None
-    from kvx.policies import build_policy, parse_budget
+    from kvx.policies.budget import parse_budget
 
-    if policy != "full" and budget is None:
-        raise KvxError(f"--policy {policy} needs a --budget (e.g. --budget 10% or --budget 512)")
-    pol = build_policy(policy, allocation=allocation, args=parse_policy_args(policy_args))
-    bud = parse_budget(budget) if budget is not None else None
+    # The checks that need no policy code come first: policy code imports torch, which takes seconds.
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise KvxError(f"--prefill-chunk must be a positive number of tokens, got {prefill_chunk}")
+    name = policy_name(policy, budget)
+    with about("--budget"):
+        bud = parse_budget(budget) if budget is not None else None
+    args = parse_policy_args(policy_args)
+    if name.strip().lower() == "full":
+        # The full cache keeps everything: a budget, allocator or option given with it would be ignored.
+        given = [o for o, v in (("--budget", budget), ("--allocation", allocation), ("--policy-arg", args)) if v]
+        if given:
+            raise KvxError(f"--policy full keeps every entry and takes no {' or '.join(given)}; "
+                           f"pick a policy that compresses (see `kvx policies`), e.g. --policy {DEFAULT_POLICY}")
+        return None, None
+    from kvx.policies.registry import ALLOCATOR_NAMES, build_policy
+
+    with about("--policy"):
+        pol = build_policy(name)
+    if allocation is not None and str(allocation).strip().lower() not in ALLOCATOR_NAMES:
+        raise KvxError(f"--allocation: unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATOR_NAMES)}")
+    if bud is None:
+        raise KvxError(f"--policy {pol.name} needs a --budget (e.g. --budget 10% or --budget 512)")
+    with about("--policy-arg"):
+        pol = build_policy(name, allocation=allocation, args=args)
     return pol, bud
+
+
+def check_sampling(params, name=lambda field: "--" + field.replace("_", "-")):
+    """The sampling parameters, or KvxError naming the bad one (`name` turns a field into its option)."""
+    from kvx.runtime.sampling import sampling_problem
+
+    problem = sampling_problem(params)
+    if problem is not None:
+        field, text = problem
+        raise KvxError(f"{name(field)} {text}")
+    return params
 
 
 def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
@@ -86,6 +131,76 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
     if pol is None:
         return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+
+
+_ENGINES = object()  # memory_need's default: the engine's own policy, budget or chunk
+
+
+def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0, policy=_ENGINES,
+                budget=_ENGINES, prefill_chunk=_ENGINES):
+    """What generating from a prompt of `prompt_tokens` allocates at its peak (kvx.runtime.memory.Need).
+
+    The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
+    decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question.
+    `policy`, `budget` and `prefill_chunk` default to the engine's own.
+    """
+    from kvx.runtime.engine import DECODE_SLACK
+    from kvx.runtime.memory import request_need
+
+    cfg, n = engine.config, prompt_tokens
+    budget = engine.budget if budget is _ENGINES else budget
+    chunk = engine.prefill_chunk if prefill_chunk is _ENGINES else prefill_chunk
+    pol = engine.policy if policy is _ENGINES else policy
+    nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
+    new = max(0, min(max_tokens, cfg.max_position_embeddings - n - question_tokens))
+    compresses = pol is not None and budget is not None and not budget.keeps_everything(n)
+    decode_mode = compresses and getattr(pol, "decode_mode", None)
+    headroom = question_tokens + (min(new, DECODE_SLACK) if decode_mode else new)
+    return request_need(cfg, nbytes, n, headroom, budget if compresses else None, chunk,
+                        on_gpu=engine.device.type == "cuda")
+
+
+def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
+                 available: Optional[int] = None) -> None:
+    """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit in the
+    device's free memory, saying how much it needs and how much there is, and suggesting a per-head
+    --budget with --prefill-chunk that would fit. `available` overrides the measured figure."""
+    from kvx.runtime.memory import check_fits
+
+    n = prompt_tokens
+    # The policy the suggestion is for: the one given, unless it cannot prefill in chunks (its score needs
+    # every query: h2o), else the one --budget alone picks.
+    chunkable = engine.policy is not None and not engine.policy.request.colsum_all
+    suggest = "" if chunkable or engine.policy is None else f"--policy {DEFAULT_POLICY} "
+
+    def need(policy=_ENGINES, budget=_ENGINES, chunk=_ENGINES):
+        return memory_need(engine, n, max_tokens, question_tokens, policy, budget, chunk)
+
+    def fitting_budget(free: int, chunk: int) -> int:
+        """The largest per-head token budget that fits with this chunk (0: none). What a budget of B tokens
+        needs grows linearly in B: solve from B = 1 and 2, then step down to be sure."""
+        from kvx.policies import Budget, build_policy
+
+        pol = engine.policy if chunkable else build_policy(DEFAULT_POLICY)
+        one, two = need(pol, Budget(tokens=1), chunk).total, need(pol, Budget(tokens=2), chunk).total
+        tokens = min(n - 1, 1 + (free - one) // max(1, two - one))
+        while tokens >= 1 and need(pol, Budget(tokens=tokens), chunk).total > free:
+            tokens -= max(1, tokens // 100)
+        return max(0, tokens)
+
+    def hint(free: int) -> str:
+        # The largest chunk (the one given, else 512; then halves down to 16) that still allows half the
+        # best budget: smaller chunks leave more room for the budget but prefill more slowly.
+        first = engine.prefill_chunk or 512
+        chunks = [first] + [c for c in (512 >> i for i in range(6)) if c < first]
+        budgets = {chunk: fitting_budget(free, chunk) for chunk in chunks}
+        best = max(budgets.values())
+        if best < 1:
+            return "try a shorter prompt or fewer --max-tokens"
+        chunk = next(c for c in chunks if budgets[c] * 2 >= best)
+        return f"try {suggest}--budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
+
+    check_fits(need(), engine.device, available, hint)
 
 
 def chat_prompt(tokenizer, user: str, system: Optional[str], raw: bool) -> str:

@@ -23,34 +23,48 @@ from kvx.errors import KvxError
 _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "seed": int}
 
 
+def _number(key: str, value, whole: bool):
+    """A JSON number as the field's type: 3.0 is a whole number, 3.5, "3", true and 1e400 are not."""
+    if isinstance(value, float) and whole and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (float, int)) or (whole and not isinstance(value, int)):
+        raise KvxError(f"field {key!r} must be a {'whole ' if whole else ''}number")
+    try:
+        return value if whole else float(value)
+    except OverflowError:
+        raise KvxError(f"field {key!r} is too large") from None
+
+
 def parse_line(obj, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
     """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix)."""
-    from kvx.options import encode_prompt, policy_and_budget, split_context_question
+    from kvx.inputs import check_utf8
+    from kvx.options import check_sampling, encode_prompt, policy_and_budget, split_context_question
     from kvx.runtime.sequence import GenerationRequest
 
     if not isinstance(obj, dict):
         raise KvxError("each line must be a JSON object")
     for key, cast in _SAMPLING_FIELDS.items():
         if key in obj:
-            try:
-                params = replace(params, **{key: cast(obj[key])})
-            except (TypeError, ValueError):
-                raise KvxError(f"field {key!r} must be a number") from None
-    if params.temperature < 0 or not 0 <= params.top_p <= 1 or params.top_k < 0:
-        raise KvxError("fields 'temperature' and 'top_k' must be >= 0 and 'top_p' within [0, 1]")
+            params = replace(params, **{key: _number(key, obj[key], whole=cast is int)})
+    check_sampling(params, name=lambda field: f"field {field!r}")
     n = obj.get("max_tokens", max_tokens)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise KvxError("field 'max_tokens' must be a non-negative integer")
     raw = bool(obj.get("raw", raw))
     system = obj.get("system", system)
     if system is not None and not isinstance(system, str):
         raise KvxError("field 'system' must be a string")
+    for key in ("prompt", "context", "question", "system"):
+        if isinstance(obj.get(key), str):
+            check_utf8(obj[key], f"field {key!r}")
     policy, budget = _compression(obj, defaults, policy_and_budget)
     common = dict(params=params, max_tokens=n, policy=policy, budget=budget, id=obj.get("id"))
     if "context" in obj:
         questions = obj.get("questions", [obj["question"]] if "question" in obj else None)
-        if not questions or not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
             raise KvxError("a 'context' request needs 'question' (a string) or 'questions' (a list of strings)")
+        for q in questions:
+            check_utf8(q, "field 'questions'")
         if not isinstance(obj["context"], str) or not obj["context"].strip():
             raise KvxError("field 'context' must be a non-empty string")
         ids = [split_context_question(tok, obj["context"], q, system, raw) for q in questions]
@@ -84,11 +98,19 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
               kv_memory=None, ordered=False) -> int:
     """Process every line; returns the number of lines that failed."""
     from kvx.options import build_engine, load
+    from kvx.result_view import result_json
     from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
+    from kvx.runtime.memory import available_bytes, human_bytes
     from kvx.runtime.pool import default_kv_memory
 
     llm, tok = load(model, device, dtype, quiet=quiet)
     engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+    if kv_memory is not None:
+        # The pool is the whole KV budget of the run; each request is then admitted only when it fits in it.
+        free, _ = available_bytes(engine.device)
+        if free is not None and kv_memory > free:
+            raise KvxError(f"--kv-memory {human_bytes(kv_memory)} is more than the {human_bytes(free)} this "
+                           "device has free; give a smaller --kv-memory (or leave it out for a safe default)")
     batch = BatchEngine(engine, kv_memory or default_kv_memory(engine.device), max_batch or DEFAULT_MAX_BATCH)
     defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
     writer = _Writer(out, ordered)
@@ -136,9 +158,9 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
                 fail(lineno, rid, seq.error)
             elif questions is not None:
                 writer.put(lineno, {"id": rid, "line": lineno, "results": [
-                    dict(r.to_dict(), question=q) for r, q in zip(seq.results, questions)]})
+                    result_json(r, question=q) for r, q in zip(seq.results, questions)]})
             else:
-                writer.put(lineno, {"id": rid, "line": lineno, **seq.results[0].to_dict()})
+                writer.put(lineno, {"id": rid, "line": lineno, **result_json(seq.results[0])})
     writer.close()
     return failures
 

@@ -94,3 +94,42 @@ def make_checkpoint(
     path = Path(root) / variant
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
     return path, model
+
+
+# A chat template in the style of SmolLM2's (ChatML), short enough to read.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_level_tokenizer():
+    """A tokenizers backend that spells any text byte by byte: 256 byte tokens plus four special ones."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return backend
+
+
+TOKENIZER_VOCAB = 260  # byte_level_tokenizer's size: a model folder's vocab_size must cover it
+
+
+def make_model_folder(root: str | Path, variant: str = "llama_gqa_llama3", chat_template: str | None = CHAT_TEMPLATE,
+                      **config_overrides) -> Path:
+    """A complete folder `kvx generate --model` loads: a tiny checkpoint, tokenizer.json and
+    tokenizer_config.json (with `chat_template`, None for none). Tokens 1 and 2 are BOS and EOS."""
+    import json
+
+    config_overrides.setdefault("vocab_size", TOKENIZER_VOCAB)
+    path, _ = make_checkpoint(variant, root, **config_overrides)
+    byte_level_tokenizer().save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

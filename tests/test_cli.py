@@ -50,7 +50,8 @@ def test_generate_text_on_stdout_summary_on_stderr(default_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "tok/s" not in proc.stdout
-    assert "tok/s" in proc.stderr and "KV held" in proc.stderr
+    assert "tok/s" in proc.stderr and "KV kept" in proc.stderr and "decode headroom" in proc.stderr
+    assert "KV held" not in proc.stderr  # headroom is not "held" against a full cache that excludes it
 
 
 def test_prompt_from_stdin_and_json(default_dir):
@@ -58,9 +59,12 @@ def test_prompt_from_stdin_and_json(default_dir):
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
     assert "Paris" in obj["text"]
-    for key in ("prompt_tokens", "generated_tokens", "timings", "kv_bytes_held", "kv_bytes_full"):
+    for key in ("prompt_tokens", "generated_tokens", "timings", "kv_entries_kept", "kv_entries_full",
+                "kv_bytes_in_use", "kv_bytes_full", "kv_bytes_headroom", "kv_bytes_allocated", "kv_bytes_peak"):
         assert key in obj
-    assert obj["kv_bytes_held"] > 0
+    # The full cache keeps every entry: in use equals the full cache of the same tokens.
+    assert obj["kv_entries_kept"] == obj["kv_entries_full"] and obj["kv_bytes_in_use"] == obj["kv_bytes_full"] > 0
+    assert obj["kv_bytes_allocated"] == obj["kv_bytes_in_use"] + obj["kv_bytes_headroom"]
 
 
 def test_seeded_sampling_is_deterministic(default_dir):

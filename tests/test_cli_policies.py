@@ -63,9 +63,14 @@ def test_generate_with_a_budget_reports_the_bytes_it_holds():
     result = json.loads(lines[0])
     assert result["policy"] == "snapkv" and result["budget"] == "10%"
     assert result["prompt_tokens"] > 600 and result["generated_tokens"] == 4
-    # 10% of the prompt's entries plus a headroom of 4 tokens per head, against the full cache.
-    assert result["kv_bytes_held"] < 0.15 * result["kv_bytes_full"]
+    # 10% of the prompt's entries (plus the tokens decoded since) against the full cache of the same tokens;
+    # allocated = in use + a headroom of 4 tokens per head, named as such.
     assert result["kv_entries_kept"] <= 0.11 * result["kv_entries_full"]
+    assert result["kv_kept_fraction"] == pytest.approx(result["kv_entries_kept"] / result["kv_entries_full"], abs=1e-6)
+    assert result["kv_bytes_in_use"] <= 0.11 * result["kv_bytes_full"]
+    assert result["kv_bytes_allocated"] == result["kv_bytes_in_use"] + result["kv_bytes_headroom"]
+    assert result["kv_bytes_allocated"] < 0.15 * result["kv_bytes_full"]
+    assert "kv_bytes_held" not in result
 
 
 # (arguments, a word the one error line must contain)

@@ -40,29 +40,41 @@ def bench_command(
     Example: kvx bench --suite runtime --threads 2
              kvx bench --suite batch --batch-requests 16 --batch-prompt 2048 --batch-gen 128
     """
-    import torch
+    from kvx.errors import KvxError, about
+    from kvx.options import build_engine, check_device_dtype, load
 
-    from kvx.options import build_engine, load
-    from kvx.errors import KvxError
-    from kvx.eval import bench
-    from kvx.models.hub import resolve_model
-
+    # Every option is checked before the model loads.
+    check_device_dtype(device, dtype)
     if suite not in ("runtime", "compression", "batch", "all"):
-        raise KvxError(f"unknown suite {suite!r}: use runtime, compression, batch or all")
+        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression, batch or all")
     pool_bytes = None
     if kv_memory is not None:
         from kvx.runtime.memory import parse_size
 
-        pool_bytes = parse_size(kv_memory)
+        with about("--kv-memory"):
+            pool_bytes = parse_size(kv_memory)
+    prefill_ns, decode_ns = _ints(prefill_contexts, "--prefill-contexts"), _ints(decode_contexts, "--decode-contexts")
+    policy_names, budget_texts = _split(policies), _split(budgets)
+    if suite != "runtime":
+        from kvx.policies.budget import parse_budget
+
+        with about("--budgets"):
+            for text in budget_texts or [""]:  # none given is an error too
+                parse_budget(text)
+        from kvx.policies.registry import build_policy
+
+        with about("--policies"):
+            for name in policy_names or [""]:
+                build_policy(name)
+
+    import torch
+
+    from kvx.eval import bench
+    from kvx.models.hub import resolve_model
+
     torch.set_num_threads(threads)
     llm, tok = load(model, device, dtype)
     engine = build_engine(llm, tok, "full", None, None, [])
-
-    def ints(text: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",") if x]
-        except ValueError:
-            raise KvxError(f"expected comma-separated integers, got {text!r}") from None
 
     def show(row) -> None:
         if as_json:
@@ -73,7 +85,7 @@ def bench_command(
     out = []
     if suite in ("runtime", "all"):
         rows = bench.runtime_vs_transformers(
-            resolve_model(model, quiet=True), engine, tok, ints(prefill_contexts), ints(decode_contexts),
+            resolve_model(model, quiet=True), engine, tok, prefill_ns, decode_ns,
             decode_steps, repeats, with_hf=not no_hf, progress=show)
         out.append(("kvx vs transformers (tokens/s, median of %d)" % repeats,
                     ["phase", "context", "kvx", "transformers", "ratio"],
@@ -81,7 +93,7 @@ def bench_command(
                       "-" if r.hf_tokens_per_s is None else f"{r.hf_tokens_per_s:.1f}",
                       "-" if r.ratio is None else f"{r.ratio:.2f}x"] for r in rows]))
     if suite in ("compression", "all"):
-        rows = bench.compression(engine, tok, policies.split(","), budgets.split(","),
+        rows = bench.compression(engine, tok, policy_names, budget_texts,
                                  decode_steps=decode_steps, progress=show)
         over = [r for r in rows if r.decode_tokens_per_s is None]
         dec = [r for r in rows if r.decode_tokens_per_s is not None]
@@ -95,7 +107,7 @@ def bench_command(
                       f"{r.decode_tokens_per_s / base:.2f}x"] for r in dec]))
     if suite in ("batch", "all"):
         out += _batch_suite(engine, tok, batch_requests, batch_prompt, batch_gen, pool_bytes,
-                            policies.split(",")[0], budgets.split(",")[0], show)
+                            policy_names[0], budget_texts[0], show)
     if as_json:
         return
     from rich.console import Console
@@ -141,3 +153,20 @@ def _batch_suite(engine, tok, n, prompt, gen, pool_bytes, policy, budget, show):
              ["full cache", f"{policy} {budget}", "ratio"],
              [[cap.full_sequences, cap.compressed_sequences,
                "-" if cap.ratio is None else f"{cap.ratio:.1f}x"]])]
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str, option: str) -> list[int]:
+    """Comma-separated positive whole numbers (token counts)."""
+    from kvx.errors import KvxError
+
+    try:
+        values = [int(x) for x in _split(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise KvxError(f"{option}: expected comma-separated positive whole numbers, got {text!r}")
+    return values

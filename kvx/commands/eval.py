@@ -46,43 +46,53 @@ def eval_command(
     kvx eval --policies "ahakv,ahakv[score_kernel=15]" --mode aware --out aha.jsonl
     Interrupted runs resume: rerun the same command and finished rows are skipped.
     """
-    from kvx.errors import KvxError
+    from kvx.errors import KvxError, about
     from kvx.eval.results import ResultsFile
     from kvx.eval.runner import EvalConfig, kvx_variants
+    from kvx.inputs import check_writable
+    from kvx.options import check_device_dtype
 
-    from kvx.policies.registry import split_policy_list
-
-    config = EvalConfig(tasks=_split(task), context=context, policies=split_policy_list(policies), budgets=_split(budgets),
+    # Every option is checked before the model loads and before --out is locked or written; the cheap
+    # checks first, the policies (whose code imports torch) last.
+    check_device_dtype(device, dtype)
+    config = EvalConfig(tasks=_split(task), context=context, policies=[], budgets=_split(budgets),
                         samples=samples, mode=mode, haystack=haystack, max_tokens=max_tokens, seed=seed,
                         depths=depths, fidelity=fidelity, max_batch=max_batch)
     config.validate()
-    kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against is not None and against != "kvpress":
-        raise KvxError(f"unknown --against {against!r}: the only baseline is kvpress")
+        raise KvxError(f"--against: unknown baseline {against!r}; the only one is kvpress")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
+    if not summary_only:
+        check_writable(out, "--out")
     if plot is not None:
         _check_matplotlib()
+        check_writable(plot, "--plot")
+    results = ResultsFile(out)
+    from kvx.policies.registry import split_policy_list
+
+    with about("--policies"):
+        config.policies = split_policy_list(policies)
+    kvx_variants(config)  # bad policy or budget names fail now, not after loading the model
     if against:
         from kvx.eval.kvpress_baseline import require_kvpress
 
         require_kvpress()
-    results = ResultsFile(out)
     if summary_only:
         if not results.rows:
             raise KvxError(f"--summary-only: {out} holds no results")
         _print_summary(results.rows, out, as_json, markdown, plot, _describe_rows(results.rows))
         return
-    results.lock()
 
     from kvx.options import load, resolve_device, resolve_dtype
-    from kvx.models.hub import resolve_model
+    from kvx.models.hub import model_name, resolve_model
     from kvx.runtime.engine import Engine
 
-    folder = resolve_model(model, quiet=as_json)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    config.model = folder.name
+    folder = resolve_model(model, quiet=as_json)
+    results.lock()
+    config.model = model_name(model, folder)
     config.dtype = str(torch_dtype).removeprefix("torch.")
     llm, tok = load(str(folder), device, dtype, quiet=True)
     engine = Engine(llm, tok)

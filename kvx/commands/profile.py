@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from kvx.errors import KvxError
+from kvx.errors import KvxError, about
 from kvx.eval.haystack import filler_ids
 
 
@@ -82,20 +82,25 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     """The kvx.profile/1 report for these settings. `loaded` = (model, tokenizer, folder) skips loading."""
     from kvx.models.config import load_config
     from kvx.runtime.memory import parse_size, plan, resolve_plan_dtype
-    from kvx.runtime.profile import effective_headroom, report
 
+    from kvx.options import check_device_dtype
+
+    check_device_dtype(s.device, s.dtype)
     if s.context <= 0:
         raise KvxError(f"--context must be a positive number of tokens, got {s.context}")
     if s.decode_steps < 0:
         raise KvxError(f"--decode-steps cannot be negative, got {s.decode_steps}")
     if s.batch <= 0:
         raise KvxError(f"--batch must be a positive number of sequences, got {s.batch}")
-    memory = parse_size(s.memory) if s.memory is not None else None
+    with about("--memory"):
+        memory = parse_size(s.memory) if s.memory is not None else None
     policy_name, pol, bud = _policy(s)
 
     if s.plan_only:
         if s.prompt_file is not None:
             raise KvxError("--prompt-file is for a measured run; --plan reads config.json alone")
+        from kvx.runtime.profile import effective_headroom, report  # the engine, torch: after the checks
+
         source = _plan_source(s.model, quiet)
         cfg = load_config(source)
         dtype = resolve_plan_dtype(s.dtype, cfg)
@@ -108,6 +113,7 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     if s.batch != 1:
         raise KvxError("--batch applies to --plan; a measured run profiles one sequence")
     text = _read_prompt(s.prompt_file) if s.prompt_file is not None else None
+    from kvx.runtime.profile import effective_headroom, report  # the engine, torch: after the checks
     if loaded is None:
         from kvx.options import resolve_device, resolve_dtype
         from kvx.models.hub import resolve_model
@@ -136,22 +142,20 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
 
 def _policy(s: ProfileSettings):
     """(policy name, Policy or None, Budget or None), checked before anything is loaded."""
-    from kvx.options import parse_policy_args
-    from kvx.policies import build_policy, parse_budget
+    from kvx.options import policy_and_budget
 
-    bud = parse_budget(s.budget) if s.budget is not None else None
-    name = s.policy if s.policy is not None else ("laprox" if bud is not None else "full")
-    pol = build_policy(name, allocation=s.allocation, args=parse_policy_args(s.policy_args))
-    if pol.name == "full" and bud is not None:
-        raise KvxError("--policy full keeps every entry and takes no --budget; pick a policy (see `kvx policies`)")
-    if pol.name != "full" and bud is None:
-        raise KvxError(f"--policy {pol.name} needs a --budget (e.g. --budget 10% or --budget 512)")
-    return pol.name, (None if pol.name == "full" else pol), bud
+    pol, bud = policy_and_budget(s.policy, s.budget, s.allocation, s.policy_args)
+    return (pol.name if pol is not None else "full"), pol, bud
 
 
 def _plan_source(model: str | None, quiet: bool) -> Path:
     if model is not None:
-        return Path(model).expanduser()
+        from kvx.models.hf_hub import parse_hub_id, resolve_hub_model
+
+        path, hub_id = Path(model).expanduser(), parse_hub_id(model)
+        if not path.exists() and hub_id is not None:  # --plan reads config.json alone: fetch only that
+            return resolve_hub_model(*hub_id, quiet=quiet, files=["config.json"])
+        return path
     from kvx.models.hub import pull_default_model
 
     return pull_default_model(quiet=quiet)
@@ -173,13 +177,9 @@ def _plan_notes(p) -> list[str]:
 
 
 def _read_prompt(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise KvxError(f"prompt file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KvxError(f"prompt file is not UTF-8 text: {path}") from None
+    from kvx.inputs import read_text_file
+
+    text = read_text_file(path, "prompt")
     if not text.strip():
         raise KvxError(f"prompt file is empty: {path}")
     return text

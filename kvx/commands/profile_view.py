@@ -146,9 +146,10 @@ def check_plot_target(path: Path, plan_only: bool) -> None:
     """Fail before any work: --plot needs a measured run, matplotlib, and a folder to write into."""
     if plan_only:
         raise KvxError("--plot draws a measured run's kept tokens; it cannot be combined with --plan")
+    from kvx.inputs import check_writable
+
     _pyplot()
-    if not Path(path).expanduser().parent.is_dir():
-        raise KvxError(f"cannot write the plot: folder {Path(path).parent} does not exist")
+    check_writable(Path(path), "--plot")
 
 
 def _pyplot():

@@ -74,8 +74,10 @@ class ResultsFile:
                 continue
             try:
                 row = json.loads(line)
-                row_key(row)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if not isinstance(row, dict):
+                    raise TypeError("not an object")
+                hash(row_key(row))  # a key made of lists or objects could not index the rows
+            except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
                 raise KvxError(f"{self.path} line {number} is not an eval result row; "
                                "use another --out or remove that line") from None
             self.rows.append(row)

@@ -21,10 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvx.errors import KvxError
+from kvx.errors import KvxError, about
 from kvx.eval import tasks as task_gen
-from kvx.eval.fidelity import compare_on_continuation
-from kvx.eval.prefill import SharedPrefill
 from kvx.eval.prompt import PromptIds, build_prompt, prompt_text
 from kvx.eval.results import ResultsFile, row_key
 from kvx.eval.scoring import score_sample
@@ -59,11 +57,11 @@ class EvalConfig:
 
         self.tasks = [canonical_task(t) for t in self.tasks]
         if not self.tasks:
-            raise KvxError("no task given; choose from: " + ", ".join(task_gen.TASKS))
+            raise KvxError("--task: no task given; choose from: " + ", ".join(task_gen.TASKS))
         if self.mode not in MODES:
-            raise KvxError(f"unknown mode {self.mode!r}; use agnostic, aware or aware-plain")
+            raise KvxError(f"--mode: unknown mode {self.mode!r}; use agnostic, aware or aware-plain")
         if self.haystack not in HAYSTACKS:
-            raise KvxError(f"unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
+            raise KvxError(f"--haystack: unknown haystack {self.haystack!r}; choose one of: {', '.join(HAYSTACKS)}")
         if self.samples < 1:
             raise KvxError(f"--samples must be at least 1, got {self.samples}")
         if self.context < 1:
@@ -72,12 +70,17 @@ class EvalConfig:
             raise KvxError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.depths < 1:
             raise KvxError(f"--depths must be at least 1, got {self.depths}")
+        from kvx.policies.budget import parse_budget
+
+        with about("--budgets"):  # here too, so that a bad budget fails before any policy code loads
+            for text in self.budgets:
+                parse_budget(text)
 
 
 def canonical_task(name: str) -> str:
     key = task_gen._ALIASES.get(name.strip(), name.strip())
     if key not in task_gen.TASKS:
-        raise KvxError(f"unknown task {name!r}; choose from: {', '.join(task_gen.TASKS)}")
+        raise KvxError(f"--task: unknown task {name!r}; choose from: {', '.join(task_gen.TASKS)}")
     return key
 
 
@@ -108,17 +111,20 @@ class Variant:
 
 def kvx_variants(config: EvalConfig) -> list[Variant]:
     """The full cache, then every policy at every budget (policies and budgets checked here)."""
-    from kvx.policies import build_policy, parse_budget
-    from kvx.policies.registry import parse_policy_spec, policy_label
+    from kvx.policies.budget import parse_budget
 
-    budgets = [parse_budget(b) for b in config.budgets]
+    with about("--budgets"):
+        budgets = [parse_budget(b) for b in config.budgets]
     if not budgets and any(p != FULL for p in config.policies):
-        raise KvxError("no budget given; use e.g. --budgets 5%,10%,25%,50%")
+        raise KvxError("--budgets: no budget given; use e.g. --budgets 5%,10%,25%,50%")
+    from kvx.policies.registry import build_policy, parse_policy_spec, policy_label
+
     out = [Variant(FULL, FULL_BUDGET)]
     seen = {(FULL, FULL_BUDGET)}
     for spec in config.policies:
-        name, args = parse_policy_spec(spec)
-        policy = build_policy(name, args=args)
+        with about("--policies"):
+            name, args = parse_policy_spec(spec)
+            policy = build_policy(name, args=args)
         if policy.name == FULL:
             continue  # the full cache is always there
         label = policy_label(policy.name, args)
@@ -211,6 +217,10 @@ def run_eval(engine, config: EvalConfig, results: ResultsFile, baselines: list |
 def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant],
                     emit: Callable[[dict], None]) -> None:
     """One shared prefill of the sample, then fork -> compress -> answer for every variant."""
+    # Imported here, not at the top: `kvx eval` checks its options through this module before torch loads.
+    from kvx.eval.fidelity import compare_on_continuation
+    from kvx.eval.prefill import SharedPrefill
+
     agnostic = config.mode == "agnostic"
     prefill_ids = prompt.context if agnostic else prompt.full
     engine.check_length(len(prompt.full))

@@ -78,10 +78,14 @@ def _read_json(path: Path, what: str) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KvxError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise KvxError(f"{what} {path} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise KvxError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise KvxError(f"{what} {path} nests too deeply to be a config") from None
     if not isinstance(data, dict):
         raise KvxError(f"{what} {path} does not hold a JSON object")
     return data
@@ -90,10 +94,10 @@ def _read_json(path: Path, what: str) -> dict:
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [int(v) for v in value if v is not None]
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
 
 
@@ -164,6 +168,34 @@ def _layer_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None, l
     return (window if any(w is not None for w in per_layer) else None), per_layer
 
 
+_MAX_SIZE = 1 << 31  # no real checkpoint has a dimension, layer count or context anywhere near this
+
+
+class _Fields:
+    """Typed reads of config.json fields, each failure a one-line KvxError naming the field."""
+
+    def __init__(self, raw: dict, path: Path):
+        self.raw, self.path = raw, path
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.raw.get(key)
+        if value is None:
+            if default is None:
+                raise KvxError(f"config {self.path} lacks {key!r}")
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIZE:
+            raise KvxError(f"config {self.path}: {key} must be a whole number from 1 to {_MAX_SIZE}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise KvxError(f"config {self.path}: {key} must be a positive number, got {value!r}")
+        return float(value)
+
+
 def _generation_eos(model_dir: Path) -> list[int]:
     gen_path = model_dir / "generation_config.json"
     if not gen_path.is_file():
@@ -191,20 +223,18 @@ def load_config(model_dir_or_config_json: str | Path) -> ModelConfig:
     raw = _read_json(config_path, "config")
 
     arch = _architecture(raw, config_path)
-    try:
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
-        num_layers = int(raw["num_hidden_layers"])
-        vocab = int(raw["vocab_size"])
-        intermediate = int(raw["intermediate_size"])
-    except KeyError as exc:
-        raise KvxError(f"config {config_path} lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        raise KvxError(f"config {config_path} has a non-integer size: {exc}") from None
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+    fields = _Fields(raw, config_path)
+    hidden = fields.integer("hidden_size")
+    heads = fields.integer("num_attention_heads")
+    num_layers = fields.integer("num_hidden_layers")
+    vocab = fields.integer("vocab_size")
+    intermediate = fields.integer("intermediate_size")
+    kv_heads = fields.integer("num_key_value_heads", default=heads)
+    if heads % kv_heads:
         raise KvxError(f"config {config_path}: {heads} attention heads cannot share {kv_heads} kv heads")
-    head_dim = int(raw.get("head_dim") or hidden // heads)
+    head_dim = fields.integer("head_dim", default=hidden // heads)
+    if head_dim < 1:
+        raise KvxError(f"config {config_path}: hidden_size {hidden} is smaller than its {heads} heads")
 
     act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
     if act != "silu":
@@ -212,8 +242,16 @@ def load_config(model_dir_or_config_json: str | Path) -> ModelConfig:
     if raw.get("mlp_bias"):
         raise KvxError(f"config {config_path}: mlp_bias=true is not supported")
 
-    theta, scaling = _rope(raw, arch, config_path)
-    window, per_layer = _layer_windows(raw, arch, num_layers)
+    try:
+        theta, scaling = _rope(raw, arch, config_path)
+        window, per_layer = _layer_windows(raw, arch, num_layers)
+    except (TypeError, ValueError, OverflowError):
+        raise KvxError(f"config {config_path}: the RoPE or sliding-window settings are not numbers") from None
+    if window is not None and window < 1:
+        raise KvxError(f"config {config_path}: sliding_window must be a positive number of tokens, got {window}")
+    if not 0 < theta < float("inf") or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0
+                             for k, v in (scaling or {}).items() if k.endswith(("factor", "embeddings"))):
+        raise KvxError(f"config {config_path}: rope_theta and the RoPE scaling factors must be positive numbers")
     attention_bias = bool(raw.get("attention_bias", False))
     qkv_bias = True if arch == "Qwen2ForCausalLM" else attention_bias
     o_bias = attention_bias if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") else False
@@ -235,12 +273,12 @@ def load_config(model_dir_or_config_json: str | Path) -> ModelConfig:
         head_dim=head_dim,
         rope_theta=theta,
         rope_scaling=scaling,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=fields.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         qk_norm=arch == "Qwen3ForCausalLM",
         sliding_window=window,
-        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+        max_position_embeddings=fields.integer("max_position_embeddings", default=4096),
         bos_token_id=int(bos) if isinstance(bos, int) else None,
         eos_token_ids=eos,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),

