@@ -245,10 +245,12 @@ def _info_dict(info) -> dict:
 from kvx.commands.bench import bench_command  # noqa: E402
 from kvx.commands.eval import eval_command  # noqa: E402
 from kvx.commands.profile import profile_command  # noqa: E402
+from kvx.commands.serve import serve_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("profile")(profile_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:

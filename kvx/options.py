@@ -109,3 +109,43 @@ def split_context_question(tokenizer, context: str, question: str, system: Optio
 def encode_prompt(tokenizer, prompt: str, system: Optional[str], raw: bool) -> list[int]:
     text = chat_prompt(tokenizer, prompt, system, raw)
     return tokenizer.encode(text, add_special_tokens=raw or not tokenizer.has_chat_template)
+
+
+def parse_memory(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '123456' -> bytes (KvxError otherwise): what --kv-memory takes."""
+    from kvx.runtime.memory import parse_size
+
+    return parse_size(text)
+
+
+# Without --kv-memory the KV pool takes this share of what is free, capped on the CPU: the weights,
+# activations and the rest of the machine need the remainder.
+_KV_SHARE_CPU, _KV_CAP_CPU = 0.25, 4 * 2**30
+_KV_SHARE_GPU = 0.6
+
+
+def default_kv_memory(device: str) -> int:
+    """Bytes for the KV pool when --kv-memory is not given: min(4 GiB, 1/4 of MemAvailable) on the CPU,
+    60% of the free device memory (after the weights are loaded) on a GPU."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * _KV_SHARE_GPU)
+    return int(min(_KV_CAP_CPU, _mem_available() * _KV_SHARE_CPU))
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:  # not Linux: all physical memory, a looser bound
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return _KV_CAP_CPU * 4
