@@ -46,6 +46,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+# Pydantic names the member of a union that failed inside `loc` ("stop", "str"): not a field.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _field_path(loc) -> str:
     """('body', 'messages', 0, 'content') -> 'messages[0].content' (the API's `param`)."""
     out = ""
@@ -54,6 +58,8 @@ def _field_path(loc) -> str:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in part or "-" in part:
+            break
         else:
             out += ("." if out else "") + str(part)
     return out
