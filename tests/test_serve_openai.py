@@ -120,6 +120,27 @@ def test_extra_body_picks_the_policy_and_usage_shows_the_smaller_cache(client, e
     assert other.usage.kv_bytes_held < full.usage.kv_bytes_held
 
 
+def test_sampling_fields_are_honoured(client):
+    ask = [{"role": "user", "content": QUESTION}]
+    answer = client.chat.completions.create(model="kvx", messages=ask, max_tokens=24, temperature=0)
+    assert answer.choices[0].finish_reason == "stop" and "Paris" in answer.choices[0].message.content  # eos
+    text = answer.choices[0].message.content
+    # stop: the text ends before the first stop string, streamed or not
+    cut = client.chat.completions.create(model="kvx", messages=ask, max_tokens=24, temperature=0, stop=["Paris"])
+    assert cut.choices[0].message.content == text[:text.index("Paris")] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="kvx", messages=ask, max_tokens=24, temperature=0, stop="Paris", stream=True) if c.choices)
+    assert streamed == cut.choices[0].message.content
+    # max_completion_tokens (the API's current name) wins over max_tokens; ignore_eos runs past the end
+    longer = client.chat.completions.create(model="kvx", messages=ask, max_tokens=3, max_completion_tokens=20,
+                                            temperature=0, extra_body={"ignore_eos": True})
+    assert longer.usage.completion_tokens == 20 and longer.choices[0].finish_reason == "length"
+    # a seed makes sampling repeatable; temperature and top_p are applied
+    sampled = [client.chat.completions.create(model="kvx", messages=ask, max_tokens=12, temperature=1.2, top_p=0.95,
+                                              seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
 def test_concurrent_clients_get_their_kvx_generate_answers(server, engine):
     prompts = ["Name three primary colours.", "What is 2 + 2?", "What is a cache?"]
     wanted = [alone(engine, p, 12).text for p in prompts]

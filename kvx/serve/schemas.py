@@ -3,7 +3,8 @@
 Fields the API defines are typed as it defines them; unknown fields are ignored, as the API does. kvx's
 extras (what the `openai` client's `extra_body` sends) pick the compression per request: kv_policy,
 kv_budget ("5%" or a number of tokens per kv head), kv_allocation, kv_policy_args ({"window": 16}, or
-"window=16,kernel=5"). top_k is not in OpenAI's API but is honoured (as vLLM does).
+"window=16,kernel=5"). top_k and ignore_eos are not in OpenAI's API but are honoured, as vLLM does
+(ignore_eos: generate max_tokens tokens even past the end-of-sequence token, for benchmarks).
 
 Fields the API defines that kvx cannot honour (penalties, logprobs, tools, ...) are declared only so that
 setting them is a clear 400 instead of being silently ignored.
@@ -33,6 +34,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None
+    ignore_eos: bool = False
 
     kv_policy: Optional[StrictStr] = None
     kv_budget: Union[StrictStr, StrictInt, None] = None

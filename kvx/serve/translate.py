@@ -42,4 +42,4 @@ def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults) -
                                          body.kv_policy_args)
     return GenerationRequest(prompt_ids=prompt_ids, params=params,
                              max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-                             policy=policy, budget=budget, stop=_stop(body.stop))
+                             policy=policy, budget=budget, stop=_stop(body.stop), stop_at_eos=not body.ignore_eos)
