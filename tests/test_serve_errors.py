@@ -121,6 +121,25 @@ def test_streaming_bad_request_is_a_plain_error_not_a_stream(server):
     assert r.json()["error"]["param"] == "kv_policy"
 
 
+def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(server, monkeypatch):
+    batch = server.ctx.engine_loop.batch
+    real_step, failed = batch.step, []
+
+    def step_that_fails_once():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(batch, "step", step_that_fails_once)
+    r = httpx.post(server.url + CHAT, json=chat(temperature=0), timeout=30)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
+    assert httpx.post(server.url + CHAT, json=chat(temperature=0), timeout=30).status_code == 200
+    m = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
+    assert m["kvx_kv_blocks_reserved"] == 0 and m['kvx_requests_total{outcome="failed"}'] == 1
+
+
 def test_after_every_error_nothing_is_held(server):
     m = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
     assert m["kvx_kv_blocks_used"] == 0 and m["kvx_kv_blocks_reserved"] == 0 and m["kvx_requests_waiting"] == 0

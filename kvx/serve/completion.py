@@ -64,6 +64,8 @@ async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply
         kind, value = await job.next_event()
         if kind == REFUSED:
             raise bad_request(value, prompt_param)
+        if kind == BROKEN:
+            raise ApiError(500, value, type="server_error")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streaming = True  # from here the response releases the job

@@ -125,10 +125,14 @@ class EngineLoop:
     def _run(self) -> None:
         stopping = False
         while True:
-            stopping |= self._take_inbox(block=not self.batch.has_work)
-            if self.batch.has_work:
-                self._step()
-            self._publish()
+            try:
+                stopping |= self._take_inbox(block=not self.batch.has_work)
+                if self.batch.has_work:
+                    self._step()
+                self._publish()
+            except Exception as exc:  # a bug: fail what is running, keep the thread (and the server) alive
+                log.exception("the engine loop failed")
+                self._fail_all(f"internal error in the engine ({type(exc).__name__}: {exc})")
             if stopping and not self.batch.has_work:
                 return
 
@@ -159,6 +163,11 @@ class EngineLoop:
             self._leave_queue(outcome="rejected")
             job.post(REFUSED, str(exc))
             return
+        except Exception as exc:
+            log.exception("the engine could not take a request")
+            self._leave_queue(outcome="failed")
+            job.post(BROKEN, f"internal error in the engine ({type(exc).__name__}: {exc})")
+            return
         job.seq = seq
         self._live.add(job)
         self._waiting.add(job)
@@ -175,10 +184,6 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             done = self.batch.step()
-        except Exception as exc:  # a bug in the engine: fail what is running, keep serving
-            log.exception("the engine failed")
-            self._fail_all(f"internal error in the engine ({type(exc).__name__}: {exc})")
-            done = []
         finally:
             self.batch.finished.clear()  # step() returned them; kept, the list would grow for the server's life
         for seq in done:

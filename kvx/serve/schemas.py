@@ -17,6 +17,11 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -32,7 +37,7 @@ class _Body(BaseModel):
     stop: Union[StrictStr, list[StrictStr], None] = None
     n: Optional[int] = None
     stream: bool = False
-    stream_options: Optional["StreamOptions"] = None
+    stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     ignore_eos: bool = False
 
@@ -53,11 +58,6 @@ class _Body(BaseModel):
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
 
 
 class ContentPart(BaseModel):
@@ -93,8 +93,3 @@ class CompletionRequest(_Body):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-
-
-_Body.model_rebuild()
-ChatCompletionRequest.model_rebuild()
-CompletionRequest.model_rebuild()

@@ -56,7 +56,8 @@ def serve(settings: ServeSettings) -> None:
     ctx = build_context(settings)
     app = create_app(ctx, stop_timeout=settings.drain_timeout)
     try:  # bind before announcing, so a busy port is a one-line error and not a uvicorn traceback
-        sock = socket.create_server((settings.host, settings.port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.create_server((settings.host, settings.port), family=family)
     except OSError as exc:
         raise KvxError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     stats = ctx.engine_loop.batch.stats()
