@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvx.errors import KvxError
 from kvx.runtime.sequence import FINISHED
 from kvx.serve import translate
-from kvx.serve.engine_loop import BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
+from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
 from kvx.serve.errors import ApiError, bad_request, error_body
 from kvx.serve.responses import DONE, Reply, sse
 from kvx.serve.settings import RequestDefaults
@@ -62,18 +62,17 @@ async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply
     streaming = False
     try:
         kind, value = await job.next_event()
-        if kind == REFUSED:
-            raise bad_request(value, prompt_param)
-        if kind == BROKEN:
-            raise ApiError(500, value, type="server_error")
-        if body.stream:
+        if kind == ACCEPTED and body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streaming = True  # from here the response releases the job
             return _JobStream(_events(job, reply, include_usage), ctx.engine_loop, job)
-        event = await _wait(job, request)
-        if event is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        kind, value = event
+        if kind == ACCEPTED:
+            event = await _wait(job, request)
+            if event is None:  # the client went away; nobody reads this
+                return Response(status_code=499)
+            kind, value = event
+        if kind == REFUSED:
+            raise bad_request(value, prompt_param)
         if kind == BROKEN:
             raise ApiError(500, value, type="server_error")
         if value.state != FINISHED:

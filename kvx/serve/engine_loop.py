@@ -132,7 +132,7 @@ class EngineLoop:
                 self._publish()
             except Exception as exc:  # a bug: fail what is running, keep the thread (and the server) alive
                 log.exception("the engine loop failed")
-                self._fail_all(f"internal error in the engine ({type(exc).__name__}: {exc})")
+                self._fail_all(_internal(exc))
             if stopping and not self.batch.has_work:
                 return
 
@@ -166,7 +166,7 @@ class EngineLoop:
         except Exception as exc:
             log.exception("the engine could not take a request")
             self._leave_queue(outcome="failed")
-            job.post(BROKEN, f"internal error in the engine ({type(exc).__name__}: {exc})")
+            job.post(BROKEN, _internal(exc))
             return
         job.seq = seq
         self._live.add(job)
@@ -226,3 +226,7 @@ class EngineLoop:
         # One assignment: the event loop reads a consistent snapshot without a lock.
         self.snapshot = {**self.batch.stats(), "queued": self._queued, "tokens_per_s": self._meter.rate(),
                          "prompt_tokens": self._prompt_tokens}
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error in the engine ({type(exc).__name__}: {exc})"
