@@ -96,6 +96,13 @@ def test_bad_request_gets_its_status_and_error_body(server, path, body, status, 
     assert ok.status_code == 200, ok.text
 
 
+def test_models_endpoints(server):
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models", timeout=10).json()["data"]] == ["qwen2"]
+    assert httpx.get(server.url + "/v1/models/qwen2", timeout=10).json()["object"] == "model"
+    r = httpx.get(server.url + "/v1/models/gpt-9", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
 def test_unknown_route_and_wrong_method(server):
     r = httpx.get(server.url + "/v1/nothing", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

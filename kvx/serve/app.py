@@ -17,7 +17,7 @@ from kvx import __version__
 from kvx.serve import metrics
 from kvx.serve.body import read_body
 from kvx.serve.completion import ServerContext, complete
-from kvx.serve.errors import install_handlers
+from kvx.serve.errors import ApiError, install_handlers
 from kvx.serve.prompts import chat_ids, completion_ids
 from kvx.serve.responses import Reply
 from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -51,10 +51,18 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
         ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
         return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request)
 
+    card = {"id": ctx.model_id, "object": "model", "created": created, "owned_by": "kvx"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list",
-                "data": [{"id": ctx.model_id, "object": "model", "created": created, "owned_by": "kvx"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != ctx.model_id:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {ctx.model_id!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+        return card
 
     @app.get("/health")
     async def health():

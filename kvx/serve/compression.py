@@ -28,8 +28,9 @@ def resolve(defaults: RequestDefaults, policy=None, budget=None, allocation=None
     from kvx.options import parse_policy_args
     from kvx.policies import ALLOCATOR_NAMES, POLICY_NAMES, build_policy, parse_budget
 
-    name = defaults.policy if policy is None else policy.strip().lower()
-    inherit = name == defaults.policy
+    default = defaults.policy.strip().lower()
+    name = default if policy is None else policy.strip().lower()
+    inherit = name == default
     if allocation is None and inherit:
         allocation = defaults.allocation
     args_items = list(defaults.policy_args) if policy_args is None and inherit else _policy_args(policy_args)
