@@ -4,7 +4,6 @@ SIGTERM draining open requests before the process exits."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import signal
