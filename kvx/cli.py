@@ -94,7 +94,7 @@ def generate(
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (1 = one at a time)."),
-    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 90% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
     ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
@@ -262,10 +262,12 @@ def _info_dict(info) -> dict:
 from kvx.commands.bench import bench_command  # noqa: E402
 from kvx.commands.eval import eval_command  # noqa: E402
 from kvx.commands.profile import profile_command  # noqa: E402
+from kvx.commands.serve import serve_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("profile")(profile_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:

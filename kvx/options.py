@@ -224,3 +224,17 @@ def split_context_question(tokenizer, context: str, question: str, system: Optio
 def encode_prompt(tokenizer, prompt: str, system: Optional[str], raw: bool) -> list[int]:
     text = chat_prompt(tokenizer, prompt, system, raw)
     return tokenizer.encode(text, add_special_tokens=raw or not tokenizer.has_chat_template)
+
+
+def parse_memory(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '123456' -> bytes (KvxError otherwise): what --kv-memory takes."""
+    from kvx.runtime.memory import parse_size
+
+    return parse_size(text)
+
+
+def default_kv_memory(device) -> int:
+    """Bytes for the KV pool when --kv-memory is not given (kvx.runtime.pool.default_kv_memory)."""
+    from kvx.runtime.pool import default_kv_memory as pool_default
+
+    return pool_default(device)

@@ -134,14 +134,13 @@ def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
 def default_kv_memory(device: torch.device | str) -> int:
     """The KV pool's size when --kv-memory is not given: a share of what the device has free.
 
-    GPU: 90% of the memory free once the model is loaded (activations of a decode step are small next to
-    it). CPU: a quarter of the available memory, at most 4 GiB — the pool is allocated lazily by the
+    GPU: 60% of the memory free once the model is loaded (the rest: a long prompt's prefill activations). CPU: a quarter of the available memory, at most 4 GiB — the pool is allocated lazily by the
     OS, but a cap keeps one kvx process from crowding out the rest of the machine.
     """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
+        return int(free * 0.6)
     available = _meminfo_available()
     return min(4 << 30, available // 4) if available else 1 << 30
 

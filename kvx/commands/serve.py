@@ -1,0 +1,48 @@
+"""`kvx serve`: an OpenAI-compatible server over the batched engine (the server itself is kvx/serve/)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from kvx.serve.settings import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ServeSettings
+
+
+def serve_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder (default: SmolLM2-135M-Instruct, pulled on first use)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    policy: str = typer.Option("full", "--policy", "-p", help="Default eviction policy; a request's kv_policy overrides it."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Default KV budget ('5%' or tokens per kv head); kv_budget overrides it."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="Default allocator override: uniform, pyramid, ada, global."),
+    policy_arg: List[str] = typer.Option([], "--policy-arg", help="Default policy option key=value (repeatable)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Most requests decoded together (default: the batched engine's, shown at start)."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="Size of the shared KV pool, e.g. 2GiB, 512MiB, 1.5GB (default: min(4 GiB, 1/4 of free memory) on the CPU, 60% of free GPU memory)."),
+    max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", min=1, help="Most requests waiting to start; beyond it requests get 429."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Output tokens for a request that sets no max_tokens."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks (compressed requests then reserve budget + N, not the whole prompt)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: torch's)."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="Seconds open requests get to finish on Ctrl-C / SIGTERM before they are cancelled."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug (debug also logs every request)."),
+) -> None:
+    """Serve the OpenAI API (chat completions, completions, streaming) over the batched engine.
+
+    Requests are batched as they arrive, over one shared KV pool.
+    Each request may pick its compression with kv_policy, kv_budget, kv_allocation, kv_policy_args (the flags are the defaults).
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
+    Ctrl-C or SIGTERM stops taking connections and lets open requests end (--drain-timeout).
+
+    \b
+    kvx serve --port 8000 --kv-memory 2GiB
+    kvx serve --policy snapkv --budget 10% --max-batch 32
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "kv_policy": "laprox", "kv_budget": "5%"}'
+    """
+    from kvx.serve.server import serve
+
+    serve(ServeSettings(model=model, host=host, port=port, policy=policy, budget=budget, allocation=allocation,
+                        policy_args=list(policy_arg), max_batch=max_batch, kv_memory=kv_memory, max_queue=max_queue,
+                        max_tokens=max_tokens, prefill_chunk=prefill_chunk, device=device, dtype=dtype,
+                        threads=threads, drain_timeout=drain_timeout, log_level=log_level))

@@ -1,0 +1,77 @@
+"""The HTTP routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+The app's lifespan starts the engine thread and, at shutdown (after uvicorn has let open requests end),
+stops it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from kvx import __version__
+from kvx.serve import metrics
+from kvx.serve.body import read_body
+from kvx.serve.completion import ServerContext, complete
+from kvx.serve.errors import ApiError, install_handlers
+from kvx.serve.prompts import chat_ids, completion_ids
+from kvx.serve.responses import Reply
+from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+
+def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI:
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.engine_loop.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(ctx.engine_loop.stop, stop_timeout)
+
+    app = FastAPI(title="kvx", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API over kvx's batched engine, with the KV policy per request.")
+    install_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatCompletionRequest)
+        # Tokenizing a long prompt takes a while: off the event loop, like the model.
+        ids = await run_in_threadpool(chat_ids, ctx.tokenizer, body.messages)
+        return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
+        return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request)
+
+    card = {"id": ctx.model_id, "object": "model", "created": created, "owned_by": "kvx"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != ctx.model_id:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {ctx.model_id!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+        return card
+
+    @app.get("/health")
+    async def health():
+        ok = ctx.engine_loop.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        loop = ctx.engine_loop
+        return PlainTextResponse(metrics.render(loop.snapshot, dict(loop.outcomes)), media_type=metrics.CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,124 @@
+"""One completion request on the event loop: queue it, then wait for its answer or stream it.
+
+A handler owns its job until the job ends. However the handler stops — the client disconnected, the
+stream was never read, the server gave up waiting at shutdown — its job is released: a job that has not
+ended is cancelled, and its blocks go back to the pool at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvx.errors import KvxError
+from kvx.runtime.sequence import FINISHED
+from kvx.serve import translate
+from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
+from kvx.serve.errors import ApiError, bad_request, error_body
+from kvx.serve.responses import DONE, Reply, sse
+from kvx.serve.settings import RequestDefaults
+
+_POLL_S = 0.25  # how often a waiting non-streaming handler checks that its client is still there
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ServerContext:
+    engine_loop: EngineLoop
+    tokenizer: object
+    model_id: str
+    defaults: RequestDefaults
+
+    def check_length(self, n: int, param: str) -> None:
+        try:
+            self.engine_loop.batch.engine.check_length(n)  # reads the config only: safe off the engine thread
+        except KvxError as exc:
+            raise bad_request(str(exc), param, code="context_length_exceeded" if n else None) from None
+
+
+class _JobStream(StreamingResponse):
+    """An SSE response that releases its job however the response ends (even if never iterated)."""
+
+    def __init__(self, content, engine_loop: EngineLoop, job: Job):
+        super().__init__(content, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        self._engine_loop, self._job = engine_loop, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._engine_loop.release(self._job)
+
+
+async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply, prompt_param: str,
+                   request: Request) -> Response:
+    gen = translate.generation_request(body, prompt_ids, ctx.defaults)
+    ctx.check_length(len(prompt_ids), prompt_param)
+    job = Job(gen, stream=body.stream)
+    _submit(ctx.engine_loop, job)
+    streaming = False
+    try:
+        kind, value = await job.next_event()
+        if kind == ACCEPTED and body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            streaming = True  # from here the response releases the job
+            return _JobStream(_events(job, reply, include_usage), ctx.engine_loop, job)
+        if kind == ACCEPTED:
+            event = await _wait(job, request)
+            if event is None:  # the client went away; nobody reads this
+                return Response(status_code=499)
+            kind, value = event
+        if kind == REFUSED:
+            raise bad_request(value, prompt_param)
+        if kind == BROKEN:
+            raise ApiError(500, value, type="server_error")
+        if value.state != FINISHED:
+            raise bad_request(value.error or "the request failed")
+        return JSONResponse(reply.complete(value.results[0]))
+    finally:
+        if not streaming:
+            ctx.engine_loop.release(job)
+
+
+def _submit(engine_loop: EngineLoop, job: Job) -> None:
+    try:
+        engine_loop.submit(job)
+    except QueueFull:
+        raise ApiError(429, f"the server is busy: {engine_loop.max_queue} requests are already waiting; retry "
+                       "shortly", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+
+
+async def _wait(job: Job, request: Request):
+    """The job's last event, or None if the client disconnected first."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.next_event(), _POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+async def _events(job: Job, reply: Reply, include_usage: bool):
+    if reply.chat:
+        yield sse(reply.chunk(role=True, with_usage=include_usage))
+    while True:
+        kind, value = await job.next_event()
+        if kind == TEXT:
+            yield sse(reply.chunk(value, with_usage=include_usage))
+            continue
+        if kind == BROKEN:
+            yield sse(error_body(value, type="server_error"))
+        elif value.state != FINISHED:
+            yield sse(error_body(value.error or "the request failed"))
+        else:
+            result = value.results[0]
+            yield sse(reply.chunk(finish=result.finish_reason, with_usage=include_usage))
+            if include_usage:
+                yield sse(reply.usage_chunk(result))
+        break
+    yield DONE

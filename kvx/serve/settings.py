@@ -1,0 +1,46 @@
+"""What `kvx serve` is started with, and what every request inherits from it.
+
+Imports nothing heavy: the command line reads these defaults without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_QUEUE = 128
+DEFAULT_MAX_TOKENS = 256  # as `kvx generate`: a request that sets no max_tokens gets this many at most
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """The server's flags as the defaults of a request's fields (kv_* and max_tokens)."""
+
+    policy: str = "full"
+    budget: str | None = None
+    allocation: str | None = None
+    policy_args: tuple[str, ...] = ()
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+@dataclass
+class ServeSettings:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "full"
+    budget: str | None = None
+    allocation: str | None = None
+    policy_args: list[str] = field(default_factory=list)
+    max_batch: int | None = None  # None: the batched engine's default (kvx.runtime.batch)
+    kv_memory: str | None = None  # None: options.default_kv_memory(device)
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    prefill_chunk: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on Ctrl-C / SIGTERM
+    log_level: str = "info"
+
+    def defaults(self) -> RequestDefaults:
+        return RequestDefaults(self.policy, self.budget, self.allocation, tuple(self.policy_args), self.max_tokens)

@@ -1,0 +1,45 @@
+"""A validated request body and its prompt ids -> the GenerationRequest the batched engine runs.
+
+Sampling follows the API's defaults (temperature 1, top_p 1, a fresh seed when none is given), not the
+CLI's greedy default: a client that says nothing gets what the API promises. temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.sequence import GenerationRequest
+from kvx.serve import compression
+from kvx.serve.errors import bad_request
+from kvx.serve.settings import RequestDefaults
+
+
+def _stop(value) -> tuple[str, ...]:
+    stops = (value,) if isinstance(value, str) else tuple(value or ())
+    if any(s == "" for s in stops):
+        raise bad_request("stop strings must not be empty", "stop")
+    return stops
+
+
+def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults) -> GenerationRequest:
+    if body.n not in (None, 1):
+        raise bad_request(f"n={body.n} is not supported: kvx returns one choice per request (send n requests; "
+                          "they are batched)", "n")
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise bad_request("best_of is not supported", "best_of")
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        raise bad_request(f"{unsupported[0]} is not supported by kvx", unsupported[0])
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=secrets.randbits(63) if body.seed is None else body.seed,
+    )
+    max_tokens = body.requested_max_tokens()
+    policy, budget = compression.resolve(defaults, body.kv_policy, body.kv_budget, body.kv_allocation,
+                                         body.kv_policy_args)
+    return GenerationRequest(prompt_ids=prompt_ids, params=params,
+                             max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+                             policy=policy, budget=budget, stop=_stop(body.stop), stop_at_eos=not body.ignore_eos)
