@@ -42,7 +42,7 @@ class BatchEngine:
                                          block_size)
         self.scheduler = Scheduler(self.pool, cfg, max_batch, engine.prefill_chunk)
         self.tokenizer = engine.tokenizer
-        self.finished: list[Sequence] = []
+        self.finished: list[Sequence] = []  # retired during the current step (step() returns and resets it)
         self.generated_tokens = 0  # over the engine's life (for /metrics and benchmarks)
         self.prefill_s = 0.0  # wall time in prefill units (prompts, questions) over the engine's life
         self.decode_s = 0.0  # wall time in batched decode steps (sampling included)
@@ -124,9 +124,11 @@ class BatchEngine:
 
     def run(self) -> list[Sequence]:
         """Step until every submitted request is done; returns them in the order they finished."""
+        done = []
         while self.has_work:
-            self.step()
-        done, self.finished = self.finished, []
+            done += self.step()
+        done += self.finished  # a cancel between steps
+        self.finished = []
         return done
 
     def stats(self) -> dict:
@@ -137,7 +139,7 @@ class BatchEngine:
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """One scheduler iteration; returns the sequences that finished in it."""
-        before = len(self.finished)
+        done_before, self.finished = self.finished, []  # cancels since the last step are reported now
         self.scheduler.admit()
         pending = [s for s in self.scheduler.running if s.state == PREFILL or s.req is None]
         if pending:
@@ -147,7 +149,8 @@ class BatchEngine:
         t0 = time.perf_counter()
         self._decode()
         self.decode_s += time.perf_counter() - t0
-        return self.finished[before:]
+        done, self.finished = done_before + self.finished, []
+        return done
 
     def _guarded(self, seq: Sequence, fn) -> None:
         try:

@@ -178,14 +178,11 @@ class EngineLoop:
         if job not in self._live:
             return  # refused, or already done
         self.batch.cancel(job.seq)  # its blocks go back to the pool now
-        self.batch.finished.clear()  # see _step
+        self.batch.finished.clear()  # reported here; the next step() must not report it again
         self._retire(job)
 
     def _step(self) -> None:
-        try:
-            done = self.batch.step()
-        finally:
-            self.batch.finished.clear()  # step() returned them; kept, the list would grow for the server's life
+        done = self.batch.step()  # it returns and forgets what finished (nothing grows for the server's life)
         for seq in done:
             job = seq.request.id
             self._retire(job)
