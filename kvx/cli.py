@@ -131,7 +131,7 @@ def generate(
             raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
         from kvx.pipeline import run_jsonl
 
-        inp = utf8_lines(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin
+        inp = utf8_lines(sys.stdin.buffer, per_line=True) if hasattr(sys.stdin, "buffer") else sys.stdin
         failures = run_jsonl(inp, out, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,

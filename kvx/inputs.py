@@ -58,13 +58,20 @@ def read_text_file(source: str, what: str) -> str:
 MAX_JSON_DEPTH = 500
 
 
-def utf8_lines(stream: BinaryIO, what: str = "stdin") -> Iterator[str]:
+def utf8_lines(stream: BinaryIO, what: str = "stdin", per_line: bool = False) -> Iterator:
     """The stream's lines as text; a line that is not UTF-8 (or JSON nested beyond MAX_JSON_DEPTH) stops
-    the run with one line naming it."""
+    the run with one line naming it — or, with per_line, is yielded as that KvxError so the caller can
+    answer that line alone (`kvx generate --jsonl`: the other lines still run)."""
     for number, raw in enumerate(stream, start=1):
-        line = decode_utf8(raw, f"{what} line {number}")
-        if line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
-            raise KvxError(f"{what} line {number} nests deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            line = decode_utf8(raw, f"{what} line {number}")
+            if line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
+                raise KvxError(f"{what} line {number} nests deeper than {MAX_JSON_DEPTH} levels")
+        except KvxError as exc:
+            if not per_line:
+                raise
+            yield exc
+            continue
         yield line
 
 

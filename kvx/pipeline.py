@@ -134,6 +134,9 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
                 exhausted = True
                 break
             lineno, line = item
+            if isinstance(line, KvxError):  # not UTF-8, or nested too deep: this line alone fails
+                fail(lineno, None, str(line))
+                continue
             if not line.strip():
                 writer.skip(lineno)
                 continue

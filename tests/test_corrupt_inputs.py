@@ -174,12 +174,14 @@ def test_prompt_file_not_utf8(cli, model, tmp_path):
     assert "not UTF-8" in error_line(cli("generate", "--model", model, stdin=context.read_bytes()))
 
 
-def test_jsonl_line_not_utf8_stops_after_the_good_lines(cli, model):
-    code, out, err = cli("generate", "--model", model, "--jsonl", "-n", "1",
-                         stdin=b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n{"prompt": "never read"}\n')
+def test_jsonl_line_not_utf8_gets_its_error_and_the_others_run(cli, model):
+    code, out, err = cli("generate", "--model", model, "--jsonl", "-n", "1", "--ordered",
+                         stdin=b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n{"prompt": "still read"}\n')
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [r["line"] for r in rows] == [1, 2, 3]
+    assert rows[1]["error"].startswith("stdin line 2 is not UTF-8 text") and "error" not in rows[0] | rows[2]
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("kvx: error: stdin line 2 is not UTF-8 text")
-    assert [json.loads(line)["line"] for line in out.splitlines()] == [1]  # complete lines only
+    assert len(lines) == 1 and lines[0].startswith("kvx: line 2: stdin line 2 is not UTF-8 text")
 
 
 # -- results and outputs ---------------------------------------------------------------------------------
