@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvx.runtime.cache import RaggedKVCache
 from kvx.runtime.pool import BlockPool
 
 
@@ -114,17 +115,11 @@ class PagedKVCache:
         """K + V bytes of the blocks this sequence holds (its share of the pool)."""
         return self.blocks_held() * self.pool.block_bytes
 
-    def bytes_used(self) -> int:
-        return self.total_entries() * 2 * self.head_dim * self.pool.k.element_size()
-
-    def total_entries(self) -> int:
-        return sum(sum(lc.lengths) for lc in self.layers)
-
-    def lengths(self) -> list[list[int]]:
-        return [list(lc.lengths) for lc in self.layers]
-
-    def _note_peak(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated())
+    # bytes_used, total_entries, lengths, _note_peak: the same accounting as RaggedKVCache's.
+    bytes_used = RaggedKVCache.bytes_used
+    total_entries = RaggedKVCache.total_entries
+    lengths = RaggedKVCache.lengths
+    _note_peak = RaggedKVCache._note_peak
 
     # -- growth and appends -----------------------------------------------------------------------
     def reserve(self, extra: int, headroom: int = 0) -> None:
