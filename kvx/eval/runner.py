@@ -268,6 +268,7 @@ def _evaluate_batched(engine, config: EvalConfig, sample, prompt: PromptIds, var
     """Every variant forked and compressed as in the sequential loop, then all answers decoded together
     through the batched engine (runtime/batch.py), --max-batch at a time: the same answers (a request's
     output in a batch is its output alone), fewer passes over the weights."""
+    from kvx.eval.fidelity import compare_on_continuation
     from kvx.runtime.batch import BatchEngine
     from kvx.runtime.pool import BlockPool
     from kvx.runtime.sequence import GenerationRequest
