@@ -161,19 +161,22 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
 
 
 def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
-                 available: Optional[int] = None) -> None:
+                 available: Optional[int] = None, policy=_ENGINES, budget=_ENGINES) -> None:
     """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit in the
     device's free memory, saying how much it needs and how much there is, and suggesting a per-head
-    --budget with --prefill-chunk that would fit. `available` overrides the measured figure."""
+    --budget with --prefill-chunk that would fit. `available` overrides the measured figure; `policy` and
+    `budget` the engine's (a --jsonl line's own)."""
     from kvx.runtime.memory import check_fits
 
     n = prompt_tokens
+    own_policy = engine.policy if policy is _ENGINES else policy
+    own_budget = engine.budget if budget is _ENGINES else budget
     # The policy the suggestion is for: the one given, unless it cannot prefill in chunks (its score needs
     # every query: h2o), else the one --budget alone picks.
-    chunkable = engine.policy is not None and not engine.policy.request.colsum_all
-    suggest = "" if chunkable or engine.policy is None else f"--policy {DEFAULT_POLICY} "
+    chunkable = own_policy is not None and not own_policy.request.colsum_all
+    suggest = "" if chunkable or own_policy is None else f"--policy {DEFAULT_POLICY} "
 
-    def need(policy=_ENGINES, budget=_ENGINES, chunk=_ENGINES):
+    def need(policy=own_policy, budget=own_budget, chunk=_ENGINES):
         return memory_need(engine, n, max_tokens, question_tokens, policy, budget, chunk)
 
     def fitting_budget(free: int, chunk: int) -> int:
@@ -181,7 +184,7 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
         needs grows linearly in B: solve from B = 1 and 2, then step down to be sure."""
         from kvx.policies import Budget, build_policy
 
-        pol = engine.policy if chunkable else build_policy(DEFAULT_POLICY)
+        pol = own_policy if chunkable else build_policy(DEFAULT_POLICY)
         one, two = need(pol, Budget(tokens=1), chunk).total, need(pol, Budget(tokens=2), chunk).total
         tokens = min(n - 1, 1 + (free - one) // max(1, two - one))
         while tokens >= 1 and need(pol, Budget(tokens=tokens), chunk).total > free:

@@ -35,10 +35,11 @@ def _number(key: str, value, whole: bool):
         raise KvxError(f"field {key!r} is too large") from None
 
 
-def parse_line(obj, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
-    """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix)."""
+def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
+    """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix, or for a
+    request whose cache would not fit in the device's free memory)."""
     from kvx.inputs import check_utf8
-    from kvx.options import check_sampling, encode_prompt, policy_and_budget, split_context_question
+    from kvx.options import check_memory, check_sampling, encode_prompt, policy_and_budget, split_context_question
     from kvx.runtime.sequence import GenerationRequest
 
     if not isinstance(obj, dict):
@@ -68,11 +69,17 @@ def parse_line(obj, tok, params, max_tokens: int, raw: bool, system, defaults: d
         if not isinstance(obj["context"], str) or not obj["context"].strip():
             raise KvxError("field 'context' must be a non-empty string")
         ids = [split_context_question(tok, obj["context"], q, system, raw) for q in questions]
+        engine.check_length(len(ids[0][0]))
+        check_memory(engine, len(ids[0][0]), n, question_tokens=max(len(q) for _, q in ids), policy=policy,
+                     budget=budget)
         return GenerationRequest(context_ids=ids[0][0], question_ids=[q for _, q in ids], **common), questions
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise KvxError("field 'prompt' must be a non-empty string (or give 'context' and 'question')")
-    return GenerationRequest(prompt_ids=encode_prompt(tok, prompt, system, raw), **common), None
+    ids = encode_prompt(tok, prompt, system, raw)
+    engine.check_length(len(ids))
+    check_memory(engine, len(ids), n, policy=policy, budget=budget)
+    return GenerationRequest(prompt_ids=ids, **common), None
 
 
 def _compression(obj: dict, defaults: dict, policy_and_budget):
@@ -147,7 +154,7 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
                 except json.JSONDecodeError as exc:
                     raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
                 rid = obj.get("id") if isinstance(obj, dict) else None
-                request, questions = parse_line(obj, tok, params, max_tokens, raw, system, defaults)
+                request, questions = parse_line(obj, engine, tok, params, max_tokens, raw, system, defaults)
                 live[batch.submit(request)] = (lineno, rid, questions)
             except KvxError as exc:
                 fail(lineno, rid, str(exc))
