@@ -208,6 +208,7 @@ class EngineLoop:
             job.seq.state = FAILED
             self._retire(job)
             job.post(BROKEN, message)
+        self.batch.finished.clear()  # reported here; the next step() must not report them again
         if self.batch.has_work:  # sequences the failed step left half-retired: forget them
             self.batch.scheduler.running.clear()
             self.batch.scheduler.waiting.clear()
