@@ -74,7 +74,7 @@ def test_chat_completion_equals_kvx_generate(client):
     assert resp.usage.prompt_tokens == cli["prompt_tokens"]
     assert resp.usage.completion_tokens == cli["generated_tokens"]
     assert resp.usage.total_tokens == cli["prompt_tokens"] + cli["generated_tokens"]
-    assert resp.usage.kv_bytes_full == cli["kv_bytes_full"] and resp.usage.kv_bytes_held >= cli["kv_bytes_held"]
+    assert resp.usage.kv_bytes_full == cli["kv_bytes_full"] and resp.usage.kv_bytes_held >= cli["kv_bytes_allocated"]
 
 
 def test_streamed_chat_is_the_same_answer_in_pieces(client, engine):
