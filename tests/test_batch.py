@@ -20,6 +20,7 @@ from kvx.runtime.batch import BatchEngine
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 from kvx.runtime.sequence import CANCELLED, FINISHED, GenerationRequest
+from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
 
 # One policy of every family: window-scored (snapkv), accumulated + decode-time (h2o), decode-time last
@@ -27,14 +28,6 @@ from test_engine import StubTokenizer
 # model-wide (laprox: global top-K), query-moment (expected-attention).
 FAMILIES = [("snapkv", "20%"), ("h2o", "20%"), ("tova", "30%"), ("ahakv", "20%"), ("streaming", "25%"),
             ("ada-snapkv", "10%"), ("laprox", "15%"), ("expected-attention", "20%"), ("full", None)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "mistral"])
