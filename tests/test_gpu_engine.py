@@ -65,3 +65,30 @@ def test_gpu_batch_matches_cpu_batch_float32(models):
         outs.append([s.results[0].token_ids for s in seqs])
         assert batch.pool.num_used == 0
     assert outs[0] == outs[1]
+
+
+def test_gpu_batch_graph_path_equals_eager(models):
+    """The batched step replayed as CUDA graphs (padded to batch buckets, tables in static buffers) against
+    the same batch decoded eagerly, with decode-time eviction (h2o, tova, ahakv, streaming) inside it."""
+    from kvx.runtime.batch import BatchEngine
+    from kvx.runtime.sequence import GenerationRequest
+
+    _, gpu = models
+    g = torch.Generator().manual_seed(4)
+    specs = [(None, None), ("h2o", "25%"), ("tova", "30%"), ("ahakv", "25%"), ("streaming", "20%"),
+             ("snapkv", "10%"), ("ada-snapkv", "15%")]
+    lengths = [40, 9, 33, 21, 14, 5, 27]  # the batch shrinks through the buckets 8, 4, 2, 1
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(100, 700, (7,), generator=g)]
+    outs, steppers = [], []
+    for graphs in (True, False):
+        batch = BatchEngine(Engine(gpu, StubTokenizer(), use_graphs=graphs), kv_memory=64 << 20, max_batch=8)
+        seqs = [batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=m, policy=build_policy(p) if p else None,
+                                               budget=parse_budget(b) if b else None))
+                for ids, (p, b), m in zip(prompts, specs, lengths)]
+        batch.run()
+        outs.append([s.results[0].token_ids for s in seqs])
+        steppers.append(batch.stepper)
+        assert batch.pool.num_used == 0
+    assert outs[0] == outs[1]
+    assert steppers[0].captures >= 4 and steppers[0].replays > 3 * steppers[0].captures
+    assert steppers[1].captures == 0

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from kvx.errors import KvxError
-from kvx.runtime.batch_step import decode_step
+from kvx.runtime.batch_step import BatchStepper
 from kvx.runtime.engine import DECODE_SLACK, Engine, GenerationResult
 from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
@@ -41,6 +41,7 @@ class BatchEngine:
         self.pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, engine.device,
                                          block_size)
         self.scheduler = Scheduler(self.pool, cfg, max_batch, engine.prefill_chunk)
+        self.stepper = BatchStepper(engine, self.pool)  # CUDA graphs on a GPU (engine.use_graphs)
         self.tokenizer = engine.tokenizer
         self.finished: list[Sequence] = []  # retired during the current step (step() returns and resets it)
         self.generated_tokens = 0  # over the engine's life (for /metrics and benchmarks)
@@ -236,7 +237,7 @@ class BatchEngine:
         self.decode_steps += 1
         self.max_running = max(self.max_running, len(go))
         with torch.inference_mode():
-            logits = decode_step(self.engine, [s.req for s in go], tokens)
+            logits = self.stepper.step([s.req for s in go], tokens)
         for i, seq in enumerate(go):
             seq.logits = logits[i]
             if seq.req.decode_mode and seq.req.head_budget is not None:

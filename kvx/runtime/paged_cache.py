@@ -12,6 +12,8 @@ reads and writes only the kept entries, and decode-time eviction never allocates
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -19,11 +21,17 @@ from kvx.runtime.cache import RaggedKVCache
 from kvx.runtime.pool import BlockPool
 
 
+# Table versions, unique across every layer of every cache: a batched step's buffers (runtime/batch_step.py)
+# rewrite a segment's block-table row only when the version it last saw has changed.
+_TABLE_VERSIONS = itertools.count(1)
+
+
 class PagedLayer:
     """One layer's segments: a block table and a length per kv head (host lists; no device syncs)."""
 
     def __init__(self, pool: BlockPool, num_kv_heads: int, track_mass: bool):
         self.pool = pool
+        self.version = next(_TABLE_VERSIONS)  # changes whenever a table does
         self.tables: list[list[int]] = [[] for _ in range(num_kv_heads)]
         self.lengths: list[int] = [0] * num_kv_heads
         self.track_mass = track_mass
@@ -77,14 +85,17 @@ class PagedLayer:
         if want < have:
             self.pool.free(self.tables[g][want:])
             del self.tables[g][want:]
+            self.version = next(_TABLE_VERSIONS)
         elif want > have:
             self.tables[g].extend(self.pool.allocate(want - have))
+            self.version = next(_TABLE_VERSIONS)
 
     def release(self) -> None:
         for t in self.tables:
             self.pool.free(t)
             t.clear()
         self.lengths = [0] * len(self.lengths)
+        self.version = next(_TABLE_VERSIONS)
 
 
 class PagedKVCache:

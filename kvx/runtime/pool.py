@@ -38,10 +38,16 @@ class BlockPool:
         # empty, not zeros: on the CPU untouched pages cost nothing. A block is zeroed when it is handed out
         # instead: its slots past a segment's length are then finite (so a zero probability zeroes them in
         # the reference attention) and its mass reads zero.
-        self.k = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.empty(num_blocks, block_size, head_dim, dtype=dtype, device=self.device)
-        self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
-        self.mass = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
+        # One block more than the cap, never handed out: the scratch block that the padding sequences of a
+        # captured batched step (runtime/batch_step.py) write to and read from.
+        self.scratch = num_blocks
+        self.k = torch.empty(num_blocks + 1, block_size, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.empty(num_blocks + 1, block_size, head_dim, dtype=dtype, device=self.device)
+        self.pos = torch.zeros(num_blocks + 1, block_size, dtype=torch.int64, device=self.device)
+        self.mass = torch.zeros(num_blocks + 1, block_size, dtype=torch.float32, device=self.device)
+        if self.device.type != "meta":
+            self.k[num_blocks].zero_()
+            self.v[num_blocks].zero_()
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low block ids are handed out first
         self.reserved = 0  # blocks promised to admitted requests (held or still to be allocated)
 
