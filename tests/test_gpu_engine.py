@@ -90,5 +90,5 @@ def test_gpu_batch_graph_path_equals_eager(models):
         steppers.append(batch.stepper)
         assert batch.pool.num_used == 0
     assert outs[0] == outs[1]
-    assert steppers[0].captures >= 4 and steppers[0].replays > 3 * steppers[0].captures
+    assert steppers[0].captures >= 4 and steppers[0].replays >= 2 * steppers[0].captures
     assert steppers[1].captures == 0
