@@ -183,12 +183,41 @@ def paged_decode_attention(
     pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len (an upper bound on the
     lengths) sizes the Triton grid and is not needed here.
     """
+    N = q.shape[0]
+    if N == 0:
+        return torch.zeros_like(q)
+    # Segments of very different lengths (a full cache beside 5% ones) would all be padded to the longest:
+    # attend them in groups whose lengths are within 2x of each other's longest (a host sync is free here).
+    lens = lengths.long().tolist()
+    order = sorted(range(N), key=lambda i: -lens[i])
+    groups, top = [[]], max(lens)
+    for i in order:
+        if groups[-1] and 2 * lens[i] < top:
+            groups.append([])
+            top = lens[i]
+        groups[-1].append(i)
+    kw = dict(pos_pool=pos_pool, sliding_window=sliding_window, mass_pool=mass_pool)
+    if len(groups) == 1:
+        return _paged_rows(q, k_pool, v_pool, tables, lengths, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
+    out = torch.zeros_like(q)
+    for rows in groups:
+        if lens[rows[0]] == 0:
+            continue  # empty segments: zeros
+        idx = torch.tensor(rows, device=q.device)
+        out[idx] = _paged_rows(q[idx], k_pool, v_pool, tables[idx], lengths[idx], scale,
+                               mass_mode=None if mass_mode is None else mass_mode[idx],
+                               q_pos=None if q_pos is None else q_pos[idx], **kw)
+    return out
+
+
+def _paged_rows(q, k_pool, v_pool, tables, lengths, scale, *, mass_pool, mass_mode, pos_pool, q_pos,
+                sliding_window) -> Tensor:
+    """paged_decode_attention over segments padded to the longest of them."""
     N, G, d = q.shape
     B = k_pool.shape[1]
-    # max_len only sizes the Triton grid; here the longest segment does (a host sync is free on the CPU).
-    L = min(int(lengths.max()), tables.shape[1] * B) if N else 0
+    L = min(int(lengths.max()), tables.shape[1] * B)
     out = torch.zeros_like(q)
-    if L == 0 or N == 0:
+    if L == 0:
         return out
     dev = q.device
     nb = -(-L // B)
