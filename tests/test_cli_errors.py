@@ -140,6 +140,8 @@ CASES = [
     ("eval-seed-word", EV + ["--seed", "abc"], "--seed", None),
     ("eval-depths-zero", EV + ["--depths", "0"], "--depths", None),
     ("eval-against", EV + ["--against", "vllm"], "--against", None),
+    ("eval-presses-without-against", EV + ["--presses", "kvzip"], "--presses", None),
+    ("eval-presses-unknown", EV + ["--against", "kvpress", "--presses", "kvzip,nope"], "--presses", None),
     ("eval-json-and-markdown", EV + ["--json", "--markdown"], "--json", None),
     ("eval-plot-missing-folder", EV + ["--plot", "no/such/dir/p.png"], "--plot", None),
     ("eval-device", EV + ["--device", "tpu"], "--device", None),

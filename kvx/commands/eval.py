@@ -31,6 +31,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="First sample seed."),
     depths: int = typer.Option(5, "--depths", min=1, help="Needle depths swept evenly over 0..100%; samples cycle through them."),
     against: Optional[str] = typer.Option(None, "--against", help="Also run an external baseline on the same prompts: kvpress."),
+    presses: Optional[str] = typer.Option(None, "--presses", help="With --against kvpress: only these presses, comma-separated (kvx names: snapkv, ada-snapkv, expected-attention, tova, knorm, streaming, pyramidkv, criticalkv, kvzip); default all."),
     fidelity: bool = typer.Option(False, "--fidelity", help="Also record KL / top-1 agreement / per-layer attention error against the full cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the summary as Markdown tables (as in docs/results.md)."),
@@ -61,6 +62,17 @@ def eval_command(
     config.validate()
     if against is not None and against != "kvpress":
         raise KvxError(f"--against: unknown baseline {against!r}; the only one is kvpress")
+    press_list = None
+    if presses is not None:
+        from kvx.eval.kvpress_baseline import PRESSES
+
+        if against is None:
+            raise KvxError("--presses: only with --against kvpress")
+        press_list = [p.strip() for p in presses.split(",") if p.strip()]
+        unknown = [p for p in press_list if p not in PRESSES]
+        if unknown or not press_list:
+            raise KvxError(f"--presses: unknown press {', '.join(unknown) or repr(presses)}; "
+                           f"choose from: {', '.join(PRESSES)}")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
     if not summary_only:
@@ -100,7 +112,7 @@ def eval_command(
     if against:
         from kvx.eval.kvpress_baseline import KvpressBaseline
 
-        baselines.append(KvpressBaseline(folder, dev, torch_dtype))
+        baselines.append(KvpressBaseline(folder, dev, torch_dtype, press_list))
 
     rows = _run_with_progress(engine, config, results, baselines, quiet)
     _print_summary(rows, out, as_json, markdown, plot, f" · {context} tokens · {haystack} · {mode}")

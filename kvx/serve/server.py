@@ -33,7 +33,7 @@ def build_context(settings: ServeSettings, quiet: bool = False):
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
-    engine = Engine(model, tokenizer, prefill_chunk=settings.prefill_chunk)
+    engine = Engine(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
     batch = BatchEngine(engine, kv_memory if kv_memory is not None else default_kv_memory(device),
                         settings.max_batch or DEFAULT_MAX_BATCH)
     model_id = resolve_model(settings.model, quiet=True).name
