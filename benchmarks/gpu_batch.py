@@ -47,7 +47,7 @@ def run(engine, prompts, gen, kv_memory, policy, budget, max_batch):
             "generated_tokens": generated, "decode_s": batch.decode_s, "prefill_s": batch.prefill_s,
             "decode_tokens_per_s": generated / batch.decode_s, "end_to_end_tokens_per_s": generated / wall,
             "max_running": batch.max_running, "decode_steps": batch.decode_steps, "wall_s": wall,
-            "kv_memory": kv_memory}
+            "kv_memory": kv_memory, "cuda_graphs": batch.stepper.use_graphs, "graph_captures": batch.stepper.captures}
 
 
 def main() -> None:
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--kv-memory-gib", type=float, default=24.0)
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graphs) in every row")
     args = ap.parse_args()
     if args.tiny:
         cfg = llama_config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -69,7 +70,7 @@ def main() -> None:
         cfg = llama_config()
         dtype = torch.bfloat16
     model = Transformer(cfg, random_state(cfg, args.device, dtype))
-    engine = Engine(model, NullTokenizer())
+    engine = Engine(model, NullTokenizer(), use_graphs=not args.no_graph)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(args.requests)]
     memory = int(args.kv_memory_gib * (1 << 30))
