@@ -17,33 +17,20 @@ from kvx.policies.kvzip import FIRST_PROMPT, NEXT_PROMPT
 from kvx.runtime.engine import Engine
 from kvx.runtime.reconstruction import plan_passes, reconstruction_stats, template_parts
 from kvx.runtime.sampling import SamplingParams
+from test_engine import StubTokenizer
 
 FIRST_IDS = [5, 6, 7]
 NEXT_IDS = [8, 9]
 SUFFIX_IDS = [10]
 
 
-class StubTokenizer:
-    """Enough of a tokenizer for the engine and the reconstruction prompts on a tiny checkpoint."""
+class ReconstructionTokenizer(StubTokenizer):
+    """test_engine's stub, plus the ids of the reconstruction prompts on a tiny checkpoint."""
 
-    eos_token_ids: list[int] = []
     has_chat_template = False
 
     def encode(self, text, add_special_tokens=False):
         return {FIRST_PROMPT: FIRST_IDS, NEXT_PROMPT: NEXT_IDS, "\n": SUFFIX_IDS}[text]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(map(str, ids))
-
-    def stream_decoder(self):
-        class S:
-            def push(self, i):
-                return f"{i} "
-
-            def flush(self):
-                return ""
-
-        return S()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +57,7 @@ def dense_reference(model, ids, chunk, cue, sinks):
     n = len(ids)
     scale = cfg.head_dim ** -0.5
     G = cfg.num_heads // cfg.num_kv_heads
-    _, suffix, first, nxt = template_parts(StubTokenizer())
+    _, suffix, first, nxt = template_parts(ReconstructionTokenizer())
     plan = plan_passes(ids, [], suffix, first, nxt, chunk, cue)
     out = torch.zeros(cfg.num_layers, cfg.num_heads, n)
     for pass_ids, start, end in plan.passes:
@@ -105,7 +92,7 @@ def dense_reference(model, ids, chunk, cue, sinks):
 @pytest.mark.parametrize("chunk,cue,sinks", [(16, 3, 2), (40, 8, 4), (7, 0, 0)])
 def test_scores_equal_a_dense_reference(tiny, chunk, cue, sinks):
     ids = context_ids()
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     policy = build_policy("kvzip", args={"chunk": str(chunk), "cue": str(cue), "sinks": str(sinks)})
     req = prefilled(engine, ids, policy, parse_budget("25%"))
     got = torch.stack([st.col_max for st in req.stats])
@@ -128,7 +115,7 @@ def _ctx(model, n):
 
 def test_one_chunk_covering_the_context_equals_the_default_chunk(tiny):
     ids = context_ids()
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     scores = []
     for chunk in (len(ids), 2048):
         req = prefilled(engine, ids, build_policy("kvzip", args={"chunk": str(chunk)}), parse_budget("25%"))
@@ -158,7 +145,7 @@ def test_col_max_is_chunked_over_rows_without_changing_it(monkeypatch):
 
 def test_reconstruction_leaves_no_trace_in_the_cache(tiny):
     ids = context_ids(48)
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     plain = engine.new_request(capacity=len(ids))
     engine.prefill(plain, ids)
     budget = parse_budget("30%")
@@ -182,7 +169,7 @@ def test_reconstruction_leaves_no_trace_in_the_cache(tiny):
 @pytest.mark.parametrize("budget", ["10%", "25%", "50%", "12"])
 def test_budgets_hold_in_bytes(tiny, budget):
     ids = context_ids(64)
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     b = parse_budget(budget)
     cfg = tiny.config
     for spec in ({}, {"plus": "true"}):
@@ -202,7 +189,7 @@ def test_budgets_hold_in_bytes(tiny, budget):
 def test_model_wide_selection_ranks_raw_scores(tiny):
     """One top-K over every layer's raw scores: every kept candidate scores at least every dropped one."""
     ids = context_ids(64)
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     req = prefilled(engine, ids, build_policy("kvzip"), parse_budget("20%"))
     cfg = tiny.config
     G = cfg.num_heads // cfg.num_kv_heads
@@ -222,11 +209,11 @@ def test_model_wide_selection_ranks_raw_scores(tiny):
 
 def test_chunked_prefill_and_a_compressed_cache_are_refused(tiny):
     ids = context_ids(64)
-    engine = Engine(tiny, StubTokenizer(), prefill_chunk=16)
+    engine = Engine(tiny, ReconstructionTokenizer(), prefill_chunk=16)
     with pytest.raises(KvxError, match="prefill-chunk"):
         engine.generate_agnostic(ids, [[11, 12]], SamplingParams(), 2, policy=build_policy("kvzip"),
                                  budget=parse_budget("20%"))
-    engine = Engine(tiny, StubTokenizer())
+    engine = Engine(tiny, ReconstructionTokenizer())
     req = engine.new_request(capacity=len(ids))
     engine.prefill(req, ids)
     req.position += 1  # a cache that is not exactly this context

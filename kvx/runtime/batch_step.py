@@ -230,7 +230,3 @@ class BatchStepper:
                     r.recent_q[layer] = rq[:, -keep:].clone()
         return logits[:S].clone()
 
-
-def decode_step(engine, reqs: list, tokens: list[int]) -> Tensor:
-    """One eager batched step (no graphs): logits [S, V]."""
-    return BatchStepper(engine, reqs[0].cache.pool, use_graphs=False).step(reqs, tokens)
