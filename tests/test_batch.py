@@ -233,7 +233,7 @@ def test_the_plans_concurrency_is_what_the_engine_reaches(tmp_path):
 
 def test_kvzip_in_a_batch_equals_alone(tmp_path):
     """KVzip's reconstruction passes run inside the batched engine's prefill unit and leave the same cache."""
-    from test_kvzip import StubTokenizer as ReconstructionTokenizer
+    from test_kvzip import ReconstructionTokenizer
 
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
     engine = Engine(Transformer.from_pretrained(path), ReconstructionTokenizer())
