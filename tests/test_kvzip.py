@@ -49,16 +49,32 @@ def prefilled(engine, ids, policy, budget):
     return req
 
 
-def dense_reference(model, ids, chunk, cue, sinks):
+PREFIX_IDS = [1, 2, 3, 4, 2, 3]  # a chat template's prefix, longer than the 4 default sinks
+TEMPLATE_SUFFIX_IDS = [10, 4]
+
+
+class TemplateTokenizer(ReconstructionTokenizer):
+    """A tokenizer with a chat template: '<p>' + the user's turn + '<s>'."""
+
+    has_chat_template = True
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return "<p>" + messages[-1]["content"] + "<s>"
+
+    def encode(self, text, add_special_tokens=False):
+        return {"<p>": PREFIX_IDS, "<s>": TEMPLATE_SUFFIX_IDS}.get(text) or super().encode(text)
+
+
+def dense_reference(model, ids, chunk, cue, sinks, tokenizer=None):
     """[L, H, n] col max, computed the plain way: per pass, one forward over context + pass ids with full
-    causal softmax attention; then each pass's queries, softmax over sinks + chunk + their own keys as one
-    dense matrix, max over the queries."""
+    causal softmax attention; then each pass's queries, softmax over the first `sinks` tokens + chunk +
+    their own keys as one dense matrix, max over the queries. Chunks start after the template's prefix."""
     cfg = model.config
     n = len(ids)
     scale = cfg.head_dim ** -0.5
     G = cfg.num_heads // cfg.num_kv_heads
-    _, suffix, first, nxt = template_parts(ReconstructionTokenizer())
-    plan = plan_passes(ids, [], suffix, first, nxt, chunk, cue)
+    prefix, suffix, first, nxt = template_parts(tokenizer or ReconstructionTokenizer())
+    plan = plan_passes(ids, prefix, suffix, first, nxt, chunk, cue)
     out = torch.zeros(cfg.num_layers, cfg.num_heads, n)
     for pass_ids, start, end in plan.passes:
         seq = ids + pass_ids
@@ -123,6 +139,34 @@ def test_one_chunk_covering_the_context_equals_the_default_chunk(tiny):
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
     # and one pass is the plain softmax over the whole context and the pass's own keys
     torch.testing.assert_close(scores[0], dense_reference(tiny, ids, len(ids), 8, 4), rtol=1e-4, atol=1e-6)
+
+
+def test_the_template_prefix_is_kept_whole_as_the_sinks(tiny):
+    """As the authors' code: the chat template's prefix is the scoring softmax's sinks and is never evicted;
+    keep_prefix=false is kvpress's way (4 sinks, the rest of the prefix unscored)."""
+    tok = TemplateTokenizer()
+    assert template_parts(tok)[0] == PREFIX_IDS and template_parts(tok)[1] == TEMPLATE_SUFFIX_IDS
+    ids = PREFIX_IDS + context_ids(50)
+    p = len(PREFIX_IDS)
+    engine = Engine(tiny, tok)
+    cfg = tiny.config
+    for keep, sinks in ((True, p), (False, 4)):
+        policy = build_policy("kvzip", args={"chunk": "16", "keep_prefix": str(keep).lower()})
+        req = prefilled(engine, ids, policy, parse_budget("20%"))
+        got = torch.stack([st.col_max for st in req.stats])
+        torch.testing.assert_close(got, dense_reference(tiny, ids, 16, 8, sinks, tok), rtol=1e-4, atol=1e-6)
+        assert int(got[:, :, sinks:p].count_nonzero()) == 0  # kvpress: the prefix past the sinks is unscored
+        assert float(got[:, :, p:].min()) > 0
+        engine.compress(req, headroom=0)
+        assert req.cache.total_entries() == parse_budget("20%").total_entries(len(ids), cfg.num_layers,
+                                                                             cfg.num_kv_heads)
+        for lc in req.cache.layers:
+            for g in range(cfg.num_kv_heads):
+                pos = lc.head(g)[2]
+                assert pos[:sinks].tolist() == list(range(sinks))  # the sinks are kept in every head
+        if not keep:  # the unscored prefix tokens go first: none of them survives a 20% budget here
+            kept = torch.cat([lc.head(g)[2] for lc in req.cache.layers for g in range(cfg.num_kv_heads)])
+            assert not bool(((kept >= 4) & (kept < p)).any())
 
 
 def test_col_max_is_chunked_over_rows_without_changing_it(monkeypatch):
@@ -229,6 +273,7 @@ def test_registered_and_documented():
     assert info.allocation == "global"
     opts = {name: default for name, default, _ in info.options}
     assert opts["sinks"] == "4" and opts["chunk"] == "2048" and opts["cue"] == "8" and opts["plus"] == "false"
+    assert opts["keep_prefix"] == "true"
     assert opts["normalize"] == "False" or opts["normalize"] == "false"
 
 

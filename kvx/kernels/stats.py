@@ -39,6 +39,7 @@ class StatsRequest:
     reconstruction_cue: int = 0
     reconstruction_sinks: int = 0
     reconstruction_plus: bool = False
+    reconstruction_keep_prefix: bool = False  # the chat template's prefix: kept whole, the scoring's sinks
 
     def merge(self, other: "StatsRequest") -> "StatsRequest":
         """The union of two requests (largest window, any flag set in either)."""
@@ -75,6 +76,7 @@ class LayerStats:
     col_max: Tensor | None = None  # [H, n] KVzip: max over reconstruction query rows of A[t, j]
     window: int = 0  # rows the window statistics were taken over
     query_position: int = 0  # absolute position of the last query row (AhaKV's i, RoPE of future queries)
+    protected_prefix: int = 0  # leading keys the producer says are always kept (KVzip: the template's prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------

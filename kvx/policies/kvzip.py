@@ -9,7 +9,11 @@ chunk) on top of the context's cache. For every layer and kv group:
 
 where pass(j) is the reconstruction pass of the chunk holding key j and Ã is the softmax of that pass's
 queries over the attention sinks, that chunk's keys and the pass's own keys (as the authors' code and
-kvpress compute it). The first `sinks` tokens are protected. Selection is model-wide: one top-K over the
+kvpress compute it). The sinks are the chat template's prefix (the system prompt, kept whole: the
+authors' code never evicts it and uses all of it as the sinks; `keep_prefix=false` takes only the first
+`sinks` tokens, as kvpress does, and leaves the rest of the prefix unscored, so it goes first), or the
+first `sinks` tokens when there is no template or it is shorter; they are protected inside the budget.
+Selection is model-wide: one top-K over the
 raw scores of every layer and head (the `global` allocator with normalize=false): the scores are
 probabilities and comparable as they are. `--allocation ada --policy-arg alpha=0` selects per layer
 (one top-K over the heads of each layer, uniform layer totals: kvpress's layerwise=True).
@@ -38,11 +42,15 @@ class KVzipScorer(Scorer):
     chunk: int = field(default=2048, metadata={"min": 1, "help": "context tokens reconstructed per pass"})
     cue: int = field(default=8, metadata={"min": 0, "help": "last tokens of the previous chunk that cue the next"})
     plus: bool = field(default=False, metadata={"help": "KVzip+: weight by ||v W_O^h||_2 / ||x_t||_2"})
+    keep_prefix: bool = field(default=True, metadata={
+        "help": "keep the chat template's prefix (system prompt) whole as the sinks, as the authors' code "
+                "(false: only the first `sinks` tokens, as kvpress)"})
     window: int = field(default=0, metadata={"min": 0, "help": "most recent context tokens protected"})
 
     def request(self) -> StatsRequest:
         return StatsRequest(reconstruction=self.chunk, reconstruction_cue=self.cue,
                             reconstruction_sinks=self.sinks, reconstruction_plus=self.plus,
+                            reconstruction_keep_prefix=self.keep_prefix,
                             value_out_norm=self.plus)
 
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:

@@ -115,7 +115,7 @@ class Policy:
 
     def _plan(self, st: LayerStats, layer: int, L: int, hkv: int, H: int, d: int, per_head: float) -> _LayerPlan:
         device = st.positions.device
-        sinks = min(self.scorer.sinks, st.n)
+        sinks = min(max(self.scorer.sinks, st.protected_prefix), st.n)
         window = max(0, min(self.scorer.protected_window(per_head), st.n - sinks))
         ctx = ScoreContext(layer=layer, num_layers=L, num_kv_heads=hkv, num_heads=H, head_dim=d,
                            lo=sinks, hi=st.n - window, per_head=per_head)

@@ -88,6 +88,7 @@ def _residual_norms(model, sink: list):
 
 def _score_pass(engine, req, ids: list[int], start: int, end: int, sinks: int, col_max: list[Tensor],
                 plus: bool) -> None:
+    """One pass over the chunk [start, end); its scoring softmax's sinks are the first `sinks` tokens."""
     cfg = engine.config
     n = req.position
     T = len(ids)
@@ -142,17 +143,22 @@ def reconstruction_stats(engine, req, context_ids: list[int], stats: list[LayerS
     prefix_ids, suffix_ids, first_ids, next_ids = template_parts(engine.tokenizer)
     plan = plan_passes(context_ids, prefix_ids, suffix_ids, first_ids, next_ids, request.reconstruction,
                        request.reconstruction_cue)
+    # The authors' code uses the whole template prefix (the system prompt) as the sinks and never evicts it;
+    # kvpress takes the first n_sink tokens and leaves the rest of the prefix unscored (evicted first).
+    sinks = request.reconstruction_sinks
+    if request.reconstruction_keep_prefix:
+        sinks = max(sinks, plan.prefix)
     col_max = [torch.zeros(cfg.num_heads, n, dtype=torch.float32, device=engine.device)
                for _ in range(cfg.num_layers)]
     for ids, start, end in plan.passes:
-        _score_pass(engine, req, ids, start, end, request.reconstruction_sinks, col_max,
-                    request.reconstruction_plus)
+        _score_pass(engine, req, ids, start, end, sinks, col_max, request.reconstruction_plus)
     out = []
     for layer, lc in enumerate(req.cache.layers):
         st = stats[layer] if stats is not None and stats[layer] is not None else None
         if st is None:
             st = LayerStats(n=n, positions=lc.dense()[2])
         st.col_max = col_max[layer]
+        st.protected_prefix = plan.prefix if request.reconstruction_keep_prefix else 0
         out.append(st)
     req.timings.stats_s += time.perf_counter() - t0
     return out
