@@ -106,7 +106,7 @@ def check_all(got: LayerStats, ref: dict):
         assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
         torch.testing.assert_close(actual.double(), expected, rtol=RTOL, atol=ATOL, msg=name)
     for f in fields(LayerStats):
-        if f.name not in ref and f.name not in ("n", "positions", "window", "query_position"):
+        if f.name not in ref and f.name not in ("n", "positions", "window", "query_position", "protected_prefix"):
             assert getattr(got, f.name) is None, f"{f.name} computed without being requested"
 
 
@@ -163,9 +163,9 @@ def test_requesting_nothing_returns_all_none():
     q, k, v, q_pos, k_pos, q_pre, o_proj = make_inputs(4, 2, 10, 10, 8, seed=1)
     got = compute_layer_stats(StatsRequest(), q, k, v, q_pos, k_pos, 0.35, q_pre_rope=q_pre, o_proj_weight=o_proj)
     for f in fields(LayerStats):
-        if f.name not in ("n", "positions", "window", "query_position"):
+        if f.name not in ("n", "positions", "window", "query_position", "protected_prefix"):
             assert getattr(got, f.name) is None, f.name
-    assert got.n == 10 and got.window == 0 and got.query_position == 9
+    assert got.n == 10 and got.window == 0 and got.query_position == 9 and got.protected_prefix == 0
 
 
 @pytest.mark.parametrize("row_chunk", [1, 7, 20])
