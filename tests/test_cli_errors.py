@@ -70,6 +70,8 @@ CASES = [
     ("policy-arg-no-key", G + POL + ["--policy-arg", "=3", "hi"], "--policy-arg", None),
     ("policy-arg-bad-number", G + POL + ["--policy-arg", "window=abc", "hi"], "--policy-arg", None),
     ("policy-arg-unknown", G + POL + ["--policy-arg", "nope=1", "hi"], "--policy-arg", None),
+    ("policy-arg-bad-bool", G + ["--policy", "kvzip", "--budget", "10%", "--policy-arg", "keep_prefix=maybe", "hi"],
+     "--policy-arg", None),
     ("policy-arg-with-full", G + ["--policy-arg", "window=3", "hi"], "--policy-arg", None),
     ("prefill-chunk-zero", G + POL + ["--prefill-chunk", "0", "hi"], "--prefill-chunk", None),
     ("prefill-chunk-negative", G + POL + ["--prefill-chunk", "-5", "hi"], "--prefill-chunk", None),
