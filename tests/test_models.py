@@ -76,6 +76,24 @@ def test_logits_match_transformers_prefill_and_decode(checkpoints, variant):
     assert got.std().item() > 0.3
 
 
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 128, 129, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_on_both_sides_of_the_few_rows_path(rows, bias):
+    from kvx.models.transformer import linear
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen)
+    w = torch.randn(160, 96, generator=gen)
+    b = torch.randn(160, generator=gen) if bias else None
+    got = linear(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert got.shape == ref.shape == (rows, 160)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
+    # Consumers reshape and slice the (possibly transposed) result: the values must not depend on its layout.
+    assert torch.equal(got.reshape(rows, 10, 16).transpose(0, 1).contiguous(),
+                       got.contiguous().view(rows, 10, 16).transpose(0, 1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen3", "mistral"])

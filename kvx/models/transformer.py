@@ -39,6 +39,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
 
+# On the CPU (MKL), x @ W.T for a few rows takes a slow path: with 2 to 64 rows, as in a batched decode
+# step or a short question, W @ x.T is 1.4-3x faster for this model's matrices (measured on the
+# project's 2-core machine, 1.1x at 128 rows, even at 1024); one row (single-sequence decode) is the
+# same either way. The result is the transposed view, which every consumer below accepts.
+_CPU_FEW_ROWS = 128
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for x [T, in], weight [out, in]."""
+    if x.device.type == "cpu" and 1 < x.shape[0] <= _CPU_FEW_ROWS:
+        y = (weight @ x.t()).t()
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 class LayerWeights(NamedTuple):
     attn_norm: Tensor  # [D]
     qkv: Tensor  # [(H + 2 Hkv) d, D]
@@ -147,17 +162,17 @@ class Transformer(nn.Module):
         for layer_idx, w in enumerate(self._layer_weights):
             h = rms_norm(x, w.attn_norm, eps)
             # One copy into head-major layout (none at T=1); every slice below is then contiguous.
-            heads = F.linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
+            heads = linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
             qk = heads[:n_qk]
             if w.qk_norm is not None:
                 qk = rms_norm(qk, w.qk_norm, eps)
             qk_rope = rotate(qk, cos, signed_sin)  # q and k heads in one go
             o = attend(layer_idx, qk_rope[:H], qk_rope[H:], heads[n_qk:], positions, qk[:H])
             o = o.transpose(0, 1).reshape(T, H * d)
-            x = x + F.linear(o, w.o, w.o_bias)
+            x = x + linear(o, w.o, w.o_bias)
             h = rms_norm(x, w.mlp_norm, eps)
-            gate_up = F.linear(h, w.gate_up)
-            x = x + F.linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
+            gate_up = linear(h, w.gate_up)
+            x = x + linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, self.final_norm, eps), self.lm_head).float()
+        return linear(rms_norm(x, self.final_norm, eps), self.lm_head).float()
