@@ -144,7 +144,7 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
     decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question.
     `policy`, `budget` and `prefill_chunk` default to the engine's own.
     """
-    from kvx.runtime.engine import DECODE_SLACK
+    from kvx.runtime.decode_eviction import DECODE_SLACK
     from kvx.runtime.memory import request_need
 
     cfg, n = engine.config, prompt_tokens

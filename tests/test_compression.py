@@ -20,7 +20,8 @@ from kvx.kernels.stats import StatsRequest
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
 from kvx.policies.expected_attention import expected_logits, mean_rotation, rotation_matrix
-from kvx.runtime.engine import DECODE_SLACK, Engine
+from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 from test_engine import StubTokenizer
 

@@ -21,9 +21,11 @@ import torch
 
 from kvx.errors import KvxError
 from kvx.runtime.batch_step import BatchStepper
-from kvx.runtime.engine import DECODE_SLACK, Engine, GenerationResult
+from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine import Engine
 from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.request import GenerationResult
 from kvx.runtime.sampling import sample
 from kvx.runtime.scheduler import Scheduler
 from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)

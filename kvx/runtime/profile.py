@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvx.runtime.engine import DECODE_SLACK, Engine, Request, Timings
+from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine import Engine
 from kvx.runtime.memory import Plan
+from kvx.runtime.request import Request, Timings
 from kvx.runtime.sampling import SamplingParams
 
 SCHEMA = "kvx.profile/1"

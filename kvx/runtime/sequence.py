@@ -51,7 +51,7 @@ class Sequence:
         self.request = request
         self.max_tokens = max_tokens  # clipped to the model's context
         self.state = WAITING
-        self.req = None  # kvx.runtime.engine.Request once admitted
+        self.req = None  # kvx.runtime.request.Request once admitted
         self.reserved = 0  # blocks reserved in the pool
         self.results: list = []  # GenerationResult per question (one for a prompt)
         self.error: str | None = None

@@ -1,0 +1,52 @@
+"""Chunked prefill: the prompt in chunks, evicting after each, so the cache holds about budget + chunk.
+
+Between chunks the policy's scorer keeps the per-head budget uniformly in every head (statistics over
+that chunk's queries); the final selection after the last chunk uses the policy's own allocator over the
+survivors, with a per-head token budget equal to what the original budget means for the whole prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvx.errors import KvxError
+from kvx.runtime.request import Request
+
+
+def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
+    """Engine.prefill_chunked one chunk at a time: a generator that yields after each chunk and returns
+    (last logits, final budget); the batched engine runs other requests' decode steps in between."""
+    from kvx.policies import Budget, Policy
+    from kvx.policies.allocation import UniformAllocator
+
+    n = len(ids)
+    if chunk <= 0:
+        raise KvxError("--prefill-chunk must be a positive number of tokens")
+    if not req.compresses or req.budget.keeps_everything(n) or chunk >= n:
+        return engine.prefill(req, ids), None
+    if req.policy.request.colsum_all:
+        raise KvxError(f"--prefill-chunk does not work with policy {req.policy.name}: its score sums "
+                       "attention over every query of the prompt")
+    if any(engine.config.sliding_window_for(i) is not None for i in range(engine.config.num_layers)):
+        raise KvxError("--prefill-chunk is not supported for models with a sliding window")
+    target = req.budget.per_head(n)
+    budget = Budget(tokens=target)
+    interim = Policy(req.policy.name, req.policy.scorer, UniformAllocator())
+    cfg = engine.config
+    logits = None
+    for start in range(0, n, chunk):
+        part = ids[start:start + chunk]
+        held = req.cache.layers[0].lengths[0]
+        logits = engine.prefill(req, part, interim.request_for(budget, held + len(part)))
+        if start + chunk >= n:
+            break
+        if held + len(part) > target:
+            t0 = time.perf_counter()
+            keep = interim.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+            t1 = time.perf_counter()
+            req.cache.compact(keep, headroom=min(chunk, n - start - len(part)))
+            req.timings.select_s += t1 - t0
+            req.timings.compact_s += time.perf_counter() - t1
+        req.stats = [None] * cfg.num_layers
+        yield
+    return logits, budget

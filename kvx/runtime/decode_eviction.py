@@ -1,0 +1,40 @@
+"""Decode-time eviction: policies with a decode mode (H2O, TOVA, StreamingLLM, AhaKV) keep every
+(layer, kv head) at its budget while generating."""
+
+from __future__ import annotations
+
+import torch
+
+from kvx.runtime.request import Request
+
+# Tokens a decode-time policy may exceed its budget by before it evicts: evicting in small batches keeps
+# the per-step cost low while the cache stays within budget + DECODE_SLACK.
+DECODE_SLACK = 16
+
+
+def decode_evict(engine, req: Request) -> None:
+    """Bring every (layer, kv head) back to its budget once it exceeds it by DECODE_SLACK."""
+    from kvx.policies import (
+        DecodeView,  # local: policies are only needed when a policy runs
+    )
+
+    cache = req.cache
+    G = engine.group
+    for layer, lc in enumerate(cache.layers):
+        targets = req.head_budget[layer]
+        if all(n <= t + DECODE_SLACK - 1 for n, t in zip(lc.lengths, targets)):
+            continue
+        keep = []
+        for g in range(cache.num_kv_heads):
+            n, target = lc.lengths[g], targets[g]
+            if n <= target:
+                keep.append(torch.arange(n, device=engine.device))
+                continue
+            K, V, P = lc.head(g)
+            rq = req.recent_q[layer]
+            view = DecodeView(
+                keys=K, values=V, positions=P, key_mass=lc.head_mass(g),
+                recent_queries=None if rq is None else rq[g * G:(g + 1) * G],
+                query_position=req.position - 1, head_dim=engine.config.head_dim, scale=engine.scale)
+            keep.append(req.policy.decode_keep(view, target))
+        cache.compact_layer(layer, keep, DECODE_SLACK)

@@ -1,0 +1,88 @@
+"""One sequence's state in the engine, and what a finished generation reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import Tensor
+
+from kvx.kernels.stats import LayerStats
+from kvx.runtime.cache import RaggedKVCache
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    stats_s: float = 0.0  # part of prefill spent computing policy statistics
+    select_s: float = 0.0
+    compact_s: float = 0.0
+    decode_s: float = 0.0
+    decode_evict_s: float = 0.0  # part of decode spent in decode-time eviction
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str  # "eos" | "length"
+    timings: Timings
+    kv_bytes_full: int  # K+V bytes a full cache of the same tokens occupies
+    kv_bytes_held: int  # K+V bytes allocated at the end (kept entries + headroom)
+    kv_bytes_peak: int  # most K+V bytes allocated at any point
+    kv_entries_kept: int  # (layer, kv head, token) entries held at the end
+    kv_entries_full: int
+    policy: str = "full"
+    budget: str | None = None
+    lengths: list[list[int]] = field(default_factory=list)  # kept tokens per (layer, kv head) after compression
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.timings.prefill_s if self.timings.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.timings.decode_s if self.timings.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "finish_reason": self.finish_reason,
+            "policy": self.policy,
+            "budget": self.budget,
+            "timings": {k: round(v, 6) for k, v in asdict(self.timings).items()},
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "kv_bytes_full": self.kv_bytes_full,
+            "kv_bytes_held": self.kv_bytes_held,
+            "kv_bytes_peak": self.kv_bytes_peak,
+            "kv_entries_kept": self.kv_entries_kept,
+            "kv_entries_full": self.kv_entries_full,
+        }
+
+
+@dataclass
+class Request:
+    """One sequence's state: its cache, the policy and budget it is compressed with, what comes next."""
+
+    cache: RaggedKVCache
+    policy: object | None = None  # kvx.policies.Policy
+    budget: object | None = None  # kvx.policies.Budget
+    position: int = 0  # next absolute position
+    stats: list[LayerStats | None] = field(default_factory=list)
+    recent_q: list[Tensor | None] = field(default_factory=list)  # AhaKV: last r queries per layer [H, r, d]
+    head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
+    timings: Timings = field(default_factory=Timings)
+    lengths_after_compress: list[list[int]] = field(default_factory=list)
+    graph: object | None = None  # the captured CUDA-graph decode step (runtime/graphs.py)
+
+    @property
+    def compresses(self) -> bool:
+        return self.policy is not None and self.policy.name != "full" and self.budget is not None
+
+    @property
+    def decode_mode(self) -> str | None:
+        return self.policy.decode_mode if self.compresses else None
