@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--policy", default="snapkv")
+    ap.add_argument("--policy", default="snapkv",
+                    help="the compressed phase's policy; several, comma-separated, run one phase each after the full one")
     ap.add_argument("--budget", default="5%")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -136,8 +137,9 @@ def main() -> None:
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0})
     warm.raise_for_status()
     runs = {}
-    for name, fields in (("full", {"kv_policy": "full"}),
-                         (f"{a.policy} @ {a.budget}", {"kv_policy": a.policy, "kv_budget": a.budget})):
+    phases = [("full", {"kv_policy": "full"})] + [
+        (f"{p} @ {a.budget}", {"kv_policy": p, "kv_budget": a.budget}) for p in a.policy.split(",") if p]
+    for name, fields in phases:
         runs[name] = asyncio.run(phase(a.url, texts, a.clients, fields, a.max_tokens))
         print(f"{name}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in runs[name].items()})}",
               file=sys.stderr, flush=True)
@@ -149,9 +151,11 @@ def main() -> None:
         print(f"| {name} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.2f} | "
               f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {1e3 * r['itl_p50_s']:.0f} / {1e3 * r['itl_p99_s']:.0f} | "
               f"{r['peak_running']:.0f} | {r['kv_bytes_held_mean'] / 2**20:.1f} MiB |")
-    full, small = runs.values()
-    print(f"\noutput tokens/s ratio {small['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x; "
-          f"p99 TTFT {small['ttft_p99_s']:.2f} s vs {full['ttft_p99_s']:.2f} s (full)")
+    full = runs["full"]
+    for name, small in runs.items():
+        if name != "full":
+            print(f"\n{name}: output tokens/s ratio {small['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x; "
+                  f"p99 TTFT {small['ttft_p99_s']:.2f} s vs {full['ttft_p99_s']:.2f} s (full)")
     if a.out:
         Path(a.out).write_text(json.dumps({"args": vars(a), "runs": runs}, indent=2))
 

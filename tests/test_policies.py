@@ -467,6 +467,30 @@ def decode_view(n=40, d=8, G=2, r=4, seed=0, mass=None):
                       head_dim=d, scale=d ** -0.5)
 
 
+@pytest.mark.parametrize("name,reads_kv", [("tova", False), ("h2o", False), ("streaming", False), ("ahakv", True)])
+def test_decode_view_gathers_keys_and_values_only_for_a_policy_that_reads_them(name, reads_kv):
+    eager = decode_view(seed=3)
+    calls = []
+
+    def load_kv():
+        calls.append(1)
+        return eager.keys, eager.values
+
+    lazy = DecodeView(positions=eager.positions, key_mass=eager.key_mass, recent_queries=eager.recent_queries,
+                      query_position=eager.query_position, head_dim=eager.head_dim, scale=eager.scale,
+                      load_kv=load_kv)
+    policy = build_policy(name)
+    assert torch.equal(policy.decode_keep(lazy, 12), policy.decode_keep(eager, 12))
+    assert len(calls) == (1 if reads_kv else 0)  # and never twice
+    assert lazy.n == 40 and lazy.device == eager.positions.device
+
+
+def test_decode_view_needs_keys_or_a_loader():
+    with pytest.raises(ValueError):
+        DecodeView(positions=torch.arange(3), key_mass=torch.zeros(3), recent_queries=None, query_position=2,
+                   head_dim=8, scale=1.0)
+
+
 def test_decode_modes():
     assert build_policy("h2o").decode_mode == "accumulate"
     assert build_policy("tova").decode_mode == "last"

@@ -100,8 +100,7 @@ class AhaKVScorer(Scorer):
         return recent * value_prior(stats.value_norm, ctx.lo, ctx.hi, self.kernel, self.prior_pad == "include")
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
-        n = view.keys.shape[0]
-        device = view.keys.device
+        n, device = view.n, view.device
         sinks = min(self.sinks, n)
         window = min(self.window, n - sinks)
         queries = view.recent_queries

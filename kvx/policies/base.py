@@ -8,6 +8,7 @@ ranked; protected tokens are kept by the policy regardless of their score.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,50 @@ class ScoreContext:
         return self.num_heads // self.num_kv_heads
 
 
-@dataclass
 class DecodeView:
-    """One (layer, kv head) cache segment during decoding, in position order."""
+    """One (layer, kv head) cache segment during decoding, in position order.
 
-    keys: Tensor  # [n, d] post-RoPE
-    values: Tensor  # [n, d]
-    positions: Tensor  # [n]
-    key_mass: Tensor  # [n] float32: H2O accumulated mass / TOVA this step's mass, summed over the group
-    recent_queries: Tensor | None  # [G, r, d] post-RoPE, most recent last (AhaKV)
-    query_position: int  # absolute position of the current query
-    head_dim: int
-    scale: float
+    keys [n, d] (post-RoPE) and values [n, d] may be given, or gathered on first use by `load_kv`: most
+    decode-time policies (H2O, TOVA, StreamingLLM) read only positions and mass, and gathering a paged
+    segment's K/V for every head at every eviction would cost more than the choice itself.
+    """
+
+    def __init__(self, *, positions: Tensor, key_mass: Tensor, recent_queries: Tensor | None, query_position: int,
+                 head_dim: int, scale: float, keys: Tensor | None = None, values: Tensor | None = None,
+                 load_kv: Callable[[], tuple[Tensor, Tensor]] | None = None):
+        if (keys is None or values is None) and load_kv is None:
+            raise ValueError("DecodeView needs keys and values, or load_kv to gather them")
+        self.positions = positions  # [n]
+        self.key_mass = key_mass  # [n] float32: H2O accumulated mass / TOVA this step's mass, summed over the group
+        self.recent_queries = recent_queries  # [G, r, d] post-RoPE, most recent last (AhaKV)
+        self.query_position = query_position  # absolute position of the current query
+        self.head_dim = head_dim
+        self.scale = scale
+        self._keys, self._values, self._load_kv = keys, values, load_kv
+
+    @property
+    def n(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def _load(self) -> None:
+        self._keys, self._values = self._load_kv()
+        self._load_kv = None
+
+    @property
+    def keys(self) -> Tensor:
+        if self._keys is None:
+            self._load()
+        return self._keys
+
+    @property
+    def values(self) -> Tensor:
+        if self._values is None:
+            self._load()
+        return self._values
 
 
 class Scorer:

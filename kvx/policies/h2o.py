@@ -41,8 +41,7 @@ class H2OScorer(Scorer):
         return gqa_mean(mass, ctx.num_kv_heads)
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
-        n = view.keys.shape[0]
-        device = view.keys.device
+        n, device = view.n, view.device
         sinks = min(self.sinks, n)
         recent = recent_indices(n - sinks, self._recent(keep_count), device) + sinks
         protected = torch.cat([torch.arange(sinks, device=device), recent])

@@ -151,9 +151,9 @@ class Policy:
     # -- decode-time eviction (per head: heads=layer shapes the prefill selection only) ----------------------------------------------------------------------
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
         """Sorted indices of the segment to keep so that it holds keep_count entries."""
-        n = view.keys.shape[0]
+        n = view.n
         if keep_count >= n:
-            return torch.arange(n, device=view.keys.device)
+            return torch.arange(n, device=view.device)
         if self.scorer is None or self.decode_mode is None:
             raise RuntimeError(f"policy {self.name} has no decode-time eviction")
         return self.scorer.decode_keep(view, keep_count)

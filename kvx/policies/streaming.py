@@ -26,8 +26,7 @@ class StreamingScorer(Scorer):
         return order.expand(ctx.num_kv_heads, stats.n)
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
-        n = view.keys.shape[0]
-        device = view.keys.device
+        n, device = view.n, view.device
         sinks = min(self.sinks, keep_count, n)
         recent = torch.sort(recent_indices(n - sinks, keep_count - sinks, device)).values + sinks
         return torch.cat([torch.arange(sinks, device=device), recent])

@@ -31,8 +31,7 @@ class TOVAScorer(Scorer):
         return gqa_mean(stats.last_row.float(), ctx.num_kv_heads)
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
-        n = view.keys.shape[0]
-        device = view.keys.device
+        n, device = view.n, view.device
         sinks = min(self.sinks, n)
         protected = torch.cat([torch.arange(sinks, device=device),
                                recent_indices(n - sinks, self.window, device) + sinks])

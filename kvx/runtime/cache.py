@@ -49,6 +49,10 @@ class LayerCache:
         s, n = self.starts[g], self.lengths[g]
         return self.k[s:s + n], self.v[s:s + n], self.pos[s:s + n]
 
+    def head_positions(self, g: int) -> Tensor:
+        s = self.starts[g]
+        return self.pos[s:s + self.lengths[g]]
+
     @property
     def track_mass(self) -> bool:
         return self.key_mass is not None

@@ -30,10 +30,9 @@ def decode_evict(engine, req: Request) -> None:
             if n <= target:
                 keep.append(torch.arange(n, device=engine.device))
                 continue
-            K, V, P = lc.head(g)
             rq = req.recent_q[layer]
             view = DecodeView(
-                keys=K, values=V, positions=P, key_mass=lc.head_mass(g),
+                positions=lc.head_positions(g), key_mass=lc.head_mass(g), load_kv=lambda g=g: lc.head(g)[:2],
                 recent_queries=None if rq is None else rq[g * G:(g + 1) * G],
                 query_position=req.position - 1, head_dim=engine.config.head_dim, scale=engine.scale)
             keep.append(req.policy.decode_keep(view, target))

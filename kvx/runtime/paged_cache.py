@@ -35,6 +35,10 @@ class PagedLayer:
         self.tables: list[list[int]] = [[] for _ in range(num_kv_heads)]
         self.lengths: list[int] = [0] * num_kv_heads
         self.track_mass = track_mass
+        # Each table as a device tensor, built on first use after it changed: slots() runs for every head
+        # at every append and eviction, and building the tensor from the list each time dominated them.
+        self._table_tensors: list[Tensor | None] = [None] * num_kv_heads
+        self._all_slots: list[Tensor | None] = [None] * num_kv_heads  # slots(g) of the table tensor above
 
     @property
     def capacities(self) -> list[int]:
@@ -47,10 +51,20 @@ class PagedLayer:
         """Flat pool slots of head g's entries `idx` (default: all of its first length entries)."""
         B = self.pool.block_size
         dev = self.pool.device
+        table = self._table_tensors[g]
+        if table is None:
+            table = self._table_tensors[g] = torch.tensor(self.tables[g], dtype=torch.long, device=dev)
+            self._all_slots[g] = None
         if idx is None:
+            # A segment's slots depend only on its table and length: an eviction reads them several times.
+            memo = self._all_slots[g]
+            if memo is not None and memo.numel() == self.lengths[g]:
+                return memo
             idx = torch.arange(self.lengths[g], device=dev)
+            memo = table[idx // B] * B + idx % B if idx.numel() else idx
+            self._all_slots[g] = memo
+            return memo
         idx = idx.to(dev).long()
-        table = torch.tensor(self.tables[g], dtype=torch.long, device=dev)
         return table[idx // B] * B + idx % B if idx.numel() else idx
 
     def is_uniform(self) -> bool:
@@ -60,6 +74,9 @@ class PagedLayer:
         s = self.slots(g)
         p = self.pool
         return p.k_flat[s], p.v_flat[s], p.pos_flat[s]
+
+    def head_positions(self, g: int) -> Tensor:
+        return self.pool.pos_flat[self.slots(g)]
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
         """[Hkv, n, d] K and V (gathered) and the [n] positions; only valid when is_uniform()."""
@@ -85,10 +102,12 @@ class PagedLayer:
         if want < have:
             self.pool.free(self.tables[g][want:])
             del self.tables[g][want:]
-            self.version = next(_TABLE_VERSIONS)
         elif want > have:
             self.tables[g].extend(self.pool.allocate(want - have))
-            self.version = next(_TABLE_VERSIONS)
+        else:
+            return
+        self.version = next(_TABLE_VERSIONS)
+        self._table_tensors[g] = None
 
     def release(self) -> None:
         for t in self.tables:
@@ -96,6 +115,7 @@ class PagedLayer:
             t.clear()
         self.lengths = [0] * len(self.lengths)
         self.version = next(_TABLE_VERSIONS)
+        self._table_tensors = [None] * len(self.tables)
 
 
 class PagedKVCache:
@@ -135,11 +155,15 @@ class PagedKVCache:
     # -- growth and appends -----------------------------------------------------------------------
     def reserve(self, extra: int, headroom: int = 0) -> None:
         """Make sure every segment can take `extra` more tokens; grows by extra + headroom when it can't."""
+        grew = False
+        B = self.pool.block_size
         for lc in self.layers:
-            for g, (n, c) in enumerate(zip(lc.lengths, lc.capacities)):
-                if n + extra > c:
+            for g, n in enumerate(lc.lengths):
+                if n + extra > len(lc.tables[g]) * B:
                     lc.resize(g, n + extra + headroom)
-        self._note_peak()
+                    grew = True
+        if grew:  # the peak only moves when blocks were added (this runs for every sequence at every step)
+            self._note_peak()
 
     def append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
         """Append T tokens to every head of a layer. k, v: [Hkv, T, d]; positions: [T]."""
@@ -165,6 +189,7 @@ class PagedKVCache:
         lc = self.layers[layer]
         p = self.pool
         dev = self.device
+        held_before = lc.blocks_held()
         src = torch.cat([lc.slots(g, idx) for g, idx in enumerate(keep)])
         # Read every kept entry before writing any (a kept entry may sit where another lands).
         k, v, pos = p.k_flat[src], p.v_flat[src], p.pos_flat[src]
@@ -184,7 +209,8 @@ class PagedKVCache:
             tails = [lc.slots(g, torch.arange(n, min(c, lc.capacities[g]), device=dev))
                      for g, (n, c) in enumerate(zip(counts, old_caps))]
             p.mass_flat[torch.cat(tails)] = 0.0
-        self._note_peak()
+        if lc.blocks_held() > held_before:  # a compaction that only shrinks cannot raise the peak
+            self._note_peak()
 
     # -- lifetime ---------------------------------------------------------------------------------
     def clone(self, track_mass: bool | None = None) -> "PagedKVCache":
