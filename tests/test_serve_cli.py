@@ -58,7 +58,8 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 def test_help_lists_the_options(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "serve", "--help")
     assert code == 0
-    for option in ("--host", "--port", "--policy", "--budget", "--max-batch", "--kv-memory", "--max-queue"):
+    for option in ("--host", "--port", "--policy", "--budget", "--max-batch", "--kv-memory", "--max-queue",
+                   "--prefill-step"):
         assert option in out
 
 
@@ -68,6 +69,8 @@ def test_help_lists_the_options(monkeypatch, capsys):
     (["--policy", "nope", "--budget", "5%"], "unknown policy"),
     (["--kv-memory", "lots"], "cannot read memory size"),
     (["--model", "/no/such/folder"], "model folder not found"),
+    (["--prefill-step", "0"], "--prefill-step"),
+    (["--prefill-step", "-3"], "--prefill-step"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_model_loads(monkeypatch, capsys, args, fragment):
     code, out, err = run_main(monkeypatch, capsys, "serve", *args)

@@ -22,6 +22,7 @@ def serve_command(
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", min=1, help="Most requests waiting to start; beyond it requests get 429."),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1, help="Output tokens for a request that sets no max_tokens."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks (compressed requests then reserve budget + N, not the whole prompt)."),
+    prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Prefill a long prompt N tokens per engine step, exactly (nothing evicted in between), so running requests keep decoding (default: 512 on the CPU, 8192 on a GPU)."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: run the batched decode step eagerly instead of replaying CUDA graphs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
@@ -45,5 +46,5 @@ def serve_command(
 
     serve(ServeSettings(model=model, host=host, port=port, policy=policy, budget=budget, allocation=allocation,
                         policy_args=list(policy_arg), max_batch=max_batch, kv_memory=kv_memory, max_queue=max_queue,
-                        max_tokens=max_tokens, prefill_chunk=prefill_chunk, use_graphs=not no_graph, device=device, dtype=dtype,
+                        max_tokens=max_tokens, prefill_chunk=prefill_chunk, prefill_step=prefill_step, use_graphs=not no_graph, device=device, dtype=dtype,
                         threads=threads, drain_timeout=drain_timeout, log_level=log_level))

@@ -2,8 +2,9 @@
 
 Each `step()`:
 1. admits waiting requests whose worst case the pool can still promise (scheduler.py);
-2. runs one prefill unit — a newly admitted request's prompt (prefill + compression), or a question of a
-   question-agnostic request — so running sequences wait for at most one prefill between their tokens;
+2. runs one prefill unit — a piece of a newly admitted request's prompt (`prefill_step` tokens,
+   split_prefill.py; or a `--prefill-chunk` chunk), its compression after the last piece, or a question
+   of a question-agnostic request — so running sequences wait for at most one piece between their tokens;
 3. samples every decoding sequence's next token (its own sampling parameters and seed), retires those
    that finished (their blocks go back to the pool at once), and feeds the rest through one batched
    decode step (batch_step.py); decode-time policies then evict inside their own blocks.
@@ -29,16 +30,22 @@ from kvx.runtime.request import GenerationResult
 from kvx.runtime.sampling import sample
 from kvx.runtime.scheduler import Scheduler
 from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
+from kvx.runtime.split_prefill import default_prefill_step, prefill_pieces
 
 DEFAULT_MAX_BATCH = 16
 
 
 class BatchEngine:
     def __init__(self, engine: Engine, kv_memory: int, max_batch: int = DEFAULT_MAX_BATCH,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_step: int | None = None):
         if max_batch < 1:
             raise KvxError("--max-batch must be at least 1")
+        if prefill_step is not None and prefill_step < 1:
+            raise KvxError("--prefill-step must be a positive number of tokens")
         self.engine = engine
+        # Prompt tokens prefilled per step when not --prefill-chunk (split_prefill.py: exact, no eviction
+        # in between); None: the device's default.
+        self.prefill_step = prefill_step or default_prefill_step(engine.device)
         cfg = engine.config
         self.pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, engine.device,
                                          block_size)
@@ -164,8 +171,9 @@ class BatchEngine:
 
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
-        """One prefill unit of seq: a chunk of its prompt (--prefill-chunk), or the whole prompt, then its
-        compression; or, for a question-agnostic request already compressed, its next question."""
+        """One prefill unit of seq: a piece of its prompt (split_prefill.py) or a chunk (--prefill-chunk),
+        and after the last one its compression; or, for a question-agnostic request already compressed,
+        its next question."""
         eng = self.engine
         r = seq.request
         if seq.req is None:
@@ -182,11 +190,10 @@ class BatchEngine:
             if eng.prefill_chunk:
                 seq.prefill_steps = eng.prefill_steps(req, ids, eng.prefill_chunk)
             else:
-                self._compress(seq, eng.prefill(req, ids), None)
-                return
+                seq.prefill_steps = prefill_pieces(eng, req, ids, self.prefill_step)
         if seq.prefill_steps is not None:
             try:
-                next(seq.prefill_steps)  # one chunk; running sequences decode before the next
+                next(seq.prefill_steps)  # one chunk or piece; running sequences decode before the next
                 return
             except StopIteration as done:
                 seq.prefill_steps = None

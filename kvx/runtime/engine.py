@@ -108,8 +108,12 @@ class Engine:
         req.position += T
         return logits[-1]
 
-    def prefill(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None) -> Tensor:
-        """Prefill `ids`, recording the statistics the request's policy needs (or `stats_req`)."""
+    def prefill(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None,
+                context_ids: list[int] | None = None) -> Tensor:
+        """Prefill `ids`, recording the statistics the request's policy needs (or `stats_req`).
+
+        context_ids: the whole prompt when `ids` is only its last piece (a split prefill: the cache already
+        holds the rest), for KVzip's reconstruction passes."""
         if stats_req is None:
             stats_req = self.stats_request(req, len(ids))
         t0 = time.perf_counter()
@@ -117,7 +121,7 @@ class Engine:
         if stats_req is not None and stats_req.reconstruction:
             # KVzip: reconstruction passes score the context (their own K/V never enter the cache).
             from kvx.runtime.reconstruction import reconstruction_stats
-            req.stats = reconstruction_stats(self, req, ids, req.stats, stats_req)
+            req.stats = reconstruction_stats(self, req, context_ids or ids, req.stats, stats_req)
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 

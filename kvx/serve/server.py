@@ -29,13 +29,17 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     policy_and_budget(settings.policy, settings.budget, settings.allocation, settings.policy_args,
                       settings.prefill_chunk)
     kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
+    if settings.prefill_step is not None and settings.prefill_step < 1:
+        from kvx.errors import KvxError
+
+        raise KvxError(f"--prefill-step must be a positive number of tokens, got {settings.prefill_step}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
     engine = Engine(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
     batch = BatchEngine(engine, kv_memory if kv_memory is not None else default_kv_memory(device),
-                        settings.max_batch or DEFAULT_MAX_BATCH)
+                        settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
     model_id = resolve_model(settings.model, quiet=True).name
     return ServerContext(EngineLoop(batch, settings.max_queue), tokenizer, model_id, settings.defaults())
 

@@ -36,6 +36,7 @@ class ServeSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_tokens: int = DEFAULT_MAX_TOKENS
     prefill_chunk: int | None = None
+    prefill_step: int | None = None  # None: the device's default (kvx.runtime.split_prefill)
     use_graphs: bool = True  # GPU: replay the batched decode step as CUDA graphs (--no-graph: eager)
     device: str = "auto"
     dtype: str = "auto"
