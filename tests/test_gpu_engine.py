@@ -57,7 +57,8 @@ def test_gpu_batch_matches_cpu_batch_float32(models):
     prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(100, 700, (6,), generator=g)]
     outs = []
     for model in (cpu, gpu):
-        batch = BatchEngine(Engine(model, StubTokenizer()), kv_memory=64 << 20, max_batch=6)
+        # The same split prefill on both devices (pieces of 256: most prompts take several).
+        batch = BatchEngine(Engine(model, StubTokenizer()), kv_memory=64 << 20, max_batch=6, prefill_step=256)
         seqs = [batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=30, policy=build_policy(p) if p else None,
                                                budget=parse_budget(b) if b else None))
                 for ids, (p, b) in zip(prompts, specs)]
