@@ -141,3 +141,31 @@ def test_kvzip_reconstructs_the_whole_context_after_a_split_prefill(tmp_path):
 def test_a_bad_prefill_step_is_refused(engine):
     with pytest.raises(KvxError, match="--prefill-step"):
         BatchEngine(engine, kv_memory=8 << 20, prefill_step=0)
+
+
+@pytest.mark.parametrize("name,budget", [("snapkv", "20%"), ("tova", "30%"), ("full", None)])
+def test_question_agnostic_contexts_split_like_prompts(engine, name, budget):
+    rng = random.Random(21)
+    context, questions = _ids(rng, 200, 260), [_ids(rng, 3, 9) for _ in range(2)]
+    policy, b = (None, None) if name == "full" else (build_policy(name), parse_budget(budget))
+    want = engine.generate_agnostic(context, questions, max_tokens=8, policy=policy, budget=b)
+    batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=2, prefill_step=41)
+    seq = batch.submit(GenerationRequest(context_ids=context, question_ids=questions, max_tokens=8,
+                                         policy=None if name == "full" else build_policy(name), budget=b))
+    batch.run()
+    assert [r.token_ids for r in seq.results] == [r.token_ids for r in want]
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+
+
+def test_a_request_cancelled_between_pieces_returns_its_blocks(engine):
+    rng = random.Random(5)
+    batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=2, prefill_step=40)
+    other = batch.submit(_request(_ids(rng, 30, 40), "snapkv", "50%", 30, stop_at_eos=False))
+    long = batch.submit(_request(_ids(rng, 400, 401), "snapkv", "10%", 8))
+    for _ in range(4):
+        batch.step()
+    assert long.prefill_steps is not None and batch.pool.num_used > 0  # part of the prompt is in the cache
+    batch.cancel(long)
+    batch.run()
+    assert long.state == "cancelled" and other.state == "finished"
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
