@@ -63,6 +63,17 @@ def test_a_batch_of_mixed_policies_equals_each_line_alone(default_dir):
     assert all(o["line"] == 3 for o in b if o.get("id") is None)
 
 
+def test_prefills_split_into_small_pieces_give_the_same_lines(default_dir):
+    """--prefill-step 8: every prompt (a chat template of ~30 tokens and more) is prefilled in several exact
+    pieces between the other lines' decode steps; every line's answer is the one-shot prefill's."""
+    split = kvx("generate", "--jsonl", "--max-batch", "8", "--prefill-step", "8", "--ordered", "--quiet",
+                stdin=_stdin())
+    alone = kvx("generate", "--jsonl", "--max-batch", "1", "--ordered", "--quiet", stdin=_stdin())
+    assert split.returncode == alone.returncode == 1, split.stderr  # the same two lines fail
+    assert _texts([json.loads(x) for x in split.stdout.splitlines()]) == \
+        _texts([json.loads(x) for x in alone.stdout.splitlines()])
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--max-batch", "0"], "--max-batch"),
     (["--kv-memory", "lots"], "memory size"),

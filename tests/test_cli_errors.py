@@ -78,6 +78,8 @@ CASES = [
     ("prefill-chunk-word", G + POL + ["--prefill-chunk", "abc", "hi"], "--prefill-chunk", None),
     # generate: the batched engine's options
     ("max-batch-zero", G + ["--jsonl", "--max-batch", "0"], "--max-batch", None),
+    ("prefill-step-zero", G + ["--jsonl", "--prefill-step", "0"], "--prefill-step", None),
+    ("prefill-step-word", G + ["--jsonl", "--prefill-step", "lots"], "--prefill-step", None),
     ("max-batch-word", G + ["--jsonl", "--max-batch", "many"], "--max-batch", None),
     ("kv-memory-word", G + ["--jsonl", "--kv-memory", "lots"], "--kv-memory", None),
     ("kv-memory-zero", G + ["--jsonl", "--kv-memory", "0"], "--kv-memory", None),
