@@ -169,3 +169,24 @@ def test_a_request_cancelled_between_pieces_returns_its_blocks(engine):
     batch.run()
     assert long.state == "cancelled" and other.state == "finished"
     assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+
+
+def test_with_prefill_chunk_a_full_cache_prompt_is_still_split(tmp_path):
+    """--prefill-chunk evicts between the chunks of a compressed prompt; a full-cache prompt has nothing to
+    evict, and is prefilled a chunk per step all the same (exactly)."""
+    path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=50)
+    rng = random.Random(2)
+    batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=2)
+    short = batch.submit(_request(_ids(rng, 20, 30), "snapkv", "50%", 30, stop_at_eos=False))
+    batch.step()
+    long = batch.submit(_request(_ids(rng, 300, 301), "full", None, 4))
+    during = []
+    while long.state == "waiting" or long.prefill_steps is not None or long.state == "prefill":
+        batch.step()
+        during.append(len(short.out_ids))
+        assert len(during) < 50
+    assert len(during) >= 6 and during[-1] - during[0] >= 5  # 6 chunks of 50, a token of short's after each
+    batch.run()
+    plain = Engine(engine.model, StubTokenizer())  # the one-shot prefill
+    assert long.results[0].token_ids == _alone(plain, long.request.prompt_ids, "full", None, 4).token_ids

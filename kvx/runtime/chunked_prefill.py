@@ -11,6 +11,7 @@ import time
 
 from kvx.errors import KvxError
 from kvx.runtime.request import Request
+from kvx.runtime.split_prefill import prefill_pieces
 
 
 def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
@@ -23,7 +24,9 @@ def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
     if chunk <= 0:
         raise KvxError("--prefill-chunk must be a positive number of tokens")
     if not req.compresses or req.budget.keeps_everything(n) or chunk >= n:
-        return engine.prefill(req, ids), None
+        # Nothing to evict between chunks: still a chunk per step, exactly (split_prefill.py), so a
+        # full-cache prompt does not stall the batch's decode either.
+        return (yield from prefill_pieces(engine, req, ids, chunk))
     if req.policy.request.colsum_all:
         raise KvxError(f"--prefill-chunk does not work with policy {req.policy.name}: its score sums "
                        "attention over every query of the prompt")
