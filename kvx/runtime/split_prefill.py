@@ -22,8 +22,9 @@ from kvx.kernels.stats import StatsRequest
 from kvx.runtime.request import Request
 
 # Prompt tokens per engine step in the batched engine. On a GPU each piece's attention reads the cache so
-# far gathered from the pool, so pieces are larger there: 8192 tokens of an 8B model are ~0.2 s of prefill
-# on an H100-class GPU, while on the CPU 512 tokens of the default model already take ~1 s on 2 cores.
+# far gathered from the pool, so pieces are larger there: 8192 tokens of an 8B model are about 0.2 s of
+# prefill by arithmetic (2 * 8e9 * 8192 FLOP at ~650 TFLOP/s; not measured yet), while on the CPU 512
+# tokens of the default model take ~0.9 s on 2 cores (568 tokens/s, docs/benchmarks.md).
 DEFAULT_PREFILL_STEP = {"cpu": 512, "cuda": 8192}
 
 
