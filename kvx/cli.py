@@ -20,6 +20,7 @@ from kvx.options import (
     build_engine,
     check_device_dtype,
     check_memory,
+    check_prefill_step,
     check_sampling,
     encode_prompt,
     load,
@@ -125,8 +126,7 @@ def generate(
 
         with about("--kv-memory"):
             pool_bytes = parse_size(kv_memory)
-    if prefill_step is not None and prefill_step < 1:
-        raise KvxError(f"--prefill-step must be a positive number of tokens, got {prefill_step}")
+    check_prefill_step(prefill_step)
     if jsonl:
         if prompt is not None or context is not None or question:
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")

@@ -77,6 +77,12 @@ def policy_name(policy: Optional[str], budget: Optional[str]) -> str:
     return policy
 
 
+def check_prefill_step(prefill_step: Optional[int]) -> None:
+    """--prefill-step (the batched engine's split prefill): a positive number of tokens, or unset."""
+    if prefill_step is not None and prefill_step <= 0:
+        raise KvxError(f"--prefill-step must be a positive number of tokens, got {prefill_step}")
+
+
 def policy_and_budget(policy: Optional[str], budget: Optional[str], allocation: Optional[str],
                       policy_args: list[str], prefill_chunk: Optional[int] = None):
     """The Policy and Budget the options ask for, or (None, None) for the uncompressed runtime.

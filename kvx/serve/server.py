@@ -19,7 +19,8 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     import torch
 
     from kvx.models.hub import resolve_model
-    from kvx.options import default_kv_memory, load, parse_memory, policy_and_budget, resolve_device
+    from kvx.options import (check_prefill_step, default_kv_memory, load, parse_memory, policy_and_budget,
+                             resolve_device)
     from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
     from kvx.runtime.engine import Engine
     from kvx.serve.completion import ServerContext
@@ -29,10 +30,7 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     policy_and_budget(settings.policy, settings.budget, settings.allocation, settings.policy_args,
                       settings.prefill_chunk)
     kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
-    if settings.prefill_step is not None and settings.prefill_step < 1:
-        from kvx.errors import KvxError
-
-        raise KvxError(f"--prefill-step must be a positive number of tokens, got {settings.prefill_step}")
+    check_prefill_step(settings.prefill_step)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
