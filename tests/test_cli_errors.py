@@ -179,6 +179,8 @@ CASES = [
     ("bench-batch-requests", ["bench", "--suite", "batch", "--batch-requests", "0"], "--batch-requests", None),
     ("bench-batch-prompt", ["bench", "--suite", "batch", "--batch-prompt", "-1"], "--batch-prompt", None),
     ("bench-batch-gen", ["bench", "--suite", "batch", "--batch-gen", "abc"], "--batch-gen", None),
+    ("serve-prefill-step-zero", ["serve", "--prefill-step", "0"], "--prefill-step", None),
+    ("serve-prefill-step-word", ["serve", "--prefill-step", "lots"], "--prefill-step", None),
 ]
 
 
