@@ -9,16 +9,12 @@ cases rerun in a fresh process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from interpreter import HAS_CUDA, interpreter_active, request_interpreter, rerun_in_fresh_process
+
+request_interpreter()
 
 from kvx.kernels import reference as ref  # noqa: E402
 
@@ -103,15 +99,6 @@ def test_reference_equals_the_loop(block, window, seed):
     torch.testing.assert_close(mass, want_mass, atol=1e-5, rtol=1e-5)
 
 
-def _interpreter_active() -> bool:
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(tl.cdiv, InterpretedFunction)
-
-
 def _triton_cases(device, dtypes):
     from kvx.kernels import triton_paged
 
@@ -133,10 +120,8 @@ def test_triton_paged_interp():
     if HAS_CUDA:
         pytest.skip("CUDA present: the gpu-marked test covers the compiled kernel")
     pytest.importorskip("triton")
-    if not _interpreter_active():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                              "-k", "triton_paged_interp"], env=env, capture_output=True, text=True, timeout=900)
+    if not interpreter_active():
+        run = rerun_in_fresh_process(__file__, "triton_paged_interp")
         assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
         return
     _triton_cases("cpu", (torch.float32, torch.float16))

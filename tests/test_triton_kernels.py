@@ -14,9 +14,6 @@ machine with CUDA the interpreter cases are skipped, and the gpu-marked ones use
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -28,9 +25,9 @@ from kvx.kernels import ops
 from kvx.kernels import reference as ref
 from kvx.kernels.stats import StatsRequest, compute_layer_stats
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from interpreter import HAS_CUDA, interpreter_active, request_interpreter, rerun_in_fresh_process
+
+request_interpreter()
 KERNEL_MODULES = ("triton_attention", "triton_stats", "triton_decode", "triton_cache")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 
@@ -53,21 +50,12 @@ class Backend:
 OUT_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
-def _interpreter_active() -> bool:
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(tl.cdiv, InterpretedFunction)
-
-
 @pytest.fixture(scope="module")
 def interpreted_kernels():
     if HAS_CUDA:
         pytest.skip("interpreter cases run only where CUDA is absent; the gpu-marked cases cover CUDA")
     pytest.importorskip("triton")
-    if not _interpreter_active():
+    if not interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET could be set; "
                     "test_kernel_cases_in_a_fresh_process runs these cases")
     from triton.runtime.interpreter import InterpretedFunction
@@ -84,14 +72,10 @@ def interpreted_kernels():
 
 def test_kernel_cases_in_a_fresh_process():
     """Runs the interpreter cases in a new process when this one imported triton too early for them."""
-    if HAS_CUDA or _interpreter_active():
+    if HAS_CUDA or interpreter_active():
         pytest.skip("the interpreter cases run in this process (or CUDA covers the kernels)")
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    run = rerun_in_fresh_process(__file__, "interp")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
