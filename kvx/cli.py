@@ -96,6 +96,7 @@ def generate(
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (1 = one at a time)."),
     prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="--jsonl: prefill a long prompt N tokens per engine step, exactly (nothing evicted in between), so running requests keep decoding (default: 512 on the CPU, 8192 on a GPU)."),
+    prefill_first: bool = typer.Option(False, "--prefill-first", help="--jsonl: fill the batch before decoding - no decode step while an admitted prompt is still being prefilled (more tokens/s, later first tokens)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
     ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
 ) -> None:
@@ -139,7 +140,8 @@ def generate(
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
                              use_graphs=not no_graph, prefill_chunk=prefill_chunk, max_batch=max_batch,
-                             kv_memory=pool_bytes, ordered=ordered, prefill_step=prefill_step)
+                             kv_memory=pool_bytes, ordered=ordered, prefill_step=prefill_step,
+                             prefill_first=prefill_first)
         raise typer.Exit(1 if failures else 0)
 
     if context is None and question:

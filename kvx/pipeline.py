@@ -102,7 +102,7 @@ def _compression(obj: dict, defaults: dict, policy_and_budget):
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
               params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None, max_batch=None,
-              kv_memory=None, ordered=False, prefill_step=None) -> int:
+              kv_memory=None, ordered=False, prefill_step=None, prefill_first=False) -> int:
     """Process every line; returns the number of lines that failed."""
     from kvx.options import build_engine, load
     from kvx.result_view import result_json
@@ -119,7 +119,7 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
             raise KvxError(f"--kv-memory {human_bytes(kv_memory)} is more than the {human_bytes(free)} this "
                            "device has free; give a smaller --kv-memory (or leave it out for a safe default)")
     batch = BatchEngine(engine, kv_memory or default_kv_memory(engine.device), max_batch or DEFAULT_MAX_BATCH,
-                        prefill_step=prefill_step)
+                        prefill_step=prefill_step, prefill_first=prefill_first)
     defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
     writer = _Writer(out, ordered)
     failures = 0

@@ -247,3 +247,46 @@ def test_kvzip_in_a_batch_equals_alone(tmp_path):
                                            budget=b)) for c, qs in cases]
     batch.run()
     assert [[r.token_ids for r in s.results] for s in seqs] == want
+
+
+def test_prefill_first_fills_the_batch_before_it_decodes(engine):
+    """prefill_first: no decode step while an admitted request still has prompt to prefill, so every
+    request decodes in one full batch; each answer is still the one it gets alone."""
+    rng = random.Random(21)
+    specs = [("snapkv", "20%"), ("tova", "30%"), ("full", None), ("ada-snapkv", "10%"), ("h2o", "20%")]
+    prompts = [_ids(rng, 40, 200) for _ in specs]
+    lengths = [12, 7, 12, 9, 12]
+    batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=8, prefill_step=32, prefill_first=True)
+    sizes = []
+    step = batch.stepper.step
+    batch.stepper.step = lambda reqs, tokens: (sizes.append(len(reqs)), step(reqs, tokens))[1]
+    seqs = [batch.submit(_request(ids, n, b, m)) for ids, (n, b), m in zip(prompts, specs, lengths)]
+    batch.run()
+    assert sizes[0] == len(specs) and batch.max_running == len(specs)
+    assert len(sizes) == max(lengths) - 1  # one wave: the first token comes from the prefill's logits
+    for s, ids, (n, b), m in zip(seqs, prompts, specs, lengths):
+        assert s.results[0].token_ids == _alone(engine, ids, n, b, m).token_ids, n
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+
+
+def test_prefill_first_in_a_tight_pool_still_decodes_one_full_batch(engine):
+    """A pool that holds one full prompt at a time but several compressed ones: requests are admitted one by
+    one as each compression frees memory, and prefill_first still decodes them all in one batch."""
+    from kvx.runtime.memory import pool_capacity
+
+    cfg = engine.config
+    prompt, gen, n = 480, 6, 4
+    block = 2 * cfg.head_dim * 4 * cfg.num_layers * cfg.num_kv_heads * 16  # one block in every segment, float32
+    fits = {m: pool_capacity(cfg, prompt, parse_budget("5%"), 4, gen, m) for m in range(block, 64 * block, block)}
+    memory = next(m for m, (full, compressed) in fits.items() if full == 1 and compressed >= n)
+    rng = random.Random(5)
+    prompts = [_ids(rng, prompt, prompt + 1) for _ in range(n)]
+    batch = BatchEngine(engine, kv_memory=memory, max_batch=8, prefill_first=True)
+    sizes = []
+    step = batch.stepper.step
+    batch.stepper.step = lambda reqs, tokens: (sizes.append(len(reqs)), step(reqs, tokens))[1]
+    seqs = [batch.submit(_request(ids, "snapkv", "5%", gen)) for ids in prompts]
+    batch.run()
+    assert sizes == [n] * (gen - 1)
+    for s, ids in zip(seqs, prompts):
+        assert s.results[0].token_ids == _alone(engine, ids, "snapkv", "5%", gen).token_ids

@@ -72,6 +72,12 @@ def test_prefills_split_into_small_pieces_give_the_same_lines(default_dir):
     assert split.returncode == alone.returncode == 1, split.stderr  # the same two lines fail
     assert _texts([json.loads(x) for x in split.stdout.splitlines()]) == \
         _texts([json.loads(x) for x in alone.stdout.splitlines()])
+    # --prefill-first: the same lines, decoded once the batch is full.
+    first = kvx("generate", "--jsonl", "--max-batch", "8", "--prefill-step", "8", "--prefill-first", "--ordered",
+                "--quiet", stdin=_stdin())
+    assert first.returncode == 1, first.stderr
+    assert _texts([json.loads(x) for x in first.stdout.splitlines()]) == \
+        _texts([json.loads(x) for x in alone.stdout.splitlines()])
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -37,7 +37,8 @@ DEFAULT_MAX_BATCH = 16
 
 class BatchEngine:
     def __init__(self, engine: Engine, kv_memory: int, max_batch: int = DEFAULT_MAX_BATCH,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_step: int | None = None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefill_step: int | None = None,
+                 prefill_first: bool = False):
         if max_batch < 1:
             raise KvxError("--max-batch must be at least 1")
         if prefill_step is not None and prefill_step < 1:
@@ -46,6 +47,10 @@ class BatchEngine:
         # Prompt tokens prefilled per step when not --prefill-chunk (split_prefill.py: exact, no eviction
         # in between); None: the device's default.
         self.prefill_step = prefill_step or default_prefill_step(engine.device)
+        # Throughput over latency: no decode step while an admitted request still has prompt to prefill, so
+        # the batch fills up before it decodes (offline jobs, benchmarks of a full batch). Off: every step
+        # decodes, and a long prompt costs the running sequences one piece's time per token, not its whole.
+        self.prefill_first = prefill_first
         cfg = engine.config
         self.pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, engine.device,
                                          block_size)
@@ -156,6 +161,11 @@ class BatchEngine:
             t0 = time.perf_counter()
             self._guarded(pending[0], self._prefill)
             self.prefill_s += time.perf_counter() - t0
+            if self.prefill_first:
+                self.scheduler.admit()  # whoever the finished prefill's shrunk reservation lets in
+            if self.prefill_first and any(s.state == PREFILL or s.req is None for s in self.scheduler.running):
+                done, self.finished = done_before + self.finished, []
+                return done
         t0 = time.perf_counter()
         self._decode()
         self.decode_s += time.perf_counter() - t0
