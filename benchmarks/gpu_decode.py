@@ -148,6 +148,10 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     results: list[dict] = []
+
+    def save() -> None:  # after every section, so a run cut off by its timeout keeps what it measured
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
     dev = torch.cuda.get_device_name()
     results.append({"bench": "device", "name": dev, "torch": torch.__version__})
     bw = copy_bandwidth()
@@ -156,6 +160,7 @@ def main() -> None:
     for n in (8192, 32768):
         prefill_attention(n, results)
     gpu_matches_cpu(results)
+    save()
 
     cfg = llama_config()
     model = Transformer(cfg, random_state(cfg, "cuda", torch.bfloat16))
@@ -176,6 +181,7 @@ def main() -> None:
                                 "tokens_per_s": tps, "weights_plus_kv_bytes": weight_bytes + kv_bytes,
                                 "achieved_bytes_per_s": achieved, "fraction_of_copy": achieved / bw})
                 print(results[-1], flush=True)
+                save()
                 torch.cuda.empty_cache()
     del model
     torch.cuda.empty_cache()
@@ -193,7 +199,7 @@ def main() -> None:
             tps = hf_decode_tps(hf, ids, args.steps)
             results.append({"bench": "hf_decode", "context": n, "budget": "100%", "tokens_per_s": tps})
             print(results[-1], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    save()
 
 
 if __name__ == "__main__":
