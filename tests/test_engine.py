@@ -8,6 +8,7 @@ import torch
 from checkpoints import make_checkpoint
 from kvx.kernels import reference as ref
 from kvx.models.transformer import Transformer
+from kvx.policies import build_policy, parse_budget
 from kvx.runtime.cache import RaggedKVCache
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams, make_generator, sample
@@ -130,6 +131,25 @@ def test_agnostic_full_cache_equals_aware(tmp_path):
     assert res[1].token_ids == engine.generate(ctx + q2, max_tokens=8).token_ids
     # the cache was restored between questions: asking q1 again gives the same answer
     assert res[2].token_ids == res[0].token_ids
+
+
+
+@pytest.mark.parametrize("name,budget", [("snapkv", "30%"), ("h2o", "30%"), ("tova", "25%"), ("ahakv", "30%")])
+def test_each_question_sees_the_context_as_compressed(tmp_path, name, budget):
+    """Between questions the compressed context comes back as it was, decode-time eviction or not: every
+    answer equals the one its question gets when asked alone."""
+    path, _ = make_checkpoint("qwen2", tmp_path)
+    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    g = torch.Generator().manual_seed(11)
+    ctx = torch.randint(3, 128, (90,), generator=g).tolist()
+    qs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    run = lambda questions: engine.generate_agnostic(ctx, questions, max_tokens=24, policy=build_policy(name),
+                                                     budget=parse_budget(budget))
+    together = run(qs + [qs[0]])
+    for q, res in zip(qs + [qs[0]], together):
+        alone = run([q])[0]
+        assert res.token_ids == alone.token_ids
+        assert res.kv_entries_kept == alone.kv_entries_kept
 
 
 def test_sampling_is_deterministic_for_a_seed():

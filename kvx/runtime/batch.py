@@ -16,7 +16,6 @@ PagedKVCache, so a request's output in a batch is the output it gets alone.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 
@@ -30,6 +29,7 @@ from kvx.runtime.request import GenerationResult
 from kvx.runtime.sampling import sample
 from kvx.runtime.scheduler import Scheduler
 from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
+from kvx.runtime.snapshot import ContextSnapshot
 from kvx.runtime.split_prefill import default_prefill_step, prefill_pieces
 
 DEFAULT_MAX_BATCH = 16
@@ -122,7 +122,7 @@ class BatchEngine:
         seq.req = req
         self.scheduler.running.append(seq)
         if request.agnostic:
-            seq.snapshot = _Snapshot(req)
+            seq.snapshot = ContextSnapshot(req)
             seq.state = PREFILL
         else:
             seq.start_answer(logits, self.tokenizer)
@@ -217,7 +217,7 @@ class BatchEngine:
             eng.compress(req, headroom=0, budget=final_budget)
             longest = max(len(q) for q in r.question_ids)
             req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
-            seq.snapshot = _Snapshot(req)
+            seq.snapshot = ContextSnapshot(req)
             grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
             self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
             self._start_question(seq)
@@ -230,8 +230,7 @@ class BatchEngine:
         """Prefill question `seq.question` over the compressed context and start its answer."""
         eng, req = self.engine, seq.req
         q_ids = seq.request.question_ids[seq.question]
-        if req.decode_mode:  # eviction while answering would destroy the context: answer in a copy
-            req.cache = seq.snapshot.cache.clone()
+        seq.snapshot.begin_answer(req)
         t0 = time.perf_counter()
         logits = eng.forward(req, q_ids)
         req.timings.prefill_s += time.perf_counter() - t0
@@ -308,7 +307,7 @@ class BatchEngine:
         res = eng.result(req, seq.prompt_tokens, list(seq.out_ids), text, finish)
         seq.results.append(res)
         if r.agnostic and seq.question + 1 < len(r.question_ids):
-            seq.snapshot.restore(seq)
+            seq.snapshot.restore(req)
             seq.question += 1
             seq.state = PREFILL  # the next question is the next prefill unit
             return
@@ -317,39 +316,11 @@ class BatchEngine:
     def _retire(self, seq: Sequence, state: str) -> None:
         if seq.req is not None:
             seq.req.cache.release()
-            if seq.snapshot is not None and seq.snapshot.cache is not seq.req.cache:
-                seq.snapshot.cache.release()
+            if seq.snapshot is not None:
+                seq.snapshot.release(seq.req)
         self.scheduler.finish(seq)
         seq.state = state
         self.finished.append(seq)
-
-
-class _Snapshot:
-    """The compressed context a question-agnostic request returns to between questions.
-
-    Without decode-time eviction an answer only appends, so rewinding lengths and position is enough; with
-    it each answer runs in a copy of the context's cache (the copy is released when the answer ends).
-    """
-
-    def __init__(self, req):
-        self.cache = req.cache
-        self.position = req.position
-        self.lengths = req.cache.lengths()
-        self.recent_q = list(req.recent_q)
-        self.head_budget = None if req.head_budget is None else [list(h) for h in req.head_budget]
-        self.timings = replace(req.timings)  # a copy: the first answer adds to the request's own
-
-    def restore(self, seq: Sequence) -> None:
-        req = seq.req
-        if req.cache is not self.cache:
-            req.cache.release()
-            req.cache = self.cache
-        for lc, lengths in zip(self.cache.layers, self.lengths):
-            lc.lengths = list(lengths)
-        req.position = self.position
-        req.recent_q = list(self.recent_q)
-        req.head_budget = None if self.head_budget is None else [list(h) for h in self.head_budget]
-        req.timings = replace(self.timings)
 
 
 def generate_batch(engine: Engine, requests: list[GenerationRequest], kv_memory: int,

@@ -183,6 +183,15 @@ class RaggedKVCache:
         new.length = torch.tensor(new.lengths, dtype=torch.int32, device=self.device)
         return new
 
+    def rewind(self, lengths: list[list[int]]) -> None:
+        """Each head back to the first `lengths` (from lengths()) tokens: drops what was appended since."""
+        for lc, n in zip(self.layers, lengths):
+            lc.lengths = list(n)
+            lc.length.copy_(torch.tensor(n, dtype=torch.int32))  # in place: a captured graph reads it by address
+
+    def release(self) -> None:
+        """Nothing to hand back: the pools are this cache's own and go when it does (PagedKVCache's twin)."""
+
     def clone(self, track_mass: bool | None = None) -> "RaggedKVCache":
         """An independent copy (fresh pools); track_mass switches the decode-time mass buffer on or off."""
         import copy

@@ -12,7 +12,6 @@ between (runtime/chunked_prefill.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,6 +27,7 @@ from kvx.runtime.decode_eviction import DECODE_SLACK, decode_evict
 from kvx.runtime.graphs import DecodeGraph, graphs_supported
 from kvx.runtime.request import GenerationResult, Request, Timings
 from kvx.runtime.sampling import SamplingParams, make_generator, sample
+from kvx.runtime.snapshot import ContextSnapshot
 
 __all__ = ["DECODE_SLACK", "Engine", "GenerationResult", "Request", "Timings"]
 
@@ -253,13 +253,12 @@ class Engine:
         self.check_length(n + longest)
         max_tokens = max(0, min(max_tokens, self.config.max_position_embeddings - n - longest))
         req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else max_tokens))
-        base_timings = req.timings
-        snap = _CacheSnapshot.take(req)
+        snap = ContextSnapshot(req)
         results = []
         for qi, q_ids in enumerate(questions):
-            snap.restore(req)
-            req.timings = Timings(prefill_s=base_timings.prefill_s, stats_s=base_timings.stats_s,
-                                  select_s=base_timings.select_s, compact_s=base_timings.compact_s)
+            if qi:
+                snap.restore(req)
+            snap.begin_answer(req)
             t0 = time.perf_counter()
             logits = self.forward(req, q_ids)
             req.timings.prefill_s += time.perf_counter() - t0
@@ -284,44 +283,3 @@ class Engine:
         _, final_budget = self._prefill_prompt(req, context_ids)
         self.compress(req, headroom=0, budget=final_budget)
         return self.answer_all(req, questions, params, max_tokens, on_text)
-
-
-@dataclass
-class _CacheSnapshot:
-    """The compressed context's cache, to come back to between questions.
-
-    Without decode-time eviction a question only appends, so rewinding lengths is enough; with it the
-    pools are rebuilt, so the snapshot keeps the layer objects themselves (small: already compressed).
-    """
-
-    position: int
-    layers: list
-    lengths: list[list[int]]
-    recent_q: list
-    head_budget: list[list[int]] | None
-
-    @classmethod
-    def take(cls, req: Request) -> "_CacheSnapshot":
-        import copy
-
-        layers = [copy.copy(lc) for lc in req.cache.layers]
-        for lc in layers:
-            lc.lengths = list(lc.lengths)
-            if lc.key_mass is not None:
-                lc.key_mass = lc.key_mass.clone()
-        return cls(req.position, layers, req.cache.lengths(), list(req.recent_q),
-                   None if req.head_budget is None else [list(h) for h in req.head_budget])
-
-    def restore(self, req: Request) -> None:
-        req.position = self.position
-        req.recent_q = list(self.recent_q)
-        req.head_budget = None if self.head_budget is None else [list(h) for h in self.head_budget]
-        for i, saved in enumerate(self.layers):
-            import copy
-
-            lc = copy.copy(saved)
-            lc.lengths = list(self.lengths[i])
-            lc.length = torch.tensor(lc.lengths, dtype=torch.int32, device=saved.k.device)
-            if saved.key_mass is not None:
-                lc.key_mass = saved.key_mass.clone()
-            req.cache.layers[i] = lc

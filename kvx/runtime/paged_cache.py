@@ -251,6 +251,11 @@ class PagedKVCache:
         new._note_peak()
         return new
 
+    def rewind(self, lengths: list[list[int]]) -> None:
+        """Each head back to the first `lengths` (from lengths()) tokens; its blocks stay reserved."""
+        for lc, n in zip(self.layers, lengths):
+            lc.lengths = list(n)
+
     def release(self) -> None:
         """Every block back to the pool, at once."""
         for lc in self.layers:
