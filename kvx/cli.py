@@ -27,6 +27,7 @@ from kvx.options import (
     policy_and_budget,
     policy_name,
     resolve_dtype,
+    short_prompt_note,
     split_context_question,
 )
 from kvx.result_view import result_json, summary_line
@@ -53,6 +54,11 @@ app = typer.Typer(
 
 def _err(message: str) -> None:
     print(f"kvx: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str | None, quiet: bool) -> None:
+    if message and not quiet:
+        _err(message)
 
 
 def _version(value: bool) -> None:
@@ -175,6 +181,7 @@ def generate(
         ctx_ids = ids[0][0]
         engine.check_length(len(ctx_ids))
         check_memory(engine, len(ctx_ids), max_tokens, question_tokens=max(len(q) for _, q in ids))
+        _note(short_prompt_note(engine, len(ctx_ids)), quiet)
         results = engine.generate_agnostic(
             ctx_ids, [q for _, q in ids], params, max_tokens,
             on_text=None if as_json else (lambda qi, s: stream(s)))
@@ -190,6 +197,7 @@ def generate(
     ids = encode_prompt(tok, prompt, system, raw)
     engine.check_length(len(ids))
     check_memory(engine, len(ids), max_tokens)
+    _note(short_prompt_note(engine, len(ids)), quiet)
     result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
     if as_json:
         stream(json.dumps(result_json(result)) + "\n")

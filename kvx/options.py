@@ -139,6 +139,25 @@ def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocatio
     return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
+# Below this many kept tokens per kv head (SnapKV's observation window alone is 32) a compressed prompt
+# loses its meaning on any model: worth a word to the user, who likely meant a long prompt.
+FEW_KEPT_TOKENS = 32
+
+
+def short_prompt_note(engine, prompt_tokens: int) -> Optional[str]:
+    """A note for stderr when the budget leaves a prompt only a handful of tokens per kv head."""
+    pol, bud = engine.policy, engine.budget
+    if pol is None or pol.name == "full" or bud is None or bud.keeps_everything(prompt_tokens):
+        return None
+    cfg = engine.config
+    per_head = bud.total_entries(prompt_tokens, cfg.num_layers, cfg.num_kv_heads) / (cfg.num_layers * cfg.num_kv_heads)
+    if per_head >= FEW_KEPT_TOKENS:
+        return None
+    return (f"note: --budget {bud} of this {prompt_tokens}-token prompt keeps about {per_head:.0f} tokens per kv "
+            "head; compression is for long prompts, and at this length it costs the answer its meaning and saves "
+            "little memory (a larger --budget, or leave it out)")
+
+
 _ENGINES = object()  # memory_need's default: the engine's own policy, budget or chunk
 
 

@@ -92,6 +92,23 @@ def test_jsonl_pipeline_with_a_bad_line(default_dir):
     assert len(out[3]["results"]) == 2
 
 
+
+def test_a_budget_that_leaves_a_short_prompt_a_handful_of_tokens_says_so(default_dir):
+    short = "What is the capital of France?"
+    proc = kvx("generate", "--policy", "snapkv", "--budget", "5%", "--max-tokens", "4", short)
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("kvx: note:")]
+    assert len(notes) == 1 and "--budget 5%" in notes[0] and "tokens per kv head" in notes[0], proc.stderr
+    assert "note" not in proc.stdout
+    quiet = kvx("generate", "--policy", "snapkv", "--budget", "5%", "--max-tokens", "4", "--quiet", short)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    long = kvx("generate", "--policy", "snapkv", "--budget", "5%", "--max-tokens", "2",
+               "The report was long. " * 200 + "Who wrote it?")
+    assert long.returncode == 0 and "note:" not in long.stderr, long.stderr
+    full = kvx("generate", "--max-tokens", "2", short)
+    assert full.returncode == 0 and "note:" not in full.stderr, full.stderr
+
+
 def test_missing_model_path():
     assert_user_error(kvx("generate", "--model", "/no/such/model", "hi"), "/no/such/model")
 

@@ -65,3 +65,25 @@ def test_summary_agrees_with_json(cli, model_dir):
                                                                                  d["kv_entries_full"])
     assert d["kv_entries_kept"] < 0.5 * d["kv_entries_full"]
     assert d["kv_bytes_allocated"] == d["kv_bytes_in_use"] + d["kv_bytes_headroom"]
+
+
+def test_the_short_prompt_note_counts_kept_tokens_per_kv_head():
+    from types import SimpleNamespace
+
+    from kvx.options import FEW_KEPT_TOKENS, short_prompt_note
+    from kvx.policies import build_policy, parse_budget
+
+    config = SimpleNamespace(num_layers=4, num_kv_heads=2)
+
+    def note(policy, budget, n):
+        engine = SimpleNamespace(policy=policy and build_policy(policy), budget=budget and parse_budget(budget),
+                                 config=config)
+        return short_prompt_note(engine, n)
+
+    assert FEW_KEPT_TOKENS == 32
+    assert "about 30 tokens per kv head" in note("snapkv", "5%", 600)  # 5% of 600 = 30 < 32
+    assert note("snapkv", "5%", 640) is None  # 32: enough
+    assert "about 31 tokens" in note("h2o", "31", 5000)
+    assert note("h2o", "32", 5000) is None
+    assert note("snapkv", "31", 20) is None  # the budget keeps the whole prompt: nothing is lost
+    assert note(None, None, 10) is None and note("full", None, 10) is None
