@@ -11,7 +11,7 @@ import typer
 
 def bench_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder (default: SmolLM2-135M-Instruct)."),
-    suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, or all."),
+    suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, batch, or all."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for both kvx and transformers."),
