@@ -166,7 +166,8 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
     """What generating from a prompt of `prompt_tokens` allocates at its peak (kvx.runtime.memory.Need).
 
     The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
-    decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question.
+    decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question
+    (and, with decode-time eviction, the copy of the context each answer runs in).
     `policy`, `budget` and `prefill_chunk` default to the engine's own.
     """
     from kvx.runtime.decode_eviction import DECODE_SLACK
@@ -182,7 +183,7 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
     decode_mode = compresses and getattr(pol, "decode_mode", None)
     headroom = question_tokens + (min(new, DECODE_SLACK) if decode_mode else new)
     return request_need(cfg, nbytes, n, headroom, budget if compresses else None, chunk,
-                        on_gpu=engine.device.type == "cuda")
+                        on_gpu=engine.device.type == "cuda", answer_copy=bool(decode_mode and question_tokens))
 
 
 def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,

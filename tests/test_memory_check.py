@@ -58,6 +58,7 @@ def test_available_memory(monkeypatch):
     ("h2o", "30%", None, False),  # decode-time eviction: DECODE_SLACK of headroom
     (None, None, None, True),
     ("snapkv", "20%", None, True),
+    ("h2o", "60%", None, True),  # each answer runs in a copy of the compressed context, beside it
 ])
 def test_the_estimate_covers_what_the_engine_allocates(loaded, policy, budget, chunk, agnostic):
     from kvx.options import build_engine

@@ -163,9 +163,9 @@ class BatchEngine:
             self.prefill_s += time.perf_counter() - t0
             if self.prefill_first:
                 self.scheduler.admit()  # whoever the finished prefill's shrunk reservation lets in
-            if self.prefill_first and any(s.state == PREFILL or s.req is None for s in self.scheduler.running):
-                done, self.finished = done_before + self.finished, []
-                return done
+                if any(s.state == PREFILL or s.req is None for s in self.scheduler.running):
+                    done, self.finished = done_before + self.finished, []
+                    return done
         t0 = time.perf_counter()
         self._decode()
         self.decode_s += time.perf_counter() - t0

@@ -113,6 +113,9 @@ class RaggedKVCache:
             _new_layer(num_kv_heads, [capacity] * num_kv_heads, head_dim, dtype, self.device, track_mass)
             for _ in range(num_layers)
         ]
+        # Bytes the same request holds in another cache meanwhile (the compressed context an answer's copy
+        # was taken from, runtime/snapshot.py): counted in the peak, which is the request's, not this object's.
+        self.beside = 0
         self.peak_bytes = self.bytes_allocated()
 
     # -- accounting -------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ class RaggedKVCache:
         return [list(lc.lengths) for lc in self.layers]
 
     def _note_peak(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated())
+        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated() + self.beside)
 
     # -- growth and appends -----------------------------------------------------------------------
     def reserve(self, extra: int, headroom: int = 0) -> None:

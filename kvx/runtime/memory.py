@@ -294,14 +294,16 @@ def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) ->
 
 
 def request_need(cfg: ModelConfig, dtype_bytes: int, prompt_tokens: int, headroom_tokens: int, budget=None,
-                 prefill_chunk: int | None = None, on_gpu: bool = False) -> Need:
+                 prefill_chunk: int | None = None, on_gpu: bool = False, answer_copy: bool = False) -> Need:
     """What prefilling `prompt_tokens` (compressed to `budget`) and then decoding into `headroom_tokens`
     free slots per kv head allocates at its peak, following the engine:
 
     - uncompressed: the prompt and its headroom, allocated up front;
     - compressed: the whole prompt while it is prefilled (or, chunked, the per-head budget plus one chunk),
       then kept entries + headroom; compaction rebuilds one layer at a time, so one layer's new pools
-      briefly sit next to the old ones.
+      briefly sit next to the old ones;
+    - answer_copy (question-agnostic answers with decode-time eviction): each answer runs in a copy of the
+      compressed context, held beside it.
     """
     heads = cfg.num_layers * cfg.num_kv_heads
     n = prompt_tokens
@@ -311,6 +313,7 @@ def request_need(cfg: ModelConfig, dtype_bytes: int, prompt_tokens: int, headroo
         slots = heads * (n + headroom_tokens)
     else:
         held = budget.total_entries(n, cfg.num_layers, cfg.num_kv_heads) + heads * headroom_tokens
+        held *= 2 if answer_copy else 1
         prefill = heads * (min(n, budget.per_head(n) + prefill_chunk) if chunked else n)
         slots = max(prefill, held)
     slots += -(-slots // cfg.num_layers)  # growing or compacting rebuilds one layer beside its old pools

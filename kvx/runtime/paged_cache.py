@@ -134,6 +134,7 @@ class PagedKVCache:
         self.track_mass = track_mass
         self.compacted = False  # heads may hold different positions once a compaction ran
         self.layers = [PagedLayer(pool, num_kv_heads, track_mass) for _ in range(num_layers)]
+        self.beside = 0  # as RaggedKVCache.beside
         self.peak_bytes = 0
         if capacity:
             self.reserve(capacity)

@@ -23,7 +23,10 @@ class ContextSnapshot:
     def begin_answer(self, req) -> None:
         """Before a question is prefilled over the context."""
         if req.decode_mode:
-            req.cache = self.cache.clone()
+            copy = self.cache.clone()
+            copy.beside = self.cache.bytes_allocated()  # the context stays while the copy is answered in
+            copy.peak_bytes = max(self.cache.peak_bytes, copy.bytes_allocated() + copy.beside)
+            req.cache = copy
 
     def restore(self, req) -> None:
         """Back to the context as it was when the snapshot was taken."""
