@@ -14,16 +14,18 @@ from typing import List, Optional
 import typer
 
 from kvx import __version__
-from kvx.errors import KvxError, about
+from kvx.errors import KvxError
 from kvx.options import (
     DEFAULT_POLICY,
     build_engine,
     check_device_dtype,
+    check_jsonl_only,
     check_memory,
     check_prefill_step,
     check_sampling,
     encode_prompt,
     load,
+    parse_memory,
     policy_and_budget,
     policy_name,
     resolve_dtype,
@@ -100,7 +102,7 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", help="No summary line on stderr."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (1 = one at a time)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (default 16; 1 = one at a time)."),
     prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="--jsonl: prefill a long prompt N tokens per engine step, exactly (nothing evicted in between), so running requests keep decoding (default: 512 on the CPU, 8192 on a GPU)."),
     prefill_first: bool = typer.Option(False, "--prefill-first", help="--jsonl: fill the batch before decoding - no decode step while an admitted prompt is still being prefilled (more tokens/s, later first tokens)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
@@ -127,13 +129,11 @@ def generate(
     policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)
     if system is not None:
         check_utf8(system, "--system")
-    pool_bytes = None
-    if kv_memory is not None:
-        from kvx.runtime.memory import parse_size
-
-        with about("--kv-memory"):
-            pool_bytes = parse_size(kv_memory)
+    pool_bytes = parse_memory(kv_memory) if kv_memory is not None else None
     check_prefill_step(prefill_step)
+    check_jsonl_only(jsonl, {"--max-batch": max_batch is not None, "--prefill-step": prefill_step is not None,
+                             "--prefill-first": prefill_first, "--kv-memory": kv_memory is not None,
+                             "--ordered": ordered})
     if jsonl:
         if prompt is not None or context is not None or question:
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")

@@ -255,11 +255,20 @@ def encode_prompt(tokenizer, prompt: str, system: Optional[str], raw: bool) -> l
     return tokenizer.encode(text, add_special_tokens=raw or not tokenizer.has_chat_template)
 
 
-def parse_memory(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB', '123456' -> bytes (KvxError otherwise): what --kv-memory takes."""
+def parse_memory(text: str, option: str = "--kv-memory") -> int:
+    """'2GiB', '512MiB', '1.5GB', '123456' -> bytes (a KvxError naming the option otherwise)."""
     from kvx.runtime.memory import parse_size
 
-    return parse_size(text)
+    with about(option):
+        return parse_size(text)
+
+
+# `kvx generate` options that only tune the batched run of --jsonl (name, whether it was given).
+def check_jsonl_only(jsonl: bool, given: dict[str, bool]) -> None:
+    used = [name for name, was_given in given.items() if was_given]
+    if used and not jsonl:
+        raise KvxError(f"{', '.join(used)} only {'applies' if len(used) == 1 else 'apply'} to --jsonl (the "
+                       "batched run of many requests); a single prompt runs alone")
 
 
 def default_kv_memory(device) -> int:

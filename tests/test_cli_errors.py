@@ -84,6 +84,10 @@ CASES = [
     ("kv-memory-word", G + ["--jsonl", "--kv-memory", "lots"], "--kv-memory", None),
     ("kv-memory-zero", G + ["--jsonl", "--kv-memory", "0"], "--kv-memory", None),
     ("kv-memory-negative", G + ["--jsonl", "--kv-memory", "-2GiB"], "--kv-memory", None),
+    ("max-batch-without-jsonl", G + ["--max-batch", "4", "hi"], "--max-batch only applies to --jsonl", None),
+    ("kv-memory-without-jsonl", G + ["--kv-memory", "1GiB", "hi"], "--kv-memory only applies to --jsonl", None),
+    ("batch-flags-without-jsonl", G + ["--ordered", "--prefill-first", "--prefill-step", "64", "hi"],
+     "--prefill-step, --prefill-first, --ordered only apply to --jsonl", None),
     # generate: device, dtype, model
     ("device-unknown", G + ["--device", "tpu", "hi"], "--device", None),
     ("device-empty", G + ["--device", "", "hi"], "--device", None),
@@ -181,6 +185,7 @@ CASES = [
     ("bench-batch-gen", ["bench", "--suite", "batch", "--batch-gen", "abc"], "--batch-gen", None),
     ("serve-prefill-step-zero", ["serve", "--prefill-step", "0"], "--prefill-step", None),
     ("serve-prefill-step-word", ["serve", "--prefill-step", "lots"], "--prefill-step", None),
+    ("serve-kv-memory-word", ["serve", "--kv-memory", "lots"], "--kv-memory: cannot read memory size", None),
 ]
 
 
