@@ -139,6 +139,7 @@ def generate(
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
         if as_json:
             raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
+        from kvx.batch_progress import BatchProgress
         from kvx.pipeline import run_jsonl
 
         inp = utf8_lines(sys.stdin.buffer, per_line=True) if hasattr(sys.stdin, "buffer") else sys.stdin
@@ -147,7 +148,7 @@ def generate(
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
                              use_graphs=not no_graph, prefill_chunk=prefill_chunk, max_batch=max_batch,
                              kv_memory=pool_bytes, ordered=ordered, prefill_step=prefill_step,
-                             prefill_first=prefill_first)
+                             prefill_first=prefill_first, progress=BatchProgress.for_stderr(quiet))
         raise typer.Exit(1 if failures else 0)
 
     if context is None and question:

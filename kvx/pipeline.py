@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import TextIO
 
@@ -102,8 +103,9 @@ def _compression(obj: dict, defaults: dict, policy_and_budget):
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
               params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None, max_batch=None,
-              kv_memory=None, ordered=False, prefill_step=None, prefill_first=False) -> int:
-    """Process every line; returns the number of lines that failed."""
+              kv_memory=None, ordered=False, prefill_step=None, prefill_first=False, progress=None) -> int:
+    """Process every line; returns the number of lines that failed. `progress`: a BatchProgress
+    (kvx/batch_progress.py) to keep up to date, or None."""
     from kvx.options import build_engine, load
     from kvx.result_view import result_json
     from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
@@ -125,53 +127,68 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
     failures = 0
     live: dict = {}  # Sequence -> (line number, id, questions)
     lines = enumerate(inp, start=1)
-    exhausted = False
 
     def fail(lineno: int, rid, message: str) -> None:
         nonlocal failures
         failures += 1
         writer.put(lineno, {"id": rid, "line": lineno, "error": message})
-        if not quiet:
+        if progress is not None:
+            progress.failed += 1
+            progress.note(f"kvx: line {lineno}: {message}")
+        elif not quiet:
             print(f"kvx: line {lineno}: {message}", file=sys.stderr)
 
-    while True:
-        # Read while the queue is short, so a long input streams through instead of being held at once.
-        while not exhausted and len(batch.scheduler.waiting) < batch.scheduler.max_batch:
-            item = next(lines, None)
-            if item is None:
-                exhausted = True
-                break
-            lineno, line = item
-            if isinstance(line, KvxError):  # not UTF-8, or nested too deep: this line alone fails
-                fail(lineno, None, str(line))
-                continue
-            if not line.strip():
-                writer.skip(lineno)
-                continue
-            rid = None
+    def take(lineno: int, line) -> None:
+        """Submit one input line, or write why it cannot run."""
+        if isinstance(line, KvxError):  # not UTF-8, or nested too deep: this line alone fails
+            fail(lineno, None, str(line))
+            return
+        if not line.strip():
+            writer.skip(lineno)
+            return
+        rid = None
+        try:
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
-                rid = obj.get("id") if isinstance(obj, dict) else None
-                request, questions = parse_line(obj, engine, tok, params, max_tokens, raw, system, defaults)
-                live[batch.submit(request)] = (lineno, rid, questions)
-            except KvxError as exc:
-                fail(lineno, rid, str(exc))
-        if not batch.has_work:
-            if exhausted:
-                break
-            continue
-        for seq in batch.step():
-            lineno, rid, questions = live.pop(seq)
-            if seq.error is not None:
-                fail(lineno, rid, seq.error)
-            elif questions is not None:
-                writer.put(lineno, {"id": rid, "line": lineno, "results": [
-                    result_json(r, question=q) for r, q in zip(seq.results, questions)]})
-            else:
-                writer.put(lineno, {"id": rid, "line": lineno, **result_json(seq.results[0])})
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            request, questions = parse_line(obj, engine, tok, params, max_tokens, raw, system, defaults)
+            live[batch.submit(request)] = (lineno, rid, questions)
+        except KvxError as exc:
+            fail(lineno, rid, str(exc))
+
+    def finish(seq) -> None:
+        lineno, rid, questions = live.pop(seq)
+        if seq.error is not None:
+            fail(lineno, rid, seq.error)
+            return
+        if questions is not None:
+            writer.put(lineno, {"id": rid, "line": lineno, "results": [
+                result_json(r, question=q) for r, q in zip(seq.results, questions)]})
+        else:
+            writer.put(lineno, {"id": rid, "line": lineno, **result_json(seq.results[0])})
+        if progress is not None:
+            progress.written += 1
+
+    exhausted = False
+    with progress or nullcontext():
+        while True:
+            # Read while the queue is short, so a long input streams through instead of being held at once.
+            while not exhausted and len(batch.scheduler.waiting) < batch.scheduler.max_batch:
+                item = next(lines, None)
+                if item is None:
+                    exhausted = True
+                    break
+                take(*item)
+            if not batch.has_work:
+                if exhausted:
+                    break
+                continue
+            for seq in batch.step():
+                finish(seq)
+            if progress is not None:
+                progress.update(batch.stats())
     writer.close()
     return failures
 
