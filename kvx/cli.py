@@ -58,6 +58,16 @@ def _err(message: str) -> None:
     print(f"kvx: {message}", file=sys.stderr, flush=True)
 
 
+def _prefill_status(engine, tokens: int, quiet: bool):
+    """A started PrefillStatus for a long prompt on a terminal, else None."""
+    from kvx.status_line import PrefillStatus
+
+    pol, bud = engine.policy, engine.budget
+    what = f" and compressing them ({pol.name} @ {bud})" if pol is not None and bud is not None else ""
+    status = PrefillStatus.for_stderr(tokens, quiet, what)
+    return status.start() if status is not None else None
+
+
 def _note(message: str | None, quiet: bool) -> None:
     if message and not quiet:
         _err(message)
@@ -139,7 +149,7 @@ def generate(
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
         if as_json:
             raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
-        from kvx.batch_progress import BatchProgress
+        from kvx.status_line import BatchProgress
         from kvx.pipeline import run_jsonl
 
         inp = utf8_lines(sys.stdin.buffer, per_line=True) if hasattr(sys.stdin, "buffer") else sys.stdin
@@ -173,7 +183,11 @@ def generate(
     engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph,
                           prefill_chunk=prefill_chunk)
 
+    status = None  # the spinner of a long prefill (a terminal's stderr only), gone at the first text
+
     def stream(text: str) -> None:
+        if status is not None:
+            status.stop()
         out.write(text)
         out.flush()
 
@@ -183,9 +197,14 @@ def generate(
         engine.check_length(len(ctx_ids))
         check_memory(engine, len(ctx_ids), max_tokens, question_tokens=max(len(q) for _, q in ids))
         _note(short_prompt_note(engine, len(ctx_ids)), quiet)
-        results = engine.generate_agnostic(
-            ctx_ids, [q for _, q in ids], params, max_tokens,
-            on_text=None if as_json else (lambda qi, s: stream(s)))
+        status = _prefill_status(engine, len(ctx_ids), quiet)
+        try:
+            results = engine.generate_agnostic(
+                ctx_ids, [q for _, q in ids], params, max_tokens,
+                on_text=None if as_json else (lambda qi, s: stream(s)))
+        finally:
+            if status is not None:
+                status.stop()
         if as_json:
             stream(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}) + "\n")
         else:
@@ -199,7 +218,12 @@ def generate(
     engine.check_length(len(ids))
     check_memory(engine, len(ids), max_tokens)
     _note(short_prompt_note(engine, len(ids)), quiet)
-    result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
+    status = _prefill_status(engine, len(ids), quiet)
+    try:
+        result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
+    finally:
+        if status is not None:
+            status.stop()
     if as_json:
         stream(json.dumps(result_json(result)) + "\n")
     else:

@@ -105,7 +105,7 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
               params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None, max_batch=None,
               kv_memory=None, ordered=False, prefill_step=None, prefill_first=False, progress=None) -> int:
     """Process every line; returns the number of lines that failed. `progress`: a BatchProgress
-    (kvx/batch_progress.py) to keep up to date, or None."""
+    (kvx/status_line.py) to keep up to date, or None."""
     from kvx.options import build_engine, load
     from kvx.result_view import result_json
     from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine

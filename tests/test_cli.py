@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from cli_checks import run_with_terminal_stderr
 from kvx.models.hub import pull_default_model
 
 pytestmark = pytest.mark.slow
@@ -107,6 +109,22 @@ def test_a_budget_that_leaves_a_short_prompt_a_handful_of_tokens_says_so(default
     assert long.returncode == 0 and "note:" not in long.stderr, long.stderr
     full = kvx("generate", "--max-tokens", "2", short)
     assert full.returncode == 0 and "note:" not in full.stderr, full.stderr
+
+
+
+def test_a_long_prefill_shows_a_spinner_on_a_terminal_until_the_first_token(default_dir):
+    long = "The quick brown fox jumps over the lazy dog. " * 60 + "What does the fox do?"
+    code, out, terminal = run_with_terminal_stderr(
+        ["generate", "--policy", "snapkv", "--budget", "20%", "--max-tokens", "6", long])
+    assert code == 0, terminal
+    assert "prefilling " in terminal and " tokens and compressing them (snapkv @ 20%)" in terminal, terminal
+    assert "prefilling" not in out and out.strip()  # stdout has the answer alone
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal).replace("\r", "\n")
+    assert re.match(r"kvx: \d+ prompt \+ 6 generated", plain.strip().splitlines()[-1])  # spinner gone, summary kept
+    code, _, terminal = run_with_terminal_stderr(["generate", "--max-tokens", "2", "Hi"])
+    assert code == 0 and "prefilling" not in terminal  # a short prompt: no flicker
+    code, _, terminal = run_with_terminal_stderr(["generate", "--quiet", "--max-tokens", "2", long])
+    assert code == 0 and terminal == ""
 
 
 def test_missing_model_path():

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from cli_checks import run_with_terminal_stderr
 from kvx.models.hub import pull_default_model
 
 pytestmark = pytest.mark.slow
@@ -96,38 +97,13 @@ def test_bad_batch_options_exit_2(args, fragment):
 def test_a_terminal_sees_a_live_status_line_and_a_pipe_does_not(default_dir):
     """stderr on a terminal (a pty here): the status line counts results, failures and running requests,
     and a bad line's message still shows; stdout carries only the results."""
-    import os
-    import pty
-    import threading
-
     lines = [{"id": "a", "prompt": "Hi", "max_tokens": 4}, "{broken", {"id": "b", "prompt": "Hello", "max_tokens": 4}]
     stdin = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "kvx", "generate", "--jsonl"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "COLUMNS": "200"})
-    os.close(slave)
-    seen = bytearray()
-
-    def drain():  # a pty's buffer is small: read while the child writes
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # the child closed its end
-                return
-            if not chunk:
-                return
-            seen.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    out, _ = proc.communicate(stdin.encode(), timeout=600)
-    reader.join(timeout=30)
-    os.close(master)
-    terminal = seen.decode(errors="replace")
-    assert proc.returncode == 1  # one line failed
+    code, out, terminal = run_with_terminal_stderr(["generate", "--jsonl"], stdin)
+    assert code == 1  # one line failed
     assert "kvx: line 2: malformed JSON" in terminal
     assert "2 done, 1 failed · 0 running, 0 waiting · KV" in terminal and "tok/s" in terminal, terminal[-2000:]
-    results = [json.loads(x) for x in out.decode().splitlines()]
+    results = [json.loads(x) for x in out.splitlines()]
     assert sorted(r["line"] for r in results) == [1, 2, 3] and sum("error" in r for r in results) == 1
 
     piped = kvx("generate", "--jsonl", stdin=stdin)

@@ -1,8 +1,9 @@
-"""The live status line of `kvx generate --jsonl` on stderr: what a long batched run is doing now.
+"""Live status on a terminal's stderr, for work that takes long: never on a pipe, never with --quiet.
 
-Shown only on a terminal (a pipeline's log stays clean) and never with --quiet. The input is streamed, so
-there is no total: the line counts results written, lines failed, sequences running and waiting, the
-KV pool's bytes in use and the generated tokens per second so far. Per-line error messages print above it.
+BatchProgress is `kvx generate --jsonl`'s line. The input is streamed, so there is no total: it counts
+results written, lines failed, sequences running and waiting, the KV pool's bytes in use and the generated
+tokens per second so far; per-line error messages print above it. PrefillStatus is a single prompt's
+spinner while it is prefilled and compressed (minutes for a long prompt on a CPU), gone at the first token.
 """
 
 from __future__ import annotations
@@ -47,3 +48,33 @@ class BatchProgress:
     def note(self, message: str) -> None:
         """A message printed above the status line."""
         self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+# Shorter prompts are prefilled in about a second on a CPU: a spinner would only flicker.
+PREFILL_STATUS_MIN_TOKENS = 512
+
+
+class PrefillStatus:
+    def __init__(self, text: str, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self._status = self.console.status(text, spinner="dots")
+        self._running = False
+
+    @classmethod
+    def for_stderr(cls, tokens: int, quiet: bool, what: str = "") -> "PrefillStatus | None":
+        if quiet or tokens < PREFILL_STATUS_MIN_TOKENS or not sys.stderr.isatty():
+            return None
+        return cls(f"prefilling {tokens:,} tokens{what}")
+
+    def start(self) -> "PrefillStatus":
+        self._status.start()
+        self._running = True
+        return self
+
+    def stop(self) -> None:
+        """Idempotent: at the first streamed text, and again when the generation returns or fails."""
+        if self._running:
+            self._status.stop()
+            self._running = False
