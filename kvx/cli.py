@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -56,6 +56,29 @@ app = typer.Typer(
 
 def _err(message: str) -> None:
     print(f"kvx: {message}", file=sys.stderr, flush=True)
+
+
+class _Answers:
+    """Streams the answers of one context's questions: one question's answer as it is; several, each under
+    a `Q<n>: question` line and apart from the next (an empty answer keeps its header)."""
+
+    def __init__(self, questions: list[str], write: Callable[[str], None]):
+        self.questions, self.write = questions, write
+        self.next = 0  # the first question whose header is not written yet
+
+    def _open(self, upto: int) -> None:
+        while self.next <= upto:
+            if len(self.questions) > 1:
+                self.write(("\n\n" if self.next else "") + f"Q{self.next + 1}: {self.questions[self.next]}\n")
+            self.next += 1
+
+    def text(self, qi: int, piece: str) -> None:
+        self._open(qi)
+        self.write(piece)
+
+    def close(self) -> None:
+        self._open(len(self.questions) - 1)
+        self.write("\n")
 
 
 def _prefill_status(engine, tokens: int, quiet: bool):
@@ -197,18 +220,18 @@ def generate(
         engine.check_length(len(ctx_ids))
         check_memory(engine, len(ctx_ids), max_tokens, question_tokens=max(len(q) for _, q in ids))
         _note(short_prompt_note(engine, len(ctx_ids)), quiet)
+        answers = _Answers(question, stream)
         status = _prefill_status(engine, len(ctx_ids), quiet)
         try:
-            results = engine.generate_agnostic(
-                ctx_ids, [q for _, q in ids], params, max_tokens,
-                on_text=None if as_json else (lambda qi, s: stream(s)))
+            results = engine.generate_agnostic(ctx_ids, [q for _, q in ids], params, max_tokens,
+                                               on_text=None if as_json else answers.text)
         finally:
             if status is not None:
                 status.stop()
         if as_json:
             stream(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, question)]}) + "\n")
         else:
-            stream("\n")
+            answers.close()
         if not quiet:
             for r in results:
                 _err(summary_line(r))

@@ -127,6 +127,25 @@ def test_a_long_prefill_shows_a_spinner_on_a_terminal_until_the_first_token(defa
     assert code == 0 and terminal == ""
 
 
+
+def test_several_questions_stream_each_answer_under_its_question(default_dir, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("Alice keeps a red umbrella by the door. Bob has a green one.")
+    qs = ["What color is Alice's umbrella?", "Who has the green one?"]
+    proc = kvx("generate", "--context", str(ctx), "-q", qs[0], "-q", qs[1], "--max-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("\n\nQ2: ")
+    second = "Q2: " + second
+    assert first.startswith(f"Q1: {qs[0]}\n") and len(first.splitlines()) >= 2  # header, then the answer
+    assert second.startswith(f"Q2: {qs[1]}\n") and second.endswith("\n") and len(second.splitlines()) >= 2
+    as_json = json.loads(kvx("generate", "--context", str(ctx), "-q", qs[0], "-q", qs[1], "--max-tokens", "8",
+                             "--json").stdout)
+    assert [r["question"] for r in as_json["results"]] == qs
+    assert [r["text"] for r in as_json["results"]] == [first.split("\n", 1)[1], second.split("\n", 1)[1].rstrip("\n")]
+    one = kvx("generate", "--context", str(ctx), "-q", qs[0], "--max-tokens", "8")
+    assert one.stdout == as_json["results"][0]["text"] + "\n"  # one question: the answer alone
+
+
 def test_missing_model_path():
     assert_user_error(kvx("generate", "--model", "/no/such/model", "hi"), "/no/such/model")
 
