@@ -256,6 +256,13 @@ class BatchEngine:
         self.max_running = max(self.max_running, len(go))
         with torch.inference_mode():
             logits = self.stepper.step([s.req for s in go], tokens)
+        # The greedy sequences' next tokens in one op and one small transfer: a GPU sends back S indices,
+        # not S vocabulary-sized rows (which cost as much as the step itself at a few dozen sequences).
+        greedy = [i for i, s in enumerate(go) if s.request.params.temperature <= 0]
+        rows = logits if len(greedy) == len(go) else logits[greedy]  # (the usual case copies nothing)
+        picks = rows.argmax(-1).tolist() if greedy else []
+        for i, tok in zip(greedy, picks):
+            go[i].greedy_token = tok
         for i, seq in enumerate(go):
             seq.logits = logits[i]
             if seq.req.decode_mode and seq.req.head_budget is not None:
@@ -269,7 +276,10 @@ class BatchEngine:
             self._end_answer(seq, "length")
             return None
         r = seq.request
-        tok = sample(seq.logits.float().cpu(), r.params, seq.generator)
+        if seq.greedy_token is not None:  # picked with the rest of the batch (_decode)
+            tok, seq.greedy_token = seq.greedy_token, None
+        else:
+            tok = sample(seq.logits, r.params, seq.generator)
         if r.stop_at_eos and tok in self.tokenizer.eos_token_ids:
             self._end_answer(seq, "eos")
             return None

@@ -184,7 +184,7 @@ class Engine:
             graph = req.graph = req.graph or DecodeGraph(self, req)  # kept: later decodes replay it
         t0 = time.perf_counter()
         for _ in range(max_tokens):
-            tok = sample(logits.float().cpu(), params, gen)
+            tok = sample(logits, params, gen)
             if tok in eos:
                 finish = "eos"
                 break

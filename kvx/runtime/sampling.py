@@ -51,12 +51,14 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from logits [V] (float32)."""
+    """Pick the next token from logits [V], of any dtype on any device: greedy reads them where they are
+    (a GPU sends back one index, not the vocabulary); sampling copies them to the host, where the seeded
+    generator lives, as float32."""
     import torch
 
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    logits = logits.float().cpu() / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

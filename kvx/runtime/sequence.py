@@ -61,6 +61,7 @@ class Sequence:
         self.cancel_requested = False
         # Decode state of the current answer.
         self.logits: torch.Tensor | None = None
+        self.greedy_token: int | None = None  # the next token when the batch picked it with the others
         self.out_ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -86,6 +87,7 @@ class Sequence:
 
     def start_answer(self, logits: torch.Tensor, tokenizer) -> None:
         self.logits = logits
+        self.greedy_token = None
         self.out_ids = []
         self.text = ""
         self.emitted = 0
