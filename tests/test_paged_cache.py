@@ -1,6 +1,6 @@
 """PagedKVCache against RaggedKVCache, its contiguous twin: the same random appends, reserves, compactions
 and decode-time evictions leave the same entries, positions and mass in every (layer, kv head), and the
-paged cache's memoised block-table tensors and slots stay those of its tables."""
+paged cache's memoised block-table tensors, slots and block range stay those of its tables."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def _check_equal(paged: PagedKVCache, ragged: RaggedKVCache) -> None:
             assert torch.equal(r_lc.head_positions(g), rp)
             assert torch.allclose(p_lc.head_mass(g), r_lc.head_mass(g))
             assert p_lc.capacities[g] >= p_lc.lengths[g]
+        sizes = [len(t) for t in p_lc.tables]
+        assert p_lc.block_range() == (min(sizes), max(sizes))  # memoised, yet always the tables' own
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -22,6 +22,7 @@ nothing is captured and nothing is padded: buffers are sized to the batch as it 
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -109,12 +110,12 @@ class StaticStep:
         if dirty and host is not self.tables:
             self.tables.copy_(host, non_blocking=True)
         pad = self.size - S
-        lengths: list[int] = []
+        lengths = array("i")  # (torch.frombuffer of an array is 4x faster than torch.tensor of a list here)
         for layer in range(len(self.tables)):
             for r in reqs:
-                lengths += r.cache.layers[layer].lengths
-            lengths += [0] * (pad * Hkv)
-        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32).view(self.lengths.shape), non_blocking=True)
+                lengths.extend(r.cache.layers[layer].lengths)
+            lengths.extend([0] * (pad * Hkv))
+        self.lengths.copy_(torch.frombuffer(lengths, dtype=torch.int32).view(self.lengths.shape))
         self.ids.copy_(torch.tensor(list(tokens) + [0] * pad, dtype=torch.long), non_blocking=True)
         self.pos.copy_(torch.tensor([r.position for r in reqs] + [0] * pad, dtype=torch.long), non_blocking=True)
         if self.mass_mode is not None:
@@ -191,7 +192,7 @@ class BatchStepper:
 
     def _entry(self, reqs: list) -> StaticStep:
         S = len(reqs)
-        blocks = max(len(t) for r in reqs for lc in r.cache.layers for t in lc.tables)
+        blocks = max(lc.block_range()[1] for r in reqs for lc in r.cache.layers)
         mass = any(r.decode_mode in _MASS_MODE for r in reqs)
         key = (batch_bucket(S) if self.pad else S, width_bucket(blocks), mass)
         entry = self._entries.get(key)
