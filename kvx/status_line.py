@@ -30,6 +30,7 @@ class BatchProgress:
         return None if quiet or not sys.stderr.isatty() else cls()
 
     def __enter__(self) -> "BatchProgress":
+        self._t0 = time.perf_counter()  # the rate counts from the first request, not from the model load
         self._progress.start()
         return self
 
