@@ -132,7 +132,7 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings, KV bytes) instead of streaming text."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Pipeline mode: read one request object per line on stdin, write one result per line."),
-    quiet: bool = typer.Option(False, "--quiet", help="Nothing on stderr but errors: no summary line, notes, status line or spinner."),
+    quiet: bool = typer.Option(False, "--quiet", help="No summary line, notes or live status on stderr (with --jsonl, no per-line error messages either: each failed line has its error object on stdout)."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: decode eagerly instead of replaying a CUDA graph."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill N tokens at a time and evict between chunks: the cache peaks near budget + N instead of the whole prompt."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="--jsonl: most requests decoding at once over the shared KV pool (default 16; 1 = one at a time)."),
