@@ -172,8 +172,8 @@ def generate(
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
         if as_json:
             raise KvxError("--jsonl already prints JSON, one result per line; drop --json")
-        from kvx.status_line import BatchProgress
         from kvx.pipeline import run_jsonl
+        from kvx.status_line import BatchProgress
 
         inp = utf8_lines(sys.stdin.buffer, per_line=True) if hasattr(sys.stdin, "buffer") else sys.stdin
         failures = run_jsonl(inp, out, model=model, device=device, dtype=dtype, policy=policy,
