@@ -144,6 +144,8 @@ def test_several_questions_stream_each_answer_under_its_question(default_dir, tm
     assert [r["text"] for r in as_json["results"]] == [first.split("\n", 1)[1], second.split("\n", 1)[1].rstrip("\n")]
     one = kvx("generate", "--context", str(ctx), "-q", qs[0], "--max-tokens", "8")
     assert one.stdout == as_json["results"][0]["text"] + "\n"  # one question: the answer alone
+    empty = kvx("generate", "--context", str(ctx), "-q", qs[0], "-q", qs[1], "--max-tokens", "0")
+    assert empty.stdout == f"Q1: {qs[0]}\n\n\nQ2: {qs[1]}\n\n"  # no answer text: each header still stands
 
 
 def test_missing_model_path():
