@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--budget", default="5%")
+    ap.add_argument("--policy", default="snapkv", help="tova, h2o, ...: decode-time eviction's host work too")
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -49,7 +50,7 @@ def main() -> None:
     for _ in range(args.seqs):
         ids = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist()
         batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=2 * args.steps + 8, stop_at_eos=False,
-                                       policy=build_policy("snapkv"), budget=parse_budget(args.budget)))
+                                       policy=build_policy(args.policy), budget=parse_budget(args.budget)))
     while batch.scheduler.waiting or any(s.state != DECODE for s in batch.scheduler.running):
         batch.step()  # prefill every request (real model) before the timed steps
     logits = torch.zeros(batch_step.BATCH_BUCKETS[-1], cfg.vocab_size)
@@ -61,7 +62,7 @@ def main() -> None:
         batch.step()
     host_ms = (time.perf_counter() - t0) / args.steps * 1e3
     assert len(batch.scheduler.running) == args.seqs
-    print(json.dumps({"seqs": args.seqs, "layers": args.layers, "kv_heads": args.kv_heads,
+    print(json.dumps({"policy": args.policy, "seqs": args.seqs, "layers": args.layers, "kv_heads": args.kv_heads,
                       "segments_per_step": args.seqs * args.layers * args.kv_heads, "host_ms_per_step": host_ms}))
 
 

@@ -22,9 +22,9 @@ nothing is captured and nothing is padded: buffers are sized to the batch as it 
 from __future__ import annotations
 
 import time
-from array import array
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,14 +75,17 @@ class StaticStep:
             self._host_tables = self.tables
         else:
             self._host_tables = torch.full((L, N, width), pool.scratch, dtype=torch.int32, pin_memory=True)
-        self._seen: list[list[int] | None] = [None] * size  # per slot: table version per layer last written
+        # Per slot: the (cache version, version per layer) its tables were last written at.
+        self._seen: list[tuple[int, list[int]] | None] = [None] * size
+        # The lengths' host side, [layers, size, kv heads].
+        self._host_lengths = np.zeros((L, size, Hkv), dtype=np.int32)
         self.graph = None
         self.logits: Tensor | None = None
 
     # -- host side ----------------------------------------------------------------------------------
     def load(self, reqs: list, tokens: list[int]) -> None:
         """Write this step's inputs into the buffers (tables only where they changed)."""
-        S, Hkv, W = len(reqs), self.num_kv_heads, self.width
+        S, Hkv = len(reqs), self.num_kv_heads
         scratch = self.pool.scratch
         host = self._host_tables
         dirty = False
@@ -93,29 +96,28 @@ class StaticStep:
                     self._seen[i] = None
                     dirty = True
                 continue
-            layers = reqs[i].cache.layers
+            cache = reqs[i].cache
             seen = self._seen[i]
-            now = [lc.version for lc in layers]
-            if seen == now:
+            if seen is not None and seen[0] == cache.version:  # no table of this sequence changed
                 continue
-            for layer, lc in enumerate(layers):
-                if seen is not None and seen[layer] == now[layer]:
+            now = [lc.version for lc in cache.layers]
+            for layer, lc in enumerate(cache.layers):
+                if seen is not None and seen[1][layer] == now[layer]:
                     continue
                 for g, t in enumerate(lc.tables):
                     row = host[layer, i * Hkv + g]
                     row[:len(t)] = torch.tensor(t, dtype=torch.int32)
                     row[len(t):] = scratch
-            self._seen[i] = now
+            self._seen[i] = (cache.version, now)
             dirty = True
         if dirty and host is not self.tables:
             self.tables.copy_(host, non_blocking=True)
+        # Every sequence's [layers, kv heads] lengths into the [layers, size · kv heads] buffer, in one op.
+        lengths = self._host_lengths
+        lengths[:, :S] = np.stack([r.cache.length_array for r in reqs], axis=1)
+        lengths[:, S:] = 0  # padding slots (a sequence may have left one since the last step)
+        self.lengths.copy_(torch.from_numpy(lengths).view(self.lengths.shape))
         pad = self.size - S
-        lengths = array("i")  # (torch.frombuffer of an array is 4x faster than torch.tensor of a list here)
-        for layer in range(len(self.tables)):
-            for r in reqs:
-                lengths.extend(r.cache.layers[layer].lengths)
-            lengths.extend([0] * (pad * Hkv))
-        self.lengths.copy_(torch.frombuffer(lengths, dtype=torch.int32).view(self.lengths.shape))
         self.ids.copy_(torch.tensor(list(tokens) + [0] * pad, dtype=torch.long), non_blocking=True)
         self.pos.copy_(torch.tensor([r.position for r in reqs] + [0] * pad, dtype=torch.long), non_blocking=True)
         if self.mass_mode is not None:
@@ -192,7 +194,7 @@ class BatchStepper:
 
     def _entry(self, reqs: list) -> StaticStep:
         S = len(reqs)
-        blocks = max(lc.block_range()[1] for r in reqs for lc in r.cache.layers)
+        blocks = max(r.cache.most_blocks() for r in reqs)
         mass = any(r.decode_mode in _MASS_MODE for r in reqs)
         key = (batch_bucket(S) if self.pad else S, width_bucket(blocks), mass)
         entry = self._entries.get(key)
@@ -226,8 +228,7 @@ class BatchStepper:
             logits = entry.run()
         S = len(reqs)
         for i, r in enumerate(reqs):
-            for lc in r.cache.layers:
-                lc.lengths = [n + 1 for n in lc.lengths]
+            r.cache.advance(1)
             r.position += 1
             if r.decode_mode == "recent_queries":  # AhaKV scores with the last r queries of each head
                 keep = r.policy.window

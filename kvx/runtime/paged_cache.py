@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,13 +28,22 @@ _TABLE_VERSIONS = itertools.count(1)
 
 
 class PagedLayer:
-    """One layer's segments: a block table and a length per kv head (host lists; no device syncs)."""
+    """One layer's segments: a block table and a length per kv head, on the host (no device syncs).
 
-    def __init__(self, pool: BlockPool, num_kv_heads: int, track_mass: bool):
+    The lengths and capacities are rows of the owning cache's [layers, kv heads] arrays, so the batched
+    step reads and advances a whole sequence in one array operation instead of a Python loop per layer.
+    `lengths` reads as a list and is set as a whole (`lc.lengths = [...]`): item assignment on the list it
+    returns would change a copy.
+    """
+
+    def __init__(self, pool: BlockPool, num_kv_heads: int, track_mass: bool, owner: "PagedKVCache",
+                 lengths: np.ndarray, capacities: np.ndarray):
         self.pool = pool
-        self.version = next(_TABLE_VERSIONS)  # changes whenever a table does
+        self.owner = owner
+        self.version = next(_TABLE_VERSIONS)  # changes whenever a table does (and the owner's with it)
         self.tables: list[list[int]] = [[] for _ in range(num_kv_heads)]
-        self.lengths: list[int] = [0] * num_kv_heads
+        self._len = lengths  # views into owner's arrays
+        self._cap = capacities
         self.track_mass = track_mass
         # Each table as a device tensor, built on first use after it changed: slots() runs for every head
         # at every append and eviction, and building the tensor from the list each time dominated them.
@@ -43,8 +53,21 @@ class PagedLayer:
         self._range_version = None  # the table version _range was computed at
 
     @property
+    def lengths(self) -> list[int]:
+        return self._len.tolist()
+
+    @lengths.setter
+    def lengths(self, values) -> None:
+        self._len[:] = values
+
+    @property
     def capacities(self) -> list[int]:
-        return [len(t) * self.pool.block_size for t in self.tables]
+        return self._cap.tolist()
+
+    def _table_changed(self, g: int) -> None:
+        self._cap[g] = len(self.tables[g]) * self.pool.block_size
+        self.version = self.owner.version = next(_TABLE_VERSIONS)
+        self._table_tensors[g] = None
 
     def blocks_held(self) -> int:
         return sum(len(t) for t in self.tables)
@@ -67,10 +90,10 @@ class PagedLayer:
             self._all_slots[g] = None
         if idx is None:
             # A segment's slots depend only on its table and length: an eviction reads them several times.
-            memo = self._all_slots[g]
-            if memo is not None and memo.numel() == self.lengths[g]:
+            memo, n = self._all_slots[g], int(self._len[g])
+            if memo is not None and memo.numel() == n:
                 return memo
-            idx = torch.arange(self.lengths[g], device=dev)
+            idx = torch.arange(n, device=dev)
             memo = table[idx // B] * B + idx % B if idx.numel() else idx
             self._all_slots[g] = memo
             return memo
@@ -78,7 +101,7 @@ class PagedLayer:
         return table[idx // B] * B + idx % B if idx.numel() else idx
 
     def is_uniform(self) -> bool:
-        return all(n == self.lengths[0] for n in self.lengths)
+        return bool((self._len == self._len[0]).all())
 
     def head(self, g: int) -> tuple[Tensor, Tensor, Tensor]:
         s = self.slots(g)
@@ -116,16 +139,14 @@ class PagedLayer:
             self.tables[g].extend(self.pool.allocate(want - have))
         else:
             return
-        self.version = next(_TABLE_VERSIONS)
-        self._table_tensors[g] = None
+        self._table_changed(g)
 
     def release(self) -> None:
-        for t in self.tables:
+        for g, t in enumerate(self.tables):
             self.pool.free(t)
             t.clear()
-        self.lengths = [0] * len(self.lengths)
-        self.version = next(_TABLE_VERSIONS)
-        self._table_tensors = [None] * len(self.tables)
+            self._table_changed(g)
+        self._len[:] = 0
 
 
 class PagedKVCache:
@@ -143,7 +164,12 @@ class PagedKVCache:
         self.device = pool.device
         self.track_mass = track_mass
         self.compacted = False  # heads may hold different positions once a compaction ran
-        self.layers = [PagedLayer(pool, num_kv_heads, track_mass) for _ in range(num_layers)]
+        # Entries held and entries the blocks can hold, per (layer, kv head); the layers' rows are views.
+        self.length_array = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
+        self.capacity_array = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
+        self.version = next(_TABLE_VERSIONS)  # the newest of its layers' table versions
+        self.layers = [PagedLayer(pool, num_kv_heads, track_mass, self, self.length_array[i], self.capacity_array[i])
+                       for i in range(num_layers)]
         self.beside = 0  # as RaggedKVCache.beside
         self.peak_bytes = 0
         if capacity:
@@ -166,11 +192,13 @@ class PagedKVCache:
     # -- growth and appends -----------------------------------------------------------------------
     def reserve(self, extra: int, headroom: int = 0) -> None:
         """Make sure every segment can take `extra` more tokens; grows by extra + headroom when it can't."""
+        if int((self.capacity_array - self.length_array).min()) >= extra:
+            return  # every segment has room: the usual case, admission reserved the headroom
         grew = False
         B = self.pool.block_size
         for lc in self.layers:
             if max(lc.lengths) + extra <= lc.block_range()[0] * B:
-                continue  # every head has room: the usual case, admission reserved the headroom
+                continue
             for g, n in enumerate(lc.lengths):
                 if n + extra > len(lc.tables[g]) * B:
                     lc.resize(g, n + extra + headroom)
@@ -188,7 +216,15 @@ class PagedKVCache:
         p.k_flat[slots] = k.reshape(Hkv * T, d).to(p.dtype)
         p.v_flat[slots] = v.reshape(Hkv * T, d).to(p.dtype)
         p.pos_flat[slots] = positions.to(dev, torch.int64).repeat(Hkv)
-        lc.lengths = [n + T for n in lc.lengths]
+        lc._len += T
+
+    def advance(self, n: int = 1) -> None:
+        """Count n more entries in every segment, written by the caller (the batched decode step)."""
+        self.length_array += n
+
+    def most_blocks(self) -> int:
+        """The most blocks any one segment holds (the batched step's table width)."""
+        return int(self.capacity_array.max()) // self.pool.block_size
 
     # -- compaction -------------------------------------------------------------------------------
     def compact(self, keep: list[list[Tensor]], headroom: int) -> None:
@@ -235,7 +271,7 @@ class PagedKVCache:
         for src_lc, dst_lc in zip(self.layers, new.layers):
             for g, n in enumerate(src_lc.lengths):
                 dst_lc.resize(g, src_lc.capacities[g])
-                dst_lc.lengths[g] = n
+            dst_lc.lengths = src_lc.lengths
             src = torch.cat([src_lc.slots(g) for g in range(self.num_kv_heads)])
             dst = torch.cat([dst_lc.slots(g) for g in range(self.num_kv_heads)])
             p.k_flat[dst], p.v_flat[dst], p.pos_flat[dst] = p.k_flat[src], p.v_flat[src], p.pos_flat[src]
@@ -253,7 +289,7 @@ class PagedKVCache:
         for s_lc, d_lc in zip(src.layers, new.layers):
             for g, n in enumerate(s_lc.lengths):
                 d_lc.resize(g, n + extra)
-                d_lc.lengths[g] = n
+            d_lc.lengths = s_lc.lengths
             dst = torch.cat([d_lc.slots(g) for g in range(src.num_kv_heads)])
             heads = [s_lc.head(g) for g in range(src.num_kv_heads)]
             pool.k_flat[dst] = torch.cat([h[0] for h in heads]).to(pool.dtype)
@@ -266,8 +302,7 @@ class PagedKVCache:
 
     def rewind(self, lengths: list[list[int]]) -> None:
         """Each head back to the first `lengths` (from lengths()) tokens; its blocks stay reserved."""
-        for lc, n in zip(self.layers, lengths):
-            lc.lengths = list(n)
+        self.length_array[:] = lengths
 
     def release(self) -> None:
         """Every block back to the pool, at once."""
