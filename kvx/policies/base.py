@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,6 +111,15 @@ class Scorer:
 
     def decode_keep(self, view: DecodeView, keep_count: int) -> Tensor:
         raise NotImplementedError(f"{self.name} does not evict during decoding")
+
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """decode_keep() as a rule that the batched engine applies to many segments at once
+        (runtime/batch_eviction.py). n and keep_count: int arrays, one entry per segment with keep_count < n.
+        Returns (sinks, recent) per segment: the first `sinks` entries, then the `recent` most recent ones,
+        most recent first, are protected in that priority order, and the other entries are ranked by the
+        decode-time attention mass, ties to the lower index. None: no such rule (AhaKV scores with recent
+        queries); decode_keep() then runs per segment."""
+        return None
 
 
 def gqa_mean(x: Tensor, num_kv_heads: int) -> Tensor:

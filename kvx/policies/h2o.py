@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,3 +47,8 @@ class H2OScorer(Scorer):
         recent = recent_indices(n - sinks, self._recent(keep_count), device) + sinks
         protected = torch.cat([torch.arange(sinks, device=device), recent])
         return keep_with_protected(view.key_mass, protected, keep_count)
+
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sinks = np.minimum(self.sinks, n)
+        recent = self.recent if self.recent is not None else keep_count // 2  # _recent(), per segment
+        return sinks, np.maximum(0, np.minimum(recent, n - sinks))

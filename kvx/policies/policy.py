@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -157,6 +158,13 @@ class Policy:
         if self.scorer is None or self.decode_mode is None:
             raise RuntimeError(f"policy {self.name} has no decode-time eviction")
         return self.scorer.decode_keep(view, keep_count)
+
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """decode_keep() as (sinks, recent) protected + the rest by attention mass (Scorer.decode_rule), for
+        the batched engine; None when only decode_keep() can choose."""
+        if self.scorer is None or self.decode_mode is None:
+            return None
+        return self.scorer.decode_rule(n, keep_count)
 
 
 def _layer_mean(scores: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,3 +31,7 @@ class StreamingScorer(Scorer):
         sinks = min(self.sinks, keep_count, n)
         recent = torch.sort(recent_indices(n - sinks, keep_count - sinks, device)).values + sinks
         return torch.cat([torch.arange(sinks, device=device), recent])
+
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sinks = np.minimum(self.sinks, n)
+        return sinks, n - sinks  # every entry protected: the sinks, then the most recent first

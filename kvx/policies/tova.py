@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,3 +37,7 @@ class TOVAScorer(Scorer):
         protected = torch.cat([torch.arange(sinks, device=device),
                                recent_indices(n - sinks, self.window, device) + sinks])
         return keep_with_protected(view.key_mass, protected, keep_count)
+
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sinks = np.minimum(self.sinks, n)
+        return sinks, np.clip(n - sinks, 0, self.window)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from kvx.errors import KvxError
+from kvx.runtime.batch_eviction import evict_batch
 from kvx.runtime.batch_step import BatchStepper
 from kvx.runtime.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine import Engine
@@ -265,10 +266,23 @@ class BatchEngine:
             go[i].greedy_token = tok
         for i, seq in enumerate(go):
             seq.logits = logits[i]
-            if seq.req.decode_mode and seq.req.head_budget is not None:
-                te = time.perf_counter()
-                self.engine._decode_evict(seq.req)
-                seq.req.timings.decode_evict_s += time.perf_counter() - te
+        self._decode_evict([s.req for s in go if s.req.decode_mode and s.req.head_budget is not None])
+
+    def _decode_evict(self, reqs: list) -> None:
+        """Decode-time policies back to budget: every request with a batched rule in one pass
+        (batch_eviction.py, its time shared among them), the others one by one."""
+        if not reqs:
+            return
+        t0 = time.perf_counter()
+        rest = evict_batch(reqs)
+        left = {id(r) for r in rest}
+        batched = [r for r in reqs if id(r) not in left]
+        for req in batched:
+            req.timings.decode_evict_s += (time.perf_counter() - t0) / len(batched)
+        for req in rest:
+            te = time.perf_counter()
+            self.engine._decode_evict(req)
+            req.timings.decode_evict_s += time.perf_counter() - te
 
     def _sample(self, seq: Sequence) -> int | None:
         """Sample seq's next token and stream it; None when the answer ended (eos, stop string, cancel)."""

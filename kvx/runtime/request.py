@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
@@ -78,6 +80,14 @@ class Request:
     timings: Timings = field(default_factory=Timings)
     lengths_after_compress: list[list[int]] = field(default_factory=list)
     graph: object | None = None  # the captured CUDA-graph decode step (runtime/graphs.py)
+    _head_budget_array: tuple | None = field(default=None, repr=False, compare=False)
+
+    def head_budget_array(self) -> np.ndarray:
+        """head_budget as an int64 [layers, kv heads] array, rebuilt only when head_budget is replaced."""
+        memo = self._head_budget_array
+        if memo is None or memo[0] is not self.head_budget:
+            memo = self._head_budget_array = (self.head_budget, np.asarray(self.head_budget, dtype=np.int64))
+        return memo[1]
 
     @property
     def compresses(self) -> bool:

@@ -1,0 +1,134 @@
+"""Decode-time eviction for every sequence of a batched step at once.
+
+decode_eviction.py brings one request back to budget a (layer, kv head) segment at a time: a few tensor
+ops per segment, so at 21 sequences × 32 layers × 8 kv heads an eviction round is thousands of small ops
+(on a GPU, kernel launches) every DECODE_SLACK steps — far more than the step itself. Here the due
+segments of every request in the batch are evicted together, with a fixed number of tensor ops:
+
+1. host (arrays, no per-segment Python but the block tables): the layers over budget + slack, and per
+   segment of those layers its length n, its target and the policy's rule (Policy.decode_rule: `sinks`
+   and `recent` protected, the rest ranked by attention mass) — the choice decode_keep() makes;
+2. device: the segments' slots as one [rows, longest] matrix through their block tables, each row ranked
+   by (protection priority, mass, index) with two stable sorts, the first `keep` of every row kept;
+3. the kept entries move to the front of their own segments (every read before any write), the mass past
+   the new lengths is zeroed, and every segment of an evicted layer then holds the blocks for kept +
+   DECODE_SLACK entries, as compact_layer leaves it.
+
+Policies without a rule (AhaKV scores with recent queries) are handed back to the per-request path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvx.runtime.decode_eviction import DECODE_SLACK
+
+_CHUNK_ENTRIES = 1 << 22  # rows × longest row per pass: bounds the ranking's temporary tensors
+
+
+@dataclass
+class _Rows:
+    """The segments one request evicts: (layer, kv head) of its due layers, row-major."""
+
+    cache: object
+    layers: np.ndarray  # [rows] layer of each row
+    heads: np.ndarray  # [rows] kv head
+    n: np.ndarray  # [rows] entries held
+    keep: np.ndarray  # [rows] entries kept: min(n, target)
+    sinks: np.ndarray  # [rows] the rule's protected sinks
+    recent: np.ndarray  # [rows] the rule's protected recent entries
+
+
+def evict_batch(reqs: list) -> list:
+    """Evict, for every request in reqs (engine Requests over PagedKVCaches of one pool), the layers whose
+    segments exceed their budget by DECODE_SLACK, as decode_evict would. Returns the requests whose
+    policy has no batched rule: the caller evicts those one by one."""
+    due, rest = [], []
+    for req in reqs:
+        rows = _rows_due(req)
+        if rows is None:
+            rest.append(req)
+        elif rows.n.size:
+            due.append(rows)
+    if due:
+        longest = max(int(r.n.max()) for r in due)
+        budget, chunk = max(1, _CHUNK_ENTRIES // longest), []
+        for rows in due:  # whole requests per pass (a request's rows are never split)
+            if chunk and sum(r.n.size for r in chunk) + rows.n.size > budget:
+                _evict(chunk)
+                chunk = []
+            chunk.append(rows)
+        _evict(chunk)
+    return rest
+
+
+def _rows_due(req) -> _Rows | None:
+    """The segments of req's layers with a segment over budget + slack; None if its policy has no rule."""
+    lengths, targets = req.cache.length_array, req.head_budget_array()
+    layers = np.flatnonzero((lengths > targets + (DECODE_SLACK - 1)).any(axis=1))
+    hkv = lengths.shape[1]
+    n, keep = lengths[layers].ravel(), np.minimum(lengths[layers], targets[layers]).ravel()
+    rule = req.policy.decode_rule(n, keep)
+    if rule is None:
+        return None
+    # Where keep == n the row keeps everything whatever the rule says (decode_keep does not ask it).
+    return _Rows(req.cache, np.repeat(layers, hkv), np.tile(np.arange(hkv), layers.size), n, keep,
+                 np.asarray(rule[0]), np.asarray(rule[1]))
+
+
+def _evict(due: list[_Rows]) -> None:
+    pool = due[0].cache.pool
+    B, dev = pool.block_size, pool.device
+    tables_host = [c.layers[layer].tables[g] for r in due for c in (r.cache,)
+                   for layer, g in zip(r.layers.tolist(), r.heads.tolist())]
+    width = max(len(t) for t in tables_host)
+    tables = torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables_host], dtype=torch.long,
+                          device=dev)
+    cat = np.concatenate
+    n, keep, sinks, recent = (torch.from_numpy(cat([getattr(r, f) for r in due]).astype(np.int64)).to(dev)
+                              .unsqueeze(1) for f in ("n", "keep", "sinks", "recent"))
+    tracked = torch.from_numpy(cat([np.full(r.n.size, r.cache.track_mass) for r in due])).to(dev).unsqueeze(1)
+    rows, longest = len(tables_host), int(max(r.n.max() for r in due))
+    idx = torch.arange(longest, device=dev).unsqueeze(0)  # [1, longest]
+    slots = tables.gather(1, (idx // B).expand(rows, -1)) * B + idx % B  # [rows, longest]
+    valid = idx < n
+    mass = pool.mass_flat[slots].float().masked_fill(~(valid & tracked), float("-inf"))
+
+    # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by mass
+    # (ties to the lower index), then the slots past the length. Sorting by mass first and then, stably,
+    # by priority orders each row exactly as decode_keep does; its first `keep` entries are kept.
+    rank = torch.full_like(slots, longest)
+    rank = torch.where((idx >= n - recent) & (idx >= sinks) & valid, sinks + (n - 1 - idx), rank)
+    rank = torch.where(idx < sinks, idx, rank).masked_fill(~valid, longest + 1)
+    by_mass = torch.sort(mass, dim=1, descending=True, stable=True).indices
+    order = by_mass.gather(1, torch.sort(rank.gather(1, by_mass), dim=1, stable=True).indices)
+    kept = torch.zeros_like(valid).scatter_(1, order, idx.expand(rows, -1) < keep)
+
+    # Kept entry i moves to (kept entries before it) in its own segment; only the ones that shift move.
+    new_idx = kept.long().cumsum(1) - 1
+    moves = kept & (new_idx != idx)
+    src = slots[moves]
+    to = new_idx[moves]
+    dst = tables[moves.nonzero()[:, 0], to // B] * B + to % B
+    k, v, p, m = pool.k_flat[src], pool.v_flat[src], pool.pos_flat[src], pool.mass_flat[src]
+    pool.k_flat[dst], pool.v_flat[dst], pool.pos_flat[dst], pool.mass_flat[dst] = k, v, p, m
+    pool.mass_flat[slots[valid & (idx >= keep)]] = 0.0  # slots past a length read zero mass
+
+    # Host: the new lengths; then every segment of an evicted layer holds the blocks for kept + slack,
+    # shrinks first so the pool never holds more than before or after.
+    resizes = []
+    for r in due:
+        r.cache.length_array[r.layers, r.heads] = r.keep
+        r.cache.compacted = True
+        have = r.cache.capacity_array[r.layers, r.heads] // B
+        want = -(-(r.keep + DECODE_SLACK) // B)
+        for i in np.flatnonzero(want != have).tolist():
+            resizes.append((bool(want[i] < have[i]), r.cache, int(r.layers[i]), int(r.heads[i]), int(r.keep[i])))
+    resizes.sort(key=lambda x: not x[0])
+    for _, cache, layer, g, count in resizes:
+        cache.layers[layer].resize(g, count + DECODE_SLACK)
+    for cache in {id(x[1]): x[1] for x in resizes if not x[0]}.values():
+        cache._note_peak()

@@ -1,0 +1,114 @@
+"""Batched decode-time eviction (runtime/batch_eviction.py) against the per-request path it replaces in
+the batched engine (runtime/decode_eviction.py, each policy's decode_keep segment by segment): on random
+caches, masses (with ties), budgets and policy options, several requests of different policies evicted
+in one pass leave every (layer, kv head) with the same entries, positions, mass and blocks."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from kvx.policies import build_policy, parse_budget
+from kvx.runtime.batch_eviction import evict_batch
+from kvx.runtime.decode_eviction import DECODE_SLACK, decode_evict
+from kvx.runtime.paged_cache import PagedKVCache
+from kvx.runtime.pool import BlockPool
+from kvx.runtime.request import Request
+
+L, HKV, D = 3, 4, 8
+POLICIES = [("tova", {}), ("tova", {"sinks": "2", "window": "5"}), ("h2o", {}), ("h2o", {"recent": "3", "sinks": "1"}),
+            ("h2o", {"recent": "40"}), ("streaming", {}), ("streaming", {"sinks": "0"}), ("streaming", {"sinks": "30"})]
+
+
+def _request(pool, rng, gen, name, args) -> Request:
+    policy = build_policy(name, args=args)
+    cache = PagedKVCache(pool, L, HKV, track_mass=policy.decode_mode in ("accumulate", "last"))
+    budget = [[rng.randint(0, 24) for _ in range(HKV)] for _ in range(L)]
+    for layer in range(L):
+        lc = cache.layers[layer]
+        lengths = []
+        for g in range(HKV):
+            # Mostly due (over budget + slack), some under their budget, some empty.
+            n = rng.choice([0, budget[layer][g], budget[layer][g] + DECODE_SLACK + rng.randint(0, 30)])
+            lc.resize(g, n + rng.randint(0, 20))
+            lengths.append(n)
+        lc.lengths = lengths
+        for g, n in enumerate(lengths):
+            s = lc.slots(g)
+            pool.k_flat[s] = torch.randn(n, D, generator=gen)
+            pool.v_flat[s] = torch.randn(n, D, generator=gen)
+            pool.pos_flat[s] = torch.sort(torch.randperm(500, generator=gen)[:n]).values
+            # Few distinct values: ties everywhere, so the tie rule (lower index first) is exercised.
+            lc.set_head_mass(g, torch.randint(0, 4, (n,), generator=gen).float() / 4)
+    return Request(cache=cache, policy=policy, budget=parse_budget("10%"), position=500, head_budget=budget,
+                   recent_q=[None] * L)
+
+
+def _twin(req: Request) -> Request:
+    return Request(cache=req.cache.clone(), policy=req.policy, budget=req.budget, position=req.position,
+                   head_budget=[list(h) for h in req.head_budget], recent_q=[None] * L)
+
+
+def _state(req: Request) -> list:
+    out = []
+    for lc in req.cache.layers:
+        for g in range(HKV):
+            k, v, pos = lc.head(g)
+            out.append((lc.lengths[g], len(lc.tables[g]), k, v, pos, lc.head_mass(g)))
+    return out
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_eviction_equals_the_per_request_path(block_size, seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    pool = BlockPool(65536 // block_size, block_size, D, torch.float32, "cpu")
+    engine = SimpleNamespace(group=2, device=torch.device("cpu"), config=SimpleNamespace(head_dim=D), scale=D ** -0.5)
+    batch = [_request(pool, rng, gen, *POLICIES[i % len(POLICIES)]) for i in range(rng.randint(6, 12))]
+    alone = [_twin(r) for r in batch]
+    assert evict_batch(batch) == []
+    for r in alone:
+        decode_evict(engine, r)
+    evicted = 0
+    for got, want in zip(batch, alone):
+        for (n, blocks, k, v, pos, mass), (wn, wblocks, wk, wv, wpos, wmass) in zip(_state(got), _state(want)):
+            assert (n, blocks) == (wn, wblocks)
+            assert torch.equal(pos, wpos) and torch.equal(k, wk) and torch.equal(v, wv)
+            assert torch.equal(mass, wmass)
+        for lc in got.cache.layers:  # nothing past a length carries mass (the next eviction would read it)
+            for g in range(HKV):
+                tail = torch.arange(lc.lengths[g], lc.capacities[g])
+                assert not lc.pool.mass_flat[lc.slots(g, tail)].any()
+        assert np.array_equal(got.cache.length_array, np.array(want.cache.lengths()))
+        assert (got.cache.length_array <= np.array(got.head_budget) + DECODE_SLACK - 1).all()
+        evicted += got.cache.compacted
+    assert evicted > 0
+    for r in batch + alone:
+        r.cache.release()
+    assert pool.num_used == 0
+
+
+def test_a_policy_without_a_rule_is_handed_back():
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    pool = BlockPool(2048, 4, D, torch.float32, "cpu")
+    tova, aha = _request(pool, rng, gen, "tova", {}), _request(pool, rng, gen, "ahakv", {})
+    before = aha.cache.lengths()
+    assert evict_batch([aha, tova]) == [aha]
+    assert aha.cache.lengths() == before
+
+
+def test_nothing_due_changes_nothing():
+    rng = random.Random(1)
+    gen = torch.Generator().manual_seed(1)
+    pool = BlockPool(2048, 4, D, torch.float32, "cpu")
+    req = _request(pool, rng, gen, "h2o", {})
+    req.head_budget = [[10_000] * HKV for _ in range(L)]
+    before, blocks = req.cache.lengths(), pool.num_used
+    assert evict_batch([req]) == []
+    assert req.cache.lengths() == before and pool.num_used == blocks and not req.cache.compacted
