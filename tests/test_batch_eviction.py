@@ -19,9 +19,13 @@ from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.pool import BlockPool
 from kvx.runtime.request import Request
 
-L, HKV, D = 3, 4, 8
+L, HKV, G, D = 3, 4, 2, 8
 POLICIES = [("tova", {}), ("tova", {"sinks": "2", "window": "5"}), ("h2o", {}), ("h2o", {"recent": "3", "sinks": "1"}),
-            ("h2o", {"recent": "40"}), ("streaming", {}), ("streaming", {"sinks": "0"}), ("streaming", {"sinks": "30"})]
+            ("h2o", {"recent": "40"}), ("streaming", {}), ("streaming", {"sinks": "0"}), ("streaming", {"sinks": "30"}),
+            ("ahakv", {"window": "6"}), ("ahakv", {"sinks": "2", "window": "4", "kernel": "4"}),
+            ("ahakv", {"window": "3", "prior_pad": "include", "decode_scale": "position", "kernel": "1"}),
+            ("ahakv", {"window": "50"})]
+ENGINE = SimpleNamespace(group=G, device=torch.device("cpu"), config=SimpleNamespace(head_dim=D), scale=D ** -0.5)
 
 
 def _request(pool, rng, gen, name, args) -> Request:
@@ -44,13 +48,19 @@ def _request(pool, rng, gen, name, args) -> Request:
             pool.pos_flat[s] = torch.sort(torch.randperm(500, generator=gen)[:n]).values
             # Few distinct values: ties everywhere, so the tie rule (lower index first) is exercised.
             lc.set_head_mass(g, torch.randint(0, 4, (n,), generator=gen).float() / 4)
+    recent_q = [None] * L
+    if policy.decode_mode == "recent_queries":  # the last r queries of every head, r = the window (or fewer)
+        r = min(policy.window, rng.choice([policy.window, 2]))
+        recent_q = [torch.randn(HKV * G, r, D, generator=gen) for _ in range(L)]
+        if rng.random() < 0.5:
+            recent_q = torch.stack(recent_q)  # as the batched step keeps them
     return Request(cache=cache, policy=policy, budget=parse_budget("10%"), position=500, head_budget=budget,
-                   recent_q=[None] * L)
+                   recent_q=recent_q)
 
 
 def _twin(req: Request) -> Request:
     return Request(cache=req.cache.clone(), policy=req.policy, budget=req.budget, position=req.position,
-                   head_budget=[list(h) for h in req.head_budget], recent_q=[None] * L)
+                   head_budget=[list(h) for h in req.head_budget], recent_q=req.recent_q)
 
 
 def _state(req: Request) -> list:
@@ -68,12 +78,11 @@ def test_batched_eviction_equals_the_per_request_path(block_size, seed):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     pool = BlockPool(65536 // block_size, block_size, D, torch.float32, "cpu")
-    engine = SimpleNamespace(group=2, device=torch.device("cpu"), config=SimpleNamespace(head_dim=D), scale=D ** -0.5)
     batch = [_request(pool, rng, gen, *POLICIES[i % len(POLICIES)]) for i in range(rng.randint(6, 12))]
     alone = [_twin(r) for r in batch]
-    assert evict_batch(batch) == []
+    assert evict_batch(ENGINE, batch) == []
     for r in alone:
-        decode_evict(engine, r)
+        decode_evict(ENGINE, r)
     evicted = 0
     for got, want in zip(batch, alone):
         for (n, blocks, k, v, pos, mass), (wn, wblocks, wk, wv, wpos, wmass) in zip(_state(got), _state(want)):
@@ -97,10 +106,11 @@ def test_a_policy_without_a_rule_is_handed_back():
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
     pool = BlockPool(2048, 4, D, torch.float32, "cpu")
-    tova, aha = _request(pool, rng, gen, "tova", {}), _request(pool, rng, gen, "ahakv", {})
-    before = aha.cache.lengths()
-    assert evict_batch([aha, tova]) == [aha]
-    assert aha.cache.lengths() == before
+    tova, other = _request(pool, rng, gen, "tova", {}), _request(pool, rng, gen, "h2o", {})
+    other.policy.decode_rule = lambda n, keep: None  # a scorer with decode_keep() only
+    before = other.cache.lengths()
+    assert evict_batch(ENGINE, [other, tova]) == [other]
+    assert other.cache.lengths() == before and tova.cache.compacted
 
 
 def test_nothing_due_changes_nothing():
@@ -110,5 +120,32 @@ def test_nothing_due_changes_nothing():
     req = _request(pool, rng, gen, "h2o", {})
     req.head_budget = [[10_000] * HKV for _ in range(L)]
     before, blocks = req.cache.lengths(), pool.num_used
-    assert evict_batch([req]) == []
+    assert evict_batch(ENGINE, [req]) == []
     assert req.cache.lengths() == before and pool.num_used == blocks and not req.cache.compacted
+
+
+@pytest.mark.parametrize("args", [{}, {"sinks": "3", "window": "5", "kernel": "4"},
+                                  {"prior_pad": "include", "decode_scale": "position"}, {"kernel": "1", "window": "2"}])
+def test_ahakv_batched_scores_equal_its_per_segment_score(args):
+    """AhaKV's decode_scores over padded rows against decode_score segment by segment (float32, 1e-5)."""
+    from kvx.policies.base import DecodeBatch, DecodeView
+
+    scorer = build_policy("ahakv", args=args).scorer
+    gen = torch.Generator().manual_seed(7)
+    rows, r, qpos = 9, 4, 300
+    lengths = [0, 1, 5, 17, 40, 40, 63, 8, 2]
+    longest = max(lengths)
+    keys, values = torch.randn(rows, longest, D, generator=gen), torch.randn(rows, longest, D, generator=gen)
+    positions = torch.stack([torch.sort(torch.randperm(qpos + 1, generator=gen)[:longest]).values for _ in range(rows)])
+    queries = torch.randn(rows, G, r, D, generator=gen)
+    keep = torch.tensor([[max(1, n // 3)] for n in lengths])
+    valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    batch = DecodeBatch(valid=valid, positions=positions, mass=torch.zeros(rows, longest), keep=keep,
+                        query_position=torch.full((rows, 1), qpos), recent_queries=queries, head_dim=D,
+                        scale=D ** -0.5, load_kv=lambda: (keys, values))
+    got = scorer.decode_scores(batch)
+    for x, n in enumerate(lengths):
+        view = DecodeView(positions=positions[x, :n], key_mass=torch.zeros(n), recent_queries=queries[x],
+                          query_position=qpos, head_dim=D, scale=D ** -0.5, keys=keys[x, :n], values=values[x, :n])
+        want = scorer.decode_score(view, int(keep[x]))
+        assert torch.allclose(got[x, :n], want, rtol=1e-5, atol=1e-7), (x, got[x, :n], want)

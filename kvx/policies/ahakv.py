@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats, StatsRequest
 from kvx.policies.base import (
+    DecodeBatch,
     DecodeView,
     ScoreContext,
     Scorer,
@@ -103,6 +106,15 @@ class AhaKVScorer(Scorer):
         n, device = view.n, view.device
         sinks = min(self.sinks, n)
         window = min(self.window, n - sinks)
+        protected = torch.cat([torch.arange(sinks, device=device), recent_indices(n - sinks, window, device) + sinks])
+        return keep_with_protected(self.decode_score(view, keep_count), protected, keep_count)
+
+    def decode_score(self, view: DecodeView, keep_count: int) -> Tensor:
+        """[n] one segment's score: the step-gain column sums of the last r queries (mean over the group)
+        times the value prior over the candidates [sinks, n - window)."""
+        n, device = view.n, view.device
+        sinks = min(self.sinks, n)
+        window = min(self.window, n - sinks)
         queries = view.recent_queries
         if queries is None or queries.shape[1] == 0:
             accumulated = torch.ones(n, device=device)
@@ -111,9 +123,57 @@ class AhaKVScorer(Scorer):
             q_pos = torch.arange(view.query_position - r + 1, view.query_position + 1, device=device)
             accumulated = sg_column_sums(queries, q_pos, view.keys, view.positions.to(device), keep_count,
                                          view.scale, self.decode_scale).mean(0)
-        score = accumulated * value_prior(view.values.norm(dim=-1), sinks, n - window, self.kernel,
-                                          self.prior_pad == "include")
-        protected = torch.cat([torch.arange(sinks, device=device), recent_indices(n - sinks, window, device) + sinks])
-        return keep_with_protected(score, protected, keep_count)
+        return accumulated * value_prior(view.values.norm(dim=-1), sinks, n - window, self.kernel,
+                                         self.prior_pad == "include")
+
+    # -- the batched engine's eviction round: decode_keep over many segments at once --------------------
+    def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sinks = np.minimum(self.sinks, n)
+        return sinks, np.minimum(self.window, n - sinks)
+
+    def decode_scores(self, batch: DecodeBatch) -> Tensor:
+        """decode_score() for every row at once (rows padded to the longest; what lies past a row's length
+        is never read by the ranking)."""
+        valid, pos = batch.valid, batch.positions
+        n = batch.n
+        queries = batch.recent_queries
+        if queries is None or queries.shape[2] == 0:
+            accumulated = torch.ones(valid.shape, device=valid.device)
+        else:
+            r = queries.shape[2]
+            q_pos = batch.query_position - r + 1 + torch.arange(r, device=valid.device)  # [rows, r]
+            logits = torch.einsum("xgrd,xnd->xgrn", queries.float(), batch.keys.float())
+            visible = (pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [rows, r, L]
+            seen = (q_pos + 1) if self.decode_scale == "position" else visible.sum(dim=-1)
+            lam = _sg_scale_rows(seen, batch.keep, batch.head_dim, batch.scale)
+            scaled = (logits * lam[:, None, :, None]).masked_fill(~visible[:, None], float("-inf"))
+            accumulated = torch.softmax(scaled, dim=-1).sum(dim=2).mean(dim=1)
+        sinks = torch.clamp(n, max=self.sinks)
+        hi = n - torch.minimum(n - sinks, torch.full_like(n, self.window))
+        idx = torch.arange(valid.shape[1], device=valid.device)[None, :]
+        candidate = (idx >= sinks) & (idx < hi)
+        nu = batch.values.norm(dim=-1).float() ** 2 * candidate  # norm in the cache's dtype, as decode_score
+        if self.kernel > 1:
+            k = self.kernel
+            avg = F.avg_pool1d(nu[:, None], k, stride=1, padding=k // 2, count_include_pad=True)[:, 0, :nu.shape[1]]
+            if self.prior_pad == "include":
+                pooled = avg
+            else:  # average over the candidates inside each window only, as pool_keys(count_pad=False)
+                count = F.avg_pool1d(candidate[:, None].float(), k, stride=1, padding=k // 2,
+                                     count_include_pad=True)[:, 0, :nu.shape[1]]
+                pooled = avg / count.clamp(min=1e-30)
+        else:
+            pooled = nu
+        pooled = pooled * candidate
+        top = pooled.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        prior = torch.where(candidate, pooled / top, torch.ones_like(pooled))
+        return accumulated * prior
+
+
+def _sg_scale_rows(seen: Tensor, keep: Tensor, head_dim: int, floor: float) -> Tensor:
+    """sg_scale for [rows, r] rows that see `seen` keys, each row with its own budget keep [rows, 1]."""
+    i = seen.to(torch.float64)
+    formula = torch.sqrt(2.0 * torch.log(i / keep.to(torch.float64).clamp(min=1)).clamp(min=0.0) / head_dim)
+    return formula.clamp(min=floor).float()
 
 

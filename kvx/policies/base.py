@@ -80,6 +80,39 @@ class DecodeView:
         return self._values
 
 
+class DecodeBatch:
+    """Many segments during decoding at once (the batched engine's eviction round), one row each, padded
+    to the longest: the batched twin of DecodeView, read by Scorer.decode_scores.
+
+    valid [rows, L] marks each row's first n entries; positions [rows, L]; mass [rows, L] float32 (zeros
+    where a cache tracks none); keys / values [rows, L, d] gathered on first use; recent_queries
+    [rows, G, r, d] (the same r for every row) and query_position [rows, 1]; keep [rows, 1]."""
+
+    def __init__(self, *, valid: Tensor, positions: Tensor, mass: Tensor, keep: Tensor, query_position: Tensor,
+                 recent_queries: Tensor | None, head_dim: int, scale: float,
+                 load_kv: Callable[[], tuple[Tensor, Tensor]]):
+        self.valid, self.positions, self.mass, self.keep = valid, positions, mass, keep
+        self.query_position, self.recent_queries = query_position, recent_queries
+        self.head_dim, self.scale = head_dim, scale
+        self._kv, self._load_kv = None, load_kv
+
+    @property
+    def n(self) -> Tensor:
+        return self.valid.sum(dim=1, keepdim=True)
+
+    @property
+    def keys(self) -> Tensor:
+        if self._kv is None:
+            self._kv = self._load_kv()
+        return self._kv[0]
+
+    @property
+    def values(self) -> Tensor:
+        if self._kv is None:
+            self._kv = self._load_kv()
+        return self._kv[1]
+
+
 class Scorer:
     """Token importance for one method. Subclasses are dataclasses whose fields are the method's options."""
 
@@ -116,10 +149,15 @@ class Scorer:
         """decode_keep() as a rule that the batched engine applies to many segments at once
         (runtime/batch_eviction.py). n and keep_count: int arrays, one entry per segment with keep_count < n.
         Returns (sinks, recent) per segment: the first `sinks` entries, then the `recent` most recent ones,
-        most recent first, are protected in that priority order, and the other entries are ranked by the
-        decode-time attention mass, ties to the lower index. None: no such rule (AhaKV scores with recent
-        queries); decode_keep() then runs per segment."""
+        most recent first, are protected in that priority order, and the other entries are ranked by
+        decode_scores() (the attention mass unless a scorer says otherwise), ties to the lower index.
+        None: no such rule; decode_keep() then runs per segment."""
         return None
+
+    def decode_scores(self, batch: DecodeBatch) -> Tensor:
+        """[rows, L] the score that ranks the unprotected entries of decode_rule(), higher kept first:
+        by default the decode-time attention mass (H2O's running sum, TOVA's last step)."""
+        return batch.mass
 
 
 def gqa_mean(x: Tensor, num_kv_heads: int) -> Tensor:

@@ -274,7 +274,7 @@ class BatchEngine:
         if not reqs:
             return
         t0 = time.perf_counter()
-        rest = evict_batch(reqs)
+        rest = evict_batch(self.engine, reqs)
         left = {id(r) for r in rest}
         batched = [r for r in reqs if id(r) not in left]
         for req in batched:

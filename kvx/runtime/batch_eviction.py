@@ -14,7 +14,9 @@ segments of every request in the batch are evicted together, with a fixed number
    the new lengths is zeroed, and every segment of an evicted layer then holds the blocks for kept +
    DECODE_SLACK entries, as compact_layer leaves it.
 
-Policies without a rule (AhaKV scores with recent queries) are handed back to the per-request path.
+The unprotected entries are ranked by the scorer's decode_scores(): the attention mass for H2O and TOVA;
+AhaKV's step-gain sums of the recent queries times its value prior, computed for all its rows at once.
+A policy without a rule is handed back to the per-request path.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import torch
 from kvx.runtime.decode_eviction import DECODE_SLACK
 
 _CHUNK_ENTRIES = 1 << 22  # rows × longest row per pass: bounds the ranking's temporary tensors
+_SCORE_ENTRIES = 1 << 24  # rows × query rows × longest per decode_scores call (AhaKV's [rows, G, r, n])
 
 
 @dataclass
 class _Rows:
     """The segments one request evicts: (layer, kv head) of its due layers, row-major."""
 
-    cache: object
+    req: object
     layers: np.ndarray  # [rows] layer of each row
     heads: np.ndarray  # [rows] kv head
     n: np.ndarray  # [rows] entries held
@@ -42,7 +45,7 @@ class _Rows:
     recent: np.ndarray  # [rows] the rule's protected recent entries
 
 
-def evict_batch(reqs: list) -> list:
+def evict_batch(engine, reqs: list) -> list:
     """Evict, for every request in reqs (engine Requests over PagedKVCaches of one pool), the layers whose
     segments exceed their budget by DECODE_SLACK, as decode_evict would. Returns the requests whose
     policy has no batched rule: the caller evicts those one by one."""
@@ -58,10 +61,10 @@ def evict_batch(reqs: list) -> list:
         budget, chunk = max(1, _CHUNK_ENTRIES // longest), []
         for rows in due:  # whole requests per pass (a request's rows are never split)
             if chunk and sum(r.n.size for r in chunk) + rows.n.size > budget:
-                _evict(chunk)
+                _evict(engine, chunk)
                 chunk = []
             chunk.append(rows)
-        _evict(chunk)
+        _evict(engine, chunk)
     return rest
 
 
@@ -75,14 +78,14 @@ def _rows_due(req) -> _Rows | None:
     if rule is None:
         return None
     # Where keep == n the row keeps everything whatever the rule says (decode_keep does not ask it).
-    return _Rows(req.cache, np.repeat(layers, hkv), np.tile(np.arange(hkv), layers.size), n, keep,
+    return _Rows(req, np.repeat(layers, hkv), np.tile(np.arange(hkv), layers.size), n, keep,
                  np.asarray(rule[0]), np.asarray(rule[1]))
 
 
-def _evict(due: list[_Rows]) -> None:
-    pool = due[0].cache.pool
+def _evict(engine, due: list[_Rows]) -> None:
+    pool = due[0].req.cache.pool
     B, dev = pool.block_size, pool.device
-    tables_host = [c.layers[layer].tables[g] for r in due for c in (r.cache,)
+    tables_host = [c.layers[layer].tables[g] for r in due for c in (r.req.cache,)
                    for layer, g in zip(r.layers.tolist(), r.heads.tolist())]
     width = max(len(t) for t in tables_host)
     tables = torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables_host], dtype=torch.long,
@@ -90,21 +93,22 @@ def _evict(due: list[_Rows]) -> None:
     cat = np.concatenate
     n, keep, sinks, recent = (torch.from_numpy(cat([getattr(r, f) for r in due]).astype(np.int64)).to(dev)
                               .unsqueeze(1) for f in ("n", "keep", "sinks", "recent"))
-    tracked = torch.from_numpy(cat([np.full(r.n.size, r.cache.track_mass) for r in due])).to(dev).unsqueeze(1)
+    tracked = torch.from_numpy(cat([np.full(r.n.size, r.req.cache.track_mass) for r in due])).to(dev).unsqueeze(1)
     rows, longest = len(tables_host), int(max(r.n.max() for r in due))
     idx = torch.arange(longest, device=dev).unsqueeze(0)  # [1, longest]
     slots = tables.gather(1, (idx // B).expand(rows, -1)) * B + idx % B  # [rows, longest]
     valid = idx < n
-    mass = pool.mass_flat[slots].float().masked_fill(~(valid & tracked), float("-inf"))
+    mass = pool.mass_flat[slots].float() * (valid & tracked)
+    scores = _scores(engine, due, slots, valid, mass, keep)
 
-    # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by mass
-    # (ties to the lower index), then the slots past the length. Sorting by mass first and then, stably,
+    # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by score
+    # (ties to the lower index), then the slots past the length. Sorting by score first and then, stably,
     # by priority orders each row exactly as decode_keep does; its first `keep` entries are kept.
     rank = torch.full_like(slots, longest)
     rank = torch.where((idx >= n - recent) & (idx >= sinks) & valid, sinks + (n - 1 - idx), rank)
     rank = torch.where(idx < sinks, idx, rank).masked_fill(~valid, longest + 1)
-    by_mass = torch.sort(mass, dim=1, descending=True, stable=True).indices
-    order = by_mass.gather(1, torch.sort(rank.gather(1, by_mass), dim=1, stable=True).indices)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = by_score.gather(1, torch.sort(rank.gather(1, by_score), dim=1, stable=True).indices)
     kept = torch.zeros_like(valid).scatter_(1, order, idx.expand(rows, -1) < keep)
 
     # Kept entry i moves to (kept entries before it) in its own segment; only the ones that shift move.
@@ -121,14 +125,64 @@ def _evict(due: list[_Rows]) -> None:
     # shrinks first so the pool never holds more than before or after.
     resizes = []
     for r in due:
-        r.cache.length_array[r.layers, r.heads] = r.keep
-        r.cache.compacted = True
-        have = r.cache.capacity_array[r.layers, r.heads] // B
+        cache = r.req.cache
+        cache.length_array[r.layers, r.heads] = r.keep
+        cache.compacted = True
+        have = cache.capacity_array[r.layers, r.heads] // B
         want = -(-(r.keep + DECODE_SLACK) // B)
         for i in np.flatnonzero(want != have).tolist():
-            resizes.append((bool(want[i] < have[i]), r.cache, int(r.layers[i]), int(r.heads[i]), int(r.keep[i])))
+            resizes.append((bool(want[i] < have[i]), cache, int(r.layers[i]), int(r.heads[i]), int(r.keep[i])))
     resizes.sort(key=lambda x: not x[0])
     for _, cache, layer, g, count in resizes:
         cache.layers[layer].resize(g, count + DECODE_SLACK)
     for cache in {id(x[1]): x[1] for x in resizes if not x[0]}.values():
         cache._note_peak()
+
+
+def _scores(engine, due: list[_Rows], slots, valid, mass, keep):
+    """[rows, longest] ranking scores: the mass, replaced by the scorer's own decode_scores() for the rows
+    of scorers that have one (AhaKV), computed per group of rows that share the scorer and query count."""
+    from kvx.policies.base import DecodeBatch, Scorer  # local: policies load lazily
+
+    scores = mass
+    groups: dict[tuple, list] = {}
+    start = 0
+    for r in due:
+        scorer = r.req.policy.scorer
+        if type(scorer).decode_scores is not Scorer.decode_scores:
+            shape = tuple(r.req.recent_q[0].shape) if _has_queries(r.req) else None
+            groups.setdefault((repr(scorer), shape), []).append((start, r))
+        start += r.n.size
+    pool = due[0].req.cache.pool
+    for members in groups.values():
+        first = members[0][1].req
+        scorer = first.policy.scorer
+        idx = torch.cat([torch.arange(s, s + r.n.size) for s, r in members]).to(slots.device)
+        queries = None
+        if _has_queries(first):
+            H, r_len, d = first.recent_q[0].shape
+            group = H // first.cache.num_kv_heads
+            queries = torch.cat([torch.stack([r.req.recent_q[layer] for layer in np.unique(r.layers).tolist()])
+                                 .reshape(-1, group, r_len, d) for _, r in members])
+        qpos = torch.cat([torch.full((r.n.size, 1), r.req.position - 1, dtype=torch.long) for _, r in members])
+        qpos = qpos.to(slots.device)
+        # Rows per call bounded so that a [rows, G, r, longest] score tensor stays near _SCORE_ENTRIES.
+        per_row = slots.shape[1] * (1 if queries is None else queries.shape[1] * queries.shape[2])
+        step = max(1, _SCORE_ENTRIES // per_row)
+        if scores is mass:
+            scores = mass.clone()
+        for lo in range(0, idx.numel(), step):
+            part = idx[lo:lo + step]
+            sub = slots[part]
+            batch = DecodeBatch(valid=valid[part], positions=pool.pos_flat[sub], mass=mass[part], keep=keep[part],
+                                query_position=qpos[lo:lo + step],
+                                recent_queries=None if queries is None else queries[lo:lo + step],
+                                head_dim=engine.config.head_dim, scale=engine.scale,
+                                load_kv=lambda sub=sub: (pool.k_flat[sub], pool.v_flat[sub]))
+            scores[part] = scorer.decode_scores(batch).to(scores.dtype)
+    return scores
+
+
+def _has_queries(req) -> bool:
+    rq = req.recent_q
+    return rq is not None and len(rq) > 0 and rq[0] is not None and rq[0].shape[1] > 0

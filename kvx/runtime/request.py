@@ -75,7 +75,9 @@ class Request:
     budget: object | None = None  # kvx.policies.Budget
     position: int = 0  # next absolute position
     stats: list[LayerStats | None] = field(default_factory=list)
-    recent_q: list[Tensor | None] = field(default_factory=list)  # AhaKV: last r queries per layer [H, r, d]
+    # AhaKV: the last r queries per layer, [H, r, d] each: a list, or one [layers, H, r, d] tensor once the
+    # batched engine decodes (runtime/batch_step.py); both read as recent_q[layer].
+    recent_q: list[Tensor | None] | Tensor = field(default_factory=list)
     head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
     timings: Timings = field(default_factory=Timings)
     lengths_after_compress: list[list[int]] = field(default_factory=list)
