@@ -4,7 +4,9 @@
 #   1. pytest -m gpu on the engine and the paged kernel (graph path = eager decode, batched engine on CUDA)
 #   2. benchmarks/gpu_batch.py (8B shapes, 32k prompts: continuous batching, full vs 5% in the same memory)
 #   3. pytest -m gpu on the rest (Triton kernels vs references, models, memory checks)
-#   4. benchmarks/gpu_decode.py (8B shapes, batch 1: decode at 1k/8k/32k, full vs 5%, graphs on/off,
+#   4. benchmarks/eviction_round.py (8B shapes: one decode-time eviction round of 21 sequences, batched vs
+#      per request, for tova, h2o, streaming, ahakv)
+#   5. benchmarks/gpu_decode.py (8B shapes, batch 1: decode at 1k/8k/32k, full vs 5%, graphs on/off,
 #      transformers, copy bandwidth, prefill attention vs SDPA)
 # Each step has its own timeout (worst case about 560 s in all) and never stops the ones after it.
 # Results land under $OUT (the device tool's output folder), the log in $OUT/log.
@@ -25,7 +27,9 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   timeout 110 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
     -p no:cacheprovider --junitxml="$OUT/gpu_tests_2.xml"
   echo "pytest (the rest) rc=$?"
-  timeout 150 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
+  timeout 40 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
+  echo "eviction_round rc=$?"
+  timeout 110 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
   echo "gpu_decode rc=$?"
   date -u
 } 2>&1 | tee "$OUT/log"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvx.policies import build_policy, parse_budget
+from kvx.runtime import batch_eviction
 from kvx.runtime.batch_eviction import evict_batch
 from kvx.runtime.decode_eviction import DECODE_SLACK, decode_evict
 from kvx.runtime.paged_cache import PagedKVCache
@@ -74,7 +75,10 @@ def _state(req: Request) -> list:
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("seed", range(4))
-def test_batched_eviction_equals_the_per_request_path(block_size, seed):
+@pytest.mark.parametrize("small_passes", [False, True])
+def test_batched_eviction_equals_the_per_request_path(block_size, seed, small_passes, monkeypatch):
+    if small_passes:  # a few rows per pass: requests (and their layers' heads) split across passes
+        monkeypatch.setattr(batch_eviction, "_PASS_ELEMENTS", {"cpu": 300 * D})
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     pool = BlockPool(65536 // block_size, block_size, D, torch.float32, "cpu")

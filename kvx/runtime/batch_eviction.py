@@ -28,7 +28,11 @@ import torch
 
 from kvx.runtime.decode_eviction import DECODE_SLACK
 
-_CHUNK_ENTRIES = 1 << 22  # rows × longest row per pass: bounds the ranking's temporary tensors
+# Entries × head_dim moved per pass, by device: bounds the temporaries (the gathered K / V of every kept entry
+# that moves). On a CPU a larger pass is slower, not faster (the gathers leave the cache and fault in fresh
+# pages: at 8B shapes 4M-element passes took twice the per-request path's time); a GPU wants few launches.
+_PASS_ELEMENTS = {"cpu": 1 << 22}
+_PASS_ELEMENTS_DEFAULT = 1 << 27
 _SCORE_ENTRIES = 1 << 24  # rows × query rows × longest per decode_scores call (AhaKV's [rows, G, r, n])
 
 
@@ -44,6 +48,10 @@ class _Rows:
     sinks: np.ndarray  # [rows] the rule's protected sinks
     recent: np.ndarray  # [rows] the rule's protected recent entries
 
+    def part(self, lo: int, hi: int) -> "_Rows":
+        return _Rows(self.req, self.layers[lo:hi], self.heads[lo:hi], self.n[lo:hi], self.keep[lo:hi],
+                     self.sinks[lo:hi], self.recent[lo:hi])
+
 
 def evict_batch(engine, reqs: list) -> list:
     """Evict, for every request in reqs (engine Requests over PagedKVCaches of one pool), the layers whose
@@ -57,14 +65,21 @@ def evict_batch(engine, reqs: list) -> list:
         elif rows.n.size:
             due.append(rows)
     if due:
+        pool = due[0].req.cache.pool
         longest = max(int(r.n.max()) for r in due)
-        budget, chunk = max(1, _CHUNK_ENTRIES // longest), []
-        for rows in due:  # whole requests per pass (a request's rows are never split)
-            if chunk and sum(r.n.size for r in chunk) + rows.n.size > budget:
-                _evict(engine, chunk)
-                chunk = []
-            chunk.append(rows)
-        _evict(engine, chunk)
+        budget = max(1, _PASS_ELEMENTS.get(pool.device.type, _PASS_ELEMENTS_DEFAULT) // (longest * pool.head_dim))
+        chunk, size = [], 0
+        for rows in due:
+            lo = 0
+            while lo < rows.n.size:
+                take = min(rows.n.size - lo, budget - size)
+                chunk.append(rows.part(lo, lo + take))
+                lo, size = lo + take, size + take
+                if size == budget:
+                    _evict(engine, chunk)
+                    chunk, size = [], 0
+        if chunk:
+            _evict(engine, chunk)
     return rest
 
 
@@ -159,11 +174,17 @@ def _scores(engine, due: list[_Rows], slots, valid, mass, keep):
         scorer = first.policy.scorer
         idx = torch.cat([torch.arange(s, s + r.n.size) for s, r in members]).to(slots.device)
         queries = None
-        if _has_queries(first):
+        if _has_queries(first):  # each row's group of query heads: [rows, G, r, d]
             H, r_len, d = first.recent_q[0].shape
-            group = H // first.cache.num_kv_heads
-            queries = torch.cat([torch.stack([r.req.recent_q[layer] for layer in np.unique(r.layers).tolist()])
-                                 .reshape(-1, group, r_len, d) for _, r in members])
+            hkv = first.cache.num_kv_heads
+            parts = []
+            for _, r in members:
+                rq = r.req.recent_q
+                rq = rq if isinstance(rq, torch.Tensor) else torch.stack(list(rq))
+                layers = torch.from_numpy(r.layers).to(rq.device)
+                heads = torch.from_numpy(r.heads).to(rq.device)
+                parts.append(rq[layers].view(-1, hkv, H // hkv, r_len, d)[torch.arange(len(heads), device=rq.device), heads])
+            queries = torch.cat(parts)
         qpos = torch.cat([torch.full((r.n.size, 1), r.req.position - 1, dtype=torch.long) for _, r in members])
         qpos = qpos.to(slots.device)
         # Rows per call bounded so that a [rows, G, r, longest] score tensor stays near _SCORE_ENTRIES.
