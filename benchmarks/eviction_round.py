@@ -45,13 +45,15 @@ def requests(pool, args, policy_name, gen) -> list[Request]:
             lc = cache.layers[layer]
             lc.lengths = [n] * args.kv_heads
             slots = torch.cat([lc.slots(g) for g in range(args.kv_heads)])
-            pool.k_flat[slots] = torch.randn(slots.numel(), args.head_dim, generator=gen).to(pool.device, pool.dtype)
-            pool.v_flat[slots] = torch.randn(slots.numel(), args.head_dim, generator=gen).to(pool.device, pool.dtype)
-            pool.pos_flat[slots] = torch.arange(n).repeat(args.kv_heads).to(pool.device)
-            pool.mass_flat[slots] = torch.rand(slots.numel(), generator=gen).to(pool.device)
+            shape, dev = (slots.numel(), args.head_dim), pool.device  # random data made where the pool is
+            pool.k_flat[slots] = torch.randn(shape, generator=gen, device=dev).to(pool.dtype)
+            pool.v_flat[slots] = torch.randn(shape, generator=gen, device=dev).to(pool.dtype)
+            pool.pos_flat[slots] = torch.arange(n, device=dev).repeat(args.kv_heads)
+            pool.mass_flat[slots] = torch.rand(slots.numel(), generator=gen, device=dev)
         recent_q = [None] * args.layers
         if policy.decode_mode == "recent_queries":
-            recent_q = torch.randn(args.layers, H, policy.window, args.head_dim, generator=gen).to(pool.device, pool.dtype)
+            recent_q = torch.randn(args.layers, H, policy.window, args.head_dim, generator=gen,
+                                   device=pool.device).to(pool.dtype)
         out.append(Request(cache=cache, policy=policy, budget=parse_budget("5%"), position=n,
                            head_budget=[[args.target] * args.kv_heads for _ in range(args.layers)], recent_q=recent_q))
     return out
@@ -87,7 +89,7 @@ def main() -> None:
     pool = BlockPool(2 * segments * blocks_per + 64, 32, args.head_dim, dtype, device)
     engine = SimpleNamespace(group=args.group, device=device, config=SimpleNamespace(head_dim=args.head_dim),
                              scale=args.head_dim ** -0.5)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         times = {}

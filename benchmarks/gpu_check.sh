@@ -27,9 +27,9 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   timeout 110 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
     -p no:cacheprovider --junitxml="$OUT/gpu_tests_2.xml"
   echo "pytest (the rest) rc=$?"
-  timeout 40 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
+  timeout 60 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
   echo "eviction_round rc=$?"
-  timeout 110 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
+  timeout 90 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
   echo "gpu_decode rc=$?"
   date -u
 } 2>&1 | tee "$OUT/log"
