@@ -160,8 +160,8 @@ class Policy:
         return self.scorer.decode_keep(view, keep_count)
 
     def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """decode_keep() as (sinks, recent) protected + the rest by attention mass (Scorer.decode_rule), for
-        the batched engine; None when only decode_keep() can choose."""
+        """decode_keep() as (sinks, recent) protected + the rest by the scorer's decode_scores()
+        (Scorer.decode_rule), for the batched engine; None when only decode_keep() can choose."""
         if self.scorer is None or self.decode_mode is None:
             return None
         return self.scorer.decode_rule(n, keep_count)

@@ -277,8 +277,9 @@ class BatchEngine:
         rest = evict_batch(self.engine, reqs)
         left = {id(r) for r in rest}
         batched = [r for r in reqs if id(r) not in left]
+        share = (time.perf_counter() - t0) / max(1, len(batched))
         for req in batched:
-            req.timings.decode_evict_s += (time.perf_counter() - t0) / len(batched)
+            req.timings.decode_evict_s += share
         for req in rest:
             te = time.perf_counter()
             self.engine._decode_evict(req)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
