@@ -87,7 +87,8 @@ def test_a_batch_mixing_policies_and_budgets_equals_each_alone(engine):
         assert r.lengths == w.lengths  # ... per (layer, kv head)
 
 
-@pytest.mark.parametrize("name,budget", [("full", None), ("snapkv", "25%"), ("h2o", "25%"), ("tova", "30%")])
+@pytest.mark.parametrize("name,budget", [("full", None), ("snapkv", "25%"), ("h2o", "25%"), ("tova", "30%"),
+                                         ("ahakv", "25%"), ("streaming", "25%")])
 def test_question_agnostic_requests_in_a_batch_equal_alone(engine, name, budget):
     rng = random.Random(3)
     cases = [(_ids(rng, 80, 200), [_ids(rng, 3, 9) for _ in range(3)]) for _ in range(3)]

@@ -28,11 +28,12 @@ import torch
 
 from kvx.runtime.decode_eviction import DECODE_SLACK
 
-# Entries × head_dim moved per pass, by device: bounds the temporaries (the gathered K / V of every kept entry
-# that moves). On a CPU a larger pass is slower, not faster (the gathers leave the cache and fault in fresh
-# pages: at 8B shapes 4M-element passes took twice the per-request path's time); a GPU wants few launches.
+# Entries × head_dim per pass, by device: bounds the temporaries (the gathered K / V of every kept entry that
+# moves: at most 2 × 2^26 bf16 elements, 256 MiB, on a GPU, beside a KV pool that took most of the memory).
+# On a CPU a larger pass is slower, not faster (the gathers leave the cache and fault in fresh pages: at 8B
+# shapes one pass of every row took 1.7x the per-request path's time); a GPU wants few launches.
 _PASS_ELEMENTS = {"cpu": 1 << 22}
-_PASS_ELEMENTS_DEFAULT = 1 << 27
+_PASS_ELEMENTS_DEFAULT = 1 << 26
 _SCORE_ENTRIES = 1 << 24  # rows × query rows × longest per decode_scores call (AhaKV's [rows, G, r, n])
 
 
