@@ -35,7 +35,7 @@ def _check_equal(paged: PagedKVCache, ragged: RaggedKVCache) -> None:
             assert torch.allclose(p_lc.head_mass(g), r_lc.head_mass(g))
             assert p_lc.capacities[g] >= p_lc.lengths[g]
         sizes = [len(t) for t in p_lc.tables]
-        assert p_lc.block_range() == (min(sizes), max(sizes))  # memoised, yet always the tables' own
+        assert p_lc.block_range() == (min(sizes), max(sizes))  # from the capacity array, always the tables' own
 
 
 @pytest.mark.parametrize("seed", range(6))

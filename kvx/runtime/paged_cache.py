@@ -49,8 +49,6 @@ class PagedLayer:
         # at every append and eviction, and building the tensor from the list each time dominated them.
         self._table_tensors: list[Tensor | None] = [None] * num_kv_heads
         self._all_slots: list[Tensor | None] = [None] * num_kv_heads  # slots(g) of the table tensor above
-        self._range: tuple[int, int] = (0, 0)
-        self._range_version = None  # the table version _range was computed at
 
     @property
     def lengths(self) -> list[int]:
@@ -73,12 +71,9 @@ class PagedLayer:
         return sum(len(t) for t in self.tables)
 
     def block_range(self) -> tuple[int, int]:
-        """(fewest, most) blocks a head's table holds; recomputed only after a table changed (the batched
-        step asks for every sequence and layer at every step)."""
-        if self._range_version != self.version:
-            sizes = [len(t) for t in self.tables]
-            self._range, self._range_version = (min(sizes), max(sizes)), self.version
-        return self._range
+        """(fewest, most) blocks a head's table holds (from the capacities, kept with every table change)."""
+        B = self.pool.block_size
+        return int(self._cap.min()) // B, int(self._cap.max()) // B
 
     def slots(self, g: int, idx: Tensor | None = None) -> Tensor:
         """Flat pool slots of head g's entries `idx` (default: all of its first length entries)."""
