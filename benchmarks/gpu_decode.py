@@ -4,6 +4,7 @@ Measures, in one run on one device:
 - a device-to-device copy (bytes read + written per second): the bandwidth ceiling;
 - kvx decode tokens/s at 1k, 8k, 32k context, full cache and a 5% budget (SnapKV), with and without
   CUDA graphs, and the achieved bandwidth (weights + KV bytes actually read per step) / copy bandwidth;
+- the same with decode-time eviction (TOVA 5% at 8k), graphs on and off;
 - transformers (sdpa) decode tokens/s on the same shapes, full cache;
 - prefill attention: kvx's Triton kernel writing the row log-sum-exp plus the window statistics, against
   torch SDPA (flash) alone, at 8k and 32k;
@@ -183,6 +184,16 @@ def main() -> None:
                 print(results[-1], flush=True)
                 save()
                 torch.cuda.empty_cache()
+    # Decode-time eviction (TOVA 5% at 8k: an eviction round every DECODE_SLACK steps inside the timed
+    # steps), graphs on / off: the single-sequence graph now replays through the rounds.
+    ids = torch.randint(0, cfg.vocab_size, (8192,), generator=torch.Generator().manual_seed(1)).tolist()
+    for graphs in (True, False):
+        eng = Engine(model, NullTokenizer(), use_graphs=graphs)
+        tps = kvx_decode_tps(eng, ids, max(args.steps, 48), policy=build_policy("tova"), budget=parse_budget("5%"))
+        results.append({"bench": "kvx_decode_evicting", "policy": "tova", "context": 8192, "budget": "5%",
+                        "graphs": graphs, "tokens_per_s": tps})
+        print(results[-1], flush=True)
+        save()
     del model
     torch.cuda.empty_cache()
     if not args.skip_hf:

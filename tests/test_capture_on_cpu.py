@@ -113,10 +113,11 @@ def test_emulated_decode_graph_equals_reference(llama, graphs, monkeypatch, poli
     def run(use_graphs):
         eng = Engine(llama, StubTokenizer(), build_policy(policy) if policy else None,
                      parse_budget(budget) if budget else None, use_graphs=use_graphs)
-        req = eng.new_request(capacity=len(ids) + 16)
+        req = eng.new_request(capacity=len(ids) + 16, policy=eng.policy, budget=eng.budget)
         logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
         if policy:
             eng.compress(req, headroom=16)
+            assert req.cache.total_entries() < 0.5 * len(ids) * len(req.cache.layers) * req.cache.num_kv_heads
         from kvx.runtime.sampling import SamplingParams
         out, _, _ = eng.decode(req, logits, SamplingParams(), 14, stop_at_eos=False)
         return out, req
@@ -127,6 +128,50 @@ def test_emulated_decode_graph_equals_reference(llama, graphs, monkeypatch, poli
     assert req.graph is None
     _reference(monkeypatch)
     plain, _ = run(False)
+    assert graphed == eager == plain
+
+
+EVICTING = [("h2o", "25%"), ("tova", "30%"), ("streaming", "20%"), ("ahakv", "25%")]
+
+
+@pytest.mark.parametrize("policy,budget", EVICTING, ids=[p for p, _ in EVICTING])
+def test_emulated_decode_graph_with_decode_time_eviction(llama, graphs, monkeypatch, policy, budget):
+    """A policy that evicts while decoding replays one captured graph through two eviction rounds (the kept
+    entries are written back into the same pools, the mass by the captured kernel, AhaKV's queries through
+    a static buffer), token for token as eager decode through the Triton kernels and the plain path."""
+    from kvx.runtime.decode_eviction import DECODE_SLACK
+    from kvx.runtime.sampling import SamplingParams
+
+    ids = _ids(random.Random(11), 90, 91)
+    steps = 2 * DECODE_SLACK + 6
+
+    def run(use_graphs):
+        eng = Engine(llama, StubTokenizer(), build_policy(policy), parse_budget(budget), use_graphs=use_graphs)
+        req = eng.new_request(capacity=len(ids), policy=eng.policy, budget=eng.budget)
+        logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
+        eng.compress(req, headroom=steps)
+        targets = [list(t) for t in req.head_budget]
+        pools = [lc.k.data_ptr() for lc in req.cache.layers]
+        out, _, _ = eng.decode(req, logits, SamplingParams(), steps, stop_at_eos=False)
+        for lc, target in zip(req.cache.layers, targets):  # evicted back to budget while decoding
+            assert all(n < t + DECODE_SLACK for n, t in zip(lc.lengths, target))
+        assert sum(map(sum, req.cache.lengths())) < sum(map(sum, targets)) + len(ids)
+        return out, req, pools
+
+    def mass(req):  # H2O's and TOVA's running scores, as the eviction reads them
+        return torch.cat([lc.head_mass(g) for lc in req.cache.layers for g in range(req.cache.num_kv_heads)])
+
+    graphed, req, pools = run(True)
+    graphed_mass = mass(req)
+    assert req.graph is not None and req.graph.captures == 1 and req.graph.graph.replays == steps - 1
+    assert [lc.k.data_ptr() for lc in req.cache.layers] == pools  # evicted in place
+    if policy == "ahakv":
+        assert tuple(req.recent_q.shape[:3]) == (llama.config.num_layers, llama.config.num_heads, 32)
+    eager, req, _ = run(False)
+    assert req.graph is None
+    torch.testing.assert_close(graphed_mass, mass(req), rtol=1e-5, atol=1e-6)
+    _reference(monkeypatch)
+    plain, _, _ = run(False)
     assert graphed == eager == plain
 
 

@@ -21,7 +21,7 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy,budget", [(None, None), ("snapkv", "20%"), ("ada-snapkv", "20%"), ("laprox", "10%"),
-                                           ("h2o", "64"), ("tova", "64")])
+                                           ("h2o", "64"), ("tova", "64"), ("streaming", "64"), ("ahakv", "64")])
 def test_gpu_generation_matches_cpu_float32(models, policy, budget):
     cpu, gpu = models
     ids = torch.randint(3, 128, (700,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -44,6 +44,26 @@ def test_graph_is_captured_once_and_replayed(models):
     engine.decode(req, logits, __import__("kvx.runtime.sampling", fromlist=["SamplingParams"]).SamplingParams(), 50,
                   stop_at_eos=False)
     assert req.graph is not None and req.graph.captures == 1
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "streaming", "ahakv"])
+def test_decode_time_eviction_replays_one_graph(models, policy):
+    """Evicting while decoding keeps the captured graph: the kept entries go back into the same pools."""
+    from kvx.runtime.sampling import SamplingParams
+
+    _, gpu = models
+    ids = torch.randint(3, 128, (500,), generator=torch.Generator().manual_seed(5)).tolist()
+    outs = []
+    for graphs in (True, False):
+        engine = Engine(gpu, StubTokenizer(), build_policy(policy), parse_budget("10%"), use_graphs=graphs)
+        req = engine.new_request(capacity=len(ids), policy=engine.policy, budget=engine.budget)
+        logits = engine.prefill(req, ids, engine.stats_request(req, len(ids)))
+        engine.compress(req, headroom=60)
+        out, _, _ = engine.decode(req, logits, SamplingParams(), 60, stop_at_eos=False)
+        outs.append(out)
+        if graphs:
+            assert req.graph is not None and req.graph.captures == 1 and req.timings.decode_evict_s > 0
+    assert outs[0] == outs[1]
 
 
 def test_gpu_batch_matches_cpu_batch_float32(models):

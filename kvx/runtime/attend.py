@@ -19,8 +19,11 @@ from kvx.kernels.stats import StatsRequest
 from kvx.runtime.request import Request
 
 
-def make_attend(engine, req: Request, stats_req: StatsRequest | None) -> Callable:
-    """The `attend` callback of a forward pass over req's cache (see the module docstring)."""
+def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink: Tensor | None = None) -> Callable:
+    """The `attend` callback of a forward pass over req's cache (see the module docstring).
+
+    query_sink [layers, H, d]: a captured decode step (runtime/graphs.py) copies each layer's query there
+    instead of appending it to req.recent_q (host-side state a graph replay would not update)."""
     cache = req.cache
     mode = req.decode_mode
     keep_recent = req.policy.window if mode == "recent_queries" else 0
@@ -31,7 +34,9 @@ def make_attend(engine, req: Request, stats_req: StatsRequest | None) -> Callabl
         lc = cache.layers[layer]
         T = q.shape[1]
         sw = engine.config.sliding_window_for(layer)
-        if keep_recent:
+        if query_sink is not None:
+            query_sink[layer].copy_(q[:, -1])
+        elif keep_recent:
             prev = req.recent_q[layer]
             rq = q if prev is None else torch.cat([prev, q], dim=1)
             req.recent_q[layer] = rq[:, -keep_recent:].clone()

@@ -231,13 +231,6 @@ class BatchStepper:
             r.cache.advance(1)
             r.position += 1
             if r.decode_mode == "recent_queries":  # AhaKV scores with the last r queries of each head
-                # Kept as one [layers, H, r, d] tensor from the first batched step on (prefill leaves a list
-                # of per-layer tensors; both index as recent_q[layer]): two ops per sequence, not two per layer.
-                prev = r.recent_q
-                if not isinstance(prev, torch.Tensor):
-                    prev = None if prev[0] is None else torch.stack(list(prev))
-                q = entry.q_out[:, :, i:i + 1]
-                rq = q if prev is None else torch.cat([prev, q], dim=2)
-                r.recent_q = rq[:, :, -r.policy.window:].clone()
+                r.push_recent_queries(entry.q_out[:, :, i:i + 1])
         return logits[:S].clone()
 

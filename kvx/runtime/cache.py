@@ -169,10 +169,21 @@ class RaggedKVCache:
             self.layers[i] = self._rebuild(lc, keep[i], caps)
 
     def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        """compact() for one layer. When every segment keeps its capacity (decode-time eviction back to the
+        same budget + slack, every round after the first), the kept entries are written into the layer's
+        own pools instead: same addresses, so a captured decode graph stays valid (runtime/graphs.py)."""
         self.compacted = True
         lc = self.layers[layer]
         caps = [int(idx.numel()) + headroom for idx in keep]
-        self.layers[layer] = self._rebuild(lc, keep, caps)
+        new = self._rebuild(lc, keep, caps)
+        if caps != lc.capacities:
+            self.layers[layer] = new
+            return
+        for old, fresh in ((lc.k, new.k), (lc.v, new.v), (lc.pos, new.pos), (lc.key_mass, new.key_mass),
+                           (lc.length, new.length)):
+            if old is not None:
+                old.copy_(fresh)  # the fresh pools are zero past each length, as the invariant wants
+        lc.lengths = new.lengths
 
     def _rebuild(self, lc: LayerCache, keep: list[Tensor], capacities: list[int]) -> LayerCache:
         new = _new_layer(self.num_kv_heads, capacities, self.head_dim, self.dtype, self.device, lc.key_mass is not None)

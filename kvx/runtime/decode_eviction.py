@@ -12,6 +12,7 @@ from kvx.runtime.request import Request
 DECODE_SLACK = 16
 
 
+@torch.inference_mode()  # compact_layer may update the cache's (inference) tensors in place
 def decode_evict(engine, req: Request) -> None:
     """Bring every (layer, kv head) back to its budget once it exceeds it by DECODE_SLACK."""
     from kvx.policies import (

@@ -6,15 +6,20 @@ segment lengths are advanced on the device by the append kernel, and the host mi
 advanced after each replay. The graph is recaptured only when the cache's pools are reallocated (a
 compaction or growth changes capacities): the graph reads the pools by address.
 
-Not captured (the engine falls back to eager decode): policies that evict while decoding (their
-compactions would force a recapture every few steps) and models with a sliding window (the windowed path
-builds masks on the host).
+Policies that evict while decoding replay too. H2O's and TOVA's per-key mass is written by the captured
+decode kernel into the cache's mass pool; the eviction between replays writes the kept entries back into
+the same pools (RaggedKVCache.compact_layer: every round after the first keeps each segment's capacity),
+so the graph is captured once; AhaKV's queries go to a static buffer and are appended to its recent
+queries on the host after each replay. Not captured (eager decode): models with a sliding window (the
+windowed path builds masks on the host).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kvx.runtime.attend import make_attend
 
 
 def graphs_supported(engine, req) -> bool:
@@ -24,7 +29,7 @@ def graphs_supported(engine, req) -> bool:
 def capturable(engine, req) -> bool:
     """Whether req's decode step can be captured, whatever the device (tests emulate graphs on the CPU)."""
     cfg = engine.config
-    return req.decode_mode is None and all(cfg.sliding_window_for(i) is None for i in range(cfg.num_layers))
+    return req.cache.contiguous and all(cfg.sliding_window_for(i) is None for i in range(cfg.num_layers))
 
 
 class DecodeGraph:
@@ -34,6 +39,10 @@ class DecodeGraph:
         dev = engine.device
         self.ids = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        cfg = engine.config
+        # AhaKV: each layer's query of the step, appended to req.recent_q after the replay.
+        self.queries = (torch.zeros(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype=engine.dtype, device=dev)
+                        if req.decode_mode == "recent_queries" else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self._layout = None
@@ -42,21 +51,27 @@ class DecodeGraph:
     def _layout_key(self):
         # Everything the captured kernels read or write by address.
         return tuple((lc.k.data_ptr(), lc.v.data_ptr(), lc.pos.data_ptr(), lc.start.data_ptr(), lc.length.data_ptr(),
-                      max(lc.capacities)) for lc in self.req.cache.layers)
+                      0 if lc.key_mass is None else lc.key_mass.data_ptr(), max(lc.capacities))
+                     for lc in self.req.cache.layers)
 
     def _run_model(self) -> Tensor:
         eng, req = self.engine, self.req
-        return eng.model(self.ids, self.pos, eng._attend_fn(req, None), last_only=True)[-1]
+        attend = make_attend(eng, req, None, query_sink=self.queries)
+        return eng.model(self.ids, self.pos, attend, last_only=True)[-1]
 
     def _capture(self) -> None:
         cache = self.req.cache
         saved_host = [list(lc.lengths) for lc in cache.layers]
         saved_dev = [lc.length.clone() for lc in cache.layers]
+        # The warm-up adds a step's attention mass (H2O, TOVA) that the first replay adds again: put it back.
+        saved_mass = [None if lc.key_mass is None else lc.key_mass.clone() for lc in cache.layers]
 
         def rewind():
-            for lc, host, dev in zip(cache.layers, saved_host, saved_dev):
+            for lc, host, dev, mass in zip(cache.layers, saved_host, saved_dev, saved_mass):
                 lc.lengths = list(host)
                 lc.length.copy_(dev)
+                if mass is not None:
+                    lc.key_mass.copy_(mass)
 
         # Warm up on a side stream (Triton compiles, allocator settles), then undo the appended token.
         side = torch.cuda.Stream()
@@ -72,6 +87,7 @@ class DecodeGraph:
         self._layout = self._layout_key()
         self.captures += 1
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors (prefill, compaction): in-place updates need it
     def step(self, token: int) -> Tensor:
         """Feed one token at the request's next position; returns the next logits [V] (a static buffer)."""
         req = self.req
@@ -84,4 +100,6 @@ class DecodeGraph:
         for lc in req.cache.layers:
             lc.lengths = [n + 1 for n in lc.lengths]
         req.position += 1
+        if self.queries is not None:
+            req.push_recent_queries(self.queries.unsqueeze(2))
         return self.logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
@@ -74,8 +75,9 @@ class Request:
     budget: object | None = None  # kvx.policies.Budget
     position: int = 0  # next absolute position
     stats: list[LayerStats | None] = field(default_factory=list)
-    # AhaKV: the last r queries per layer, [H, r, d] each: a list, or one [layers, H, r, d] tensor once the
-    # batched engine decodes (runtime/batch_step.py); both read as recent_q[layer].
+    # AhaKV: the last r queries per layer, [H, r, d] each: a list (prefill, eager decode), or one
+    # [layers, H, r, d] tensor once a captured or batched step decodes (push_recent_queries); both read as
+    # recent_q[layer].
     recent_q: list[Tensor | None] | Tensor = field(default_factory=list)
     head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
     timings: Timings = field(default_factory=Timings)
@@ -89,6 +91,15 @@ class Request:
         if memo is None or memo[0] is not self.head_budget:
             memo = self._head_budget_array = (self.head_budget, np.asarray(self.head_budget, dtype=np.int64))
         return memo[1]
+
+    def push_recent_queries(self, q: Tensor) -> None:
+        """AhaKV: append one decode step's queries q [layers, H, 1, d] to the last r of every layer, kept from
+        then on as one [layers, H, r, d] tensor (two ops per step, not two per layer)."""
+        prev = self.recent_q
+        if not isinstance(prev, Tensor):
+            prev = None if not prev or prev[0] is None else torch.stack(list(prev))
+        rq = q if prev is None else torch.cat([prev, q], dim=2)
+        self.recent_q = rq[:, :, -self.policy.window:].clone()
 
     @property
     def compresses(self) -> bool:
