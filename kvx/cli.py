@@ -146,9 +146,10 @@ def generate(
     \b
     kvx generate "What is the capital of France?"
     echo "Tell me a joke" | kvx generate
-    kvx generate --policy snapkv --budget 10% "$(cat long.txt) Summarise the above."
-    kvx generate --policy ada-snapkv --budget 5% --context paper.txt -q "What is the main result?" -q "Who are the authors?"
-    cat requests.jsonl | kvx generate --jsonl --max-batch 16 --kv-memory 2GiB > results.jsonl
+    kvx generate --policy snapkv --budget 10% "$(cat long.txt) Summarise it."
+    kvx generate --policy ada-snapkv --budget 5% --context paper.txt \\
+        -q "What is the main result?" -q "Who are the authors?"
+    kvx generate --jsonl --max-batch 16 --kv-memory 2GiB < in.jsonl > out.jsonl
     """
     from kvx.inputs import Output, check_utf8, read_stdin, read_text_file, utf8_lines
     from kvx.runtime.sampling import SamplingParams

@@ -31,14 +31,20 @@ def bench_command(
     """Measure speed as ratios against a baseline taken in the same run.
 
     \b
-    runtime:      prefill and decode tokens/s of kvx and HF transformers (sdpa), same model, dtype, threads
-    compression:  (statistics + selection + compaction) / prefill at 4k and 8k, decode tokens/s at 8k
-                  for budgets 100% and the given ones
-    batch:        continuous batching in one --kv-memory: (a) sequential full cache, (b) batched full
-                  cache, (c) batched at the first --budgets with the first --policies; decode and end-to-end
-                  tokens/s, and how many 4k-token sequences the memory holds full and compressed
-    Example: kvx bench --suite runtime --threads 2
-             kvx bench --suite batch --batch-requests 16 --batch-prompt 2048 --batch-gen 128
+    runtime      prefill and decode tokens/s of kvx and HF transformers (sdpa),
+                 same model, dtype and threads
+    compression  (statistics + selection + compaction) / prefill at 4k and 8k;
+                 decode tokens/s at 8k for budgets 100% and the given ones
+    batch        continuous batching in one --kv-memory: (a) sequential full
+                 cache, (b) batched full cache, (c) batched at the first
+                 --budgets with the first --policies; decode and end-to-end
+                 tokens/s, and how many 4k-token sequences the memory holds
+                 full and compressed
+
+    \b
+    kvx bench --suite runtime --threads 2
+    kvx bench --suite batch --batch-requests 16 --batch-prompt 2048 \\
+        --batch-gen 128
     """
     from kvx.errors import KvxError, about
     from kvx.options import build_engine, check_device_dtype, load

@@ -49,13 +49,14 @@ def profile_command(
 ) -> None:
     """Measure (or plan) the memory and time of a compressed KV cache.
 
-    \b
-    Measured: prefill, compress and decode a few steps on the model, then report weight bytes, K and V
-    bytes full versus held after compression (per layer and per kv head), decode headroom, the memory
-    peak during prefill and during decode, and the time of each phase.
+    Measured: prefill, compress and decode a few steps on the model, then report weight bytes, K and V bytes full versus held after compression (per layer and per kv head), decode headroom, the memory peak during prefill and during decode, and the time of each phase.
+
     Planned (--plan): the same byte counts from config.json alone, and what fits in --memory.
+
+    \b
     kvx profile --context 2048 --policy laprox --budget 5% --plot map.png
-    kvx profile --plan --model config.json --context 131072 --batch 8 --budget 5% --dtype bfloat16 --memory 80GiB
+    kvx profile --plan --model config.json --context 131072 --batch 8 \\
+        --budget 5% --dtype bfloat16 --memory 80GiB
     """
     settings = ProfileSettings(
         model=model, context=context, policy=policy, budget=budget, allocation=allocation,
