@@ -5,10 +5,11 @@
 #   2. benchmarks/gpu_batch.py (8B shapes, 32k prompts: continuous batching, full vs 5% in the same memory)
 #   3. pytest -m gpu on the rest (Triton kernels vs references, models, memory checks)
 #   4. benchmarks/eviction_round.py (8B shapes: one decode-time eviction round of 21 sequences, batched vs
-#      per request, for tova, h2o, streaming, ahakv)
+#      per request, for tova, h2o, streaming, ahakv; then --single: one sequence's ragged cache, ranked
+#      per layer vs per segment)
 #   5. benchmarks/gpu_decode.py (8B shapes, batch 1: decode at 1k/8k/32k, full vs 5%, graphs on/off,
 #      transformers, copy bandwidth, prefill attention vs SDPA)
-# Each step has its own timeout (worst case about 560 s in all) and never stops the ones after it.
+# Each step has its own timeout (worst case about 580 s in all) and never stops the ones after it.
 # Results land under $OUT (the device tool's output folder), the log in $OUT/log.
 # Run from the checkout:  OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -o pipefail
@@ -29,6 +30,8 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "pytest (the rest) rc=$?"
   timeout 60 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
   echo "eviction_round rc=$?"
+  timeout 20 python3 benchmarks/eviction_round.py --single --device cuda --out "$OUT/eviction_single.json"
+  echo "eviction_round --single rc=$?"
   timeout 90 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
   echo "gpu_decode rc=$?"
   date -u

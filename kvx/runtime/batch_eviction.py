@@ -1,4 +1,6 @@
-"""Decode-time eviction for every sequence of a batched step at once.
+"""Decode-time eviction ranked in tensor passes: every sequence of a batched step at once (paged caches,
+evict_batch), or every due layer of one sequence (the single-sequence engine's ragged cache,
+evict_sequence).
 
 decode_eviction.py brings one request back to budget a (layer, kv head) segment at a time: a few tensor
 ops per segment, so at 21 sequences × 32 layers × 8 kv heads an eviction round is thousands of small ops
@@ -60,7 +62,7 @@ def evict_batch(engine, reqs: list) -> list:
     policy has no batched rule: the caller evicts those one by one."""
     due, rest = [], []
     for req in reqs:
-        rows = _rows_due(req)
+        rows = _rows_due(req, req.cache.length_array)
         if rows is None:
             rest.append(req)
         elif rows.n.size:
@@ -84,9 +86,45 @@ def evict_batch(engine, reqs: list) -> list:
     return rest
 
 
-def _rows_due(req) -> _Rows | None:
-    """The segments of req's layers with a segment over budget + slack; None if its policy has no rule."""
-    lengths, targets = req.cache.length_array, req.head_budget_array()
+def evict_sequence(engine, req) -> bool:
+    """decode_evict for one sequence's RaggedKVCache, each due layer's segments ranked and compacted in one
+    pass (a few tensor ops per layer instead of a few per kv head). The kept entries move to the front of
+    their own segments, in place, so a captured decode graph stays valid; a segment whose capacity is not
+    kept + DECODE_SLACK yet (the first round after a growth) is then reallocated to it, as compact_layer
+    does. False (nothing done) when the policy has no rule or the cache is paged."""
+    cache = req.cache
+    if not cache.contiguous:
+        return False  # a paged cache evicts through evict_batch
+    rows = _rows_due(req, np.array([lc.lengths for lc in cache.layers], dtype=np.int64))
+    if rows is None:
+        return False
+    hkv = cache.num_kv_heads
+    for i in range(0, rows.n.size, hkv):
+        part = rows.part(i, i + hkv)  # one due layer: its kv heads in order
+        layer = int(part.layers[0])
+        lc = cache.layers[layer]
+        dev = lc.k.device
+        mass = lc.key_mass if lc.key_mass is not None else torch.zeros(lc.slots, device=dev)
+        idx = torch.arange(int(part.n.max()), device=dev).unsqueeze(0)
+        n = torch.from_numpy(part.n).to(dev).unsqueeze(1)
+        # Past its length a row points at a slot in range (never used: those entries are not valid); an
+        # empty segment of capacity 0 may start at the very end of the pools.
+        slots = (lc.start.long().unsqueeze(1) + torch.where(idx < n, idx, 0)).clamp(max=lc.slots - 1)
+        _keep_and_move(engine, [part], _Store(lc.k, lc.v, lc.pos, mass), slots,
+                       np.full(hkv, lc.key_mass is not None))
+        keep = part.keep.tolist()
+        lc.lengths = keep
+        lc.length.copy_(torch.tensor(keep, dtype=torch.int32))
+        if lc.capacities != [k + DECODE_SLACK for k in keep]:
+            cache.compact_layer(layer, [torch.arange(k, device=dev) for k in keep], DECODE_SLACK)
+    cache.compacted = True
+    return True
+
+
+def _rows_due(req, lengths: np.ndarray) -> _Rows | None:
+    """The segments of req's layers with a segment over budget + slack (lengths [layers, kv heads]); None
+    if its policy has no rule."""
+    targets = req.head_budget_array()
     layers = np.flatnonzero((lengths > targets + (DECODE_SLACK - 1)).any(axis=1))
     hkv = lengths.shape[1]
     n, keep = lengths[layers].ravel(), np.minimum(lengths[layers], targets[layers]).ravel()
@@ -106,36 +144,11 @@ def _evict(engine, due: list[_Rows]) -> None:
     width = max(len(t) for t in tables_host)
     tables = torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables_host], dtype=torch.long,
                           device=dev)
-    cat = np.concatenate
-    n, keep, sinks, recent = (torch.from_numpy(cat([getattr(r, f) for r in due]).astype(np.int64)).to(dev)
-                              .unsqueeze(1) for f in ("n", "keep", "sinks", "recent"))
-    tracked = torch.from_numpy(cat([np.full(r.n.size, r.req.cache.track_mass) for r in due])).to(dev).unsqueeze(1)
-    rows, longest = len(tables_host), int(max(r.n.max() for r in due))
+    longest = int(max(r.n.max() for r in due))
     idx = torch.arange(longest, device=dev).unsqueeze(0)  # [1, longest]
-    slots = tables.gather(1, (idx // B).expand(rows, -1)) * B + idx % B  # [rows, longest]
-    valid = idx < n
-    mass = pool.mass_flat[slots].float() * (valid & tracked)
-    scores = _scores(engine, due, slots, valid, mass, keep)
-
-    # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by score
-    # (ties to the lower index), then the slots past the length. Sorting by score first and then, stably,
-    # by priority orders each row exactly as decode_keep does; its first `keep` entries are kept.
-    rank = torch.full_like(slots, longest)
-    rank = torch.where((idx >= n - recent) & (idx >= sinks) & valid, sinks + (n - 1 - idx), rank)
-    rank = torch.where(idx < sinks, idx, rank).masked_fill(~valid, longest + 1)
-    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    order = by_score.gather(1, torch.sort(rank.gather(1, by_score), dim=1, stable=True).indices)
-    kept = torch.zeros_like(valid).scatter_(1, order, idx.expand(rows, -1) < keep)
-
-    # Kept entry i moves to (kept entries before it) in its own segment; only the ones that shift move.
-    new_idx = kept.long().cumsum(1) - 1
-    moves = kept & (new_idx != idx)
-    src = slots[moves]
-    to = new_idx[moves]
-    dst = tables[moves.nonzero()[:, 0], to // B] * B + to % B
-    k, v, p, m = pool.k_flat[src], pool.v_flat[src], pool.pos_flat[src], pool.mass_flat[src]
-    pool.k_flat[dst], pool.v_flat[dst], pool.pos_flat[dst], pool.mass_flat[dst] = k, v, p, m
-    pool.mass_flat[slots[valid & (idx >= keep)]] = 0.0  # slots past a length read zero mass
+    slots = tables.gather(1, (idx // B).expand(len(tables_host), -1)) * B + idx % B  # [rows, longest]
+    tracked = np.concatenate([np.full(r.n.size, r.req.cache.track_mass) for r in due])
+    _keep_and_move(engine, due, pool, slots, tracked)
 
     # Host: the new lengths; then every segment of an evicted layer holds the blocks for kept + slack,
     # shrinks first so the pool never holds more than before or after.
@@ -155,7 +168,53 @@ def _evict(engine, due: list[_Rows]) -> None:
         cache._note_peak()
 
 
-def _scores(engine, due: list[_Rows], slots, valid, mass, keep):
+@dataclass
+class _Store:
+    """Flat K, V, position and mass tensors that a set of rows' slots index: the paged pool (every layer of
+    every sequence), or one layer of a RaggedKVCache."""
+
+    k_flat: torch.Tensor
+    v_flat: torch.Tensor
+    pos_flat: torch.Tensor
+    mass_flat: torch.Tensor
+
+
+def _keep_and_move(engine, due: list[_Rows], store, slots, tracked: np.ndarray) -> None:
+    """Device side of a round: rank every row, keep its first `keep`, move the kept entries to the front
+    of the row's own slots (slots [rows, longest]: row i's entry j lives at slots[i, j], for j < its n),
+    and zero the mass of the slots past the new lengths."""
+    dev = slots.device
+    cat = np.concatenate
+    n, keep, sinks, recent = (torch.from_numpy(cat([getattr(r, f) for r in due]).astype(np.int64)).to(dev)
+                              .unsqueeze(1) for f in ("n", "keep", "sinks", "recent"))
+    tracked = torch.from_numpy(tracked).to(dev).unsqueeze(1)
+    rows, longest = slots.shape
+    idx = torch.arange(longest, device=dev).unsqueeze(0)  # [1, longest]
+    valid = idx < n
+    mass = store.mass_flat[slots].float() * (valid & tracked)
+    scores = _scores(engine, due, store, slots, valid, mass, keep)
+
+    # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by score
+    # (ties to the lower index), then the slots past the length. Sorting by score first and then, stably,
+    # by priority orders each row exactly as decode_keep does; its first `keep` entries are kept.
+    rank = torch.full_like(slots, longest)
+    rank = torch.where((idx >= n - recent) & (idx >= sinks) & valid, sinks + (n - 1 - idx), rank)
+    rank = torch.where(idx < sinks, idx, rank).masked_fill(~valid, longest + 1)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = by_score.gather(1, torch.sort(rank.gather(1, by_score), dim=1, stable=True).indices)
+    kept = torch.zeros_like(valid).scatter_(1, order, idx.expand(rows, -1) < keep)
+
+    # Kept entry i moves to (kept entries before it) in its own row; only the ones that shift move.
+    new_idx = kept.long().cumsum(1) - 1
+    moves = kept & (new_idx != idx)
+    src = slots[moves]
+    dst = slots.gather(1, new_idx.clamp(min=0))[moves]
+    k, v, p, m = store.k_flat[src], store.v_flat[src], store.pos_flat[src], store.mass_flat[src]
+    store.k_flat[dst], store.v_flat[dst], store.pos_flat[dst], store.mass_flat[dst] = k, v, p, m
+    store.mass_flat[slots[valid & (idx >= keep)]] = 0.0  # slots past a length read zero mass
+
+
+def _scores(engine, due: list[_Rows], store, slots, valid, mass, keep):
     """[rows, longest] ranking scores: the mass, replaced by the scorer's own decode_scores() for the rows
     of scorers that have one (AhaKV), computed per group of rows that share the scorer and query count."""
     from kvx.policies.base import DecodeBatch, Scorer  # local: policies load lazily
@@ -169,7 +228,6 @@ def _scores(engine, due: list[_Rows], slots, valid, mass, keep):
             shape = tuple(r.req.recent_q[0].shape) if _has_queries(r.req) else None
             groups.setdefault((repr(scorer), shape), []).append((start, r))
         start += r.n.size
-    pool = due[0].req.cache.pool
     for members in groups.values():
         first = members[0][1].req
         scorer = first.policy.scorer
@@ -196,11 +254,11 @@ def _scores(engine, due: list[_Rows], slots, valid, mass, keep):
         for lo in range(0, idx.numel(), step):
             part = idx[lo:lo + step]
             sub = slots[part]
-            batch = DecodeBatch(valid=valid[part], positions=pool.pos_flat[sub], mass=mass[part], keep=keep[part],
+            batch = DecodeBatch(valid=valid[part], positions=store.pos_flat[sub], mass=mass[part], keep=keep[part],
                                 query_position=qpos[lo:lo + step],
                                 recent_queries=None if queries is None else queries[lo:lo + step],
                                 head_dim=engine.config.head_dim, scale=engine.scale,
-                                load_kv=lambda sub=sub: (pool.k_flat[sub], pool.v_flat[sub]))
+                                load_kv=lambda sub=sub: (store.k_flat[sub], store.v_flat[sub]))
             scores[part] = scorer.decode_scores(batch).to(scores.dtype)
     return scores
 

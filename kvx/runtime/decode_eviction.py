@@ -15,6 +15,16 @@ DECODE_SLACK = 16
 @torch.inference_mode()  # compact_layer may update the cache's (inference) tensors in place
 def decode_evict(engine, req: Request) -> None:
     """Bring every (layer, kv head) back to its budget once it exceeds it by DECODE_SLACK."""
+    from kvx.runtime.batch_eviction import evict_sequence  # local: it imports DECODE_SLACK from here
+
+    if evict_sequence(engine, req):
+        return
+    evict_per_segment(engine, req)
+
+
+def evict_per_segment(engine, req: Request) -> None:
+    """decode_evict a segment at a time through Policy.decode_keep: for a policy without a batched rule
+    (decode_rule), and the reference the ranked passes are tested against."""
     from kvx.policies import (
         DecodeView,  # local: policies are only needed when a policy runs
     )
