@@ -8,8 +8,8 @@ compaction or growth changes capacities): the graph reads the pools by address.
 
 Policies that evict while decoding replay too. H2O's and TOVA's per-key mass is written by the captured
 decode kernel into the cache's mass pool; the eviction between replays writes the kept entries back into
-the same pools (RaggedKVCache.compact_layer: every round after the first keeps each segment's capacity),
-so the graph is captured once; AhaKV's queries go to a static buffer and are appended to its recent
+the same pools (batch_eviction.evict_sequence, or compact_layer for a scorer without a ranked rule: every
+round after the first keeps each segment's capacity), so the graph is captured once; AhaKV's queries go to a static buffer and are appended to its recent
 queries on the host after each replay. Not captured (eager decode): models with a sliding window (the
 windowed path builds masks on the host).
 """
