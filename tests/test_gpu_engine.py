@@ -21,7 +21,7 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy,budget", [(None, None), ("snapkv", "20%"), ("ada-snapkv", "20%"), ("laprox", "10%"),
-                                           ("h2o", "64"), ("tova", "64"), ("streaming", "64"), ("ahakv", "64")])
+                                           ("h2o", "64"), ("tova", "64"), ("streaming", "64")])
 def test_gpu_generation_matches_cpu_float32(models, policy, budget):
     cpu, gpu = models
     ids = torch.randint(3, 128, (700,), generator=torch.Generator().manual_seed(0)).tolist()
