@@ -21,14 +21,14 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  timeout 120 python3 -m pytest -q -m gpu $FIRST -p no:cacheprovider --junitxml="$OUT/gpu_tests_1.xml"
+  timeout 140 python3 -m pytest -q -m gpu $FIRST -p no:cacheprovider --junitxml="$OUT/gpu_tests_1.xml"
   echo "pytest (engine, paged kernel) rc=$?"
   timeout 180 python3 benchmarks/gpu_batch.py --out "$OUT/gpu_batch.json" --prompt 32768 --gen 32
   echo "gpu_batch rc=$?"
-  timeout 110 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
+  timeout 100 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
     -p no:cacheprovider --junitxml="$OUT/gpu_tests_2.xml"
   echo "pytest (the rest) rc=$?"
-  timeout 60 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
+  timeout 50 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
   echo "eviction_round rc=$?"
   timeout 20 python3 benchmarks/eviction_round.py --single --device cuda --out "$OUT/eviction_single.json"
   echo "eviction_round --single rc=$?"
