@@ -131,6 +131,42 @@ def test_emulated_decode_graph_equals_reference(llama, graphs, monkeypatch, poli
     assert graphed == eager == plain
 
 
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    # a sliding window of 8, far shorter than the prompts: the decode kernel hides keys by position
+    path, _ = make_checkpoint("mistral", tmp_path_factory.mktemp("mistral"), max_position_embeddings=4096)
+    return Transformer.from_pretrained(path)
+
+
+WINDOWED = [(None, None), ("snapkv", "30%"), ("tova", "30%")]
+
+
+@pytest.mark.parametrize("policy,budget", WINDOWED, ids=[p or "full" for p, _ in WINDOWED])
+def test_emulated_decode_graph_with_a_sliding_window(mistral, graphs, monkeypatch, policy, budget):
+    """A sliding-window model's decode step is captured too (the window applied in the decode kernel from
+    the cache's positions and the step's position buffer): tokens equal eager and the plain path."""
+    from kvx.runtime.sampling import SamplingParams
+
+    ids = _ids(random.Random(13), 60, 61)
+    steps = 20
+
+    def run(use_graphs):
+        eng = Engine(mistral, StubTokenizer(), build_policy(policy) if policy else None,
+                     parse_budget(budget) if budget else None, use_graphs=use_graphs)
+        req = eng.new_request(capacity=len(ids) + steps, policy=eng.policy, budget=eng.budget)
+        logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
+        eng.compress(req, headroom=steps)
+        out, _, _ = eng.decode(req, logits, SamplingParams(), steps, stop_at_eos=False)
+        return out, req
+
+    graphed, req = run(True)
+    assert req.graph is not None and req.graph.captures == 1
+    eager, _ = run(False)
+    _reference(monkeypatch)
+    plain, _ = run(False)
+    assert graphed == eager == plain
+
+
 EVICTING = [("h2o", "25%"), ("tova", "30%"), ("streaming", "20%"), ("ahakv", "25%")]
 
 

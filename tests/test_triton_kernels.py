@@ -292,6 +292,40 @@ def test_decode_attention_matches_reference(bk, case):
         close(mass, ref_mass, 1e-4, "key mass")
 
 
+@pytest.mark.parametrize("window", [1, 7, 40, 1000])
+@pytest.mark.parametrize("track_mass", [False, True])
+def test_decode_attention_sliding_window_matches_reference(bk, window, track_mass):
+    """Keys at q_pos - window or earlier hidden (a compressed cache's positions have gaps); a segment
+    whose keys are all hidden gives zeros and no mass."""
+    group, lengths, d = 2, [50, 9, 0, 120], 32
+    Hkv = len(lengths)
+    k_pool, v_pool, seg_start, seg_len = _ragged_pool(bk, lengths, d)
+    gen = torch.Generator().manual_seed(window)
+    pos_pool = torch.full((k_pool.shape[0],), -10**6, dtype=torch.int64)  # gaps: far in the past
+    for s_, n in zip(seg_start.tolist(), lengths):
+        pos_pool[s_:s_ + n] = torch.sort(torch.randperm(300, generator=gen)[:n]).values
+    pos_pool[seg_start[1]:seg_start[1] + lengths[1]] -= 200  # segment 1 sits far behind the query
+    pos_pool = pos_pool.to(bk.device)
+    q_pos = torch.tensor([300], device=bk.device)
+    q = bk.randn(group * Hkv, d)
+    mass = torch.rand(k_pool.shape[0], device=bk.device) if track_mass else None
+    ref_mass = mass.clone() if track_mass else None
+    before = mass.clone() if track_mass else None
+    kw = dict(pos_pool=pos_pool, q_pos=q_pos, sliding_window=window)
+    out = bk.k.decode.decode_attention(q, k_pool, v_pool, seg_start, seg_len, d ** -0.5, mass, max(lengths) + 3,
+                                       chunk=bk.decode_chunk, blocks=bk.decode_blocks, **kw)
+    want = ref.decode_attention(q.float(), k_pool.float(), v_pool.float(), seg_start, seg_len, d ** -0.5, ref_mass,
+                                **kw)
+    close(out, want, OUT_TOL[bk.dtype], "windowed decode output")
+    if window <= 100:  # segment 1 (positions < 100) is wholly hidden
+        assert bool((out[group:2 * group] == 0).all())
+    if track_mass:
+        close(mass, ref_mass, 1e-4, "windowed key mass")
+        s1 = int(seg_start[1])
+        if window <= 100:  # nothing added to the hidden keys' mass
+            assert torch.equal(mass[s1:s1 + lengths[1]], before[s1:s1 + lengths[1]])
+
+
 def test_decode_attention_default_bound(bk):
     """Without max_len the grid is sized by the pool, which bounds every segment."""
     k_pool, v_pool, seg_start, seg_len = _ragged_pool(bk, [40, 3, 0], 16)

@@ -87,16 +87,21 @@ def decode_attention(
     scale: float,
     key_mass: Tensor | None = None,
     max_len: int | None = None,
+    *,
+    pos_pool: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """One query token per head over the ragged cache; see reference.decode_attention.
 
     max_len: host upper bound on every segment length; sizes the Triton grid (CUDA graphs need it fixed).
     The reference ignores it.
     """
+    kw = dict(pos_pool=pos_pool, q_pos=q_pos, sliding_window=sliding_window)
     if use_triton(q):
         return _module("triton_decode").decode_attention(
-            q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, max_len)
-    return reference.decode_attention(q, k_pool, v_pool, seg_start, seg_len, scale, key_mass)
+            q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, max_len, **kw)
+    return reference.decode_attention(q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, **kw)
 
 
 def cache_append(

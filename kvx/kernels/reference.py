@@ -90,12 +90,17 @@ def decode_attention(
     seg_len: Tensor,
     scale: float,
     key_mass: Tensor | None = None,
+    *,
+    pos_pool: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """One query token per head over the ragged cache. q: [H, d] -> out [H, d].
 
-    Every key in a segment is visible (the cache only holds past tokens; sliding windows are enforced by
-    eviction). If key_mass [slots] float32 is given, each key's attention probability summed over the
-    query heads of its group is added to it (H2O / TOVA statistics).
+    Every key in a segment is visible (the cache only holds past tokens), except, with sliding_window,
+    pos_pool [slots] and q_pos [1], the keys at q_pos - window or earlier. If key_mass [slots] float32 is
+    given, each key's attention probability summed over the query heads of its group is added to it (H2O /
+    TOVA statistics; a hidden key gets 0).
     """
     H, d = q.shape
     Hkv = seg_start.shape[0]
@@ -111,7 +116,10 @@ def decode_attention(
             continue
         kg, vg = k_pool[s:s + n], v_pool[s:s + n]
         logits = (qg.float() @ kg.float().T) * scale
-        probs = torch.softmax(logits, dim=-1)
+        if sliding_window is not None:
+            hidden = (q_pos.reshape(1).to(pos_pool.device) - pos_pool[s:s + n]) >= sliding_window
+            logits = logits.masked_fill(hidden[None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # every key hidden: zeros
         out[g * G:(g + 1) * G] = (probs @ vg.float()).to(q.dtype)
         if key_mass is not None:
             key_mass[s:s + n] += probs.sum(0)

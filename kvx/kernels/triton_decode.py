@@ -32,10 +32,10 @@ TARGET_PROGRAMS = 256
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEG_START, SEG_LEN, M_PART, L_PART, ACC_PART, LOGITS,
-    stride_qh, stride_ks, stride_vs, qk_scale, chunk, num_splits, max_len,
+    Q, K, V, POS, Q_POS, SEG_START, SEG_LEN, M_PART, L_PART, ACC_PART, LOGITS,
+    stride_qh, stride_ks, stride_vs, qk_scale, chunk, num_splits, max_len, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, STORE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, STORE_LOGITS: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     g = tl.program_id(1)
@@ -51,6 +51,8 @@ def _decode_split_kernel(
     heads = g * GROUP + offs_g
     q = tl.load(Q + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if SLIDING:
+        q_pos = tl.load(Q_POS)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -59,12 +61,15 @@ def _decode_split_kernel(
         offs_n = j0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         slots = seg_start + offs_n
+        if SLIDING:  # keys at q_pos - window or earlier are hidden (their logits -inf, their mass 0)
+            k_pos = tl.load(POS + slots, mask=n_ok, other=0)
+            n_ok = n_ok & ((q_pos - k_pos) < window)
         kt = tl.load(K + slots[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        if STORE_LOGITS:
+        if STORE_LOGITS:  # every key of the segment, a hidden one as -inf (the mass kernel reads them all)
             tl.store(LOGITS + heads[:, None].to(tl.int64) * max_len + offs_n[None, :], s,
-                     mask=g_ok[:, None] & n_ok[None, :])
+                     mask=g_ok[:, None] & (offs_n < hi)[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
@@ -129,6 +134,7 @@ def _key_mass_kernel(
     ok = g_ok[:, None] & n_ok[None, :]
     s = tl.load(LOGITS + heads[:, None].to(tl.int64) * max_len + offs_n[None, :], mask=ok, other=0.0)
     lse2 = tl.load(LSE2 + heads, mask=g_ok, other=0.0)
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # a head that saw no key (all hidden): every p is 0
     p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
     mass_ptrs = KEY_MASS + seg_start + offs_n
     mass = tl.load(mass_ptrs, mask=n_ok, other=0.0)
@@ -161,6 +167,9 @@ def decode_attention(
     key_mass: Tensor | None = None,
     max_len: int | None = None,
     *,
+    pos_pool: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    sliding_window: int | None = None,
     chunk: int | None = None,
     blocks: tuple[int, int, int] | None = None,
 ) -> Tensor:
@@ -170,7 +179,8 @@ def decode_attention(
     on every seg_len (keys past it are ignored); pass the largest segment capacity. It defaults to the pool
     size, always safe but then most split programs find nothing to do.
     key_mass [slots] float32, when given, gets each key's probability summed over its group added to it.
-    `chunk` forces the keys per split program; `blocks` overrides (BLOCK_N, warps, stages).
+    sliding_window, with pos_pool [slots] and q_pos [1] (on the device): keys at q_pos - window or earlier
+    are hidden. `chunk` forces the keys per split program; `blocks` overrides (BLOCK_N, warps, stages).
     """
     H, d = q.shape
     Hkv = seg_start.shape[0]
@@ -195,11 +205,16 @@ def decode_attention(
     out = torch.empty((H, d), dtype=q.dtype, device=dev)
     lse2 = torch.empty((H,), dtype=torch.float32, device=dev)
 
+    sliding = sliding_window is not None
+    pos = pos_pool if sliding else seg_len
+    qp = q_pos.to(dev, torch.int64) if sliding else seg_len
     _decode_split_kernel[(num_splits, Hkv)](
-        q, k_pool, v_pool, seg_start, seg_len, m_part, l_part, acc_part, logits,
+        q, k_pool, v_pool, pos, qp, seg_start, seg_len, m_part, l_part, acc_part, logits,
         q.stride(0), k_pool.stride(0), v_pool.stride(0), scale * LOG2E, chunk, num_splits, max_len,
+        int(sliding_window or 0),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        STORE_LOGITS=key_mass is not None, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        STORE_LOGITS=key_mass is not None, SLIDING=sliding, PRECISION=dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages,
     )
     _decode_combine_kernel[(H,)](
         m_part, l_part, acc_part, out, lse2, out.stride(0), num_splits,

@@ -2,8 +2,8 @@
 
 Prefill attends over the K/V just computed (or the uniform cache) and, when the request's policy asks,
 writes that layer's statistics (ops.layer_stats: Triton on a GPU, so no n x n matrix is formed). Decode
-over a contiguous cache runs the decode kernel, which also adds H2O/TOVA's per-key mass; after a
-compaction each kv head attends over its own ragged segment.
+over a contiguous cache runs the decode kernel (a sliding window included), which also adds H2O/TOVA's
+per-key mass; a prefill after a compaction attends each kv head over its own ragged segment.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink
             prev = req.recent_q[layer]
             rq = q if prev is None else torch.cat([prev, q], dim=1)
             req.recent_q[layer] = rq[:, -keep_recent:].clone()
-        if T == 1 and sw is None and cache.contiguous:
+        if T == 1 and cache.contiguous:
             if mode == "last":
                 lc.key_mass.zero_()
             # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
+            window = {} if sw is None else dict(pos_pool=lc.pos, q_pos=positions, sliding_window=sw)
             return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, engine.scale,
-                                        lc.key_mass, max_len=max(lc.capacities)).unsqueeze(1)
+                                        lc.key_mass, max_len=max(lc.capacities), **window).unsqueeze(1)
         # The batched [Hkv, n, d] view carries one position vector (head 0's): after a compaction heads
         # hold different positions, which a sliding window's mask must see head by head.
         if lc.is_uniform() and (sw is None or not cache.compacted):
@@ -74,9 +75,9 @@ def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink
 
     def attend_with_mass(layer, q, k, v, positions, q_pre):
         out = attend(layer, q, k, v, positions, q_pre)
-        sw = engine.config.sliding_window_for(layer)
-        if q.shape[1] == 1 and (sw is not None or not cache.contiguous):
-            # The contiguous decode kernel adds the mass itself; these paths do not.
+        if q.shape[1] == 1 and not cache.contiguous:
+            # The contiguous decode kernel adds the mass itself; this path does not.
+            sw = engine.config.sliding_window_for(layer)
             add_decode_mass(cache.layers[layer], q[:, 0], int(positions[0]), sw, engine.scale, G, mode)
         return out
 

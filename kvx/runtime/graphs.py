@@ -10,8 +10,8 @@ Policies that evict while decoding replay too. H2O's and TOVA's per-key mass is 
 decode kernel into the cache's mass pool; the eviction between replays writes the kept entries back into
 the same pools (batch_eviction.evict_sequence, or compact_layer for a scorer without a ranked rule: every
 round after the first keeps each segment's capacity), so the graph is captured once; AhaKV's queries go to a static buffer and are appended to its recent
-queries on the host after each replay. Not captured (eager decode): models with a sliding window (the
-windowed path builds masks on the host).
+queries on the host after each replay. A sliding window is applied by the decode kernel from the
+positions the cache keeps and the step's position buffer.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def graphs_supported(engine, req) -> bool:
 
 
 def capturable(engine, req) -> bool:
-    """Whether req's decode step can be captured, whatever the device (tests emulate graphs on the CPU)."""
-    cfg = engine.config
-    return req.cache.contiguous and all(cfg.sliding_window_for(i) is None for i in range(cfg.num_layers))
+    """Whether req's decode step can be captured, whatever the device (tests emulate graphs on the CPU):
+    the decode kernel's contiguous segments, sliding windows included."""
+    return req.cache.contiguous
 
 
 class DecodeGraph:
