@@ -154,6 +154,30 @@ def test_attention_without_lse(bk):
     _attention_case(bk, 4, 2, 21, 21, 16, None, need_lse=False, blocks=bk.attn_blocks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prefill_tile_fits_the_shared_memory_it_is_given(d, dtype):
+    """A Hopper keeps the tuned tile; a chip with less shared memory gets fewer stages, then shorter query
+    tiles, until the estimate fits (tests/test_triton_aot.py checks the compiler's own count)."""
+    ta = importlib.import_module("kvx.kernels.triton_attention")
+    tuned = ta._prefill_config(d, dtype)
+    assert ta._prefill_config(d, dtype, 232448) == tuned
+    elem = torch.finfo(dtype).bits // 8
+    for limit in (101376, 65536, 32768):
+        block_m, block_n, warps, stages = ta._prefill_config(d, dtype, limit)
+        assert (block_n, warps) == tuned[1:3] and block_m <= tuned[0] and stages <= tuned[3]
+        fits = ta._prefill_shared_bytes(block_m, block_n, max(16, d), stages, elem) <= limit
+        assert fits or (block_m, stages) == (16, 1)
+    assert ta._prefill_config(128, torch.bfloat16, 101376) == (128, 64, 8, 2)  # an RTX 4090 / L4 / A10
+
+
+def test_attention_with_a_tile_shrunk_for_shared_memory(bk):
+    """The tile chosen for a small shared memory computes the same attention."""
+    blocks = bk.k.attention._prefill_config(32, bk.dtype, 20000)
+    assert blocks != bk.k.attention._prefill_config(32, bk.dtype)
+    _attention_case(bk, 4, 2, 70, 70, 32, 9, blocks=blocks)
+
+
 def test_attention_arbitrary_positions_and_strides(bk):
     """Unsorted positions with gaps, strided inputs, and rows that see no key (zeros, lse = -inf)."""
     H, Hkv, T, S, d = 6, 2, 23, 41, 32

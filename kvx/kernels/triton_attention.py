@@ -11,6 +11,8 @@ second run without a mask. For unsorted positions the range falls back to everyt
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -176,15 +178,48 @@ def positions32(pos: Tensor) -> Tensor:
     return pos.to(torch.int32).contiguous()
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head size and element size."""
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Shared memory one program may use on `device`'s GPU (bytes), as Triton checks it at launch; None
+    under the interpreter, where there is no chip."""
+    if not isinstance(_prefill_kernel, triton.runtime.JITFunction):
+        return None
+    from triton.runtime import driver
+
+    index = device.index if device.type == "cuda" and device.index is not None else driver.active.get_current_device()
+    return _max_shared_mem(index)
+
+
+@cache
+def _max_shared_mem(device_index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def _prefill_shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int) -> int:
+    """Upper estimate of the prefill tile's shared memory: the Q tile plus `stages` buffered K and V tiles."""
+    return (block_m * block_d + 2 * stages * block_n * block_d) * elem + 1024
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, shared_limit: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head size and element size, shrunk (fewer pipeline
+    stages first, then shorter query tiles) to fit `shared_limit`: the bf16 tile for head size 128 needs
+    129 KiB, which a Hopper or an A100 has and an RTX 3090/4090, an A10 or an L4 (99 KiB) has not."""
     if dtype == torch.float32:
-        return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+        block_m, block_n, warps, stages = (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
+    elif head_dim <= 64:
+        block_m, block_n, warps, stages = 128, 64, 4, 3
+    elif head_dim <= 128:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
+    else:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    if shared_limit is not None:
+        block_d, elem = max(16, triton.next_power_of_2(head_dim)), torch.finfo(dtype).bits // 8
+        while stages > 1 and _prefill_shared_bytes(block_m, block_n, block_d, stages, elem) > shared_limit:
+            stages -= 1
+        while block_m > 16 and _prefill_shared_bytes(block_m, block_n, block_d, stages, elem) > shared_limit:
+            block_m //= 2
+    return block_m, block_n, warps, stages
 
 
 def _rows_last_contiguous(x: Tensor) -> Tensor:
@@ -225,7 +260,7 @@ def attention(
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
-    block_m, block_n, warps, stages = blocks or _prefill_config(d, q.dtype)
+    block_m, block_n, warps, stages = blocks or _prefill_config(d, q.dtype, shared_memory_limit(q.device))
     ranges = key_ranges(q_pos, k_pos, block_m, sliding_window)
     grid = (H, triton.cdiv(T, block_m))
     _prefill_kernel[grid](
