@@ -1,9 +1,14 @@
 """Timings of the Triton kernels on a CUDA GPU (numbers for docs/benchmarks.md).
 
-    python3 benchmarks/bench_kernels.py [--sweep]
+    python3 benchmarks/bench_kernels.py [--sweep] [--paged]
 
 Prefill attention vs torch SDPA (bf16, H=32, Hkv=8, d=128, causal) at 8k and 32k; ragged decode bandwidth
 at 32k tokens per kv head; window statistics at 32k. --sweep also times a few tile configurations.
+--paged times only the batched engine's paged decode kernel against the contiguous ragged kernel on the
+same keys, at the batches of benchmarks/gpu_batch.py: (b) 2 sequences x 32k, (c) 21 and 64 sequences x
+1638 (5% of 32k); blocks of 32 in a shuffled table, as a pool that has served many requests holds them.
+Smoke-run of --paged's setup and its equality check on a CPU:
+    TRITON_INTERPRET=1 python3 benchmarks/bench_kernels.py --paged --tiny
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from kvx.kernels import triton_attention, triton_decode, triton_stats
+from kvx.kernels import triton_attention, triton_decode, triton_paged, triton_stats
 
 H, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -124,15 +129,76 @@ def bench_stats(n: int) -> None:
         print(f"stats   n={n:6d} colsum over all rows                {ms * 1e3:8.1f} us")
 
 
+def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, group: int = H // HKV,
+               d: int = D, dtype=DTYPE):
+    """Callables for one batch of `seqs` sequences with n keys per kv head: the paged kernel (without and
+    with TOVA's mass written), and the contiguous ragged kernel over the same keys; plus the bytes read."""
+    segs, per_seg = seqs * hkv, -(-n // block)
+    blocks = segs * per_seg
+    gen = torch.Generator().manual_seed(seqs * 100003 + n)
+    k = torch.randn(blocks, block, d, generator=gen).to(device, dtype)
+    v = torch.randn(blocks, block, d, generator=gen).to(device, dtype)
+    q = torch.randn(segs, group, d, generator=gen).to(device, dtype)
+    tables = torch.randperm(blocks, generator=gen).to(device, torch.int32).view(segs, per_seg)
+    lengths = torch.full((segs,), n, device=device, dtype=torch.int32)
+    mass = torch.zeros(blocks, block, device=device)
+    mode = torch.full((segs,), 2, device=device, dtype=torch.int32)
+    scale = d ** -0.5
+    # the same keys laid out contiguously, segment after segment, for the ragged kernel
+    order = tables.long().view(-1)
+    k_flat, v_flat = k[order].reshape(-1, d), v[order].reshape(-1, d)
+    seg_start = torch.arange(segs, device=device, dtype=torch.int32) * (per_seg * block)
+    q_flat = q.reshape(segs * group, d)
+
+    def paged():
+        return triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block)
+
+    def paged_mass():
+        return triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, mass_pool=mass,
+                                                   mass_mode=mode, max_len=per_seg * block)
+
+    def contiguous():
+        return triton_decode.decode_attention(q_flat, k_flat, v_flat, seg_start, lengths, scale, None, n)
+
+    return {"paged": paged, "paged +mass": paged_mass, "contiguous": contiguous}, segs * n * d * 2 * 2
+
+
+def bench_paged(tiny: bool) -> None:
+    shapes = [(2, 96), (3, 40)] if tiny else [(2, 32768), (21, 1638), (64, 1638)]
+    for seqs, n in shapes:
+        device = "cpu" if tiny else "cuda"
+        kw = dict(hkv=2, group=3, d=32, dtype=torch.float32) if tiny else {}
+        fns, nbytes = paged_case(seqs, n, device, **kw)
+        reference = fns["contiguous"]().float().reshape(-1)
+        for name in ("paged", "paged +mass"):
+            got = fns[name]().float().reshape(-1)
+            err = (got - reference).abs().max().item()
+            assert err < (1e-4 if tiny else 2e-2), f"{name} differs from the contiguous kernel by {err}"
+        if tiny:
+            print(f"paged   {seqs} seqs x {n}: paged = contiguous (smoke run, nothing timed)")
+            continue
+        for name, fn in fns.items():
+            ms = _ms(_graphed(fn))
+            print(f"paged   {seqs:3d} seqs x {n:6d} {name:24s} graph {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--paged", action="store_true", help="only the paged decode kernel vs the contiguous one")
+    parser.add_argument("--tiny", action="store_true", help="with --paged: tiny shapes on the CPU, no timing")
     args = parser.parse_args()
+    if args.paged and args.tiny:
+        bench_paged(tiny=True)
+        return
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     x = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
     for _ in range(200):  # bring the clocks up before the first timing
         x @ x
     torch.cuda.synchronize()
+    if args.paged:
+        bench_paged(tiny=False)
+        return
     for n in (8192, 32768):
         bench_prefill(n, args.sweep and n == 8192)
     bench_decode(32768, args.sweep)

@@ -131,3 +131,20 @@ def test_triton_paged_interp():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_triton_paged_on_gpu():
     _triton_cases("cuda", (torch.float32, torch.float16, torch.bfloat16))
+
+
+def test_paged_kernel_benchmark_smoke_run():
+    """benchmarks/bench_kernels.py --paged gets one run on a lent GPU: its setup (a shuffled table, the same
+    keys laid out for the contiguous kernel) and its equality check run here under the interpreter."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_kernels.py"), "--paged", "--tiny"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("paged = contiguous") == 2, run.stdout
