@@ -6,7 +6,8 @@ Prefill attention vs torch SDPA (bf16, H=32, Hkv=8, d=128, causal) at 8k and 32k
 at 32k tokens per kv head; window statistics at 32k. --sweep also times a few tile configurations.
 --paged times only the batched engine's paged decode kernel against the contiguous ragged kernel on the
 same keys, at the batches of benchmarks/gpu_batch.py: (b) 2 sequences x 32k, (c) 21 and 64 sequences x
-1638 (5% of 32k); blocks of 32 in a shuffled table, as a pool that has served many requests holds them.
+1638 (5% of 32k); blocks of 32 in a shuffled table, as a pool that has served many requests holds them;
+key tiles of 1 (the engine's), 2 and 4 blocks.
 Smoke-run of --paged's setup and its equality check on a CPU:
     TRITON_INTERPRET=1 python3 benchmarks/bench_kernels.py --paged --tiny
 """
@@ -160,7 +161,13 @@ def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, 
     def contiguous():
         return triton_decode.decode_attention(q_flat, k_flat, v_flat, seg_start, lengths, scale, None, n)
 
-    return {"paged": paged, "paged +mass": paged_mass, "contiguous": contiguous}, segs * n * d * 2 * 2
+    def paged_tiles(tile_blocks):
+        return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block,
+                                                           tile_blocks=tile_blocks)
+
+    fns = {"paged": paged, "paged +mass": paged_mass, "contiguous": contiguous}
+    fns.update({f"paged, {t} blocks a tile": paged_tiles(t) for t in (2, 4)})
+    return fns, segs * n * d * 2 * 2
 
 
 def bench_paged(tiny: bool) -> None:
@@ -170,7 +177,7 @@ def bench_paged(tiny: bool) -> None:
         kw = dict(hkv=2, group=3, d=32, dtype=torch.float32) if tiny else {}
         fns, nbytes = paged_case(seqs, n, device, **kw)
         reference = fns["contiguous"]().float().reshape(-1)
-        for name in ("paged", "paged +mass"):
+        for name in (name for name in fns if name.startswith("paged")):
             got = fns[name]().float().reshape(-1)
             err = (got - reference).abs().max().item()
             assert err < (1e-4 if tiny else 2e-2), f"{name} differs from the contiguous kernel by {err}"

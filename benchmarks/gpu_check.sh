@@ -27,7 +27,7 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "pytest (engine, paged kernel) rc=$?"
   timeout 180 python3 benchmarks/gpu_batch.py --out "$OUT/gpu_batch.json" --prompt 32768 --gen 32
   echo "gpu_batch rc=$?"
-  timeout 20 python3 benchmarks/bench_kernels.py --paged
+  timeout 30 python3 benchmarks/bench_kernels.py --paged
   echo "bench_kernels --paged rc=$?"
   timeout 100 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
     -p no:cacheprovider --junitxml="$OUT/gpu_tests_2.xml"
@@ -36,7 +36,7 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "eviction_round rc=$?"
   timeout 20 python3 benchmarks/eviction_round.py --single --device cuda --out "$OUT/eviction_single.json"
   echo "eviction_round --single rc=$?"
-  timeout 80 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
+  timeout 70 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
   echo "gpu_decode rc=$?"
   date -u
 } 2>&1 | tee "$OUT/log"

@@ -103,11 +103,12 @@ def _triton_cases(device, dtypes):
     from kvx.kernels import triton_paged
 
     for dtype in dtypes:
-        for block in (16, 32, 64):
+        for block, tile_blocks in ((16, 1), (32, 1), (64, 1), (16, 2), (16, 4), (32, 2)):
             for window in (None, 40):
-                for chunk in (None, block):  # default split plan, and one block per split program
-                    c = _case(3 + block, block, dtype=dtype, device=device)
-                    fn = lambda *a, **k: triton_paged.paged_decode_attention(*a, **k, chunk=chunk)  # noqa: E731
+                for chunk in (None, block):  # default split plan, and one tile per split program
+                    c = _case(3 + block + tile_blocks, block, dtype=dtype, device=device)
+                    fn = lambda *a, **k: triton_paged.paged_decode_attention(  # noqa: E731
+                        *a, **k, chunk=chunk, tile_blocks=tile_blocks)
                     out, mass = _run(fn, c, 0.3, window)
                     want, want_mass = _run(ref.paged_decode_attention, c, 0.3, window)
                     tol = TOL[dtype]

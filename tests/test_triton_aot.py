@@ -72,6 +72,8 @@ def test_every_kernel_compiles_for_sm90_in_bf16_and_fp32():
     for kernel in ("_decode_split_kernel", "_paged_split_kernel"):
         flags = {(v["constants"]["STORE_LOGITS"], v["constants"]["SLIDING"]) for v in bf16 if v["kernel"] == kernel}
         assert {(False, False), (True, False), (True, True)} <= flags, (kernel, flags)
+    tiles = {v["constants"]["TILE_BLOCKS"] for v in bf16 if v["kernel"] == "_paged_split_kernel"}
+    assert tiles == {1, 2, 4}
     windows = {v["constants"]["HAS_WINDOW"] for v in bf16 if v["kernel"] == "_prefill_kernel"}
     assert windows == {False, True}
 

@@ -144,7 +144,11 @@ def launch_paged(shape: Shape, dtype, quick: bool) -> None:
 
     seqs, per_head = 3, 200
     segments = seqs * shape.kv_heads
-    for block in ([16] if quick else [16, 64]):
+    # (block size, blocks per key tile, with mass, sliding window)
+    cases = [(16, 1, True, None)] if quick else [
+        (16, 1, False, None), (16, 1, True, None), (16, 1, True, 64), (64, 1, True, None),
+        (32, 2, False, None), (32, 4, False, None), (32, 4, True, 64)]
+    for block, tile_blocks, with_mass, window in cases:
         blocks_per_seg = -(-per_head // block)
         pool_blocks = segments * blocks_per_seg
         k = rand(pool_blocks, block, shape.head_dim, dtype=dtype)
@@ -154,12 +158,11 @@ def launch_paged(shape: Shape, dtype, quick: bool) -> None:
         pos = torch.arange(pool_blocks * block, dtype=torch.int32).view(pool_blocks, block)
         q_pos = torch.full((segments,), per_head)
         mode = torch.ones(segments, dtype=torch.int32)
-        cases = [(True, None)] if quick else [(False, None), (True, None), (True, 64)]
-        for with_mass, window in cases:
-            mass = torch.zeros(pool_blocks, block) if with_mass else None
-            triton_paged.paged_decode_attention(
-                q, k, k, tables, lengths, 0.1, mass_pool=mass, mass_mode=mode if with_mass else None,
-                pos_pool=pos, q_pos=q_pos, sliding_window=window, max_len=blocks_per_seg * block)
+        mass = torch.zeros(pool_blocks, block) if with_mass else None
+        triton_paged.paged_decode_attention(
+            q, k, k, tables, lengths, 0.1, mass_pool=mass, mass_mode=mode if with_mass else None,
+            pos_pool=pos, q_pos=q_pos, sliding_window=window, max_len=blocks_per_seg * block,
+            tile_blocks=tile_blocks)
 
 
 def launch_cache(shape: Shape, dtype, quick: bool) -> None:

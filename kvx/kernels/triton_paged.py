@@ -1,9 +1,9 @@
 """Paged ragged decode attention in Triton: the batched decode step's attention over the shared pool.
 
 Twin of reference.paged_decode_attention. A segment is one (sequence, kv head): its G query heads share one
-pass over its keys, read block by block through its block table (one block = one tile of BLOCK_N = the
-pool's block size keys, so a tile never straddles two blocks). Long segments are split: program
-(split, segment) covers `chunk` keys (a whole number of blocks) and writes a partial (max, sum-exp,
+pass over its keys, read a tile at a time through its block table (a tile is TILE_BLOCKS whole blocks of
+BLOCK_N = the pool's block size keys; with one block a tile reads one table entry). Long segments are
+split: program (split, segment) covers `chunk` keys (a whole number of tiles) and writes a partial (max, sum-exp,
 unnormalised output); triton_decode's combine kernel merges the partials per query row.
 
 The grid depends only on the host bound max_len and the number of segments, never on the lengths, and
@@ -29,7 +29,8 @@ def _paged_split_kernel(
     Q, K, V, POS, TABLES, SEG_LEN, Q_POS, M_PART, L_PART, ACC_PART, LOGITS,
     stride_qn, stride_qg, stride_tn, qk_scale, chunk, num_splits, max_len, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, STORE_LOGITS: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_BLOCKS: tl.constexpr, STORE_LOGITS: tl.constexpr, SLIDING: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     seg = tl.program_id(1)
@@ -39,7 +40,7 @@ def _paged_split_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_b = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_N * TILE_BLOCKS)
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + seg.to(tl.int64) * stride_qn + offs_g[:, None] * stride_qg + offs_d[None, :],
@@ -51,11 +52,15 @@ def _paged_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        block = tl.load(TABLES + seg.to(tl.int64) * stride_tn + j0 // BLOCK_N).to(tl.int64)
-        offs_n = j0 + offs_b
+    for j0 in range(lo, hi, BLOCK_N * TILE_BLOCKS):
+        offs_n = j0 + offs_t
         n_ok = offs_n < hi
-        slots = block * BLOCK_N + offs_b
+        if TILE_BLOCKS == 1:  # one block: one table entry for the whole tile
+            block = tl.load(TABLES + seg.to(tl.int64) * stride_tn + j0 // BLOCK_N).to(tl.int64)
+            slots = block * BLOCK_N + offs_t
+        else:  # several blocks: each key looks its block up
+            blocks = tl.load(TABLES + seg.to(tl.int64) * stride_tn + offs_n // BLOCK_N, mask=n_ok, other=0)
+            slots = blocks.to(tl.int64) * BLOCK_N + offs_n % BLOCK_N
         if SLIDING:
             k_pos = tl.load(POS + slots, mask=n_ok, other=0)
             n_ok = n_ok & ((q_pos - k_pos) < window)
@@ -120,14 +125,17 @@ def paged_decode_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, lengths: Tensor, scale: float, *,
     mass_pool: Tensor | None = None, mass_mode: Tensor | None = None, pos_pool: Tensor | None = None,
     q_pos: Tensor | None = None, sliding_window: int | None = None, max_len: int | None = None,
-    chunk: int | None = None,
+    chunk: int | None = None, tile_blocks: int = 1,
 ) -> Tensor:
-    """See reference.paged_decode_attention. The pool's block size is the key tile (a power of two >= 16).
-    `chunk` forces the keys per split program (rounded up to whole blocks)."""
+    """See reference.paged_decode_attention. The key tile is `tile_blocks` (1, 2 or 4) of the pool's blocks
+    (the block size a power of two >= 16): one block needs one table read per tile, several give each
+    step more keys. `chunk` forces the keys per split program (rounded up to whole tiles)."""
     N, G, d = q.shape
     B = k_pool.shape[1]
     if B < 16 or B & (B - 1):
         raise ValueError(f"the Triton paged kernel needs a power-of-two block size >= 16, got {B}")
+    if tile_blocks not in (1, 2, 4):
+        raise ValueError(f"tile_blocks must be 1, 2 or 4, got {tile_blocks}")
     if max_len is None:
         max_len = tables.shape[1] * B
     max_len = max(1, int(max_len))
@@ -142,7 +150,8 @@ def paged_decode_attention(
     if chunk is None:
         want_splits = max(1, TARGET_PROGRAMS // max(1, N))
         chunk = triton.cdiv(max_len, want_splits)
-    chunk = max(B, triton.cdiv(chunk, B) * B)
+    tile = B * tile_blocks
+    chunk = max(tile, triton.cdiv(chunk, tile) * tile)
     num_splits = max(1, triton.cdiv(max_len, chunk))
     block_d = max(16, triton.next_power_of_2(d))
     block_g = max(16, triton.next_power_of_2(G))
@@ -162,7 +171,8 @@ def paged_decode_attention(
         q, k_pool, v_pool, pos, tables, lengths, qp, m_part, l_part, acc_part, logits,
         q.stride(0), q.stride(1), tables.stride(0), scale * LOG2E, chunk, num_splits, max_len,
         int(sliding_window or 0),
-        GROUP=G, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=B, STORE_LOGITS=want_mass,
+        GROUP=G, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=B, TILE_BLOCKS=tile_blocks,
+        STORE_LOGITS=want_mass,
         SLIDING=sliding, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     out2 = out.view(rows, d)
