@@ -19,9 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -85,11 +89,33 @@ def install_compile_only(arch: int, compiled: list[dict]) -> None:
             "kernel": self.fn.__name__, "module": self.fn.__module__.rsplit(".", 1)[-1],
             "constants": {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")},
             "num_warps": meta.num_warps, "num_stages": meta.num_stages, "shared": meta.shared,
+            **resource_usage(kernel.asm["cubin"]),
             "seconds": round(time.perf_counter() - began, 2),  # ~0 when the kernel was in Triton's cache
         })
         return kernel
 
     JITFunction.run = compile_only
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory per thread (bytes: register spills, or arrays the compiler
+    could not keep in registers) of a compiled kernel, read by the cuobjdump Triton ships. Local memory
+    in a decode or attention loop costs a round trip to L1/L2 per access, so it shows here before any GPU
+    run would; {} when cuobjdump is missing."""
+    from triton.backends.nvidia import compiler
+
+    tool = Path(compiler.__file__).parent / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) .*?LOCAL:(\d+)", report)
+    if not found:
+        return {}
+    registers, stack, local = map(int, found.groups())
+    return {"registers": registers, "local": max(stack, local)}
 
 
 def rand(*shape, dtype):
