@@ -7,7 +7,8 @@ at 32k tokens per kv head; window statistics at 32k. --sweep also times a few ti
 --paged times only the batched engine's paged decode kernel against the contiguous ragged kernel on the
 same keys, at the batches of benchmarks/gpu_batch.py: (b) 2 sequences x 32k, (c) 21 and 64 sequences x
 1638 (5% of 32k); blocks of 32 in a shuffled table, as a pool that has served many requests holds them;
-key tiles of 1 (the engine's), 2 and 4 blocks.
+key tiles of 1 (the engine's), 2 and 4 blocks; 4x and 16x the launchers' split programs (both give
+each segment one program once a batch has more than 128 segments).
 Smoke-run of --paged's setup and its equality check on a CPU:
     TRITON_INTERPRET=1 python3 benchmarks/bench_kernels.py --paged --tiny
 """
@@ -165,8 +166,26 @@ def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, 
         return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block,
                                                            tile_blocks=tile_blocks)
 
+    # Both launchers aim at TARGET_PROGRAMS split programs in all: one per segment once the batch has more
+    # segments than that (168 at 21 x 8 kv heads), fewer warps than a 132-SM chip can keep busy. More
+    # splits (a smaller chunk of keys per program) show whether the grid, not the kernel, holds a batch back.
+    default_splits = max(1, triton_decode.TARGET_PROGRAMS // segs)
+
+    def chunk_for(factor):
+        return max(block, -(-per_seg * block // (default_splits * factor)))
+
+    def paged_split(factor):
+        return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block,
+                                                           chunk=chunk_for(factor))
+
+    def contiguous_split(factor):
+        return lambda: triton_decode.decode_attention(q_flat, k_flat, v_flat, seg_start, lengths, scale, None, n,
+                                                      chunk=chunk_for(factor))
+
     fns = {"paged": paged, "paged +mass": paged_mass, "contiguous": contiguous}
     fns.update({f"paged, {t} blocks a tile": paged_tiles(t) for t in (2, 4)})
+    fns.update({f"paged, splits x{f}": paged_split(f) for f in (4, 16)})
+    fns["contiguous, splits x4"] = contiguous_split(4)
     return fns, segs * n * d * 2 * 2
 
 
@@ -177,12 +196,13 @@ def bench_paged(tiny: bool) -> None:
         kw = dict(hkv=2, group=3, d=32, dtype=torch.float32) if tiny else {}
         fns, nbytes = paged_case(seqs, n, device, **kw)
         reference = fns["contiguous"]().float().reshape(-1)
-        for name in (name for name in fns if name.startswith("paged")):
+        for name in (name for name in fns if name != "contiguous"):
             got = fns[name]().float().reshape(-1)
             err = (got - reference).abs().max().item()
             assert err < (1e-4 if tiny else 2e-2), f"{name} differs from the contiguous kernel by {err}"
         if tiny:
-            print(f"paged   {seqs} seqs x {n}: paged = contiguous (smoke run, nothing timed)")
+            checked = "; ".join(name for name in fns if name != "contiguous")
+            print(f"paged   {seqs} seqs x {n}: paged = contiguous for {checked} (smoke run, nothing timed)")
             continue
         for name, fn in fns.items():
             ms = _ms(_graphed(fn))

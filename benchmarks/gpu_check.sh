@@ -4,7 +4,8 @@
 #   1. pytest -m gpu on the engine and the paged kernel (graph path = eager decode, batched engine on CUDA)
 #   2. benchmarks/gpu_batch.py (8B shapes, 32k prompts: continuous batching, full vs 5% in the same memory)
 #   3. benchmarks/bench_kernels.py --paged (the paged decode kernel vs the contiguous one, same keys, at
-#      gpu_batch's batches: is the batched step's attention at the contiguous kernel's bandwidth?)
+#      gpu_batch's batches: is the batched step's attention at the contiguous kernel's bandwidth, and do
+#      larger key tiles or more split programs get it there?)
 #   4. pytest -m gpu on the rest (Triton kernels vs references, models, memory checks)
 #   5. benchmarks/eviction_round.py (8B shapes: one decode-time eviction round of 21 sequences, batched vs
 #      per request, for tova, h2o, streaming, ahakv; then --single: one sequence's ragged cache, ranked
@@ -27,7 +28,7 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "pytest (engine, paged kernel) rc=$?"
   timeout 180 python3 benchmarks/gpu_batch.py --out "$OUT/gpu_batch.json" --prompt 32768 --gen 32
   echo "gpu_batch rc=$?"
-  timeout 30 python3 benchmarks/bench_kernels.py --paged
+  timeout 40 python3 benchmarks/bench_kernels.py --paged
   echo "bench_kernels --paged rc=$?"
   timeout 100 python3 -m pytest -q -m gpu tests/ $(for f in $FIRST; do echo --ignore=$f; done) \
     -p no:cacheprovider --junitxml="$OUT/gpu_tests_2.xml"
@@ -36,7 +37,7 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "eviction_round rc=$?"
   timeout 20 python3 benchmarks/eviction_round.py --single --device cuda --out "$OUT/eviction_single.json"
   echo "eviction_round --single rc=$?"
-  timeout 70 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
+  timeout 60 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json"
   echo "gpu_decode rc=$?"
   date -u
 } 2>&1 | tee "$OUT/log"

@@ -149,3 +149,5 @@ def test_paged_kernel_benchmark_smoke_run():
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("paged = contiguous") == 2, run.stdout
+    for variant in ("paged +mass", "4 blocks a tile", "paged, splits x16", "contiguous, splits x4"):
+        assert variant in run.stdout, run.stdout
