@@ -5,8 +5,8 @@ pass every CPU test and still fail on the GPU: a type the compiler rejects, a tl
 lower, a tile that needs more shared memory than the chip has. This script runs the real launchers
 (kvx.kernels.triton_*) on CPU tensors of the shapes the engine uses, with a stub driver that names the
 target, and turns every launch into a compile (Triton IR -> PTX -> cubin with Triton's bundled ptxas);
-nothing runs. It prints one JSON line per compiled variant and exits 1 when a variant needs more shared
-memory than the target allows.
+nothing runs. It prints one JSON line per compiled variant (its shared memory, registers and local memory)
+and exits 1 when a variant needs more shared memory than the target allows.
 
 Run it as its own process, never under TRITON_INTERPRET=1 (the interpreter replaces the kernels):
     python tests/triton_aot.py [--arch 90] [--dtypes bf16,fp32] [--shapes all] [--full all]
