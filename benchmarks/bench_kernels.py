@@ -167,7 +167,7 @@ def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, 
                                                            tile_blocks=tile_blocks)
 
     # Both launchers aim at TARGET_PROGRAMS split programs in all: one per segment once the batch has more
-    # segments than that (168 at 21 x 8 kv heads), fewer warps than a 132-SM chip can keep busy. More
+    # than half that many segments (168 at 21 x 8 kv heads), fewer warps than a 132-SM chip can keep busy. More
     # splits (a smaller chunk of keys per program) show whether the grid, not the kernel, holds a batch back.
     default_splits = max(1, triton_decode.TARGET_PROGRAMS // segs)
 
