@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import VARIANTS, make_checkpoint
 from kvx.errors import KvxError
+from kvx.eval.hf_cache import cache_kwargs, cache_of
 from kvx.kernels.reference import attention
 from kvx.models import Transformer, load_config, load_state_dict
 from kvx.models.rope import apply_rope, inv_freq_for
@@ -64,16 +65,36 @@ def test_logits_match_transformers_prefill_and_decode(checkpoints, variant):
         got = model(ids[:PREFILL], torch.arange(PREFILL), cache.attend)
         assert got.dtype == torch.float32 and got.shape == (PREFILL, model.config.vocab_size)
         assert (got - ref.logits[0]).abs().max().item() <= TOL
-        past = ref.past_key_values
+        past = cache_of(ref)
         for step in range(DECODE_STEPS):
             t = PREFILL + step
-            ref = hf(input_ids=ids[None, t:t + 1], past_key_values=past, use_cache=True)
-            past = ref.past_key_values
+            ref = hf(input_ids=ids[None, t:t + 1], **cache_kwargs(hf, past), use_cache=True)
+            past = cache_of(ref)
             got = model(ids[t:t + 1], torch.tensor([t]), cache.attend)
             diff = (got - ref.logits[0]).abs().max().item()
             assert diff <= TOL, f"decode step {step}: max |dlogit| {diff}"
     # The logits spread enough that a 1e-4 match is a real test, not agreement on near-zero numbers.
     assert got.std().item() > 0.3
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_hf_cache_helpers_decode_like_a_full_forward(checkpoints):
+    """cache_kwargs/cache_of hand transformers its own cache back under the name its version wants (no
+    deprecation warning): a step decoded on the returned cache gives the full sequence's last logits, and
+    `kvx bench`'s transformers decode loop runs on it."""
+    from kvx.eval.bench import hf_decode_tps
+
+    _, hf = checkpoints["llama_gqa_llama3"]
+    ids = torch.randint(0, hf.config.vocab_size, (1, PREFILL + 1), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits[0, -1]
+        first = hf(input_ids=ids[:, :PREFILL], use_cache=True)
+        past = cache_of(first)
+        assert past is not None
+        step = hf(input_ids=ids[:, PREFILL:], **cache_kwargs(hf, past), use_cache=True)
+    assert (step.logits[0, -1] - full).abs().max().item() <= TOL
+    assert cache_of(step) is not None
+    assert hf_decode_tps(hf, ids[0, :PREFILL].tolist(), steps=3) > 0
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64, 128, 129, 300])
@@ -277,7 +298,9 @@ def test_config_missing_or_corrupt(tmp_path):
 def _hf_inv_freq(config) -> torch.Tensor:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    kind = config.rope_parameters["rope_type"]
+    # transformers 5.x keeps the scaling in `rope_parameters`, 4.x in `rope_scaling`.
+    params = getattr(config, "rope_parameters", None) or config.rope_scaling
+    kind = params["rope_type"]
     return ROPE_INIT_FUNCTIONS[kind](config, "cpu")[0]
 
 
