@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import VARIANTS, make_checkpoint
 from kvx.errors import KvxError
-from kvx.eval.hf_cache import cache_kwargs, cache_of
+from kvx.eval.hf_cache import cache_arg, cache_of
 from kvx.kernels.reference import attention
 from kvx.models import Transformer, load_config, load_state_dict
 from kvx.models.rope import apply_rope, inv_freq_for
@@ -68,7 +68,7 @@ def test_logits_match_transformers_prefill_and_decode(checkpoints, variant):
         past = cache_of(ref)
         for step in range(DECODE_STEPS):
             t = PREFILL + step
-            ref = hf(input_ids=ids[None, t:t + 1], **cache_kwargs(hf, past), use_cache=True)
+            ref = hf(input_ids=ids[None, t:t + 1], **{cache_arg(hf): past}, use_cache=True)
             past = cache_of(ref)
             got = model(ids[t:t + 1], torch.tensor([t]), cache.attend)
             diff = (got - ref.logits[0]).abs().max().item()
@@ -79,7 +79,7 @@ def test_logits_match_transformers_prefill_and_decode(checkpoints, variant):
 
 @pytest.mark.filterwarnings("error::FutureWarning")
 def test_hf_cache_helpers_decode_like_a_full_forward(checkpoints):
-    """cache_kwargs/cache_of hand transformers its own cache back under the name its version wants (no
+    """cache_arg/cache_of hand transformers its own cache back under the name its version wants (no
     deprecation warning): a step decoded on the returned cache gives the full sequence's last logits, and
     `kvx bench`'s transformers decode loop runs on it."""
     from kvx.eval.bench import hf_decode_tps
@@ -91,7 +91,7 @@ def test_hf_cache_helpers_decode_like_a_full_forward(checkpoints):
         first = hf(input_ids=ids[:, :PREFILL], use_cache=True)
         past = cache_of(first)
         assert past is not None
-        step = hf(input_ids=ids[:, PREFILL:], **cache_kwargs(hf, past), use_cache=True)
+        step = hf(input_ids=ids[:, PREFILL:], **{cache_arg(hf): past}, use_cache=True)
     assert (step.logits[0, -1] - full).abs().max().item() <= TOL
     assert cache_of(step) is not None
     assert hf_decode_tps(hf, ids[0, :PREFILL].tolist(), steps=3) > 0

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvx.eval.haystack import filler_ids
-from kvx.eval.hf_cache import cache_kwargs, cache_of
+from kvx.eval.hf_cache import cache_arg, cache_of
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 
@@ -87,15 +87,16 @@ def hf_prefill_tps(hf_model, ids: list[int]) -> float:
 def hf_decode_tps(hf_model, ids: list[int], steps: int) -> float:
     x = torch.tensor([ids], device=hf_model.device)
     with torch.inference_mode():
+        key = cache_arg(hf_model)
         out = hf_model(x, use_cache=True, logits_to_keep=1)
         past = cache_of(out)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = hf_model(tok, **cache_kwargs(hf_model, past), use_cache=True)  # warm-up step
+        out = hf_model(tok, **{key: past}, use_cache=True)  # warm-up step
         past, tok = cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(hf_model.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = hf_model(tok, **cache_kwargs(hf_model, past), use_cache=True)
+            out = hf_model(tok, **{key: past}, use_cache=True)
             past, tok = cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(hf_model.device)
     return steps / (time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """Passing a KV cache to Hugging Face transformers' models, across the rename of `past_key_values`.
 
 transformers 5.x renamed the forward argument and the output field `past_key_values` to `cache` (the old
-names warn, and go in 5.40); the 4.x releases (the GPU image's among them) know only the old ones. kvx
+names warn, and go in 5.40); the 4.x releases know only the old ones. kvx
 compares itself with transformers in `kvx bench` and in the tests, so both go through these two functions.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 
 
-def cache_kwargs(model, cache) -> dict:
-    """The keyword argument that hands `cache` to model.forward, under the name this version expects."""
+def cache_arg(model) -> str:
+    """The name of model.forward's KV-cache argument in this version ("cache" or "past_key_values").
+    Look it up once, outside a timed loop: inspecting a signature costs more than a tiny model's step."""
     params = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def cache_of(output):
