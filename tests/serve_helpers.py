@@ -41,9 +41,10 @@ def words(n: int, seed: int) -> str:
 
 
 class LiveServer:
-    def __init__(self, ctx, url: str):
+    def __init__(self, ctx, url: str, app=None):
         self.ctx = ctx  # the ServerContext (its engine loop and batch engine, for assertions)
         self.url = url
+        self.app = app  # the FastAPI app (its routes and OpenAPI schema)
 
     def metrics(self) -> dict[str, float]:
         from kvx.serve.metrics import parse
@@ -82,7 +83,7 @@ def live_server(model: str | None, **settings):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
     try:
-        yield LiveServer(ctx, f"http://127.0.0.1:{port}")
+        yield LiveServer(ctx, f"http://127.0.0.1:{port}", app)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -29,6 +29,9 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: torch's)."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="Seconds open requests get to finish on Ctrl-C / SIGTERM before they are cancelled."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug (debug also logs every request)."),
+    api_key: List[str] = typer.Option([], "--api-key", help="Require `Authorization: Bearer KEY` on every route but /health and /metrics (repeatable; KVX_API_KEY adds one more)."),
+    api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Read accepted keys from a file, one per line ('#' comments and blank lines skipped)."),
+    metrics_key: Optional[str] = typer.Option(None, "--metrics-key", help="Require this bearer key on /metrics (default: /metrics is open)."),
 ) -> None:
     """Serve the OpenAI API (chat completions, completions, streaming) over the batched engine.
 
@@ -36,10 +39,12 @@ def serve_command(
     Each request may pick its compression with kv_policy, kv_budget, kv_allocation, kv_policy_args (the flags are the defaults).
     Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
     Ctrl-C or SIGTERM stops taking connections and lets open requests end (--drain-timeout).
+    With --api-key / --api-key-file / KVX_API_KEY, clients send `Authorization: Bearer KEY` (the openai client's api_key); listening beyond loopback without a key prints a warning.
 
     \b
     kvx serve --port 8000 --kv-memory 2GiB
     kvx serve --policy snapkv --budget 10% --max-batch 32
+    kvx serve --host 0.0.0.0 --api-key-file keys.txt --metrics-key scrape-secret
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "kv_policy": "laprox", "kv_budget": "5%"}'
     """
     from kvx.serve.server import serve
@@ -47,4 +52,5 @@ def serve_command(
     serve(ServeSettings(model=model, host=host, port=port, policy=policy, budget=budget, allocation=allocation,
                         policy_args=list(policy_arg), max_batch=max_batch, kv_memory=kv_memory, max_queue=max_queue,
                         max_tokens=max_tokens, prefill_chunk=prefill_chunk, prefill_step=prefill_step, use_graphs=not no_graph, device=device, dtype=dtype,
-                        threads=threads, drain_timeout=drain_timeout, log_level=log_level))
+                        threads=threads, drain_timeout=drain_timeout, log_level=log_level,
+                        api_keys=list(api_key), api_key_file=api_key_file, metrics_key=metrics_key))

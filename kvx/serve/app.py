@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvx import __version__
 from kvx.serve import metrics
+from kvx.serve.auth import BearerAuth
 from kvx.serve.body import read_body
 from kvx.serve.completion import ServerContext, complete
 from kvx.serve.errors import ApiError, install_handlers
@@ -37,6 +38,8 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     app = FastAPI(title="kvx", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over kvx's batched engine, with the KV policy per request.")
     install_handlers(app)
+    # Added last, so outermost: a request without a key is refused before anything reads its body.
+    app.add_middleware(BearerAuth, keys=ctx.api_keys, metrics_key=ctx.metrics_key)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

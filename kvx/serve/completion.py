@@ -31,6 +31,8 @@ class ServerContext:
     tokenizer: object
     model_id: str
     defaults: RequestDefaults
+    api_keys: tuple[str, ...] = ()  # none: the API is open
+    metrics_key: str | None = None  # none: /metrics is open
 
     def check_length(self, n: int, param: str) -> None:
         try:

@@ -25,8 +25,11 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     from kvx.runtime.engine import Engine
     from kvx.serve.completion import ServerContext
     from kvx.serve.engine_loop import EngineLoop
+    from kvx.serve.keys import collect_keys, metrics_key
 
     # Every flag is checked before the model loads: a bad one fails at once.
+    keys = collect_keys(settings.api_keys, settings.api_key_file)
+    scrape_key = metrics_key(settings.metrics_key)
     policy_and_budget(settings.policy, settings.budget, settings.allocation, settings.policy_args,
                       settings.prefill_chunk)
     kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
@@ -39,7 +42,8 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     batch = BatchEngine(engine, kv_memory if kv_memory is not None else default_kv_memory(device),
                         settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
     model_id = resolve_model(settings.model, quiet=True).name
-    return ServerContext(EngineLoop(batch, settings.max_queue), tokenizer, model_id, settings.defaults())
+    return ServerContext(EngineLoop(batch, settings.max_queue), tokenizer, model_id, settings.defaults(),
+                         api_keys=keys, metrics_key=scrape_key)
 
 
 def uvicorn_server(app, settings: ServeSettings):
@@ -55,6 +59,8 @@ def serve(settings: ServeSettings) -> None:
     from kvx.runtime.memory import human_bytes
     from kvx.serve.app import create_app
 
+    from kvx.serve.keys import public_bind_warning
+
     ctx = build_context(settings)
     app = create_app(ctx, stop_timeout=settings.drain_timeout)
     try:  # bind before announcing, so a busy port is a one-line error and not a uvicorn traceback
@@ -62,6 +68,9 @@ def serve(settings: ServeSettings) -> None:
         sock = socket.create_server((settings.host, settings.port), family=family)
     except OSError as exc:
         raise KvxError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    warning = public_bind_warning(settings.host, ctx.api_keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     stats = ctx.engine_loop.batch.stats()
     d = ctx.defaults
     policy = d.policy + (f" @ {d.budget}" if d.budget else "")

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_MAX_QUEUE = 128
 DEFAULT_MAX_TOKENS = 256  # as `kvx generate`: a request that sets no max_tokens gets this many at most
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: ~1M tokens of text, far past any context kvx serves
+DEFAULT_CLIENT_TIMEOUT = 60.0  # seconds a client may take to send its body, or to take a streamed chunk
+DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ class ServeSettings:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on Ctrl-C / SIGTERM
     log_level: str = "info"
+    api_keys: list[str] = field(default_factory=list)  # --api-key (KVX_API_KEY is read when keys are collected)
+    api_key_file: str | None = None
+    metrics_key: str | None = None  # None: /metrics is open
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    timeout_keep_alive: int = DEFAULT_KEEP_ALIVE
 
     def defaults(self) -> RequestDefaults:
         return RequestDefaults(self.policy, self.budget, self.allocation, tuple(self.policy_args), self.max_tokens)
