@@ -75,9 +75,9 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, fields: dict, ma
 async def watch(client: httpx.AsyncClient, url: str, peak: dict, stop: asyncio.Event) -> None:
     while not stop.is_set():
         m = parse_metrics((await client.get(url + "/metrics")).text)
-        peak["running"] = max(peak.get("running", 0), m["kvx_requests_running"])
-        peak["blocks"] = max(peak.get("blocks", 0), m["kvx_kv_blocks_used"])
-        peak["blocks_total"] = m["kvx_kv_blocks_total"]
+        peak["running"] = max(peak.get("running", 0), m["kvx:num_requests_running"])
+        peak["blocks"] = max(peak.get("blocks", 0), m["kvx:kv_blocks_used"])
+        peak["blocks_total"] = m["kvx:kv_blocks_total"]
         try:
             await asyncio.wait_for(stop.wait(), 0.25)
         except asyncio.TimeoutError:

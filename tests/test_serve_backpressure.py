@@ -54,22 +54,22 @@ def test_client_that_disconnects_mid_stream_frees_its_blocks(server):
             lines = r.iter_lines()
             read_content_chunks(lines, 3)
             # /metrics is published after each engine step: wait for the step that streamed those chunks
-            during = server.wait_metrics(lambda m: m["kvx_requests_running"] == 1)
-            assert during["kvx_requests_running"] == 1 and during["kvx_kv_blocks_used"] > 0
+            during = server.wait_metrics(lambda m: m["kvx:num_requests_running"] == 1)
+            assert during["kvx:num_requests_running"] == 1 and during["kvx:kv_blocks_used"] > 0
         gone = time.monotonic()
-    after = server.wait_metrics(lambda m: m['kvx_requests_total{outcome="cancelled"}'] == 1, timeout=10)
+    after = server.wait_metrics(lambda m: m['kvx:request_success_total{finished_reason="abort"}'] == 1, timeout=10)
     assert time.monotonic() - gone < 5
-    assert after["kvx_kv_blocks_used"] == 0 and after["kvx_kv_blocks_reserved"] == 0
-    assert after["kvx_requests_running"] == 0
-    assert after["kvx_generated_tokens_total"] < LONG
+    assert after["kvx:kv_blocks_used"] == 0 and after["kvx:kv_blocks_reserved"] == 0
+    assert after["kvx:num_requests_running"] == 0
+    assert after["kvx:generation_tokens_total"] < LONG
 
 
 def test_client_that_gives_up_on_a_non_streaming_request_frees_its_blocks(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + CHAT, json=long_chat(stream=False), timeout=httpx.Timeout(30, read=0.5))
-    after = server.wait_metrics(lambda m: m['kvx_requests_total{outcome="cancelled"}'] == 1, timeout=10)
-    assert after['kvx_requests_total{outcome="cancelled"}'] == 1
-    assert after["kvx_kv_blocks_used"] == 0 and after["kvx_requests_running"] == 0
+    after = server.wait_metrics(lambda m: m['kvx:request_success_total{finished_reason="abort"}'] == 1, timeout=10)
+    assert after['kvx:request_success_total{finished_reason="abort"}'] == 1
+    assert after["kvx:kv_blocks_used"] == 0 and after["kvx:num_requests_running"] == 0
 
 
 def test_full_queue_answers_429_at_once_and_the_server_recovers(server):
@@ -77,11 +77,11 @@ def test_full_queue_answers_429_at_once_and_the_server_recovers(server):
         with a.stream("POST", server.url + CHAT, json=long_chat(stream=True, seed=1)) as ra:
             a_lines = ra.iter_lines()
             read_content_chunks(a_lines, 1)  # A runs (max_batch 1) ...
-            server.wait_metrics(lambda m: m["kvx_requests_running"] == 1 and m["kvx_requests_waiting"] == 0)
+            server.wait_metrics(lambda m: m["kvx:num_requests_running"] == 1 and m["kvx:num_requests_waiting"] == 0)
             with b.stream("POST", server.url + CHAT, json=long_chat(stream=True, seed=2)) as rb:
                 assert rb.status_code == 200  # ... B is accepted and waits (max_queue 1) ...
                 b_lines = rb.iter_lines()
-                server.wait_metrics(lambda m: m["kvx_requests_waiting"] == 1)
+                server.wait_metrics(lambda m: m["kvx:num_requests_waiting"] == 1)
                 t0 = time.monotonic()
                 r = httpx.post(server.url + CHAT, json=long_chat(stream=False), timeout=10)  # ... C is refused
                 assert time.monotonic() - t0 < 5
@@ -92,8 +92,8 @@ def test_full_queue_answers_429_at_once_and_the_server_recovers(server):
                     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w7"}])
                 ra.close()  # A goes away: B starts
                 read_content_chunks(b_lines, 1)
-    after = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
-    assert after["kvx_kv_blocks_used"] == 0 and after['kvx_requests_total{outcome="rejected"}'] == 2
+    after = server.wait_metrics(lambda m: m["kvx:kv_blocks_used"] == 0 and m["kvx:num_requests_running"] == 0)
+    assert after["kvx:kv_blocks_used"] == 0 and after["kvx:queue_rejections_total"] == 2
     r = httpx.post(server.url + CHAT, json={**long_chat(stream=False), "max_tokens": 4}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 

@@ -132,23 +132,24 @@ def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(server, monkeyp
     batch = server.ctx.engine_loop.batch
     real_step, failed = batch.step, []
 
-    def step_that_fails_once():
+    def step_that_fails_once():  # the step runs (the request is admitted, its prompt prefilled), then fails
+        done = real_step()
         if not failed:
             failed.append(True)
             raise RuntimeError("boom")
-        return real_step()
+        return done
 
     monkeypatch.setattr(batch, "step", step_that_fails_once)
     r = httpx.post(server.url + CHAT, json=chat(temperature=0), timeout=30)
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
     assert httpx.post(server.url + CHAT, json=chat(temperature=0), timeout=30).status_code == 200
-    m = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
-    assert m["kvx_kv_blocks_reserved"] == 0 and m['kvx_requests_total{outcome="failed"}'] == 1
+    m = server.wait_metrics(lambda m: m["kvx:kv_blocks_used"] == 0 and m["kvx:num_requests_running"] == 0)
+    assert m["kvx:kv_blocks_reserved"] == 0 and m['kvx:request_errors_total{kind="server_error"}'] == 1
 
 
 def test_after_every_error_nothing_is_held(server):
-    m = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
-    assert m["kvx_kv_blocks_used"] == 0 and m["kvx_kv_blocks_reserved"] == 0 and m["kvx_requests_waiting"] == 0
-    assert m['kvx_requests_total{outcome="rejected"}'] >= 1  # the request larger than the pool
+    m = server.wait_metrics(lambda m: m["kvx:kv_blocks_used"] == 0 and m["kvx:num_requests_running"] == 0)
+    assert m["kvx:kv_blocks_used"] == 0 and m["kvx:kv_blocks_reserved"] == 0 and m["kvx:num_requests_waiting"] == 0
+    assert m['kvx:request_errors_total{kind="invalid_request"}'] >= 1  # e.g. the request larger than the pool
     assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}

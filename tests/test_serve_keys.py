@@ -99,6 +99,17 @@ def test_the_openai_client_with_a_wrong_and_the_right_key(server):
         assert fn(right)
 
 
+def test_refusals_are_counted_and_nothing_ran(server):
+    from kvx.serve.metrics import parse
+
+    before = server.ctx.engine_loop.batch.generated_tokens
+    for _ in range(3):
+        assert call(server, "POST", "/v1/chat/completions", "wrong").status_code == 401
+    assert server.ctx.engine_loop.batch.generated_tokens == before
+    m = parse(httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text)
+    assert m['kvx:request_errors_total{kind="unauthorized"}'] >= 3
+
+
 def test_keys_come_from_flags_file_and_environment(tmp_path):
     f = tmp_path / "k.txt"
     f.write_text("  alpha  \n# not a key\n\nbeta\nalpha\n")

@@ -97,14 +97,14 @@ def test_32_concurrent_clients_get_what_each_request_gets_alone(model_dir):
         expected = [_expected(model_dir, i) for i in range(CLIENTS)]
         with live_server(str(model_dir), policy="snapkv", budget="50%", max_batch=16, kv_memory="64MiB") as srv:
             answers = asyncio.run(_all(srv.url))
-            after = srv.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0 and m["kvx_requests_running"] == 0)
+            after = srv.wait_metrics(lambda m: m["kvx:kv_blocks_used"] == 0 and m["kvx:num_requests_running"] == 0)
     assert len(answers) == CLIENTS
     for i, ((text, usage), want) in enumerate(zip(answers, expected)):
         assert text == want.text, f"request {i} ({VARIANTS[i % len(VARIANTS)][1]})"
         assert usage.completion_tokens == want.generated_tokens == MAX_TOKENS
         assert usage.prompt_tokens == want.prompt_tokens
         assert usage.kv_bytes_full == want.kv_bytes_full
-    assert after["kvx_kv_blocks_used"] == 0 and after["kvx_kv_blocks_reserved"] == 0
-    assert after["kvx_requests_running"] == 0 and after["kvx_requests_waiting"] == 0
-    assert after['kvx_requests_total{outcome="finished"}'] == CLIENTS
-    assert after["kvx_generated_tokens_total"] == CLIENTS * MAX_TOKENS
+    assert after["kvx:kv_blocks_used"] == 0 and after["kvx:kv_blocks_reserved"] == 0
+    assert after["kvx:num_requests_running"] == 0 and after["kvx:num_requests_waiting"] == 0
+    assert after['kvx:request_success_total{finished_reason="length"}'] == CLIENTS
+    assert after["kvx:generation_tokens_total"] == CLIENTS * MAX_TOKENS

@@ -158,10 +158,10 @@ def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
     assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
     r = httpx.get(server.url + "/metrics", timeout=10)
-    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    m = server.wait_metrics(lambda m: m["kvx_kv_blocks_used"] == 0)
-    for name in ("kvx_requests_running", "kvx_requests_waiting", "kvx_kv_blocks_used", "kvx_kv_blocks_free",
-                 "kvx_kv_bytes_held", "kvx_tokens_per_second", "kvx_generated_tokens_total"):
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    m = server.wait_metrics(lambda m: m["kvx:kv_blocks_used"] == 0)
+    for name in ("kvx:num_requests_running", "kvx:num_requests_waiting", "kvx:kv_blocks_used", "kvx:kv_blocks_free",
+                 "kvx:kv_cache_bytes_held", "kvx:tokens_per_second", "kvx:generation_tokens_total"):
         assert name in m
-    assert m["kvx_kv_blocks_free"] == m["kvx_kv_blocks_total"] and m["kvx_generated_tokens_total"] > 0
-    assert "# TYPE kvx_generated_tokens_total counter" in r.text
+    assert m["kvx:kv_blocks_free"] == m["kvx:kv_blocks_total"] and m["kvx:generation_tokens_total"] > 0
+    assert "# TYPE kvx:generation_tokens counter" in r.text

@@ -10,7 +10,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvx import __version__
@@ -37,22 +37,26 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
 
     app = FastAPI(title="kvx", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over kvx's batched engine, with the KV policy per request.")
-    install_handlers(app)
+    counters = ctx.engine_loop.metrics
+    install_handlers(app, on_error=counters.error)
     # Added last, so outermost: a request without a key is refused before anything reads its body.
-    app.add_middleware(BearerAuth, keys=ctx.api_keys, metrics_key=ctx.metrics_key)
+    app.add_middleware(BearerAuth, keys=ctx.api_keys, metrics_key=ctx.metrics_key,
+                       on_refused=lambda: counters.error(401))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         body = await read_body(request, ChatCompletionRequest)
         # Tokenizing a long prompt takes a while: off the event loop, like the model.
         ids = await run_in_threadpool(chat_ids, ctx.tokenizer, body.messages)
-        return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request)
+        return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request, arrived)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         body = await read_body(request, CompletionRequest)
         ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
-        return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request)
+        return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request, arrived)
 
     card = {"id": ctx.model_id, "object": "model", "created": created, "owned_by": "kvx"}
 
@@ -74,7 +78,6 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
 
     @app.get("/metrics")
     async def prometheus():
-        loop = ctx.engine_loop
-        return PlainTextResponse(metrics.render(loop.snapshot, dict(loop.outcomes)), media_type=metrics.CONTENT_TYPE)
+        return Response(counters.render(), media_type=metrics.CONTENT_TYPE)
 
     return app

@@ -17,7 +17,7 @@ from kvx.errors import KvxError
 from kvx.runtime.sequence import FINISHED
 from kvx.serve import translate
 from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
-from kvx.serve.errors import ApiError, bad_request, error_body
+from kvx.serve.errors import ApiError, bad_request
 from kvx.serve.responses import DONE, Reply, sse
 from kvx.serve.settings import RequestDefaults
 
@@ -56,10 +56,10 @@ class _JobStream(StreamingResponse):
 
 
 async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply, prompt_param: str,
-                   request: Request) -> Response:
+                   request: Request, arrived: float | None = None) -> Response:
     gen = translate.generation_request(body, prompt_ids, ctx.defaults)
     ctx.check_length(len(prompt_ids), prompt_param)
-    job = Job(gen, stream=body.stream)
+    job = Job(gen, stream=body.stream, arrived=arrived)
     _submit(ctx.engine_loop, job)
     streaming = False
     try:
@@ -67,7 +67,7 @@ async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply
         if kind == ACCEPTED and body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streaming = True  # from here the response releases the job
-            return _JobStream(_events(job, reply, include_usage), ctx.engine_loop, job)
+            return _JobStream(_events(job, reply, include_usage, ctx.engine_loop.metrics), ctx.engine_loop, job)
         if kind == ACCEPTED:
             event = await _wait(job, request)
             if event is None:  # the client went away; nobody reads this
@@ -78,11 +78,19 @@ async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply
         if kind == BROKEN:
             raise ApiError(500, value, type="server_error")
         if value.state != FINISHED:
-            raise bad_request(value.error or "the request failed")
+            raise failure(value)
         return JSONResponse(reply.complete(value.results[0]))
     finally:
         if not streaming:
             ctx.engine_loop.release(job)
+
+
+def failure(seq) -> ApiError:
+    """The error of a request the engine failed: a 500 when the cause is a bug inside a step (the engine
+    marks it `internal`), else a 400 (the request's own, e.g. --prefill-chunk with h2o)."""
+    if getattr(seq, "internal", False):
+        return ApiError(500, seq.error or "internal error in the engine", type="server_error")
+    return bad_request(seq.error or "the request failed")
 
 
 def _submit(engine_loop: EngineLoop, job: Job) -> None:
@@ -105,7 +113,9 @@ async def _wait(job: Job, request: Request):
                 return None
 
 
-async def _events(job: Job, reply: Reply, include_usage: bool):
+async def _events(job: Job, reply: Reply, include_usage: bool, metrics):
+    """The SSE stream. An error after the 200 went out can only be an event: the stream's one error body
+    (in the API's shape), then [DONE]; it is counted as its status would have been."""
     if reply.chat:
         yield sse(reply.chunk(role=True, with_usage=include_usage))
     while True:
@@ -113,10 +123,10 @@ async def _events(job: Job, reply: Reply, include_usage: bool):
         if kind == TEXT:
             yield sse(reply.chunk(value, with_usage=include_usage))
             continue
-        if kind == BROKEN:
-            yield sse(error_body(value, type="server_error"))
-        elif value.state != FINISHED:
-            yield sse(error_body(value.error or "the request failed"))
+        if kind == BROKEN or value.state != FINISHED:
+            err = ApiError(500, value, type="server_error") if kind == BROKEN else failure(value)
+            metrics.error(err.status)
+            yield sse(err.body())
         else:
             result = value.results[0]
             yield sse(reply.chunk(finish=result.finish_reason, with_usage=include_usage))

@@ -8,6 +8,15 @@ for the model.
 
 Stopping drains: submissions are refused (503) at once, work already accepted runs to its end (or is
 cancelled by its handler), then the thread exits.
+
+Faults: the engine fails a request whose own prefill or decode raised (its state FAILED, `internal` when
+the cause is a bug), and frees its blocks. An exception that escapes `step()` itself is handled here: the
+requests that ended in that step get their answers, the admitted ones fail (500) and are cancelled through
+the engine so their blocks and reservations go back, the waiting ones stay queued, and the thread goes on.
+
+Metrics are observed here, where the tokens are made: after each step every live request's new output
+tokens give its time to first token and the gaps between tokens; a request's end gives its end-to-end
+latency and finish reason.
 """
 
 from __future__ import annotations
@@ -16,10 +25,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 from kvx.errors import KvxError
 from kvx.runtime.sequence import CANCELLED, FAILED, FINISHED, WAITING
-from kvx.serve.metrics import RateMeter
+from kvx.serve.metrics import ABORT, FINISHED_REASON, RateMeter, ServeMetrics
 
 log = logging.getLogger("kvx.serve")
 
@@ -27,7 +37,6 @@ log = logging.getLogger("kvx.serve")
 # streams; then (DONE, the finished Sequence) or (BROKEN, message) when the engine itself failed.
 ACCEPTED, REFUSED, TEXT, DONE, BROKEN = "accepted", "refused", "text", "done", "broken"
 _SUBMIT, _CANCEL, _STOP = "submit", "cancel", "stop"
-_OUTCOME = {FINISHED: "finished", CANCELLED: "cancelled", FAILED: "failed"}
 
 
 class QueueFull(Exception):
@@ -41,8 +50,11 @@ class ShuttingDown(Exception):
 class Job:
     """One API request as the engine thread and the event loop share it. Create it on the event loop."""
 
-    def __init__(self, request, stream: bool):
+    def __init__(self, request, stream: bool, arrived: float | None = None):
         self.loop = asyncio.get_running_loop()
+        self.arrived = time.perf_counter() if arrived is None else arrived  # perf_counter at the request's arrival
+        self.tokens_seen = 0  # engine thread: output tokens already timed, and when the first and last came
+        self.first_token_at = self.last_token_at = 0.0
         self.events: asyncio.Queue = asyncio.Queue()
         self.request = request
         request.id = self  # a finished Sequence leads back to its job
@@ -72,11 +84,14 @@ class EngineLoop:
         self.batch = batch
         self.max_queue = max_queue
         self.idle_wait = idle_wait  # how often an idle engine refreshes the metrics
-        self.outcomes = {"finished": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self.snapshot: dict = {}
+        self.metrics = ServeMetrics(lambda: self.snapshot)
+        cfg = batch.engine.config
+        # K+V bytes of one token in every (layer, kv head): what a full cache holds per token.
+        self._token_bytes = cfg.num_layers * cfg.num_kv_heads * batch.pool.block_bytes // batch.pool.block_size
         self._prompt_tokens = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _queued, _accepting and outcomes (both threads write them)
+        self._lock = threading.Lock()  # guards _queued and _accepting (both threads write them)
         self._queued = 0  # accepted by submit() and not admitted to the batch yet
         self._accepting = True
         self._waiting: set[Job] = set()  # engine thread: in the batch's waiting queue
@@ -95,7 +110,7 @@ class EngineLoop:
             if not self._accepting:
                 raise ShuttingDown()
             if self._queued >= self.max_queue:
-                self.outcomes["rejected"] += 1
+                self.metrics.rejections.inc()
                 raise QueueFull()
             self._queued += 1
         self._inbox.put((_SUBMIT, job))
@@ -129,10 +144,13 @@ class EngineLoop:
                 stopping |= self._take_inbox(block=not self.batch.has_work)
                 if self.batch.has_work:
                     self._step()
-                self._publish()
-            except Exception as exc:  # a bug: fail what is running, keep the thread (and the server) alive
+            except Exception as exc:  # a bug: fail what it concerns, keep the thread (and the server) alive
                 log.exception("the engine loop failed")
-                self._fail_all(_internal(exc))
+                self._recover(_internal(exc))
+            try:
+                self._publish()
+            except Exception:
+                log.exception("could not publish the engine's state")
             if stopping and not self.batch.has_work:
                 return
 
@@ -160,12 +178,12 @@ class EngineLoop:
         try:
             seq = self.batch.submit(job.request)
         except KvxError as exc:  # can never run: too long, or larger than the whole pool
-            self._leave_queue(outcome="rejected")
+            self._leave_queue()
             job.post(REFUSED, str(exc))
             return
         except Exception as exc:
             log.exception("the engine could not take a request")
-            self._leave_queue(outcome="failed")
+            self._leave_queue()
             job.post(BROKEN, _internal(exc))
             return
         job.seq = seq
@@ -183,47 +201,99 @@ class EngineLoop:
 
     def _step(self) -> None:
         done = self.batch.step()  # it returns and forgets what finished (nothing grows for the server's life)
+        self._after_step(done)
+
+    def _after_step(self, done) -> None:
+        now = time.perf_counter()
+        for job in self._live:
+            self._time_tokens(job, now)
         for seq in done:
             job = seq.request.id
-            self._retire(job)
-            job.post(DONE, seq)
+            if job in self._live:
+                self._retire(job)
+                job.post(DONE, seq)
         for job in [j for j in self._waiting if j.seq.state != WAITING]:
             self._waiting.discard(job)
             self._leave_queue()
+
+    def _time_tokens(self, job: Job, now: float) -> None:
+        """Observe the output tokens `job` gained since the last look (one per step at most)."""
+        n = len(job.seq.out_ids)
+        if n <= job.tokens_seen:
+            job.tokens_seen = min(job.tokens_seen, n)  # a new answer (another question) starts over
+            return
+        m = self.metrics
+        if job.tokens_seen == 0:
+            m.ttft.observe(now - job.arrived)
+            if n > 1:  # more than one token in one look: spread evenly (never in one step today)
+                m.itl.observe((now - job.arrived) / n)
+        else:
+            gap = (now - job.last_token_at) / (n - job.tokens_seen)
+            for _ in range(n - job.tokens_seen):
+                m.itl.observe(gap)
+        if job.tokens_seen == 0:
+            job.first_token_at = now
+        job.tokens_seen, job.last_token_at = n, now
 
     def _retire(self, job: Job) -> None:
         self._live.discard(job)
         if job in self._waiting:
             self._waiting.discard(job)
             self._leave_queue()
-        with self._lock:
-            self.outcomes[_OUTCOME.get(job.seq.state, "failed")] += 1
+        seq, m = job.seq, self.metrics
+        if seq.state == CANCELLED:
+            m.success.labels(ABORT).inc()
+        elif seq.state == FINISHED and seq.results:
+            m.success.labels(FINISHED_REASON.get(seq.results[-1].finish_reason, "stop")).inc()
+            m.e2e.observe(time.perf_counter() - job.arrived)
+            n = seq.results[-1].generated_tokens
+            if n > 1 and job.tokens_seen:
+                m.tpot.observe((job.last_token_at - job.first_token_at) / (n - 1))
 
-    def _fail_all(self, message: str) -> None:
+    def _recover(self, message: str) -> None:
+        """After an exception escaped the engine: answer what ended, fail what was admitted (releasing its
+        blocks through the engine), leave the waiting requests queued."""
+        finished, self.batch.finished = list(self.batch.finished), []
+        try:
+            self._after_step(finished)
+        except Exception:
+            log.exception("could not report the requests that ended before the failure")
         for job in list(self._live):
-            try:
-                self.batch.cancel(job.seq)
-            except Exception:
-                log.exception("could not cancel a request after an engine failure")
-            job.seq.state = FAILED
-            self._retire(job)
-            job.post(BROKEN, message)
+            seq = job.seq
+            if seq.done:  # ended in the failed step (its blocks are back): answer it as it ended
+                self._retire(job)
+                job.post(DONE, seq)
+            elif seq.state != WAITING or job not in self._waiting:  # admitted: the step may have touched it
+                self._fail(job, message)
         self.batch.finished.clear()  # reported here; the next step() must not report them again
-        if self.batch.has_work:  # sequences the failed step left half-retired: forget them
-            self.batch.scheduler.running.clear()
-            self.batch.scheduler.waiting.clear()
+        for seq in list(self.batch.scheduler.running) + list(self.batch.scheduler.waiting):
+            if seq.request.id not in self._live and not seq.done:  # no handler waits on it: never leave it
+                self._release(seq)
 
-    def _leave_queue(self, outcome: str | None = None) -> None:
+    def _fail(self, job: Job, message: str) -> None:
+        self._release(job.seq)
+        job.seq.state = FAILED
+        self._retire(job)
+        job.post(BROKEN, message)
+
+    def _release(self, seq) -> None:
+        """Give seq's blocks and reservation back; if the engine cannot, at least its reservation."""
+        try:
+            self.batch.cancel(seq)
+        except Exception:
+            log.exception("could not cancel a request after an engine failure")
+            self.batch.scheduler.finish(seq)  # its reservation, and out of the lists
+
+    def _leave_queue(self) -> None:
         with self._lock:
             self._queued -= 1
-            if outcome:
-                self.outcomes[outcome] += 1
 
     def _publish(self) -> None:
         self._meter.add(self.batch.generated_tokens)
         # One assignment: the event loop reads a consistent snapshot without a lock.
+        full = sum(s.prompt_tokens + len(s.out_ids) for s in self.batch.scheduler.running) * self._token_bytes
         self.snapshot = {**self.batch.stats(), "queued": self._queued, "tokens_per_s": self._meter.rate(),
-                         "prompt_tokens": self._prompt_tokens}
+                         "prompt_tokens": self._prompt_tokens, "bytes_full": full}
 
 
 def _internal(exc: Exception) -> str:

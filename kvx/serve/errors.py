@@ -9,6 +9,7 @@ server.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,22 +77,30 @@ def validation_error(errors: list[dict]) -> ApiError:
     return bad_request(f"{path}: {first.get('msg', 'invalid value')}", param=path)
 
 
-def install_handlers(app: FastAPI) -> None:
+def install_handlers(app: FastAPI, on_error: Callable[[int], None] | None = None) -> None:
+    """Every error answer in the API's shape; `on_error(status)` counts each one (429s are counted where
+    the queue refuses them)."""
+
+    def answer(err: ApiError):
+        if on_error is not None and err.status != 429:
+            on_error(err.status)
+        return err.response()
+
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        return exc.response()
+        return answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return validation_error(list(exc.errors())).response()
+        return answer(validation_error(list(exc.errors())))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else INVALID
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return ApiError(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None)).response()
+        return answer(ApiError(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return ApiError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
+        return answer(ApiError(500, f"internal server error ({type(exc).__name__})", type="server_error"))
