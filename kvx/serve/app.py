@@ -1,4 +1,5 @@
-"""The HTTP routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""The HTTP routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health,
+/metrics.
 
 The app's lifespan starts the engine thread and, at shutdown (after uvicorn has let open requests end),
 stops it.
@@ -21,7 +22,8 @@ from kvx.serve.completion import ServerContext, complete
 from kvx.serve.errors import ApiError, install_handlers
 from kvx.serve.prompts import chat_ids, completion_ids
 from kvx.serve.responses import Reply
-from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest
+from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kvx.serve.tokens import detokenize, tokenize
 
 
 def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI:
@@ -57,6 +59,18 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
         body = await read_body(request, CompletionRequest)
         ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
         return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request, arrived)
+
+    max_model_len = ctx.engine_loop.batch.engine.config.max_position_embeddings
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        body = await read_body(request, TokenizeRequest)
+        return await run_in_threadpool(tokenize, ctx.tokenizer, body, max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        body = await read_body(request, DetokenizeRequest)
+        return await run_in_threadpool(detokenize, ctx.tokenizer, body)
 
     card = {"id": ctx.model_id, "object": "model", "created": created, "owned_by": "kvx"}
 

@@ -93,3 +93,21 @@ class CompletionRequest(_Body):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, in vLLM's shape: a completion `prompt` or chat `messages` (exactly one)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    add_special_tokens: Optional[bool] = None  # prompt only: None is what /v1/completions adds (the BOS, if any)
+    add_generation_prompt: bool = True  # messages only; kvx's chat prompts always end with it
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    tokens: list[StrictInt]
