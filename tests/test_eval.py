@@ -15,7 +15,11 @@ from kvx.errors import KvxError
 from kvx.eval import report
 from kvx.eval.fidelity import kl_divergence, measure_fidelity
 from kvx.eval.kvpress_baseline import KvpressBaseline, compression_ratio, require_kvpress
-from kvx.eval.prefill import SharedPrefill, wrapped_attend
+from kvx.eval.plot import plot_results
+from kvx.eval.prefill import SharedPrefill
+from kvx.runtime.batch import BatchEngine
+from kvx.runtime.pool import BlockPool
+from kvx.runtime.sequence import GenerationRequest
 from kvx.eval.results import KEY_FIELDS, ResultsFile, row_key
 from kvx.eval.runner import EvalConfig, run_eval
 from kvx.models.transformer import Transformer
@@ -48,10 +52,24 @@ def _ids(n, seed=1):
 
 
 def _kept_positions(req):
-    return [[lc.pos[s:s + n].tolist() for s, n in zip(lc.starts, lc.lengths)] for lc in req.cache.layers]
+    return [[lc.head_positions(g).tolist() for g in range(len(lc.tables))] for lc in req.cache.layers]
 
 
 # -- one prefill for many policies ---------------------------------------------------------------------
+
+def _pool(engine, blocks=2048):
+    cfg = engine.config
+    return BlockPool(blocks, 16, cfg.head_dim, engine.dtype, engine.device)
+
+
+def _decode(engine, req, logits, n):
+    """n greedy tokens of a prefilled, compressed request, decoded by the engine in its own pool."""
+    batch = BatchEngine(engine, pool=req.cache.pool)
+    seq = batch.adopt(req, GenerationRequest(prompt_ids=[0] * req.position, max_tokens=n, stop_at_eos=False),
+                      logits)
+    batch.run()
+    return seq.results[0].token_ids
+
 
 def test_shared_prefill_equals_each_policys_own_prefill(tiny):
     """Forks of one prefill keep exactly what each policy keeps after its own prefill, and decode alike."""
@@ -64,22 +82,34 @@ def test_shared_prefill_equals_each_policys_own_prefill(tiny):
     shared = SharedPrefill(tiny, ids, pairs)
     for policy, budget in pairs:
         forked = shared.fork(policy, budget)
-        tiny.compress(forked, headroom=2)
-        own = tiny.new_request(capacity=len(ids), policy=policy, budget=budget)
+        tiny.compress(forked, headroom=2, pool=_pool(tiny))
+        own = tiny.new_request(_pool(tiny), capacity=len(ids), policy=policy, budget=budget)
         logits = tiny.prefill(own, ids)
         tiny.compress(own, headroom=2)
         assert torch.equal(logits, shared.logits)
         assert _kept_positions(forked) == _kept_positions(own), (policy.name, budget)
-        a = tiny.decode(forked, logits, SamplingParams(), 6, stop_at_eos=False)[0]
-        b = tiny.decode(own, logits, SamplingParams(), 6, stop_at_eos=False)[0]
+        a = _decode(tiny, forked, logits, 6)
+        b = _decode(tiny, own, logits, 6)
         assert a == b, (policy.name, budget)
+    # The shared prefill's own cache is untouched by its forks' compressions.
+    assert shared.base.cache.lengths() == [[len(ids)] * tiny.config.num_kv_heads] * tiny.config.num_layers
 
 
-def test_wrapped_attend_is_undone(tiny):
-    before = tiny._attend_fn
-    with wrapped_attend(tiny, lambda req, attend: attend):
-        assert "_attend_fn" in vars(tiny)
-    assert "_attend_fn" not in vars(tiny) and tiny._attend_fn == before
+def test_an_attend_wrap_applies_to_its_own_forward_only(tiny):
+    """The explicit hook that replaced patching the engine: wrap(attend) wraps one forward pass's attend."""
+    req = tiny.new_request(_pool(tiny), capacity=40)
+    seen = []
+
+    def wrap(attend):
+        def inner(layer, *args):
+            seen.append(layer)
+            return attend(layer, *args)
+        return inner
+
+    tiny.forward(req, _ids(20), wrap=wrap)
+    assert seen == list(range(tiny.config.num_layers))
+    tiny.forward(req, _ids(5, seed=3))
+    assert seen == list(range(tiny.config.num_layers))
 
 
 # -- fidelity ----------------------------------------------------------------------------------------
@@ -115,22 +145,23 @@ def test_fidelity_of_a_compressed_cache(tiny):
     # q, k, v) must equal the error of the compressed run's own layer-0 output against the full run's.
     shared = SharedPrefill(tiny, ids, [(build_policy("snapkv"), parse_budget("20%"))])
     full, comp = shared.fork(), shared.fork(build_policy("snapkv"), parse_budget("20%"))
-    tiny.compress(full, headroom=len(cont))
-    tiny.compress(comp, headroom=len(cont))
+    tiny.compress(full, headroom=len(cont), pool=_pool(tiny))
+    tiny.compress(comp, headroom=len(cont), pool=_pool(tiny))
     outs = {id(full): [], id(comp): []}
 
-    def record(req, attend):
-        def inner(layer, q, k, v, p, qp):
-            o = attend(layer, q, k, v, p, qp)
-            if layer == 0:
-                outs[id(req)].append(o.clone())
-            return o
-        return inner
+    def record(req):
+        def wrap(attend):
+            def inner(layer, q, k, v, p, qp):
+                o = attend(layer, q, k, v, p, qp)
+                if layer == 0:
+                    outs[id(req)].append(o.clone())
+                return o
+            return inner
+        return wrap
 
-    with wrapped_attend(tiny, record):
-        for tok in cont:
-            tiny.forward(full, [tok])
-            tiny.forward(comp, [tok])
+    for tok in cont:
+        tiny.forward(full, [tok], wrap=record(full))
+        tiny.forward(comp, [tok], wrap=record(comp))
     of, oc = torch.cat(outs[id(full)], 1), torch.cat(outs[id(comp)], 1)
     want = float((oc - of).norm() / of.norm())
     assert result.layer_rel_error[0] == pytest.approx(want, rel=1e-4)
@@ -293,15 +324,18 @@ def test_summary_table_shows_full_reference():
     assert "full (reference)" in text and "passkey" in text and "0.50" in text and "0.08" in text
 
 
-def test_plot_curves(tmp_path):
-    path = report.plot_curves(report.summarize(HAND_ROWS), tmp_path / "c.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_both_styles(tmp_path):
+    for style in ("heatmap", "lines"):
+        path = plot_results(HAND_ROWS, tmp_path / f"{style}.png", style)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["heatmap.png", "lines.png"]  # no temporary file left
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(KvxError, match="matplotlib"):
-        report.plot_curves(report.summarize(HAND_ROWS), tmp_path / "c.png")
+    with pytest.raises(KvxError, match=r"pip install 'kvx\[plot\]'"):
+        plot_results(HAND_ROWS, tmp_path / "c.png")
+    assert os.listdir(tmp_path) == []
 
 
 def test_baseline_reference_and_error_cells(tmp_path):
@@ -331,7 +365,7 @@ def test_baseline_reference_and_error_cells(tmp_path):
     assert "| full (reference) | 1.00 | 1.00 |" in md and "| kvpress:full (reference) | 1.00 | 1.00 |" in md
     assert "| snapkv | 0.00 | **0.50** |" in md and "| kvpress:pyramidkv | - | error |" in md
     assert "| K+V held / full (kvx) | 5.0% | 11.0% |" in md and "| K+V held / full (kvpress) | - | 10.0% |" in md
-    plot = report.plot_curves(list(cells.values()), tmp_path / "c.png")  # error cells are left out
+    plot = plot_results(rows, tmp_path / "c.png", "lines")  # error cells are left out of the lines
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -443,7 +477,10 @@ def test_summary_only_reads_the_file_and_runs_nothing(tiny, tmp_path, monkeypatc
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     as_json = CliRunner().invoke(app, ["eval", "--out", str(out), "--summary-only", "--json"])
     assert json.loads(as_json.output)["rows"] == 6
-    empty = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "none.jsonl"), "--summary-only"])
+    missing = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "none.jsonl"), "--summary-only"])
+    assert isinstance(missing.exception, KvxError) and "no such results file" in str(missing.exception)
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "empty.jsonl"), "--summary-only"])
     assert isinstance(empty.exception, KvxError) and "no results" in str(empty.exception)
 
 
@@ -529,11 +566,11 @@ def test_kvzip_in_eval_equals_its_own_prefill(tiny):
     shared = SharedPrefill(tiny, ids, [(pol, b) for b in budgets])
     for b in budgets:
         req = shared.fork(pol, b)
-        own = tiny.new_request(capacity=len(ids), policy=pol, budget=b)
+        own = tiny.new_request(_pool(tiny), capacity=len(ids), policy=pol, budget=b)
         tiny.prefill(own, ids)
         for a, c in zip(req.stats, own.stats):
             torch.testing.assert_close(a.col_max, c.col_max, rtol=1e-5, atol=1e-7)
-        tiny.compress(req, headroom=0)
+        tiny.compress(req, headroom=0, pool=_pool(tiny))
         tiny.compress(own, headroom=0)
         assert _kept_positions(req) == _kept_positions(own)
     assert len(shared._stats) == 1  # the reconstruction ran once for both budgets

@@ -22,8 +22,9 @@ def eval_command(
     samples: int = typer.Option(20, "--samples", min=1, help="Samples per task (seeds seed, seed+1, ...)."),
     mode: str = typer.Option("agnostic", "--mode", help="agnostic: compress the context before the question is seen (as kvpress); aware: compress the whole prompt (RULER's answer prefix included); aware-plain: the whole prompt, ending with the plain question (no answer prefix)."),
     haystack: str = typer.Option("noise", "--haystack", help="noise (repeated short sentences) or prose (CPython's pydoc text)."),
-    out: Path = typer.Option(..., "--out", "-o", help="JSONL file for the rows; rows already there are skipped (resume)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw accuracy against budget to this image (needs matplotlib)."),
+    out: list[Path] = typer.Option(..., "--out", "-o", help="JSONL file for the rows; rows already there are skipped (resume). With --summary-only, repeat it to read several files together (oldest first: a row in a later file replaces the same row of an earlier one)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the scores to this image (.png, .svg, .pdf; needs matplotlib), one panel per task, context, haystack and mode; see --plot-style."),
+    plot_style: str = typer.Option("heatmap", "--plot-style", help="heatmap: every policy a row (best mean score first, kvpress's presses in italics under their kvx namesakes, the full cache on top), every budget a column, the score in each cell; lines: score against budget for the best 6 policies and the full cache."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face model folder (default: SmolLM2-135M-Instruct)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
@@ -35,16 +36,20 @@ def eval_command(
     fidelity: bool = typer.Option(False, "--fidelity", help="Also record KL / top-1 agreement / per-layer attention error against the full cache (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the summary as Markdown tables (as in docs/results.md)."),
+    best: bool = typer.Option(False, "--best", help="Summarise as the best policy per budget instead of every policy: per mode one table giving, for each task, context and haystack, kvx's best policy at each budget, its score and the K+V bytes it held, beside kvpress's best press (docs/results.md opens with these)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    summary_only: bool = typer.Option(False, "--summary-only", help="Run nothing: summarise (and --plot) every row already in --out."),
+    summary_only: bool = typer.Option(False, "--summary-only", help="Run nothing and load no model: summarise (and --plot) the rows already in --out (one file or several)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Answers of one sample decoded together by the batched engine (1: one after another)."),
 ) -> None:
     """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
 
     \b
-    kvx eval --task passkey,niah_multikey --context 4096 --samples 20 --out results.jsonl --plot curves.png
+    kvx eval --task passkey,niah_multikey --context 4096 --samples 20 --out results.jsonl --plot heatmap.png
     kvx eval --policies snapkv,laprox --budgets 10%,512 --mode aware --haystack prose --out prose.jsonl
     kvx eval --policies "ahakv,ahakv[score_kernel=15]" --mode aware --out aha.jsonl
+    kvx eval --summary-only --out results.jsonl --plot heat.png                  (no model: redraw)
+    kvx eval --summary-only --out results.jsonl --plot best.png --plot-style lines
+    kvx eval --summary-only --out old.jsonl --out new.jsonl --best --markdown    (best policy per budget)
     Interrupted runs resume: rerun the same command and finished rows are skipped.
     """
     from kvx.errors import KvxError, about
@@ -75,12 +80,25 @@ def eval_command(
                            f"choose from: {', '.join(PRESSES)}")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
+    if len(out) > 1 and not summary_only:
+        raise KvxError("--out: a run writes one results file; give several only with --summary-only")
     if not summary_only:
-        check_writable(out, "--out")
+        check_writable(out[0], "--out")
+    from kvx.eval.plot import check_plot_path, check_style
+
+    if plot_style != "heatmap" and plot is None:
+        raise KvxError("--plot-style: only with --plot, which names the image to draw")
+    check_style(plot_style)
     if plot is not None:
-        _check_matplotlib()
+        check_plot_path(plot)  # matplotlib installed, and the file name's format one it can write
         check_writable(plot, "--plot")
-    results = ResultsFile(out)
+    if summary_only:
+        from kvx.eval.results import read_results
+
+        with about("--out"):
+            rows, replaced = read_results(out)
+    else:
+        results = ResultsFile(out[0])
     from kvx.policies.registry import split_policy_list
 
     with about("--policies"):
@@ -91,9 +109,11 @@ def eval_command(
 
         require_kvpress()
     if summary_only:
-        if not results.rows:
-            raise KvxError(f"--summary-only: {out} holds no results")
-        _print_summary(results.rows, out, as_json, markdown, plot, _describe_rows(results.rows))
+        if not rows:
+            raise KvxError(f"--summary-only: {', '.join(map(str, out))} holds no results")
+        if replaced:
+            print(f"kvx: {replaced} rows of an earlier --out were replaced by a later file's", file=sys.stderr)
+        _print_summary(rows, out, as_json, markdown, best, plot, plot_style, _describe_rows(rows))
         return
 
     from kvx.options import load, resolve_device, resolve_dtype
@@ -115,24 +135,41 @@ def eval_command(
         baselines.append(KvpressBaseline(folder, dev, torch_dtype, press_list))
 
     rows = _run_with_progress(engine, config, results, baselines, quiet)
-    _print_summary(rows, out, as_json, markdown, plot, f" · {context} tokens · {haystack} · {mode}")
+    _print_summary(rows, out, as_json, markdown, best, plot, plot_style,
+                   f" · {context} tokens · {haystack} · {mode}")
 
 
-def _print_summary(rows: list[dict], out: Path, as_json: bool, markdown: bool, plot: Optional[Path],
-                   title_suffix: str) -> None:
+def _print_summary(rows: list[dict], out: list[Path], as_json: bool, markdown: bool, best: bool,
+                   plot: Optional[Path], plot_style: str, title_suffix: str) -> None:
     from rich.console import Console
 
-    from kvx.eval.report import plot_curves, render_markdown, render_summary, summarize
+    # One file is named as a string, as before several could be read; several as a list.
+    named = str(out[0]) if len(out) == 1 else [str(p) for p in out]
+    if best:
+        from kvx.eval.best import best_tables
+        from kvx.eval.best_view import best_json, render_best_markdown, render_best_rich
 
-    cells = summarize(rows)
-    if as_json:
-        print(json.dumps({"out": str(out), "rows": len(rows), "summary": [c.to_dict() for c in cells]}))
-    elif markdown:
-        print(render_markdown(cells))
+        tables = best_tables(rows)
+        if as_json:
+            print(json.dumps({"out": named, "rows": len(rows), "best": best_json(tables)}))
+        elif markdown:
+            print(render_best_markdown(tables))
+        else:
+            render_best_rich(tables, Console())
     else:
-        render_summary(cells, Console(), title_suffix=title_suffix)
+        from kvx.eval.report import render_markdown, render_summary, summarize
+
+        cells = summarize(rows)
+        if as_json:
+            print(json.dumps({"out": named, "rows": len(rows), "summary": [c.to_dict() for c in cells]}))
+        elif markdown:
+            print(render_markdown(cells))
+        else:
+            render_summary(cells, Console(), title_suffix=title_suffix)
     if plot is not None:
-        plot_curves(cells, plot)
+        from kvx.eval.plot import plot_results
+
+        plot_results(rows, plot, plot_style)
         print(f"kvx: plot written to {plot}", file=sys.stderr)
 
 
@@ -141,15 +178,6 @@ def _describe_rows(rows: list[dict]) -> str:
     def seen(key: str) -> str:
         return "/".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows))
     return f" · {seen('context')} tokens · {seen('haystack')} · {seen('mode')}"
-
-
-def _check_matplotlib() -> None:
-    from kvx.errors import KvxError
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise KvxError("--plot needs matplotlib, which is not installed: pip install 'kvx[plot]'") from None
 
 
 def row_line(row: dict) -> str:

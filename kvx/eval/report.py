@@ -1,12 +1,12 @@
-"""What an eval's rows say: mean score per (task, policy, budget), as a table, as JSON, as a plot."""
+"""What an eval's rows say: mean score per (task, policy, budget), as a table or as JSON.
+
+The pictures are drawn from the same cells (plot.py); the best policy per budget is best.py.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from kvx.errors import KvxError
 
 FULL = "full"
 ALL_TASKS = "all"
@@ -20,13 +20,14 @@ class Cell:
     mean_score: float | None  # None when every row of the cell failed (see `errors`)
     samples: int
     kv_fraction: float  # mean of kv_bytes_held / kv_bytes_full
+    kv_bytes: float = 0.0  # mean kv_bytes_held: what the compressed caches really allocated
     mean_kl: float | None = None  # only when the rows carry fidelity metrics
     top1: float | None = None
     errors: int = 0  # rows that recorded an error instead of an answer (external baselines)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("mean_score", "kv_fraction", "mean_kl", "top1"):
+        for key in ("mean_score", "kv_fraction", "kv_bytes", "mean_kl", "top1"):
             if d[key] is not None:
                 d[key] = round(d[key], 6)
         return d
@@ -58,6 +59,12 @@ def summarize(rows: list[dict]) -> list[Cell]:
     return cells
 
 
+def runtime_of(policy: str) -> str:
+    """'kvx' for kvx's own policies, else the baseline's name: 'kvpress' for 'kvpress:snapkv'."""
+    name = policy.split("[", 1)[0]  # a policy's options may hold anything; only its name says the runtime
+    return name.split(":", 1)[0] if ":" in name else "kvx"
+
+
 def is_reference(policy: str) -> bool:
     """kvx's full cache, or an external baseline's own ("kvpress:full")."""
     return policy == FULL or policy.endswith(":" + FULL)
@@ -76,11 +83,13 @@ def _cell(key: tuple, rows: list[dict]) -> Cell:
     task, policy, budget = key
     scored = [r for r in rows if r.get("score") is not None]
     fractions = [r["kv_bytes_held"] / r["kv_bytes_full"] for r in scored if r.get("kv_bytes_full")]
+    held = [float(r["kv_bytes_held"]) for r in scored if r.get("kv_bytes_held") is not None]
     fid = [r["fidelity"] for r in rows if isinstance(r.get("fidelity"), dict)]
     return Cell(
         task=task, policy=policy, budget=budget, samples=len(scored), errors=len(rows) - len(scored),
         mean_score=sum(float(r["score"]) for r in scored) / len(scored) if scored else None,
         kv_fraction=sum(fractions) / len(fractions) if fractions else 0.0,
+        kv_bytes=sum(held) / len(held) if held else 0.0,
         mean_kl=sum(f["kl"] for f in fid) / len(fid) if fid else None,
         top1=sum(f["top1"] for f in fid) / len(fid) if fid else None,
     )
@@ -104,12 +113,12 @@ def render_summary(cells: list[Cell], console, title_suffix: str = "") -> None:
             by_budget = {c.budget: c for c in mine if c.policy == policy}
             if is_reference(policy):
                 ref = next(iter(by_budget.values()))
-                text = _fmt(ref)
+                text = score_text(ref)
                 table.add_row(escape(f"{policy} (reference)"), *([text] * len(budgets) if budgets else [text]),
                               style="bold")
                 continue
             # escape: rich would read a policy's options, "tova[heads=layer]", as a markup tag and drop them
-            table.add_row(escape(policy), *[_fmt(by_budget[b]) if b in by_budget else "-" for b in budgets])
+            table.add_row(escape(policy), *[score_text(by_budget[b]) if b in by_budget else "-" for b in budgets])
         console.print(table)
 
 
@@ -130,100 +139,34 @@ def render_markdown(cells: list[Cell]) -> str:
         for policy in dict.fromkeys(c.policy for c in mine):
             by_budget = {c.budget: c for c in mine if c.policy == policy}
             if is_reference(policy):
-                ref = _fmt(next(iter(by_budget.values())))
+                ref = score_text(next(iter(by_budget.values())))
                 out.append(f"| {policy} (reference) | " + " | ".join([ref] * len(budgets)) + " |")
                 continue
             row = []
             for b in budgets:
                 cell = by_budget.get(b)
-                text = "-" if cell is None else _fmt(cell)
+                text = "-" if cell is None else score_text(cell)
                 if cell is not None and cell.mean_score is not None and cell.mean_score == best[b] and best[b] > 0:
                     text = f"**{text}**"
                 row.append(text)
             out.append(f"| {policy} | " + " | ".join(row) + " |")
-        runtimes = dict.fromkeys(c.policy.split(":")[0] if ":" in c.policy else "kvx" for c in mine)
+        runtimes = dict.fromkeys(runtime_of(c.policy) for c in mine)
         for runtime in runtimes:
             fractions = []
             for b in budgets:
                 held = [c.kv_fraction for c in mine if c.budget == b and not is_reference(c.policy)
-                        and (c.policy.split(":")[0] if ":" in c.policy else "kvx") == runtime and c.samples]
+                        and runtime_of(c.policy) == runtime and c.samples]
                 fractions.append(f"{100 * sum(held) / len(held):.1f}%" if held else "-")
             out.append(f"| K+V held / full ({runtime}) | " + " | ".join(fractions) + " |")
         out.append("")
     return "\n".join(out)
 
 
-def _fmt(cell: Cell) -> str:
+def score_text(cell: Cell, with_kl: bool = True) -> str:
+    """A cell's score as every table prints it (a picture's cells: without the KL, for room)."""
     if cell.mean_score is None:
         return "error"
     text = f"{cell.mean_score:.2f}"
-    if cell.mean_kl is not None:
+    if with_kl and cell.mean_kl is not None:
         text += f" (KL {cell.mean_kl:.3f})"
     return text
-
-
-# -- plot ---------------------------------------------------------------------------------------------
-
-def plot_curves(cells: list[Cell], path: str | Path) -> Path:
-    """Accuracy against budget, one line per policy and the full cache as a dashed line; one panel per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise KvxError("--plot needs matplotlib, which is not installed: pip install 'kvx[plot]'") from None
-
-    tasks = list(dict.fromkeys(c.task for c in cells))
-    if not tasks:
-        raise KvxError("nothing to plot: there are no results")
-    many = len({c.policy for c in cells}) > 10  # then the legend goes beside the panels, not over them
-    height = max(4.6, 0.21 * len({c.policy for c in cells}) + 0.6)  # room for a long legend beside
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + (3.0 if many else 0.0), height),
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        mine = [c for c in cells if c.task == task]
-        budgets = sorted({c.budget for c in mine if not is_reference(c.policy)}, key=budget_sort_key)
-        numeric = bool(budgets) and all(b.endswith("%") for b in budgets)
-        x_of = {b: (budget_sort_key(b)[1] if numeric else i) for i, b in enumerate(budgets)}
-        for policy in dict.fromkeys(c.policy for c in mine):
-            points = sorted((c for c in mine if c.policy == policy and c.mean_score is not None),
-                            key=lambda c: budget_sort_key(c.budget))
-            if not points:
-                continue
-            if is_reference(policy):
-                ax.axhline(points[0].mean_score, color="black" if policy == FULL else "grey", linestyle="--",
-                           linewidth=1.2, label="full cache" if policy == FULL else policy)
-                continue
-            # External baselines dashed, so kvx's policy and the same method's press pair up by colour order.
-            style = "--" if ":" in policy else "-"
-            i = len(ax.get_lines())
-            ax.plot([x_of[c.budget] for c in points], [c.mean_score for c in points], linestyle=style,
-                    marker="osD^v<>p*hX"[i % 11], color=plt.get_cmap("tab20")(i % 20), label=policy)
-        if numeric:
-            ax.set_xscale("log")
-            ax.set_xticks([x_of[b] for b in budgets])
-            ax.set_xticklabels(budgets)
-            ax.set_xlabel("KV budget (share of entries kept)")
-        else:
-            ax.set_xticks(range(len(budgets)))
-            ax.set_xticklabels(budgets)
-            ax.set_xlabel("KV budget")
-        ax.minorticks_off()
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_ylabel("mean score")
-        ax.set_title(task)
-        ax.grid(True, alpha=0.3)
-        if many:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        else:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=120)
-    except OSError as exc:
-        raise KvxError(f"cannot write the plot {out}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out

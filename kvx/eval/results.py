@@ -114,3 +114,26 @@ class ResultsFile:
             except OSError:
                 pass
             raise
+
+
+def read_results(paths: list[str | Path]) -> tuple[list[dict], int]:
+    """Every row of several results files, read together for a summary or a picture, and how many rows
+    were replaced. A row whose key a later file also holds is replaced by the later file's (in place, so
+    the policies keep the order they were first seen in): list the files oldest first and the newer
+    measurement wins; the full cache's rows, which every run of a setting writes, count once."""
+    rows: list[dict] = []
+    where: dict[tuple, int] = {}
+    replaced = 0
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise KvxError(f"{path}: no such results file")
+        for row in ResultsFile(path).rows:
+            key = row_key(row)
+            if key in where:
+                rows[where[key]] = row
+                replaced += 1
+            else:
+                where[key] = len(rows)
+                rows.append(row)
+    return rows, replaced
