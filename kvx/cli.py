@@ -203,6 +203,9 @@ def generate(
         if not prompt.strip():
             raise KvxError("the prompt is empty")
 
+    from kvx.runtime.batch import run_alone
+    from kvx.runtime.sequence import GenerationRequest
+
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph,
                           prefill_chunk=prefill_chunk)
@@ -223,9 +226,11 @@ def generate(
         _note(short_prompt_note(engine, len(ctx_ids)), quiet)
         answers = _Answers(question, stream)
         status = _prefill_status(engine, len(ctx_ids), quiet)
+        request = GenerationRequest(context_ids=ctx_ids, question_ids=[q for _, q in ids], params=params,
+                                    max_tokens=max_tokens, policy=engine.policy, budget=engine.budget,
+                                    on_text=None if as_json else (lambda seq, qi, piece: answers.text(qi, piece)))
         try:
-            results = engine.generate_agnostic(ctx_ids, [q for _, q in ids], params, max_tokens,
-                                               on_text=None if as_json else answers.text)
+            results = run_alone(engine, request).results
         finally:
             if status is not None:
                 status.stop()
@@ -243,8 +248,10 @@ def generate(
     check_memory(engine, len(ids), max_tokens)
     _note(short_prompt_note(engine, len(ids)), quiet)
     status = _prefill_status(engine, len(ids), quiet)
+    request = GenerationRequest(prompt_ids=ids, params=params, max_tokens=max_tokens, policy=engine.policy,
+                                budget=engine.budget, on_text=None if as_json else (lambda seq, qi, piece: stream(piece)))
     try:
-        result = engine.generate(ids, params, max_tokens, on_text=None if as_json else stream)
+        result = run_alone(engine, request).results[0]
     finally:
         if status is not None:
             status.stop()

@@ -163,27 +163,26 @@ _ENGINES = object()  # memory_need's default: the engine's own policy, budget or
 
 def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0, policy=_ENGINES,
                 budget=_ENGINES, prefill_chunk=_ENGINES):
-    """What generating from a prompt of `prompt_tokens` allocates at its peak (kvx.runtime.memory.Need).
-
-    The sizes follow the engine: the decode headroom is max_tokens clipped to the model's context (a
-    decode-time policy keeps DECODE_SLACK instead); question-agnostic answering adds the longest question
-    (and, with decode-time eviction, the copy of the context each answer runs in).
-    `policy`, `budget` and `prefill_chunk` default to the engine's own.
-    """
-    from kvx.runtime.decode_eviction import DECODE_SLACK
-    from kvx.runtime.memory import request_need
+    """What generating from a prompt of `prompt_tokens` can hold at its peak (kvx.runtime.memory.Need): the
+    engine's own memory model, the blocks its scheduler reserves for the request's worst case
+    (scheduler.worst_case_blocks) times the bytes a block occupies, plus prefill activations on a GPU.
+    `policy`, `budget` and `prefill_chunk` default to the engine's own."""
+    from kvx.runtime.memory import Need, prefill_activation_bytes
+    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+    from kvx.runtime.scheduler import worst_case_blocks
 
     cfg, n = engine.config, prompt_tokens
     budget = engine.budget if budget is _ENGINES else budget
     chunk = engine.prefill_chunk if prefill_chunk is _ENGINES else prefill_chunk
     pol = engine.policy if policy is _ENGINES else policy
-    nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
     new = max(0, min(max_tokens, cfg.max_position_embeddings - n - question_tokens))
-    compresses = pol is not None and budget is not None and not budget.keeps_everything(n)
-    decode_mode = compresses and getattr(pol, "decode_mode", None)
-    headroom = question_tokens + (min(new, DECODE_SLACK) if decode_mode else new)
-    return request_need(cfg, nbytes, n, headroom, budget if compresses else None, chunk,
-                        on_gpu=engine.device.type == "cuda", answer_copy=bool(decode_mode and question_tokens))
+    blocks = worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, n, question_tokens, new, pol, budget,
+                               agnostic=question_tokens > 0, prefill_chunk=chunk)
+    nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
+    chunked = bool(chunk and chunk < n and pol is not None and budget is not None and not budget.keeps_everything(n))
+    act = prefill_activation_bytes(cfg, chunk if chunked else n, nbytes) if engine.device.type == "cuda" else 0
+    return Need(kv_bytes=blocks * pool_block_bytes(DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype),
+                activation_bytes=act)
 
 
 def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,

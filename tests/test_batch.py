@@ -22,6 +22,7 @@ from kvx.runtime.sampling import SamplingParams
 from kvx.runtime.sequence import CANCELLED, FINISHED, GenerationRequest
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
+from kvx.runtime.batch import generate, generate_agnostic
 
 # One policy of every family: window-scored (snapkv), accumulated + decode-time (h2o), decode-time last
 # row (tova), decode-time recent queries (ahakv), positional (streaming), head-adaptive (ada-snapkv),
@@ -47,7 +48,7 @@ def _policy(name):
 
 def _alone(engine, ids, name, budget, max_tokens, params=SamplingParams()):
     b = None if budget is None else parse_budget(budget)
-    return engine.generate(ids, params, max_tokens, policy=_policy(name), budget=b)
+    return generate(engine, ids, params, max_tokens, policy=_policy(name), budget=b)
 
 
 def _request(ids, name, budget, max_tokens, **kw):
@@ -93,7 +94,7 @@ def test_question_agnostic_requests_in_a_batch_equal_alone(engine, name, budget)
     rng = random.Random(3)
     cases = [(_ids(rng, 80, 200), [_ids(rng, 3, 9) for _ in range(3)]) for _ in range(3)]
     b = None if budget is None else parse_budget(budget)
-    want = [[r.token_ids for r in engine.generate_agnostic(ctx, qs, SamplingParams(), 12, policy=_policy(name), budget=b)]
+    want = [[r.token_ids for r in generate_agnostic(engine, ctx, qs, SamplingParams(), 12, policy=_policy(name), budget=b)]
             for ctx, qs in cases]
     batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=3)
     seqs = [batch.submit(GenerationRequest(context_ids=ctx, question_ids=qs, max_tokens=12, policy=_policy(name),
@@ -241,7 +242,7 @@ def test_kvzip_in_a_batch_equals_alone(tmp_path):
     rng = random.Random(4)
     cases = [(_ids(rng, 100, 220), [_ids(rng, 3, 8) for _ in range(2)]) for _ in range(3)]
     b = parse_budget("20%")
-    want = [[r.token_ids for r in engine.generate_agnostic(c, qs, SamplingParams(), 10, policy=build_policy("kvzip"),
+    want = [[r.token_ids for r in generate_agnostic(engine, c, qs, SamplingParams(), 10, policy=build_policy("kvzip"),
                                                             budget=b)] for c, qs in cases]
     batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=3)
     seqs = [batch.submit(GenerationRequest(context_ids=c, question_ids=qs, max_tokens=10, policy=build_policy("kvzip"),

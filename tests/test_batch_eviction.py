@@ -1,8 +1,7 @@
 """Ranked decode-time eviction (runtime/batch_eviction.py) against the per-segment path it replaces
 (runtime/decode_eviction.py's evict_per_segment, each policy's decode_keep segment by segment): on random
 caches, masses (with ties), budgets and policy options, several requests of different policies evicted
-in one pass leave every (layer, kv head) with the same entries, positions, mass and blocks; one sequence's
-ragged cache, each due layer in one pass, with the same entries, positions, mass and capacities."""
+in one pass leave every (layer, kv head) with the same entries, positions, mass and blocks."""
 
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ import torch
 
 from kvx.policies import build_policy, parse_budget
 from kvx.runtime import batch_eviction
-from kvx.runtime.batch_eviction import evict_batch, evict_sequence
-from kvx.runtime.cache import RaggedKVCache, _new_layer
-from kvx.runtime.decode_eviction import DECODE_SLACK, decode_evict, evict_per_segment
+from kvx.runtime.batch_eviction import evict_batch, evict_due
+from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
 from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.pool import BlockPool
 from kvx.runtime.request import Request
@@ -108,86 +106,19 @@ def test_batched_eviction_equals_the_per_request_path(block_size, seed, small_pa
     assert pool.num_used == 0
 
 
-def _ragged_request(rng, gen, name, args, steady: bool) -> Request:
-    """One sequence's RaggedKVCache with ragged lengths and capacities. steady: every segment sized as an
-    eviction round leaves it (capacity min(n, target) + slack, the due ones full), so the round runs in
-    place; else capacities at random (the round reallocates where they differ)."""
-    policy = build_policy(name, args=args)
-    track = policy.decode_mode in ("accumulate", "last")
-    cache = RaggedKVCache(L, HKV, D, torch.float32, "cpu", 1, track_mass=track)
-    budget = [[rng.randint(0, 24) for _ in range(HKV)] for _ in range(L)]
-    for layer in range(L):
-        lengths, caps = [], []
-        for g in range(HKV):
-            t = budget[layer][g]
-            if steady:
-                n = rng.choice([t + DECODE_SLACK, rng.randint(0, t)])
-                cap = min(n, t) + DECODE_SLACK
-            else:
-                n = rng.choice([0, t, t + DECODE_SLACK + rng.randint(0, 30)])
-                cap = n + rng.randint(0, 20)
-            lengths.append(n)
-            caps.append(cap)
-        lc = cache.layers[layer] = _new_layer(HKV, caps, D, torch.float32, cache.device, track)
-        for g, n in enumerate(lengths):
-            s = lc.starts[g]
-            lc.k[s:s + n] = torch.randn(n, D, generator=gen)
-            lc.v[s:s + n] = torch.randn(n, D, generator=gen)
-            lc.pos[s:s + n] = torch.sort(torch.randperm(500, generator=gen)[:n]).values
-            if track:
-                lc.key_mass[s:s + n] = torch.randint(0, 4, (n,), generator=gen).float() / 4  # ties
-        lc.lengths = lengths
-        lc.length.copy_(torch.tensor(lengths, dtype=torch.int32))
-    recent_q = [None] * L
-    if policy.decode_mode == "recent_queries":
-        r = min(policy.window, rng.choice([policy.window, 2]))
-        recent_q = [torch.randn(HKV * G, r, D, generator=gen) for _ in range(L)]
-    return Request(cache=cache, policy=policy, budget=parse_budget("10%"), position=500, head_budget=budget,
-                   recent_q=recent_q)
-
-
-def _ragged_twin(req: Request) -> Request:
-    return Request(cache=req.cache.clone(), policy=req.policy, budget=req.budget, position=req.position,
-                   head_budget=[list(h) for h in req.head_budget], recent_q=req.recent_q)
-
-
-@pytest.mark.parametrize("steady", [True, False], ids=["in-place", "reallocating"])
-@pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("policy", range(len(POLICIES)))
-def test_one_sequence_ranked_eviction_equals_the_per_segment_path(policy, seed, steady):
-    rng = random.Random(100 * seed + policy)
-    gen = torch.Generator().manual_seed(seed)
-    req = _ragged_request(rng, gen, *POLICIES[policy], steady=steady)
-    alone = _ragged_twin(req)
-    pools = [lc.k.data_ptr() for lc in req.cache.layers]
-    assert evict_sequence(ENGINE, req)
-    evict_per_segment(ENGINE, alone)
-    assert req.cache.compacted == alone.cache.compacted
-    for lc, want in zip(req.cache.layers, alone.cache.layers):
-        assert lc.lengths == want.lengths and lc.capacities == want.capacities
-        assert lc.length.tolist() == lc.lengths
-        for g in range(HKV):
-            got_k, got_v, got_pos = lc.head(g)
-            want_k, want_v, want_pos = want.head(g)
-            assert torch.equal(got_pos, want_pos) and torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-            assert torch.equal(lc.head_mass(g), want.head_mass(g))
-            if lc.key_mass is not None:  # nothing past a length carries mass
-                s = lc.starts[g]
-                assert not lc.key_mass[s + lc.lengths[g]:s + lc.capacities[g]].any()
-    if steady:  # every round after the first: the same pools, which a captured decode graph reads
-        assert [lc.k.data_ptr() for lc in req.cache.layers] == pools
-
-
-def test_one_sequence_without_a_rule_goes_per_segment():
+def test_evict_due_sends_a_policy_without_a_rule_per_segment():
+    """The engine's entry point: requests with a batched rule in one pass, the others per segment."""
     rng = random.Random(3)
     gen = torch.Generator().manual_seed(3)
-    req = _ragged_request(rng, gen, "tova", {}, steady=False)
+    pool = BlockPool(2048, 4, D, torch.float32, "cpu")
+    req, ruled = _request(pool, rng, gen, "tova", {}), _request(pool, rng, gen, "h2o", {})
     req.policy.decode_rule = lambda n, keep: None
-    before = req.cache.lengths()
-    assert not evict_sequence(ENGINE, req)
-    assert req.cache.lengths() == before
-    decode_evict(ENGINE, req)  # the engine's entry point falls back to decode_keep
-    assert req.cache.lengths() != before
+    before, ruled_before = req.cache.lengths(), ruled.cache.lengths()
+    alone = _twin(req)
+    evict_per_segment(ENGINE, alone)
+    evict_due(ENGINE, [req, ruled])
+    assert req.cache.lengths() != before and req.cache.lengths() == alone.cache.lengths()
+    assert ruled.cache.lengths() != ruled_before
 
 
 def test_a_policy_without_a_rule_is_handed_back():

@@ -1,8 +1,8 @@
 """The GPU decode paths, run on the CPU: Triton kernels under the interpreter, CUDA graphs emulated.
 
 On a machine without CUDA nothing else runs the code a GPU runs between the kernels: the engine's calls
-into the Triton wrappers (shapes, strides, dtypes, grids) and the two captured decode steps (the single
-sequence's DecodeGraph, the batch's StaticStep), which must read only their static buffers and never sync
+into the Triton wrappers (shapes, strides, dtypes, grids) and the captured decode step (the batch's
+StaticStep, a lone request being a batch of one), which must read only its static buffers and never sync
 with the host. Here KVX_KERNELS=triton sends every kernel call to the Triton kernels (interpreted), and
 tests/cuda_graph_emulator.py stands in for torch.cuda's graphs: captures record, replays re-run exactly
 what was recorded (stale Python values included), and a host sync inside a capture raises. Each case is
@@ -26,11 +26,10 @@ from cuda_graph_emulator import CaptureError, emulate_cuda_graphs, fake_graph, F
 from kvx.kernels import ops  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime import engine as engine_module  # noqa: E402
 from kvx.runtime.batch import BatchEngine  # noqa: E402
 from kvx.runtime.batch_step import BatchStepper  # noqa: E402
 from kvx.runtime.engine import Engine  # noqa: E402
-from kvx.runtime.graphs import capturable  # noqa: E402
+from kvx.runtime.sequence import GenerationRequest  # noqa: E402
 from test_batch import _ids, _request  # noqa: E402
 from test_compression import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 from test_engine import StubTokenizer  # noqa: E402
@@ -56,10 +55,9 @@ def test_capture_cases_in_a_fresh_process():
 
 @pytest.fixture
 def graphs(interpreted, monkeypatch):
-    """Triton kernels for every call, torch.cuda's graphs emulated, the single engine allowed to capture."""
+    """Triton kernels for every call, torch.cuda's graphs emulated."""
     monkeypatch.setenv(ops.BACKEND_ENV, "triton")
     emulate_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(engine_module, "graphs_supported", capturable)
 
 
 def _reference(monkeypatch):
@@ -95,7 +93,7 @@ def test_emulated_capture_refuses_host_syncs(graphs, sync):
         calls[sync]()
 
 
-# -- the single-sequence engine ---------------------------------------------------------------------------
+# -- a lone request: a batch of one ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
@@ -103,32 +101,34 @@ def llama(tmp_path_factory):
     return Transformer.from_pretrained(path)
 
 
+def _alone(model, policy, budget, ids, steps, use_graphs):
+    """One request through the engine as `kvx generate` runs it: (tokens, stepper, kept entries)."""
+    eng = Engine(model, StubTokenizer())
+    request = GenerationRequest(prompt_ids=ids, max_tokens=steps, stop_at_eos=False,
+                                policy=build_policy(policy) if policy else None,
+                                budget=parse_budget(budget) if budget else None)
+    batch = BatchEngine(eng, kv_memory=32 << 20, max_batch=1)
+    batch.stepper = BatchStepper(eng, batch.pool, use_graphs=use_graphs)
+    seq = batch.submit(request)
+    batch.run()
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+    return seq.results[0].token_ids, batch.stepper, seq.results[0].kv_entries_kept
+
+
 SINGLE = [(None, None), ("snapkv", "20%"), ("ada-snapkv", "20%"), ("laprox", "10%")]
 
 
 @pytest.mark.parametrize("policy,budget", SINGLE, ids=[p or "full" for p, _ in SINGLE])
-def test_emulated_decode_graph_equals_reference(llama, graphs, monkeypatch, policy, budget):
+def test_emulated_batch_of_one_equals_reference(llama, graphs, monkeypatch, policy, budget):
     ids = _ids(random.Random(7), 90, 91)
-
-    def run(use_graphs):
-        eng = Engine(llama, StubTokenizer(), build_policy(policy) if policy else None,
-                     parse_budget(budget) if budget else None, use_graphs=use_graphs)
-        req = eng.new_request(capacity=len(ids) + 16, policy=eng.policy, budget=eng.budget)
-        logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
-        if policy:
-            eng.compress(req, headroom=16)
-            assert req.cache.total_entries() < 0.5 * len(ids) * len(req.cache.layers) * req.cache.num_kv_heads
-        from kvx.runtime.sampling import SamplingParams
-        out, _, _ = eng.decode(req, logits, SamplingParams(), 14, stop_at_eos=False)
-        return out, req
-
-    graphed, req = run(True)
-    assert req.graph is not None and req.graph.captures == 1 and req.graph.graph.replays == 13
-    eager, req = run(False)
-    assert req.graph is None
+    graphed, stepper, _ = _alone(llama, policy, budget, ids, 14, True)
+    assert stepper.captures >= 1 and stepper.replays == 13
+    assert {key[0] for key in stepper._entries} == {1}  # the batch bucket of one
+    eager, stepper, _ = _alone(llama, policy, budget, ids, 14, False)
+    assert stepper.captures == 0
     _reference(monkeypatch)
-    plain, _ = run(False)
-    assert graphed == eager == plain
+    plain, _, _ = _alone(llama, policy, budget, ids, 14, False)
+    assert graphed == eager == plain and len(plain) == 14
 
 
 @pytest.fixture(scope="module")
@@ -142,28 +142,15 @@ WINDOWED = [(None, None), ("snapkv", "30%"), ("tova", "30%")]
 
 
 @pytest.mark.parametrize("policy,budget", WINDOWED, ids=[p or "full" for p, _ in WINDOWED])
-def test_emulated_decode_graph_with_a_sliding_window(mistral, graphs, monkeypatch, policy, budget):
-    """A sliding-window model's decode step is captured too (the window applied in the decode kernel from
-    the cache's positions and the step's position buffer): tokens equal eager and the plain path."""
-    from kvx.runtime.sampling import SamplingParams
-
+def test_emulated_batch_of_one_with_a_sliding_window(mistral, graphs, monkeypatch, policy, budget):
+    """A sliding-window model's lone request is captured too (the window applied in the paged kernel from
+    the pool's positions and the step's position buffer): tokens equal eager and the plain path."""
     ids = _ids(random.Random(13), 60, 61)
-    steps = 20
-
-    def run(use_graphs):
-        eng = Engine(mistral, StubTokenizer(), build_policy(policy) if policy else None,
-                     parse_budget(budget) if budget else None, use_graphs=use_graphs)
-        req = eng.new_request(capacity=len(ids) + steps, policy=eng.policy, budget=eng.budget)
-        logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
-        eng.compress(req, headroom=steps)
-        out, _, _ = eng.decode(req, logits, SamplingParams(), steps, stop_at_eos=False)
-        return out, req
-
-    graphed, req = run(True)
-    assert req.graph is not None and req.graph.captures == 1
-    eager, _ = run(False)
+    graphed, stepper, _ = _alone(mistral, policy, budget, ids, 20, True)
+    assert stepper.captures >= 1
+    eager, _, _ = _alone(mistral, policy, budget, ids, 20, False)
     _reference(monkeypatch)
-    plain, _ = run(False)
+    plain, _, _ = _alone(mistral, policy, budget, ids, 20, False)
     assert graphed == eager == plain
 
 
@@ -171,44 +158,23 @@ EVICTING = [("h2o", "25%"), ("tova", "30%"), ("streaming", "20%"), ("ahakv", "25
 
 
 @pytest.mark.parametrize("policy,budget", EVICTING, ids=[p for p, _ in EVICTING])
-def test_emulated_decode_graph_with_decode_time_eviction(llama, graphs, monkeypatch, policy, budget):
-    """A policy that evicts while decoding replays one captured graph through two eviction rounds (the kept
-    entries are written back into the same pools, the mass by the captured kernel, AhaKV's queries through
-    a static buffer), token for token as eager decode through the Triton kernels and the plain path."""
+def test_emulated_batch_of_one_with_decode_time_eviction(llama, graphs, monkeypatch, policy, budget):
+    """A lone request whose policy evicts while decoding replays the captured step through two eviction
+    rounds (the kept entries move inside their own blocks, the mass written by the captured kernel,
+    AhaKV's queries through a static buffer), token for token as eager and the plain path."""
     from kvx.runtime.decode_eviction import DECODE_SLACK
-    from kvx.runtime.sampling import SamplingParams
 
     ids = _ids(random.Random(11), 90, 91)
     steps = 2 * DECODE_SLACK + 6
-
-    def run(use_graphs):
-        eng = Engine(llama, StubTokenizer(), build_policy(policy), parse_budget(budget), use_graphs=use_graphs)
-        req = eng.new_request(capacity=len(ids), policy=eng.policy, budget=eng.budget)
-        logits = eng.prefill(req, ids, eng.stats_request(req, len(ids)))
-        eng.compress(req, headroom=steps)
-        targets = [list(t) for t in req.head_budget]
-        pools = [lc.k.data_ptr() for lc in req.cache.layers]
-        out, _, _ = eng.decode(req, logits, SamplingParams(), steps, stop_at_eos=False)
-        for lc, target in zip(req.cache.layers, targets):  # evicted back to budget while decoding
-            assert all(n < t + DECODE_SLACK for n, t in zip(lc.lengths, target))
-        assert sum(map(sum, req.cache.lengths())) < sum(map(sum, targets)) + len(ids)
-        return out, req, pools
-
-    def mass(req):  # H2O's and TOVA's running scores, as the eviction reads them
-        return torch.cat([lc.head_mass(g) for lc in req.cache.layers for g in range(req.cache.num_kv_heads)])
-
-    graphed, req, pools = run(True)
-    graphed_mass = mass(req)
-    assert req.graph is not None and req.graph.captures == 1 and req.graph.graph.replays == steps - 1
-    assert [lc.k.data_ptr() for lc in req.cache.layers] == pools  # evicted in place
-    if policy == "ahakv":
-        assert tuple(req.recent_q.shape[:3]) == (llama.config.num_layers, llama.config.num_heads, 32)
-    eager, req, _ = run(False)
-    assert req.graph is None
-    torch.testing.assert_close(graphed_mass, mass(req), rtol=1e-5, atol=1e-6)
+    graphed, stepper, kept = _alone(llama, policy, budget, ids, steps, True)
+    assert stepper.captures >= 1 and stepper.replays == steps - 1
+    cfg = llama.config
+    # evicted back to budget while decoding: far fewer entries than the prompt and the answer in full
+    assert kept < 0.5 * (len(ids) + steps) * cfg.num_layers * cfg.num_kv_heads
+    eager, _, kept_eager = _alone(llama, policy, budget, ids, steps, False)
     _reference(monkeypatch)
-    plain, _, _ = run(False)
-    assert graphed == eager == plain
+    plain, _, kept_plain = _alone(llama, policy, budget, ids, steps, False)
+    assert graphed == eager == plain and kept == kept_eager == kept_plain
 
 
 # -- the batched engine -----------------------------------------------------------------------------------

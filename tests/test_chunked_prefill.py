@@ -11,6 +11,7 @@ from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
 from kvx.runtime.engine import Engine
 from test_engine import StubTokenizer
+from kvx.runtime.batch import generate
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,8 @@ def test_peak_stays_near_budget_plus_chunk(tiny, policy):
     ids = prompt(n)
     chunked = Engine(tiny, StubTokenizer(), build_policy(policy), budget, prefill_chunk=chunk)
     whole = Engine(tiny, StubTokenizer(), build_policy(policy), budget)
-    a = chunked.generate(ids, max_tokens=4)
-    b = whole.generate(ids, max_tokens=4)
+    a = generate(chunked, ids, max_tokens=4)
+    b = generate(whole, ids, max_tokens=4)
     entry = chunked.entry_bytes()
     heads = cfg.num_layers * cfg.num_kv_heads
     target = budget.per_head(n)
@@ -59,12 +60,12 @@ def test_kept_positions_are_sorted_and_include_the_recent_window(tiny):
 
 def test_chunk_larger_than_prompt_is_a_plain_prefill(tiny):
     ids = prompt(200)
-    a = Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=4096).generate(ids, max_tokens=6)
-    b = Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%")).generate(ids, max_tokens=6)
+    a = generate(Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=4096), ids, max_tokens=6)
+    b = generate(Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%")), ids, max_tokens=6)
     assert a.token_ids == b.token_ids
 
 
 def test_policies_that_need_every_query_refuse_chunking(tiny):
     engine = Engine(tiny, StubTokenizer(), build_policy("h2o"), parse_budget("10%"), prefill_chunk=100)
     with pytest.raises(KvxError, match="prefill-chunk"):
-        engine.generate(prompt(500), max_tokens=2)
+        generate(engine, prompt(500), max_tokens=2)

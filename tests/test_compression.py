@@ -24,6 +24,7 @@ from kvx.runtime.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
 from test_engine import StubTokenizer
+from kvx.runtime.batch import generate, generate_agnostic
 
 PASSKEY_SEEDS = (0, 1, 2)
 PASSKEY_POLICIES = ("snapkv", "ada-snapkv", "ahakv", "laprox")
@@ -235,7 +236,7 @@ def generate_recording_logits(engine: Engine, ids: list[int], max_tokens: int):
         return logits
 
     engine.forward = recording
-    result = engine.generate(ids, max_tokens=max_tokens)
+    result = generate(engine, ids, max_tokens=max_tokens)
     return result, torch.stack(seen)
 
 
@@ -321,7 +322,7 @@ def test_agnostic_answers_every_question_from_one_compressed_cache(default_model
     context = parts[0][0]
     assert all(c == context for c, _ in parts)
     engine = EvictionCounter(model, tok, build_policy(name), parse_budget("20%"))
-    results = engine.generate_agnostic(context, [q for _, q in parts], SamplingParams(), 16)
+    results = generate_agnostic(engine, context, [q for _, q in parts], SamplingParams(), 16)
     first, sky, again = results
     # The cache is restored between questions: the same question gets the same answer from the same state.
     assert again.token_ids == first.token_ids
@@ -389,7 +390,7 @@ def test_decode_time_eviction_holds_budget_plus_slack(tiny_long_model, name):
     ids = torch.randint(3, 128, (600,), generator=torch.Generator().manual_seed(1)).tolist()
     engine = WatchedEngine(model, StubTokenizer(), build_policy(name), parse_budget("256"),
                            recent=RECENT_KEPT[name], sinks=4 if name == "streaming" else 0)
-    result = engine.generate(ids, max_tokens=4000)  # the stub tokenizer has no EOS
+    result = generate(engine, ids, max_tokens=4000)  # the stub tokenizer has no EOS
     assert result.generated_tokens == 4000 and result.finish_reason == "length"
     assert engine.calls == 3999  # after every decode step but the last
     assert engine.evictions >= 3999 // DECODE_SLACK

@@ -9,9 +9,11 @@ from checkpoints import make_checkpoint
 from kvx.kernels import reference as ref
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.cache import RaggedKVCache
+from kvx.runtime.paged_cache import PagedKVCache
+from kvx.runtime.pool import BlockPool
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams, make_generator, sample
+from kvx.runtime.batch import generate, generate_agnostic
 
 
 class StubTokenizer:
@@ -47,14 +49,18 @@ def test_full_cache_generation_matches_transformers(tmp_path, variant):
     model = Transformer.from_pretrained(path)
     engine = Engine(model, StubTokenizer())
     ids = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    result = engine.generate(ids, SamplingParams(), max_tokens=12)
+    result = generate(engine, ids, SamplingParams(), max_tokens=12)
     assert result.token_ids == hf_greedy(hf, ids, 12)
     assert result.generated_tokens == 12 and result.finish_reason == "length"
 
 
+BLOCK = 8
+
+
 def _random_cache(hkv=3, d=8, n=40, seed=0):
     g = torch.Generator().manual_seed(seed)
-    cache = RaggedKVCache(num_layers=2, num_kv_heads=hkv, head_dim=d, dtype=torch.float32, device="cpu", capacity=n)
+    pool = BlockPool(64, BLOCK, d, torch.float32, "cpu")
+    cache = PagedKVCache(pool, num_layers=2, num_kv_heads=hkv, capacity=n)
     ks = [torch.randn(hkv, n, d, generator=g) for _ in range(2)]
     vs = [torch.randn(hkv, n, d, generator=g) for _ in range(2)]
     for layer in range(2):
@@ -73,7 +79,10 @@ def test_compressed_attention_equals_masked_full_attention():
     for layer in range(2):
         lc = cache.layers[layer]
         assert lc.lengths == counts[layer]
-        out = ref.decode_attention(q, lc.k, lc.v, lc.start, lc.length, scale=0.3)
+        width = max(len(t) for t in lc.tables)
+        tables = torch.tensor([t + [cache.pool.scratch] * (width - len(t)) for t in lc.tables], dtype=torch.int32)
+        out = ref.paged_decode_attention(q.view(hkv, G, d), cache.pool.k, cache.pool.v, tables,
+                                         torch.tensor(lc.lengths, dtype=torch.int32), scale=0.3).reshape(hkv * G, d)
         for h in range(hkv * G):
             kv = h // G
             idx = keep[layer][kv]
@@ -95,12 +104,16 @@ def test_bytes_follow_kept_entries_and_headroom():
     hkv, d, n = 3, 8, 40
     cache, *_ = _random_cache(hkv, d, n)
     full = cache.bytes_allocated()
-    assert full == 2 * 2 * hkv * n * d * 4
+    block_bytes = 2 * BLOCK * d * 4
+    assert full == 2 * hkv * -(-n // BLOCK) * block_bytes  # whole blocks of the pool
     keep = [[torch.arange(c) for c in (4, 2, 6)], [torch.arange(c) for c in (1, 1, 1)]]
     cache.compact(keep, headroom=3)
     kept = 4 + 2 + 6 + 3
     assert cache.total_entries() == kept
-    assert cache.bytes_allocated() == (kept + 2 * hkv * 3) * 2 * d * 4
+    # each segment holds the blocks for kept + headroom entries, no more
+    blocks = sum(-(-(c + 3) // BLOCK) for c in (4, 2, 6, 1, 1, 1))
+    assert cache.bytes_allocated() == blocks * block_bytes
+    assert cache.pool.num_used == blocks
     assert cache.bytes_used() == kept * 2 * d * 4
 
 
@@ -126,9 +139,9 @@ def test_agnostic_full_cache_equals_aware(tmp_path):
     ctx = torch.randint(3, 128, (30,), generator=g).tolist()
     q1 = torch.randint(3, 128, (5,), generator=g).tolist()
     q2 = torch.randint(3, 128, (7,), generator=g).tolist()
-    res = engine.generate_agnostic(ctx, [q1, q2, q1], max_tokens=8)
-    assert res[0].token_ids == engine.generate(ctx + q1, max_tokens=8).token_ids
-    assert res[1].token_ids == engine.generate(ctx + q2, max_tokens=8).token_ids
+    res = generate_agnostic(engine, ctx, [q1, q2, q1], max_tokens=8)
+    assert res[0].token_ids == generate(engine, ctx + q1, max_tokens=8).token_ids
+    assert res[1].token_ids == generate(engine, ctx + q2, max_tokens=8).token_ids
     # the cache was restored between questions: asking q1 again gives the same answer
     assert res[2].token_ids == res[0].token_ids
 
@@ -143,7 +156,7 @@ def test_each_question_sees_the_context_as_compressed(tmp_path, name, budget):
     g = torch.Generator().manual_seed(11)
     ctx = torch.randint(3, 128, (90,), generator=g).tolist()
     qs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (4, 9, 6)]
-    run = lambda questions: engine.generate_agnostic(ctx, questions, max_tokens=24, policy=build_policy(name),
+    run = lambda questions: generate_agnostic(engine, ctx, questions, max_tokens=24, policy=build_policy(name),
                                                      budget=parse_budget(budget))
     together = run(qs + [qs[0]])
     for q, res in zip(qs + [qs[0]], together):

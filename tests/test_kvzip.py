@@ -18,6 +18,7 @@ from kvx.runtime.engine import Engine
 from kvx.runtime.reconstruction import plan_passes, reconstruction_stats, template_parts
 from kvx.runtime.sampling import SamplingParams
 from test_engine import StubTokenizer
+from kvx.runtime.batch import generate_agnostic
 
 FIRST_IDS = [5, 6, 7]
 NEXT_IDS = [8, 9]
@@ -255,7 +256,7 @@ def test_chunked_prefill_and_a_compressed_cache_are_refused(tiny):
     ids = context_ids(64)
     engine = Engine(tiny, ReconstructionTokenizer(), prefill_chunk=16)
     with pytest.raises(KvxError, match="prefill-chunk"):
-        engine.generate_agnostic(ids, [[11, 12]], SamplingParams(), 2, policy=build_policy("kvzip"),
+        generate_agnostic(engine, ids, [[11, 12]], SamplingParams(), 2, policy=build_policy("kvzip"),
                                  budget=parse_budget("20%"))
     engine = Engine(tiny, ReconstructionTokenizer())
     req = engine.new_request(capacity=len(ids))
@@ -299,7 +300,7 @@ def test_agnostic_answers_several_questions_from_one_kvzip_context():
         parts = [split_context_question(tok, sample.context, q, None, False) for q in questions]
         context = parts[0][0]
         engine = Engine(model, tok, build_policy("kvzip"), parse_budget("10%"))
-        first, sky, again = engine.generate_agnostic(context, [q for _, q in parts], SamplingParams(), 16)
+        first, sky, again = generate_agnostic(engine, context, [q for _, q in parts], SamplingParams(), 16)
     finally:
         torch.set_num_threads(before)
     assert sample.answers[0] in first.text, first.text

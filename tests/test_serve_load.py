@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from serve_helpers import live_server, tiny_model_dir, torch_threads, words
+from kvx.runtime.batch import generate
 
 # (kv fields sent, the policy and budget they mean); the server's default is snapkv at 50%.
 VARIANTS = [
@@ -44,11 +45,11 @@ def _expected(model_dir, i: int):
     name, budget = VARIANTS[i % len(VARIANTS)][1]
     ids = encode_prompt(engine.tokenizer, r["prompt"], None, raw=not r["chat"])
     if name == "full":
-        return engine.generate(ids, SamplingParams(), MAX_TOKENS)
+        return generate(engine, ids, SamplingParams(), MAX_TOKENS)
     fields = r["fields"]
     args = {k: str(v) for k, v in fields.get("kv_policy_args", {}).items()}
     policy = build_policy(name, allocation=fields.get("kv_allocation"), args=args)
-    return engine.generate(ids, SamplingParams(), MAX_TOKENS, policy=policy, budget=parse_budget(budget))
+    return generate(engine, ids, SamplingParams(), MAX_TOKENS, policy=policy, budget=parse_budget(budget))
 
 
 async def _send(client, i: int) -> tuple[str, object]:

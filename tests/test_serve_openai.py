@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from serve_helpers import live_server, torch_threads
+from kvx.runtime.batch import generate
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ def alone(engine, prompt: str, max_tokens: int, raw: bool = False, policy=None, 
     ids = encode_prompt(engine.tokenizer, prompt, None, raw)
     pol = build_policy(policy) if policy else None
     with torch_threads(1):
-        return engine.generate(ids, SamplingParams(), max_tokens, policy=pol,
+        return generate(engine, ids, SamplingParams(), max_tokens, policy=pol,
                                budget=parse_budget(budget) if budget else None)
 
 

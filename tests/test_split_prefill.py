@@ -21,6 +21,7 @@ from kvx.runtime.split_prefill import piece_bounds, prefill_pieces, rows_read
 from test_batch import _alone, _ids, _request
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
+from kvx.runtime.batch import generate_agnostic
 
 
 @pytest.mark.parametrize("n,step,tail", [(1, 4, 0), (10, 4, 0), (10, 4, 3), (10, 4, 8), (10, 5, 5), (9, 3, 20),
@@ -129,7 +130,7 @@ def test_kvzip_reconstructs_the_whole_context_after_a_split_prefill(tmp_path):
     rng = random.Random(4)
     context, questions = _ids(rng, 200, 260), [_ids(rng, 3, 8) for _ in range(2)]
     b = parse_budget("20%")
-    want = engine.generate_agnostic(context, questions, max_tokens=10, policy=build_policy("kvzip"), budget=b)
+    want = generate_agnostic(engine, context, questions, max_tokens=10, policy=build_policy("kvzip"), budget=b)
     batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=2, prefill_step=64)
     seq = batch.submit(GenerationRequest(context_ids=context, question_ids=questions, max_tokens=10,
                                          policy=build_policy("kvzip"), budget=b))
@@ -148,7 +149,7 @@ def test_question_agnostic_contexts_split_like_prompts(engine, name, budget):
     rng = random.Random(21)
     context, questions = _ids(rng, 200, 260), [_ids(rng, 3, 9) for _ in range(2)]
     policy, b = (None, None) if name == "full" else (build_policy(name), parse_budget(budget))
-    want = engine.generate_agnostic(context, questions, max_tokens=8, policy=policy, budget=b)
+    want = generate_agnostic(engine, context, questions, max_tokens=8, policy=policy, budget=b)
     batch = BatchEngine(engine, kv_memory=16 << 20, max_batch=2, prefill_step=41)
     seq = batch.submit(GenerationRequest(context_ids=context, question_ids=questions, max_tokens=8,
                                          policy=None if name == "full" else build_policy(name), budget=b))

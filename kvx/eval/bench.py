@@ -19,7 +19,6 @@ import torch
 from kvx.eval.haystack import filler_ids
 from kvx.eval.hf_cache import cache_arg, cache_of
 from kvx.runtime.engine import Engine
-from kvx.runtime.sampling import SamplingParams
 
 
 def prose_ids(tokenizer, n: int) -> list[int]:
@@ -49,8 +48,18 @@ class SpeedRow:
         return d
 
 
+def _pool_for(engine: Engine, ids: list[int], max_tokens: int, policy=None, budget=None):
+    """A pool sized as the engine sizes a lone request's (scheduler.worst_case_blocks)."""
+    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
+    from kvx.runtime.scheduler import worst_case_blocks
+
+    cfg = engine.config
+    blocks = worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, len(ids), 0, max_tokens, policy, budget)
+    return BlockPool(blocks, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, engine.device)
+
+
 def kvx_prefill_tps(engine: Engine, ids: list[int]) -> float:
-    req = engine.new_request(capacity=len(ids))
+    req = engine.new_request(_pool_for(engine, ids, 0), capacity=len(ids))
     _sync(engine.device)
     t0 = time.perf_counter()
     engine.prefill(req, ids)
@@ -59,19 +68,27 @@ def kvx_prefill_tps(engine: Engine, ids: list[int]) -> float:
 
 
 def kvx_decode_tps(engine: Engine, ids: list[int], steps: int, policy=None, budget=None) -> float:
-    req = engine.new_request(capacity=len(ids), policy=policy, budget=budget)
-    if not req.compresses:
-        req.cache.reserve(len(ids) + steps + 1)
-    logits = engine.prefill(req, ids)
-    engine.compress(req, headroom=steps + 1)
-    # one warm-up step (CUDA graph capture, allocator), then the timed steps
-    engine.decode(req, logits, SamplingParams(), 2, stop_at_eos=False)
-    req.timings.decode_s = 0.0
+    """Decode tokens/s of one request alone (a batch of one, the engine `kvx generate` runs): the first
+    step prefills (one piece) and decodes, a second warms up (CUDA graph capture, allocator), then `steps`
+    timed steps of one token each."""
+    from kvx.runtime.batch import BatchEngine
+    from kvx.runtime.sequence import GenerationRequest
+
+    request = GenerationRequest(prompt_ids=list(ids), max_tokens=steps + 3, stop_at_eos=False, policy=policy,
+                                budget=budget)
+    batch = BatchEngine(engine, pool=_pool_for(engine, ids, steps + 3, policy, budget), max_batch=1,
+                        prefill_step=len(ids))
+    seq = batch.submit(request)
+    batch.step()
+    batch.step()
     _sync(engine.device)
     t0 = time.perf_counter()
-    out, _, _ = engine.decode(req, logits, SamplingParams(), steps, stop_at_eos=False)
+    for _ in range(steps):
+        batch.step()
     _sync(engine.device)
-    return len(out) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    assert not seq.done, "the timed steps must all decode"
+    return steps / elapsed
 
 
 def hf_prefill_tps(hf_model, ids: list[int]) -> float:
@@ -168,7 +185,8 @@ def compression(engine: Engine, tokenizer, policies: list[str], budgets: list[st
         ids = prose_ids(tokenizer, min(n, limit - 1))
         for name in policies:
             policy, budget = build_policy(name), parse_budget(budgets[0])
-            req = engine.new_request(capacity=len(ids), policy=policy, budget=budget)
+            req = engine.new_request(_pool_for(engine, ids, 0, policy, budget), capacity=len(ids), policy=policy,
+                                     budget=budget)
             engine.prefill(req, ids)
             engine.compress(req, headroom=0)
             t = req.timings

@@ -2,8 +2,8 @@
 
 Three configurations over the same requests (N prose prompts of P tokens, G generated tokens each, greedy)
 and the same KV memory:
-  (a) sequential, full cache: one request at a time through the single-sequence engine (Engine.generate,
-      its contiguous cache and decode kernel: faster alone than a batch of one, so the stronger baseline);
+  (a) sequential, full cache: one request at a time, each a batch of one (runtime.batch.generate, what
+      `kvx generate` runs);
   (b) batched, full cache: as many as the pool holds;
   (c) batched at the budget (e.g. 5%): the freed memory spent on more concurrent sequences.
 Decode throughput is generated tokens over the time spent in decode steps; end to end is generated
@@ -93,7 +93,9 @@ class CapacityRow:
 def run_sequential(engine, tokenizer, name: str, n: int, prompt_tokens: int, gen: int) -> BatchRow:
     reqs = _requests(tokenizer, n, prompt_tokens, gen, None, None)
     t0 = time.perf_counter()
-    results = [engine.generate(r.prompt_ids, r.params, gen, stop_at_eos=False) for r in reqs]
+    from kvx.runtime.batch import generate
+
+    results = [generate(engine, r.prompt_ids, r.params, gen, stop_at_eos=False) for r in reqs]
     wall = time.perf_counter() - t0
     generated = sum(r.generated_tokens for r in results)
     decode_s = sum(r.timings.decode_s for r in results)

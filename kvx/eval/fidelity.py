@@ -14,7 +14,7 @@ continuation's queries. (Comparing the two runs' outputs directly would mix in t
 states coming from the layers below.)
 
 While feeding the continuation, requests whose policy evicts during decoding (H2O, TOVA, AhaKV) do so
-exactly as Engine.decode does, so the metrics describe what generation would see.
+exactly as a decode step does, so the metrics describe what generation would see.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kvx.eval.prefill import SharedPrefill, wrapped_attend
+from kvx.eval.prefill import SharedPrefill
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
 from kvx.runtime.sampling import SamplingParams
 
 
@@ -71,23 +72,30 @@ def measure_fidelity(engine, prompt_ids: list[int], continuation: list[int], pol
 
 def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[int], policy, budget) -> FidelityResult:
     """Fidelity of (policy, budget) against the full cache, from an existing shared prefill."""
+    from kvx.runtime.batch_eviction import evict_due
+    from kvx.runtime.attend import make_attend
+
     m = len(continuation)
     engine.check_length(shared.n + m)
+    cfg = engine.config
+    # The three caches (full, compressed, the compressed shadow) in one pool of their own, each compressed
+    # from the shared prefill with room for the whole continuation.
+    segments = cfg.num_layers * cfg.num_kv_heads
+    pool = BlockPool(3 * segments * -(-(shared.n + m) // DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE, cfg.head_dim,
+                     engine.dtype, engine.device)
     full = shared.fork()
     compressed = shared.fork(policy, budget)
     shadow = shared.fork(policy, budget)
-    engine.compress(full, headroom=m)
-    engine.compress(compressed, headroom=m)
-    engine.compress(shadow, headroom=m)
+    for req in (full, compressed, shadow):
+        engine.compress(req, headroom=m, pool=pool)
 
-    L = engine.config.num_layers
+    L = cfg.num_layers
     err_sq = [0.0] * L
     ref_sq = [0.0] * L
 
-    def wrap(req, attend):
-        if req is not full:
-            return attend
-        shadow_attend = engine._attend_fn(shadow, None)
+    def beside_full(attend):
+        """The full run's attend, with the shadow cache attending to the same q, k, v at every layer."""
+        shadow_attend = make_attend(engine, shadow, None)
 
         def both(layer, q, k, v, positions, q_pre):
             out = attend(layer, q, k, v, positions, q_pre)
@@ -99,25 +107,23 @@ def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[in
         return both
 
     kl, top1 = [], []
-    with wrapped_attend(engine, wrap):
-        for tok in continuation:
-            shadow.cache.reserve(1)
-            logits_full = engine.forward(full, [tok])
-            shadow.position += 1
-            logits_comp = engine.forward(compressed, [tok])
-            for req in (compressed, shadow):
-                if req.decode_mode and req.head_budget is not None:
-                    engine._decode_evict(req)
-            kl.append(kl_divergence(logits_full, logits_comp))
-            top1.append(int(torch.argmax(logits_full)) == int(torch.argmax(logits_comp)))
+    for tok in continuation:
+        shadow.cache.reserve(1)
+        logits_full = engine.forward(full, [tok], wrap=beside_full)
+        shadow.position += 1
+        logits_comp = engine.forward(compressed, [tok])
+        # Decode-time policies evict as generation would.
+        evict_due(engine, [r for r in (compressed, shadow) if r.evicts_while_decoding])
+        kl.append(kl_divergence(logits_full, logits_comp))
+        top1.append(int(torch.argmax(logits_full)) == int(torch.argmax(logits_comp)))
     rel = [(e / r) ** 0.5 if r > 0 else 0.0 for e, r in zip(err_sq, ref_sq)]
     return FidelityResult(kl=kl, top1=top1, layer_rel_error=rel)
 
 
 def greedy_continuation(engine, prompt_ids: list[int], n_tokens: int) -> list[int]:
     """The full cache's greedy continuation of `prompt_ids` (a natural continuation to teacher-force)."""
+    from kvx.runtime.batch import generate
+
     engine.check_length(len(prompt_ids) + n_tokens)
-    req = engine.new_request(capacity=len(prompt_ids) + n_tokens)
-    logits = engine.prefill(req, prompt_ids)
-    token_ids, _, _ = engine.decode(req, logits, SamplingParams(), n_tokens, stop_at_eos=False)
-    return token_ids
+    return generate(engine, prompt_ids, SamplingParams(), n_tokens, policy=None, budget=None,
+                    stop_at_eos=False).token_ids

@@ -21,35 +21,21 @@ AhaKV's decode-time recent queries, as its own prefill would.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats
-
-
-@contextmanager
-def wrapped_attend(engine, wrap: Callable) -> Iterator[None]:
-    """Within the block, every attend function the engine builds goes through wrap(req, attend)."""
-    own = "_attend_fn" in vars(engine)
-    saved = engine._attend_fn
-    engine._attend_fn = lambda req, stats_req: wrap(req, saved(req, stats_req))
-    try:
-        yield
-    finally:
-        if own:
-            engine._attend_fn = saved
-        else:
-            del engine._attend_fn
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
 
 
 class SharedPrefill:
-    """Prefill `ids` once; fork() hands out requests ready for engine.compress(), one per (policy, budget)."""
+    """Prefill `ids` once; fork() hands out requests ready for engine.compress(req, headroom, pool=...), one
+    per (policy, budget)."""
 
-    def __init__(self, engine, ids: list[int], pairs: list[tuple[object, object]], capacity: int | None = None):
+    def __init__(self, engine, ids: list[int], pairs: list[tuple[object, object]]):
         self.engine = engine
         self.n = len(ids)
         self.ids = list(ids)
@@ -65,16 +51,21 @@ class SharedPrefill:
         self._q_pre_tail: list[Tensor | None] = [None] * L
         self._tail_positions: Tensor | None = None
 
-        self.base = engine.new_request(capacity=capacity or self.n)
-        with wrapped_attend(engine, self._capture):
-            self.logits = engine.prefill(self.base, ids,
-                                         stats_req=all_rows if (all_rows.colsum_all or all_rows.query_moments) else None)
+        # The base cache lives in a pool of its own, exactly its size: every variant is compressed from it
+        # into the pool that answers (Engine.compress(pool=...)), copying only what it keeps.
+        cfg = engine.config
+        segments = cfg.num_layers * cfg.num_kv_heads
+        self.pool = BlockPool(segments * -(-self.n // DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE, cfg.head_dim,
+                              engine.dtype, engine.device)
+        self.base = engine.new_request(self.pool, capacity=self.n)
+        self.logits = engine.prefill(self.base, ids,
+                                     stats_req=all_rows if (all_rows.colsum_all or all_rows.query_moments) else None,
+                                     wrap=self._capture)
         self._stats: dict[StatsRequest, tuple[list[LayerStats], float]] = {}
 
     # -- prefill hook -----------------------------------------------------------------------------
-    def _capture(self, req, attend: Callable) -> Callable:
-        if req is not self.base:
-            return attend
+    def _capture(self, attend: Callable) -> Callable:
+        """Record the last R query rows of every layer (the per-pair statistics are computed from them)."""
         R = self._tail_rows
 
         def capture(layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, q_pre: Tensor) -> Tensor:
@@ -133,7 +124,8 @@ class SharedPrefill:
 
     # -- forks ------------------------------------------------------------------------------------
     def fork(self, policy=None, budget=None):
-        """A copy of the prefilled request for (policy, budget), statistics in place: call engine.compress."""
+        """A request over the shared prefill for (policy, budget), its statistics in place: compress it into
+        a pool (engine.compress(req, headroom, pool=...)) before it runs anything."""
         engine = self.engine
         req = engine.fork(self.base, policy, budget)
         key = self._key(policy, budget)

@@ -26,7 +26,6 @@ from kvx.eval import tasks as task_gen
 from kvx.eval.prompt import PromptIds, build_prompt, prompt_text
 from kvx.eval.results import ResultsFile, row_key
 from kvx.eval.scoring import score_sample
-from kvx.runtime.sampling import SamplingParams
 
 MODES = ("agnostic", "aware", "aware-plain")
 FULL = "full"
@@ -218,7 +217,6 @@ def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, varia
                     emit: Callable[[dict], None]) -> None:
     """One shared prefill of the sample, then fork -> compress -> answer for every variant."""
     # Imported here, not at the top: `kvx eval` checks its options through this module before torch loads.
-    from kvx.eval.fidelity import compare_on_continuation
     from kvx.eval.prefill import SharedPrefill
 
     agnostic = config.mode == "agnostic"
@@ -231,79 +229,55 @@ def evaluate_sample(engine, config: EvalConfig, sample, prompt: PromptIds, varia
     # With fidelity on, the full cache's answer is the continuation every policy is compared on.
     if config.fidelity and not any(v.policy_name == FULL for v in variants):
         variants = [Variant(FULL, FULL_BUDGET, silent=True)] + variants
-    # Room for the question and the answer, so the full cache's fork never has to grow its pools.
-    shared = SharedPrefill(engine, prefill_ids, [(v.policy, v.budget) for v in variants if v.policy is not None],
-                           capacity=len(prompt.full) + max_tokens)
-    params = SamplingParams()
-    n_compressed = len(prefill_ids)
-    if config.max_batch > 1:
-        _evaluate_batched(engine, config, sample, prompt, variants, shared, max_tokens, emit)
-        return
-    full_answer: list[int] | None = None
-    for v in sorted(variants, key=lambda v: v.policy_name != FULL):
-        t0 = time.perf_counter()
-        req = shared.fork(v.policy, v.budget)
-        if agnostic:
-            engine.compress(req, headroom=0)
-            result = engine.answer_all(req, [prompt.question], params, max_tokens)[0]
-        else:
-            engine.compress(req, headroom=max_tokens)
-            out_ids, text, finish = engine.decode(req, shared.logits, params, max_tokens)
-            result = engine.result(req, len(prompt.full), out_ids, text, finish)
-        wall = time.perf_counter() - t0
-        if v.policy_name == FULL:
-            full_answer = list(result.token_ids)
-        if v.silent:
-            continue
-        row = _row(config, sample, v, result.text, engine, n_compressed, req.lengths_after_compress, result, wall)
-        if config.fidelity and v.policy_name != FULL:
-            continuation = (prompt.question if agnostic else []) + (full_answer or [])
-            fid = compare_on_continuation(engine, shared, continuation, v.policy, v.budget)
-            row["fidelity"] = fid.to_dict()
-        emit(row)
+    shared = SharedPrefill(engine, prefill_ids, [(v.policy, v.budget) for v in variants if v.policy is not None])
+    _answer_variants(engine, config, sample, prompt, variants, shared, max_tokens, emit)
 
 
-def _evaluate_batched(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant], shared,
-                      max_tokens: int, emit: Callable[[dict], None]) -> None:
-    """Every variant forked and compressed as in the sequential loop, then all answers decoded together
-    through the batched engine (runtime/batch.py), --max-batch at a time: the same answers (a request's
-    output in a batch is its output alone), fewer passes over the weights."""
+def _answer_variants(engine, config: EvalConfig, sample, prompt: PromptIds, variants: list[Variant], shared,
+                     max_tokens: int, emit: Callable[[dict], None]) -> None:
+    """Every variant compressed from the shared prefill straight into the batched engine's pool (only its
+    kept entries are copied) and all answers decoded together, --max-batch at a time: a request's output
+    in a batch is its output alone, with fewer passes over the weights."""
     from kvx.eval.fidelity import compare_on_continuation
     from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.pool import BlockPool
+    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+    from kvx.runtime.scheduler import held_blocks
     from kvx.runtime.sequence import GenerationRequest
 
     agnostic = config.mode == "agnostic"
-    ordered = sorted(variants, key=lambda v: v.policy_name != FULL)
-    prepared = []
-    for v in ordered:
-        t0 = time.perf_counter()
-        req = shared.fork(v.policy, v.budget)
-        engine.compress(req, headroom=0 if agnostic else max_tokens)
-        request = (GenerationRequest(context_ids=prompt.context, question_ids=[prompt.question], max_tokens=max_tokens)
-                   if agnostic else GenerationRequest(prompt_ids=prompt.full, max_tokens=max_tokens))
-        prepared.append((v, req, request, time.perf_counter() - t0, req.lengths_after_compress))
     cfg = engine.config
-    block = BlockPool.for_memory(1 << 20, cfg.num_kv_heads, cfg.head_dim, engine.dtype, "meta")
-    needs = [BatchEngine.adoption_blocks(engine, block.block_size, req, request)[0] for _, req, request, _, _ in prepared]
-    results = {}
-    for start in range(0, len(prepared), config.max_batch):
-        group = prepared[start:start + config.max_batch]
-        batch = BatchEngine(engine, sum(needs[start:start + config.max_batch]) * block.block_bytes,
+    n = len(prompt.context if agnostic else prompt.full)
+    longest = len(prompt.question) if agnostic else 0
+    ordered = sorted(variants, key=lambda v: v.policy_name != FULL)
+    results, prepared = {}, []
+    for start in range(0, len(ordered), config.max_batch):
+        group = ordered[start:start + config.max_batch]
+        # The pool holds each variant's compressed cache at its largest (the scheduler's own model).
+        blocks = sum(held_blocks(cfg, DEFAULT_BLOCK_SIZE, n, longest, max_tokens, v.policy, v.budget, agnostic)
+                     for v in group)
+        batch = BatchEngine(engine, blocks * pool_block_bytes(DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype),
                             max_batch=config.max_batch)
         seqs = []
-        for v, req, request, _, _ in group:
+        for v in group:
+            t0 = time.perf_counter()
+            req = shared.fork(v.policy, v.budget)
+            engine.compress(req, headroom=0 if agnostic else max_tokens, pool=batch.pool)
+            request = (GenerationRequest(context_ids=prompt.context, question_ids=[prompt.question],
+                                         max_tokens=max_tokens) if agnostic
+                       else GenerationRequest(prompt_ids=prompt.full, max_tokens=max_tokens))
+            prepared.append((v, time.perf_counter() - t0, req.lengths_after_compress))
             seqs.append((v, batch.adopt(req, request, None if agnostic else shared.logits)))
         batch.run()
         for v, seq in seqs:
+            if seq.error is not None:
+                raise (RuntimeError if seq.internal else KvxError)(seq.error)
             results[id(v)] = seq.results[0]
     full_answer = next((list(results[id(v)].token_ids) for v, *_ in prepared if v.policy_name == FULL), None)
-    for v, req, _, prep_s, lengths in prepared:
+    for v, prep_s, lengths in prepared:
         if v.silent:
             continue
         result = results[id(v)]
-        row = _row(config, sample, v, result.text, engine, len(prompt.context if agnostic else prompt.full),
-                   lengths, result, prep_s + result.timings.decode_s)
+        row = _row(config, sample, v, result.text, engine, n, lengths, result, prep_s + result.timings.decode_s)
         if config.fidelity and v.policy_name != FULL:
             continuation = (prompt.question if agnostic else []) + (full_answer or [])
             row["fidelity"] = compare_on_continuation(engine, shared, continuation, v.policy, v.budget).to_dict()

@@ -78,55 +78,6 @@ def attention(
     return reference.attention(q, k, v, q_pos, k_pos, scale, sliding_window, need_lse)
 
 
-def decode_attention(
-    q: Tensor,
-    k_pool: Tensor,
-    v_pool: Tensor,
-    seg_start: Tensor,
-    seg_len: Tensor,
-    scale: float,
-    key_mass: Tensor | None = None,
-    max_len: int | None = None,
-    *,
-    pos_pool: Tensor | None = None,
-    q_pos: Tensor | None = None,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """One query token per head over the ragged cache; see reference.decode_attention.
-
-    max_len: host upper bound on every segment length; sizes the Triton grid (CUDA graphs need it fixed).
-    The reference ignores it.
-    """
-    kw = dict(pos_pool=pos_pool, q_pos=q_pos, sliding_window=sliding_window)
-    if use_triton(q):
-        return _module("triton_decode").decode_attention(
-            q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, max_len, **kw)
-    return reference.decode_attention(q, k_pool, v_pool, seg_start, seg_len, scale, key_mass, **kw)
-
-
-def cache_append(
-    k_pool: Tensor,
-    v_pool: Tensor,
-    pos_pool: Tensor,
-    seg_start: Tensor,
-    seg_len: Tensor,
-    k_new: Tensor,
-    v_new: Tensor,
-    positions: Tensor,
-) -> None:
-    """Append T tokens to every segment in place, seg_len += T; see reference.cache_append."""
-    if use_triton(k_pool):
-        return _module("triton_cache").cache_append(k_pool, v_pool, pos_pool, seg_start, seg_len, k_new, v_new, positions)
-    return reference.cache_append(k_pool, v_pool, pos_pool, seg_start, seg_len, k_new, v_new, positions)
-
-
-def compact_gather(pool: Tensor, seg_start: Tensor, keep: list[Tensor], new_start: Tensor, new_slots: int) -> Tensor:
-    """Gather kept entries into a fresh pool of new_slots rows; see reference.compact_gather."""
-    if use_triton(pool):
-        return _module("triton_cache").compact_gather(pool, seg_start, keep, new_start, new_slots)
-    return reference.compact_gather(pool, seg_start, keep, new_start, new_slots)
-
-
 def window_stats(
     q_win: Tensor,
     k: Tensor,

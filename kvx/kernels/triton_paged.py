@@ -4,7 +4,7 @@ Twin of reference.paged_decode_attention. A segment is one (sequence, kv head): 
 pass over its keys, read a tile at a time through its block table (a tile is TILE_BLOCKS whole blocks of
 BLOCK_N = the pool's block size keys; with one block a tile reads one table entry). Long segments are
 split: program (split, segment) covers `chunk` keys (a whole number of tiles) and writes a partial (max, sum-exp,
-unnormalised output); triton_decode's combine kernel merges the partials per query row.
+unnormalised output); triton_combine's kernel merges the partials per query row.
 
 The grid depends only on the host bound max_len and the number of segments, never on the lengths, and
 nothing syncs with the host: with tables and lengths in static device buffers the call can be captured in
@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvx.kernels.triton_attention import LOG2E, dot_precision
-from kvx.kernels.triton_decode import COMBINE_BLOCK, TARGET_PROGRAMS, _decode_combine_kernel
+from kvx.kernels.triton_combine import COMBINE_BLOCK, TARGET_PROGRAMS, _decode_combine_kernel
 
 
 @triton.jit

@@ -1,9 +1,11 @@
-"""The attention callback a forward pass hands the model: append to the cache, attend, record statistics.
+"""The attention callback a request's forward pass hands the model: append to the cache, attend, record
+statistics.
 
 Prefill attends over the K/V just computed (or the uniform cache) and, when the request's policy asks,
-writes that layer's statistics (ops.layer_stats: Triton on a GPU, so no n x n matrix is formed). Decode
-over a contiguous cache runs the decode kernel (a sliding window included), which also adds H2O/TOVA's
-per-key mass; a prefill after a compaction attends each kv head over its own ragged segment.
+writes that layer's statistics (ops.layer_stats: Triton on a GPU, so no n x n matrix is formed); a forward
+after a compaction (a question over its compressed context, a chunk after an eviction) attends each kv head
+over its own ragged segment. A one-token forward adds H2O/TOVA's per-key mass, as a decode step does.
+The batched decode step (runtime/batch_step.py) has an attend of its own over the block tables.
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ from kvx.kernels.stats import StatsRequest
 from kvx.runtime.request import Request
 
 
-def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink: Tensor | None = None) -> Callable:
-    """The `attend` callback of a forward pass over req's cache (see the module docstring).
-
-    query_sink [layers, H, d]: a captured decode step (runtime/graphs.py) copies each layer's query there
-    instead of appending it to req.recent_q (host-side state a graph replay would not update)."""
+def make_attend(engine, req: Request, stats_req: StatsRequest | None) -> Callable:
+    """The `attend` callback of a forward pass over req's cache (see the module docstring)."""
     cache = req.cache
     mode = req.decode_mode
     keep_recent = req.policy.window if mode == "recent_queries" else 0
@@ -34,19 +33,10 @@ def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink
         lc = cache.layers[layer]
         T = q.shape[1]
         sw = engine.config.sliding_window_for(layer)
-        if query_sink is not None:
-            query_sink[layer].copy_(q[:, -1])
-        elif keep_recent:
+        if keep_recent:
             prev = req.recent_q[layer]
             rq = q if prev is None else torch.cat([prev, q], dim=1)
             req.recent_q[layer] = rq[:, -keep_recent:].clone()
-        if T == 1 and cache.contiguous:
-            if mode == "last":
-                lc.key_mass.zero_()
-            # Per-head segments are contiguous, so this beats SDPA over a strided [Hkv, cap, d] view.
-            window = {} if sw is None else dict(pos_pool=lc.pos, q_pos=positions, sliding_window=sw)
-            return ops.decode_attention(q[:, 0], lc.k, lc.v, lc.start, lc.length, engine.scale,
-                                        lc.key_mass, max_len=max(lc.capacities), **window).unsqueeze(1)
         # The batched [Hkv, n, d] view carries one position vector (head 0's): after a compaction heads
         # hold different positions, which a sliding window's mask must see head by head.
         if lc.is_uniform() and (sw is None or not cache.compacted):
@@ -75,8 +65,7 @@ def make_attend(engine, req: Request, stats_req: StatsRequest | None, query_sink
 
     def attend_with_mass(layer, q, k, v, positions, q_pre):
         out = attend(layer, q, k, v, positions, q_pre)
-        if q.shape[1] == 1 and not cache.contiguous:
-            # The contiguous decode kernel adds the mass itself; this path does not.
+        if q.shape[1] == 1:
             sw = engine.config.sliding_window_for(layer)
             add_decode_mass(cache.layers[layer], q[:, 0], int(positions[0]), sw, engine.scale, G, mode)
         return out

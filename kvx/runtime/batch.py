@@ -9,26 +9,28 @@ Each `step()`:
    that finished (their blocks go back to the pool at once), and feeds the rest through one batched
    decode step (batch_step.py); decode-time policies then evict inside their own blocks.
 
-Prefill, compression and decode-time eviction are the single-sequence engine's own code (engine.py) over a
-PagedKVCache, so a request's output in a batch is the output it gets alone.
+This is kvx's one engine: `kvx generate` runs a single prompt as a batch of one (run_alone: a pool sized to
+its worst case), --jsonl, `kvx serve` and `kvx eval` run many. The model runner (engine.py) executes each
+prefill unit and compression for one request; a request's output in a batch is the output it gets alone.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
 from kvx.errors import KvxError
 from kvx.runtime.batch_eviction import evict_batch
 from kvx.runtime.batch_step import BatchStepper
-from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
 from kvx.runtime.engine import Engine
 from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
 from kvx.runtime.request import GenerationResult
-from kvx.runtime.sampling import sample
-from kvx.runtime.scheduler import Scheduler
+from kvx.runtime.sampling import SamplingParams, sample
+from kvx.runtime.scheduler import Scheduler, blocks_needed
 from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
 from kvx.runtime.snapshot import ContextSnapshot
 from kvx.runtime.split_prefill import default_prefill_step, prefill_pieces
@@ -37,9 +39,11 @@ DEFAULT_MAX_BATCH = 16
 
 
 class BatchEngine:
-    def __init__(self, engine: Engine, kv_memory: int, max_batch: int = DEFAULT_MAX_BATCH,
+    """The engine: requests in, results out, over one shared pool of `kv_memory` bytes (or `pool`)."""
+
+    def __init__(self, engine: Engine, kv_memory: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefill_step: int | None = None,
-                 prefill_first: bool = False):
+                 prefill_first: bool = False, pool: BlockPool | None = None):
         if max_batch < 1:
             raise KvxError("--max-batch must be at least 1")
         if prefill_step is not None and prefill_step < 1:
@@ -53,8 +57,8 @@ class BatchEngine:
         # decodes, and a long prompt costs the running sequences one piece's time per token, not its whole.
         self.prefill_first = prefill_first
         cfg = engine.config
-        self.pool = BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype, engine.device,
-                                         block_size)
+        self.pool = pool or BlockPool.for_memory(kv_memory, cfg.num_kv_heads, cfg.head_dim, engine.dtype,
+                                                 engine.device, block_size)
         self.scheduler = Scheduler(self.pool, cfg, max_batch, engine.prefill_chunk)
         self.stepper = BatchStepper(engine, self.pool)  # CUDA graphs on a GPU (engine.use_graphs)
         self.tokenizer = engine.tokenizer
@@ -64,24 +68,13 @@ class BatchEngine:
         self.decode_s = 0.0  # wall time in batched decode steps (sampling included)
         self.decode_steps = 0
         self.max_running = 0  # most sequences decoding in one step
+        self.internal_errors = 0  # steps that failed with a bug, not a request's own error (see _guarded)
+        self.last_internal_error: Exception | None = None
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
         """Queue a request; KvxError at once if it can never run (too long, or larger than the pool)."""
-        eng = self.engine
-        limit = eng.config.max_position_embeddings
-        if request.agnostic:
-            if not request.question_ids:
-                raise KvxError("a context needs at least one question")
-            n = len(request.context_ids)
-            eng.check_length(n)
-            longest = max(len(q) for q in request.question_ids)
-            eng.check_length(n + longest)
-            max_tokens = max(0, min(request.max_tokens, limit - n - longest))
-        else:
-            n = len(request.prompt_ids)
-            eng.check_length(n)
-            max_tokens = max(0, min(request.max_tokens, limit - n))
+        max_tokens = clip_max_tokens(self.engine, request)
         seq = Sequence(request, max_tokens)
         if not self.scheduler.fits_ever(seq):
             need = self.scheduler.need(seq) * self.pool.block_bytes
@@ -99,18 +92,19 @@ class BatchEngine:
         limit = engine.config.max_position_embeddings
         longest = max((len(q) for q in request.question_ids), default=0) if request.agnostic else 0
         max_tokens = max(0, min(request.max_tokens, limit - req.position - longest))
-        extra = longest + (DECODE_SLACK if req.decode_mode else max_tokens)
+        extra = longest + (DECODE_SLACK if req.evicts_while_decoding else max_tokens)
         need = sum(-(-(n + extra) // block_size) for lc in req.cache.layers for n in lc.lengths)
-        if request.agnostic and req.decode_mode:
+        if request.agnostic and req.evicts_while_decoding:
             need *= 2
         return need, extra, max_tokens
 
     def adopt(self, req, request: GenerationRequest, logits=None) -> Sequence:
-        """Join a request already prefilled and compressed on its own (an eval fork) to the batch.
+        """Join a request already prefilled and compressed elsewhere (an eval fork) to the batch.
 
         Aware (request.prompt_ids): it decodes from `logits`; agnostic (request.context_ids and one or more
-        question_ids): each question is prefilled over its compressed context. Its cache is copied into the
-        pool (the caller drops the original); KvxError if the pool cannot hold it now.
+        question_ids): each question is prefilled over its compressed context. A cache already in this
+        pool (compressed into it) is taken as it is, another is copied in (the caller drops the original);
+        KvxError if the pool cannot promise its blocks now.
         """
         need, extra, max_tokens = self.adoption_blocks(self.engine, self.pool.block_size, req, request)
         seq = Sequence(request, max_tokens)
@@ -119,7 +113,10 @@ class BatchEngine:
         self.pool.reserve(need)
         seq.reserved = need
         seq.prefix_tokens = req.position
-        req.cache = PagedKVCache.copy_of(req.cache, self.pool, extra)
+        if req.cache.pool is self.pool:  # compressed straight into this pool (Engine.compress(pool=...))
+            req.cache.reserve(extra)
+        else:
+            req.cache = PagedKVCache.copy_of(req.cache, self.pool, extra)
         seq.req = req
         self.scheduler.running.append(seq)
         if request.agnostic:
@@ -160,7 +157,7 @@ class BatchEngine:
         pending = [s for s in self.scheduler.running if s.state == PREFILL or s.req is None]
         if pending:
             t0 = time.perf_counter()
-            self._guarded(pending[0], self._prefill)
+            self._guarded([pending[0]], self._prefill, pending[0])
             self.prefill_s += time.perf_counter() - t0
             if self.prefill_first:
                 self.scheduler.admit()  # whoever the finished prefill's shrunk reservation lets in
@@ -168,17 +165,30 @@ class BatchEngine:
                     done, self.finished = done_before + self.finished, []
                     return done
         t0 = time.perf_counter()
-        self._decode()
+        self._guarded([s for s in self.scheduler.running if s.state == DECODE], self._decode)
         self.decode_s += time.perf_counter() - t0
         done, self.finished = done_before + self.finished, []
         return done
 
-    def _guarded(self, seq: Sequence, fn) -> None:
+    def _guarded(self, concerned: list[Sequence], fn, *args) -> None:
+        """Run one unit of work; if it fails, only the sequences it concerns fail, and their blocks go back
+        to the pool at once. A KvxError is the request's own (e.g. --prefill-chunk with h2o): its message
+        is the error. Anything else is a bug: the sequences fail with it as an internal error (so a server
+        keeps serving the others), and `internal_errors` counts it."""
         try:
-            fn(seq)
-        except KvxError as exc:  # a request-level error (e.g. --prefill-chunk with h2o) ends that request only
-            seq.error = str(exc)
-            self._retire(seq, FAILED)
+            fn(*args)
+        except KvxError as exc:
+            for seq in concerned:
+                seq.error = str(exc)
+                self._retire(seq, FAILED)
+        except Exception as exc:  # noqa: BLE001 - a failing step must not take its blocks with it
+            self.internal_errors += 1
+            self.last_internal_error = exc
+            for seq in concerned:
+                if not seq.done:
+                    seq.error = f"internal error: {type(exc).__name__}: {exc}"
+                    seq.internal = True
+                    self._retire(seq, FAILED)
 
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
@@ -191,10 +201,8 @@ class BatchEngine:
             seq.state = PREFILL
             ids = r.context_ids if r.agnostic else r.prompt_ids
             n = len(ids)
-            pool, cfg = self.pool, eng.config
-            req = eng.new_request(capacity=min(n, eng.prefill_chunk or n), policy=r.policy, budget=r.budget,
-                                  cache_factory=lambda cap, track: PagedKVCache(
-                                      pool, cfg.num_layers, cfg.num_kv_heads, cap, track_mass=track))
+            req = eng.new_request(self.pool, capacity=min(n, eng.prefill_chunk or n), policy=r.policy,
+                                  budget=r.budget)
             seq.req = req
             if not req.compresses and not r.agnostic:
                 req.cache.reserve(n + seq.max_tokens)
@@ -217,9 +225,9 @@ class BatchEngine:
         if r.agnostic:
             eng.compress(req, headroom=0, budget=final_budget)
             longest = max(len(q) for q in r.question_ids)
-            req.cache.reserve(longest + (DECODE_SLACK if req.decode_mode else seq.max_tokens))
+            req.cache.reserve(longest + (DECODE_SLACK if req.evicts_while_decoding else seq.max_tokens))
             seq.snapshot = ContextSnapshot(req)
-            grow = req.cache.blocks_held() if req.decode_mode else 0  # each answer's copy
+            grow = req.cache.blocks_held() if req.evicts_while_decoding else 0  # each answer's copy
             self.scheduler.shrink(seq, req.cache.blocks_held() + grow)
             self._start_question(seq)
             return
@@ -266,7 +274,7 @@ class BatchEngine:
             go[i].greedy_token = tok
         for i, seq in enumerate(go):
             seq.logits = logits[i]
-        self._decode_evict([s.req for s in go if s.req.decode_mode and s.req.head_budget is not None])
+        self._decode_evict([s.req for s in go if s.req.evicts_while_decoding])
 
     def _decode_evict(self, reqs: list) -> None:
         """Decode-time policies back to budget: every request with a batched rule in one pass
@@ -282,7 +290,7 @@ class BatchEngine:
             req.timings.decode_evict_s += share
         for req in rest:
             te = time.perf_counter()
-            self.engine._decode_evict(req)
+            evict_per_segment(self.engine, req)
             req.timings.decode_evict_s += time.perf_counter() - te
 
     def _sample(self, seq: Sequence) -> int | None:
@@ -304,9 +312,13 @@ class BatchEngine:
         self.generated_tokens += 1
         if seq.stream is None:
             return tok
-        seq.text += seq.stream.push(tok)
-        if r.stop:
-            hit = min((i for i in (seq.text.find(s) for s in r.stop) if i >= 0), default=-1)
+        piece = seq.stream.push(tok)
+        # A stop string ending in the new piece starts at most len(stop) - 1 characters before it: scan
+        # only from there, not the whole answer again at every token.
+        scan = max(0, len(seq.text) - max((len(s) for s in r.stop), default=1) + 1)
+        seq.text += piece
+        if r.stop and piece:
+            hit = min((i for i in (seq.text.find(s, scan) for s in r.stop) if i >= 0), default=-1)
             if hit >= 0:
                 seq.text = seq.text[:hit]
                 self._end_answer(seq, "stop")
@@ -328,7 +340,8 @@ class BatchEngine:
                 seq.text += seq.stream.flush()
             self._emit(seq)
         req.timings.decode_s += time.perf_counter() - seq.decode_started
-        text = seq.text if finish == "stop" else self.tokenizer.decode(seq.out_ids)
+        # What was streamed is the answer's text (the stream decodes exactly the tokens kept).
+        text = seq.text if seq.stream is not None else self.tokenizer.decode(seq.out_ids)
         res = eng.result(req, seq.prompt_tokens, list(seq.out_ids), text, finish)
         seq.results.append(res)
         if r.agnostic and seq.question + 1 < len(r.question_ids):
@@ -348,13 +361,62 @@ class BatchEngine:
         self.finished.append(seq)
 
 
-def generate_batch(engine: Engine, requests: list[GenerationRequest], kv_memory: int,
-                   max_batch: int = DEFAULT_MAX_BATCH) -> list[list[GenerationResult]]:
-    """Run `requests` through one BatchEngine; returns each request's results, in input order."""
-    batch = BatchEngine(engine, kv_memory, max_batch)
-    seqs = [batch.submit(r) for r in requests]
+def clip_max_tokens(engine: Engine, request: GenerationRequest) -> int:
+    """The request's max_tokens clipped to what the model's context leaves after its prompt (and longest
+    question); KvxError for an empty or too long prompt, or a context without questions."""
+    limit = engine.config.max_position_embeddings
+    if request.agnostic:
+        if not request.question_ids:
+            raise KvxError("a context needs at least one question")
+        n = len(request.context_ids)
+        engine.check_length(n)
+        longest = max(len(q) for q in request.question_ids)
+        engine.check_length(n + longest)
+        return max(0, min(request.max_tokens, limit - n - longest))
+    n = len(request.prompt_ids)
+    engine.check_length(n)
+    return max(0, min(request.max_tokens, limit - n))
+
+
+def run_alone(engine: Engine, request: GenerationRequest, prefill_step: int | None = None) -> Sequence:
+    """One request as a batch of one, in a pool sized to its worst case (scheduler.worst_case_blocks: the
+    same figure the memory check compares with the free memory), prefilled in one piece unless
+    `prefill_step` says otherwise. Returns the finished Sequence (its results); a request's own error is a
+    KvxError, a bug is raised as such."""
+    cfg = engine.config
+    probe = BlockPool(1, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, "meta")
+    seq = Sequence(request, clip_max_tokens(engine, request))
+    need = blocks_needed(seq, cfg, probe.block_size, engine.prefill_chunk)
+    batch = BatchEngine(engine, need * probe.block_bytes, max_batch=1, prefill_step=prefill_step or (1 << 62))
+    seq = batch.submit(request)
     batch.run()
-    for s in seqs:
-        if s.state == FAILED:
-            raise KvxError(s.error)
-    return [s.results for s in seqs]
+    if seq.state == FAILED:
+        if seq.internal:
+            raise RuntimeError(seq.error) from batch.last_internal_error
+        raise KvxError(seq.error)
+    return seq
+
+
+def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+             on_text: Callable[[str], None] | None = None, policy=None, budget=None,
+             stop_at_eos: bool = True) -> GenerationResult:
+    """Question-aware, one prompt alone (run_alone): prefill, compress, decode. policy/budget default to the
+    engine's."""
+    request = GenerationRequest(prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
+                                policy=policy or engine.policy, budget=budget or engine.budget,
+                                stop_at_eos=stop_at_eos,
+                                on_text=None if on_text is None else (lambda seq, qi, piece: on_text(piece)))
+    return run_alone(engine, request).results[0]
+
+
+def generate_agnostic(engine: Engine, context_ids: list[int], questions: list[list[int]],
+                      params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+                      on_text: Callable[[int, str], None] | None = None, policy=None,
+                      budget=None) -> list[GenerationResult]:
+    """Question-agnostic, one context alone (run_alone): prefill and compress the context, then answer each
+    question from the same compressed cache (restored between questions, never recomputed)."""
+    request = GenerationRequest(context_ids=list(context_ids), question_ids=[list(q) for q in questions],
+                                params=params, max_tokens=max_tokens, policy=policy or engine.policy,
+                                budget=budget or engine.budget,
+                                on_text=None if on_text is None else (lambda seq, qi, piece: on_text(qi, piece)))
+    return run_alone(engine, request).results

@@ -1,6 +1,5 @@
-"""Decode-time eviction ranked in tensor passes: every sequence of a batched step at once (paged caches,
-evict_batch), or every due layer of one sequence (the single-sequence engine's ragged cache,
-evict_sequence).
+"""Decode-time eviction ranked in tensor passes: every due segment of every sequence of a batched step at
+once (evict_batch; evict_due adds the per-segment path for scorers without a rule).
 
 decode_eviction.py brings one request back to budget a (layer, kv head) segment at a time: a few tensor
 ops per segment, so at 21 sequences × 32 layers × 8 kv heads an eviction round is thousands of small ops
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
 
 # Entries × head_dim per pass, by device: bounds the temporaries (the gathered K / V of every kept entry that
 # moves: at most 2 × 2^26 bf16 elements, 256 MiB, on a GPU, beside a KV pool that took most of the memory).
@@ -86,39 +85,11 @@ def evict_batch(engine, reqs: list) -> list:
     return rest
 
 
-def evict_sequence(engine, req) -> bool:
-    """decode_evict for one sequence's RaggedKVCache, each due layer's segments ranked and compacted in one
-    pass (a few tensor ops per layer instead of a few per kv head). The kept entries move to the front of
-    their own segments, in place, so a captured decode graph stays valid; a segment whose capacity is not
-    kept + DECODE_SLACK yet (the first round after a growth) is then reallocated to it, as compact_layer
-    does. False (nothing done) when the policy has no rule or the cache is paged."""
-    cache = req.cache
-    if not cache.contiguous:
-        return False  # a paged cache evicts through evict_batch
-    rows = _rows_due(req, np.array([lc.lengths for lc in cache.layers], dtype=np.int64))
-    if rows is None:
-        return False
-    hkv = cache.num_kv_heads
-    for i in range(0, rows.n.size, hkv):
-        part = rows.part(i, i + hkv)  # one due layer: its kv heads in order
-        layer = int(part.layers[0])
-        lc = cache.layers[layer]
-        dev = lc.k.device
-        mass = lc.key_mass if lc.key_mass is not None else torch.zeros(lc.slots, device=dev)
-        idx = torch.arange(int(part.n.max()), device=dev).unsqueeze(0)
-        n = torch.from_numpy(part.n).to(dev).unsqueeze(1)
-        # Past its length a row points at a slot in range (never used: those entries are not valid); an
-        # empty segment of capacity 0 may start at the very end of the pools.
-        slots = (lc.start.long().unsqueeze(1) + torch.where(idx < n, idx, 0)).clamp(max=lc.slots - 1)
-        _keep_and_move(engine, [part], _Store(lc.k, lc.v, lc.pos, mass), slots,
-                       np.full(hkv, lc.key_mass is not None))
-        keep = part.keep.tolist()
-        lc.lengths = keep
-        lc.length.copy_(torch.tensor(keep, dtype=torch.int32))
-        if lc.capacities != [k + DECODE_SLACK for k in keep]:
-            cache.compact_layer(layer, [torch.arange(k, device=dev) for k in keep], DECODE_SLACK)
-    cache.compacted = True
-    return True
+def evict_due(engine, reqs: list) -> None:
+    """Every request in reqs back to budget: those whose policy has a batched rule in one pass, the others
+    a segment at a time (decode_eviction.evict_per_segment)."""
+    for req in evict_batch(engine, reqs):
+        evict_per_segment(engine, req)
 
 
 def _rows_due(req, lengths: np.ndarray) -> _Rows | None:
@@ -166,17 +137,6 @@ def _evict(engine, due: list[_Rows]) -> None:
         cache.layers[layer].resize(g, count + DECODE_SLACK)
     for cache in {id(x[1]): x[1] for x in resizes if not x[0]}.values():
         cache._note_peak()
-
-
-@dataclass
-class _Store:
-    """Flat K, V, position and mass tensors that a set of rows' slots index: the paged pool (every layer of
-    every sequence), or one layer of a RaggedKVCache."""
-
-    k_flat: torch.Tensor
-    v_flat: torch.Tensor
-    pos_flat: torch.Tensor
-    mass_flat: torch.Tensor
 
 
 def _keep_and_move(engine, due: list[_Rows], store, slots, tracked: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import time
 
 from kvx.errors import KvxError
 from kvx.runtime.request import Request
-from kvx.runtime.split_prefill import prefill_pieces
+from kvx.runtime.split_prefill import piece_bounds, prefill_pieces, rows_read
 
 
 def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
@@ -37,17 +37,20 @@ def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
     interim = Policy(req.policy.name, req.policy.scorer, UniformAllocator())
     cfg = engine.config
     logits = None
-    for start in range(0, n, chunk):
-        part = ids[start:start + chunk]
+    # The last chunk holds at least the query rows the statistics read (SnapKV's window, ...): a shorter one
+    # would score from fewer rows than the policy's own definition asks for (rows_read, as a split prefill).
+    pieces = piece_bounds(n, chunk, rows_read(interim.request_for(budget, n)) or 1)
+    for i, (start, end) in enumerate(pieces):
+        part = ids[start:end]
         held = req.cache.layers[0].lengths[0]
         logits = engine.prefill(req, part, interim.request_for(budget, held + len(part)))
-        if start + chunk >= n:
+        if i == len(pieces) - 1:
             break
         if held + len(part) > target:
             t0 = time.perf_counter()
             keep = interim.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
             t1 = time.perf_counter()
-            req.cache.compact(keep, headroom=min(chunk, n - start - len(part)))
+            req.cache.compact(keep, headroom=pieces[i + 1][1] - pieces[i + 1][0])
             req.timings.select_s += t1 - t0
             req.timings.compact_s += time.perf_counter() - t1
         req.stats = [None] * cfg.num_layers

@@ -13,19 +13,26 @@ from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
 from kvx.runtime.decode_eviction import DECODE_SLACK
+from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.request import Request
 
 
 @torch.inference_mode()
-def compress(engine, req: Request, headroom: int, budget=None) -> None:
+def compress(engine, req: Request, headroom: int, budget=None, pool=None) -> None:
     """Select with the policy from the statistics of the last prefill, then compact the cache.
 
-    `budget` overrides the request's (chunked prefill passes the per-head equivalent)."""
+    `budget` overrides the request's (chunked prefill passes the per-head equivalent). `pool`: write the
+    kept entries into a fresh cache in that pool instead of compacting in place, leaving req's cache as it
+    was (a fork of a shared prefill: its cache is the shared one)."""
     n = req.cache.layers[0].lengths[0]
     cfg = engine.config
     budget = budget or req.budget
+    track = req.decode_mode in ("accumulate", "last")
     if not req.compresses or budget.keeps_everything(n):
-        req.cache.reserve(headroom)
+        if pool is not None:
+            req.cache = PagedKVCache.copy_of(req.cache, pool, headroom, track_mass=track)
+        else:
+            req.cache.reserve(headroom)
         req.lengths_after_compress = req.cache.lengths()
         return
     t0 = time.perf_counter()
@@ -37,7 +44,10 @@ def compress(engine, req: Request, headroom: int, budget=None) -> None:
     if req.decode_mode:
         headroom = min(headroom, DECODE_SLACK)
         req.head_budget = [[int(idx.numel()) for idx in layer] for layer in keep]
-    req.cache.compact(keep, headroom)
+    if pool is not None:
+        req.cache = PagedKVCache.copy_of(req.cache, pool, headroom, keep=keep, track_mass=track)
+    else:
+        req.cache.compact(keep, headroom)
     if mass_seed is not None:
         for lc, seed, layer_keep in zip(req.cache.layers, mass_seed, keep):
             for g, idx in enumerate(layer_keep):

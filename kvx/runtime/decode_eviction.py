@@ -1,5 +1,9 @@
-"""Decode-time eviction: policies with a decode mode (H2O, TOVA, StreamingLLM, AhaKV) keep every
-(layer, kv head) at its budget while generating."""
+"""Decode-time eviction, one segment at a time: policies with a decode mode (H2O, TOVA, StreamingLLM,
+AhaKV) keep every (layer, kv head) at its budget while generating.
+
+This is the reference: each due segment asks its policy's decode_keep. The engine evicts through
+batch_eviction.py, which ranks every due segment of a batch in one pass with the same choice, and comes
+here only for a scorer without a batched rule (Policy.decode_rule)."""
 
 from __future__ import annotations
 
@@ -13,18 +17,9 @@ DECODE_SLACK = 16
 
 
 @torch.inference_mode()  # compact_layer may update the cache's (inference) tensors in place
-def decode_evict(engine, req: Request) -> None:
-    """Bring every (layer, kv head) back to its budget once it exceeds it by DECODE_SLACK."""
-    from kvx.runtime.batch_eviction import evict_sequence  # local: it imports DECODE_SLACK from here
-
-    if evict_sequence(engine, req):
-        return
-    evict_per_segment(engine, req)
-
-
 def evict_per_segment(engine, req: Request) -> None:
-    """decode_evict a segment at a time through Policy.decode_keep: for a policy without a batched rule
-    (decode_rule), and the reference the ranked passes are tested against."""
+    """Bring req's segments back to budget a segment at a time through Policy.decode_keep: for a policy
+    without a batched rule (decode_rule), and the reference the ranked passes are tested against."""
     from kvx.policies import (
         DecodeView,  # local: policies are only needed when a policy runs
     )

@@ -11,7 +11,8 @@ download. It follows what kvx's runtime really allocates, so the measured report
   prefilled its full cache exists: the budget shrinks what is held afterwards, not the prefill peak.
   Sequences are prefilled one at a time, each compressed before the next.
 
-The check before a prefill (`request_need`, `check_fits`) also knows chunked prefill and, on a GPU, the
+The check before a prefill (`check_fits` over a `Need`) counts what the engine's scheduler reserves for the
+request (scheduler.worst_case_blocks: blocks x the bytes a block occupies) and, on a GPU, the prefill
 activations; `kvx generate` calls it through kvx.options.check_memory.
 """
 
@@ -263,10 +264,6 @@ def _largest(nbytes: Callable[[int], int], free: int) -> int | None:
 
 # -- will this request fit? (checked before a prefill, instead of an out-of-memory crash) -------------
 
-# Bytes beyond K and V that every cache slot costs: its int64 absolute position.
-_SLOT_EXTRA_BYTES = 8
-
-
 @dataclass
 class Need:
     """Memory one generation request allocates at its peak, from its sizes alone."""
@@ -279,11 +276,6 @@ class Need:
         return self.kv_bytes + self.activation_bytes
 
 
-def slot_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of one cache slot (one layer, kv head, token): K, V and its position."""
-    return 2 * cfg.head_dim * dtype_bytes + _SLOT_EXTRA_BYTES
-
-
 def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) -> int:
     """About the largest set of tensors alive while one layer runs over `tokens` tokens: the residual
     stream and its norm, q/k/v, the attention output and its float32 row statistics, and the MLP's
@@ -291,35 +283,6 @@ def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) ->
     D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     per_token = 4 * D + 2 * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + 3 * F
     return tokens * (per_token * dtype_bytes + 8 * cfg.num_heads) + 4 * cfg.vocab_size
-
-
-def request_need(cfg: ModelConfig, dtype_bytes: int, prompt_tokens: int, headroom_tokens: int, budget=None,
-                 prefill_chunk: int | None = None, on_gpu: bool = False, answer_copy: bool = False) -> Need:
-    """What prefilling `prompt_tokens` (compressed to `budget`) and then decoding into `headroom_tokens`
-    free slots per kv head allocates at its peak, following the engine:
-
-    - uncompressed: the prompt and its headroom, allocated up front;
-    - compressed: the whole prompt while it is prefilled (or, chunked, the per-head budget plus one chunk),
-      then kept entries + headroom; compaction rebuilds one layer at a time, so one layer's new pools
-      briefly sit next to the old ones;
-    - answer_copy (question-agnostic answers with decode-time eviction): each answer runs in a copy of the
-      compressed context, held beside it.
-    """
-    heads = cfg.num_layers * cfg.num_kv_heads
-    n = prompt_tokens
-    compresses = budget is not None and not budget.keeps_everything(n)
-    chunked = bool(compresses and prefill_chunk and prefill_chunk < n)
-    if not compresses:
-        slots = heads * (n + headroom_tokens)
-    else:
-        held = budget.total_entries(n, cfg.num_layers, cfg.num_kv_heads) + heads * headroom_tokens
-        held *= 2 if answer_copy else 1
-        prefill = heads * (min(n, budget.per_head(n) + prefill_chunk) if chunked else n)
-        slots = max(prefill, held)
-    slots += -(-slots // cfg.num_layers)  # growing or compacting rebuilds one layer beside its old pools
-    chunk = prefill_chunk if chunked else n
-    act = prefill_activation_bytes(cfg, chunk, dtype_bytes) if on_gpu else 0
-    return Need(kv_bytes=slots * slot_bytes(cfg, dtype_bytes), activation_bytes=act)
 
 
 def available_bytes(device) -> tuple[int | None, str]:

@@ -1,8 +1,8 @@
 """One sequence's KV cache as block tables into the shared pool: ragged per (layer, kv head).
 
-The twin of RaggedKVCache (same methods, so the engine's prefill, compression and decode-time eviction
-run on either), but storage is borrowed from a BlockPool: kv head g of a layer owns a list of blocks and a
-length; its first `length` entries, in position order, are its retained tokens.
+Storage is borrowed from a BlockPool: kv head g of a layer owns a list of blocks and a length; its first
+`length` entries, in position order, are its retained tokens (keys RoPE'd, with their absolute positions).
+Different heads may hold different numbers of tokens (Ada-KV, LaProx).
 
 Compaction is in place: the kept entries of a segment are gathered to the front of its own blocks, then
 the blocks past kept + headroom go back to the pool at once (or, rarely, blocks are added for a headroom
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvx.runtime.cache import RaggedKVCache
 from kvx.runtime.pool import BlockPool
 
 
@@ -147,8 +146,6 @@ class PagedLayer:
 class PagedKVCache:
     """KV cache of one sequence in a shared BlockPool, ragged per (layer, kv head)."""
 
-    contiguous = False  # the engine's contiguous-segment decode kernel does not apply
-
     def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int, capacity: int = 0,
                  track_mass: bool = False):
         self.pool = pool
@@ -165,7 +162,9 @@ class PagedKVCache:
         self.version = next(_TABLE_VERSIONS)  # the newest of its layers' table versions
         self.layers = [PagedLayer(pool, num_kv_heads, track_mass, self, self.length_array[i], self.capacity_array[i])
                        for i in range(num_layers)]
-        self.beside = 0  # as RaggedKVCache.beside
+        # Bytes the same request holds in another cache meanwhile (the compressed context an answer's copy
+        # was taken from, runtime/snapshot.py): counted in the peak, which is the request's, not this object's.
+        self.beside = 0
         self.peak_bytes = 0
         if capacity:
             self.reserve(capacity)
@@ -178,11 +177,18 @@ class PagedKVCache:
         """K + V bytes of the blocks this sequence holds (its share of the pool)."""
         return self.blocks_held() * self.pool.block_bytes
 
-    # bytes_used, total_entries, lengths, _note_peak: the same accounting as RaggedKVCache's.
-    bytes_used = RaggedKVCache.bytes_used
-    total_entries = RaggedKVCache.total_entries
-    lengths = RaggedKVCache.lengths
-    _note_peak = RaggedKVCache._note_peak
+    def bytes_used(self) -> int:
+        """K + V bytes of the entries currently held (excludes free slots in the blocks)."""
+        return self.total_entries() * self.pool.block_bytes // self.pool.block_size
+
+    def total_entries(self) -> int:
+        return int(self.length_array.sum())
+
+    def lengths(self) -> list[list[int]]:
+        return self.length_array.tolist()
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.bytes_allocated() + self.beside)
 
     # -- growth and appends -----------------------------------------------------------------------
     def reserve(self, extra: int, headroom: int = 0) -> None:
@@ -276,22 +282,30 @@ class PagedKVCache:
         return new
 
     @classmethod
-    def copy_of(cls, src, pool: BlockPool, extra: int) -> "PagedKVCache":
-        """A paged copy of any cache with this interface (a RaggedKVCache), with room for `extra` more
-        tokens per segment: how a request prefilled alone joins a batch."""
-        new = cls(pool, src.num_layers, src.num_kv_heads, track_mass=src.track_mass)
-        new.compacted = src.compacted
-        for s_lc, d_lc in zip(src.layers, new.layers):
-            for g, n in enumerate(s_lc.lengths):
+    def copy_of(cls, src: "PagedKVCache", pool: BlockPool, extra: int, keep: list[list[Tensor]] | None = None,
+                track_mass: bool | None = None) -> "PagedKVCache":
+        """A copy of `src` (of this pool or another) in `pool`, with room for `extra` more tokens per segment;
+        `keep` (per layer, per head: sorted indices into the segment) copies only those entries, so a
+        compressed copy of a shared prefill (an eval variant) reads only what it keeps and never holds a
+        full clone. `track_mass` (default: src's) gives the copy a mass of its own (zeros if src has none)."""
+        track = src.track_mass if track_mass is None else track_mass
+        new = cls(pool, src.num_layers, src.num_kv_heads, track_mass=track)
+        new.compacted = src.compacted or keep is not None
+        H = src.num_kv_heads
+        for layer, (s_lc, d_lc) in enumerate(zip(src.layers, new.layers)):
+            idx = [None] * H if keep is None else keep[layer]
+            counts = s_lc.lengths if keep is None else [int(i.numel()) for i in idx]
+            for g, n in enumerate(counts):
                 d_lc.resize(g, n + extra)
-            d_lc.lengths = s_lc.lengths
-            dst = torch.cat([d_lc.slots(g) for g in range(src.num_kv_heads)])
-            heads = [s_lc.head(g) for g in range(src.num_kv_heads)]
-            pool.k_flat[dst] = torch.cat([h[0] for h in heads]).to(pool.dtype)
-            pool.v_flat[dst] = torch.cat([h[1] for h in heads]).to(pool.dtype)
-            pool.pos_flat[dst] = torch.cat([h[2] for h in heads])
-            if src.track_mass:
-                pool.mass_flat[dst] = torch.cat([s_lc.head_mass(g) for g in range(src.num_kv_heads)])
+            d_lc.lengths = counts
+            dst = torch.cat([d_lc.slots(g) for g in range(H)])
+            srcs = torch.cat([s_lc.slots(g, idx[g]) for g in range(H)])
+            sp = src.pool
+            pool.k_flat[dst] = sp.k_flat[srcs].to(pool.dtype)
+            pool.v_flat[dst] = sp.v_flat[srcs].to(pool.dtype)
+            pool.pos_flat[dst] = sp.pos_flat[srcs]
+            if track and src.track_mass:
+                pool.mass_flat[dst] = sp.mass_flat[srcs]
         new._note_peak()
         return new
 

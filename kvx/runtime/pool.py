@@ -21,8 +21,9 @@ from kvx.errors import KvxError
 DEFAULT_BLOCK_SIZE = 32
 
 
-class PoolExhausted(KvxError):
-    """An allocation beyond the pool's free blocks: a reservation was wrong (a bug, not a user error)."""
+class PoolExhausted(RuntimeError):
+    """An allocation beyond the pool's free blocks: a reservation was wrong. A bug, not a user's error, so
+    not a KvxError: it must never read as bad input (exit 2)."""
 
 
 class BlockPool:
@@ -134,7 +135,17 @@ class BlockPool:
 
 
 def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K + V bytes of one block."""
     return 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+# Bytes per slot beside K and V that the pool allocates: the int64 position and the float32 mass.
+SLOT_EXTRA_BYTES = 12
+
+
+def pool_block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one block occupies in memory: K, V, positions and mass (what the memory check counts)."""
+    return block_bytes(block_size, head_dim, dtype) + block_size * SLOT_EXTRA_BYTES
 
 
 def default_kv_memory(device: torch.device | str) -> int:

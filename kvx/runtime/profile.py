@@ -3,7 +3,8 @@ the runtime really allocated, where the memory peaked and where the time went.
 
 Phases: "prefill" is everything before the first decoded token (the forward pass over the prompt, the
 policy's statistics, selection, compaction); "decode" is the decode steps. Peaks are taken per phase:
-- KV: the cache's own high-water mark (RaggedKVCache.peak_bytes), reset between phases;
+- KV: the cache's own high-water mark (PagedKVCache.peak_bytes: whole blocks of the pool), reset between
+  phases;
 - CUDA: torch.cuda.max_memory_allocated, reset between phases (weights and activations included);
 - CPU process: VmHWM from /proc/self/status, reset between phases through /proc/self/clear_refs where the
   kernel allows it (else the peak since the process started, marked so), and VmRSS at the phase's end.
@@ -17,13 +18,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvx.runtime.batch import BatchEngine
 from kvx.runtime.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine import Engine
 from kvx.runtime.memory import Plan
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
 from kvx.runtime.request import Request, Timings
-from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.scheduler import worst_case_blocks
+from kvx.runtime.sequence import GenerationRequest
 
-SCHEMA = "kvx.profile/1"
+# /2: measured over the engine's block tables, so slots and bytes held are whole blocks of the pool.
+SCHEMA = "kvx.profile/2"
 POSITION_BINS = 64
 
 
@@ -85,15 +90,23 @@ def _compresses(policy, budget, n_tokens: int) -> bool:
 
 
 def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_steps: int = 8) -> Measurement:
-    """Prefill `ids`, compress with (policy, budget) keeping `decode_steps` free slots per head, decode."""
+    """Prefill `ids`, compress with (policy, budget) keeping `decode_steps` free slots per head, decode,
+    in a pool sized as the engine sizes a lone request's (its worst case in blocks)."""
     engine = Engine(model, tokenizer)
+    cfg = engine.config
     n = len(ids)
-    limit = engine.config.max_position_embeddings
+    limit = cfg.max_position_embeddings
     compresses = _compresses(policy, budget, n)
     headroom = effective_headroom(policy, budget, n, decode_steps)
-    notes = []
+    notes = ["bytes held are whole blocks of the KV pool "
+             f"({DEFAULT_BLOCK_SIZE} entries each): every (layer, kv head) segment rounds up to one"]
+    steps = min(decode_steps, max(0, limit - n))
+    blocks = worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, n, 0, decode_steps, policy, budget)
+    batch = BatchEngine(engine, blocks * pool_block_bytes(DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype),
+                        max_batch=1)
     # An uncompressed run allocates the prompt and its decode headroom up front, as `kvx generate` does.
-    req = engine.new_request(capacity=n if compresses else n + headroom, policy=policy, budget=budget)
+    req = engine.new_request(batch.pool, capacity=n if compresses else n + headroom, policy=policy,
+                             budget=budget)
 
     scope = _reset_peaks(engine.device)
     logits = engine.prefill(req, ids)
@@ -106,15 +119,18 @@ def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_s
     slots_map = [list(lc.capacities) for lc in req.cache.layers]
     counts, width = _position_histogram(req, n)
 
-    steps = min(decode_steps, max(0, limit - n + 1))
     if steps < decode_steps:
         notes.append(f"the model's context ({limit} tokens) leaves room for {steps} of the {decode_steps} "
                      f"decode steps asked for; use a shorter --context to time decoding")
     req.cache.peak_bytes = req.cache.bytes_allocated()
     scope = _reset_peaks(engine.device)
-    # Every step asked for is timed: an end-of-sequence token does not stop a profile.
-    out_ids, _, _ = (engine.decode(req, logits, SamplingParams(), steps, stop_at_eos=False) if steps
-                     else ([], "", "length"))
+    out_ids = []
+    if steps:
+        # Every step asked for is timed: an end-of-sequence token does not stop a profile.
+        seq = batch.adopt(req, GenerationRequest(prompt_ids=list(ids), max_tokens=steps, stop_at_eos=False,
+                                                 policy=policy, budget=budget), logits)
+        batch.run()
+        out_ids = seq.results[0].token_ids
     decode = _phase_peak(req, engine.device, scope)
 
     params = {id(p): p for p in model.parameters()}
@@ -138,9 +154,8 @@ def _position_histogram(req: Request, n: int) -> tuple[list[int], int]:
     bins = -(-n // width)
     counts = torch.zeros(bins, dtype=torch.long)
     for lc in req.cache.layers:
-        pool = lc.pos.cpu()  # one transfer per layer, then every head's segment
-        for s, k in zip(lc.starts, lc.lengths):
-            counts += torch.bincount(pool[s:s + k] // width, minlength=bins)[:bins]
+        positions = torch.cat([lc.head_positions(g) for g in range(len(lc.tables))]).cpu()
+        counts += torch.bincount(positions // width, minlength=bins)[:bins]
     return counts.tolist(), width
 
 
@@ -228,7 +243,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 def report(mode: str, model: str, cfg, p: Plan, policy: str | None, decode_steps: int,
            m: Measurement | None = None) -> dict:
-    """The `kvx.profile/1` JSON object (docs/profile.md). Every key is present in both modes."""
+    """The `kvx.profile/2` JSON object (docs/profile.md). Every key is present in both modes."""
     return {
         "schema": SCHEMA,
         "mode": mode,

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
-from kvx.runtime.cache import RaggedKVCache
 
 
 @dataclass
@@ -70,7 +69,7 @@ class GenerationResult:
 class Request:
     """One sequence's state: its cache, the policy and budget it is compressed with, what comes next."""
 
-    cache: RaggedKVCache
+    cache: object  # kvx.runtime.paged_cache.PagedKVCache
     policy: object | None = None  # kvx.policies.Policy
     budget: object | None = None  # kvx.policies.Budget
     position: int = 0  # next absolute position
@@ -82,7 +81,6 @@ class Request:
     head_budget: list[list[int]] | None = None  # decode-time target length per (layer, kv head)
     timings: Timings = field(default_factory=Timings)
     lengths_after_compress: list[list[int]] = field(default_factory=list)
-    graph: object | None = None  # the captured CUDA-graph decode step (runtime/graphs.py)
     _head_budget_array: tuple | None = field(default=None, repr=False, compare=False)
 
     def head_budget_array(self) -> np.ndarray:
@@ -108,3 +106,9 @@ class Request:
     @property
     def decode_mode(self) -> str | None:
         return self.policy.decode_mode if self.compresses else None
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """Whether decoding keeps this request at a budget (a decode-time policy that did compress: at a
+        budget that keeps everything, h2o's cache grows as a full one does and needs the full headroom)."""
+        return self.decode_mode is not None and self.head_budget is not None

@@ -33,28 +33,48 @@ def compressed_blocks(segments: int, block_size: int, kept: int, headroom: int) 
     return -(-(kept + segments * headroom) // block_size) + segments
 
 
-def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | None) -> int:
-    """The most blocks `seq` can hold at any point of its life."""
-    r = seq.request
-    L, Hkv = config.num_layers, config.num_kv_heads
-    S = L * Hkv
-    ids = r.context_ids if r.agnostic else r.prompt_ids
-    n = len(ids)
-    longest = max((len(q) for q in r.question_ids), default=0) if r.agnostic else 0
-    mt = seq.max_tokens
-    compresses = (r.policy is not None and r.policy.name != "full" and r.budget is not None
-                  and not r.budget.keeps_everything(n))
-    if not compresses:
-        return full_blocks(S, block_size, n + longest + mt)
-    decode_mode = r.policy.decode_mode
-    headroom = (DECODE_SLACK if decode_mode else mt) + longest
+def _compresses(policy, budget, n: int) -> bool:
+    return policy is not None and policy.name != "full" and budget is not None and not budget.keeps_everything(n)
+
+
+def held_blocks(config, block_size: int, prompt_tokens: int, question_tokens: int, max_tokens: int,
+                policy=None, budget=None, agnostic: bool = False) -> int:
+    """The most blocks a request holds once its prompt is prefilled and compressed: the full cache with
+    its headroom, or the compressed cache (ragged over its segments) with its decode headroom, in two
+    copies for an agnostic decode-time policy (each answer evicts inside a copy of the context)."""
+    S = config.num_layers * config.num_kv_heads
+    n, longest = prompt_tokens, question_tokens
+    if not _compresses(policy, budget, n):
+        return full_blocks(S, block_size, n + longest + max_tokens)
+    headroom = (DECODE_SLACK if policy.decode_mode else max_tokens) + longest
+    kept = budget.total_entries(n, config.num_layers, config.num_kv_heads)
+    return compressed_blocks(S, block_size, kept, headroom) * (2 if agnostic and policy.decode_mode else 1)
+
+
+def worst_case_blocks(config, block_size: int, prompt_tokens: int, question_tokens: int, max_tokens: int,
+                      policy=None, budget=None, agnostic: bool = False, prefill_chunk: int | None = None) -> int:
+    """The most blocks a request can hold at any point of its life: the one memory model behind admission
+    (Scheduler), the size of a lone request's pool and the memory check before any work starts.
+
+    prompt_tokens: the prompt (or context); question_tokens: the longest question (agnostic mode). A
+    compressed request holds its prefill while the compressed cache is being built, so both count."""
+    held = held_blocks(config, block_size, prompt_tokens, question_tokens, max_tokens, policy, budget, agnostic)
+    n = prompt_tokens
+    if not _compresses(policy, budget, n):
+        return held
     prefill_tokens = n
     if prefill_chunk and prefill_chunk < n:
-        prefill_tokens = min(n, r.budget.per_head(n) + prefill_chunk)
-    compressed = compressed_blocks(S, block_size, r.budget.total_entries(n, L, Hkv), headroom)
-    if r.agnostic and decode_mode:
-        compressed *= 2  # each answer evicts inside a copy of the compressed context
-    return full_blocks(S, block_size, prefill_tokens) + compressed
+        prefill_tokens = min(n, budget.per_head(n) + prefill_chunk)
+    return full_blocks(config.num_layers * config.num_kv_heads, block_size, prefill_tokens) + held
+
+
+def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | None) -> int:
+    """The most blocks `seq` can hold at any point of its life (worst_case_blocks of its request)."""
+    r = seq.request
+    ids = r.context_ids if r.agnostic else r.prompt_ids
+    longest = max((len(q) for q in r.question_ids), default=0) if r.agnostic else 0
+    return worst_case_blocks(config, block_size, len(ids), longest, seq.max_tokens, r.policy, r.budget,
+                             r.agnostic, prefill_chunk)
 
 
 class Scheduler:

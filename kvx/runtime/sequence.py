@@ -55,6 +55,7 @@ class Sequence:
         self.reserved = 0  # blocks reserved in the pool
         self.results: list = []  # GenerationResult per question (one for a prompt)
         self.error: str | None = None
+        self.internal = False  # the error is a bug (an exception inside a step), not the request's own
         self.question = 0  # the question being answered (agnostic mode)
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None

@@ -1,7 +1,6 @@
 """The compressed context a question-agnostic request comes back to between its questions.
 
-One mechanism for both caches (the single-sequence engine's RaggedKVCache and the batched engine's
-PagedKVCache). Without decode-time eviction an answer only appends, so rewinding the lengths and the
+Without decode-time eviction an answer only appends, so rewinding the lengths and the
 position is enough; with it each answer runs in a copy of the context's cache (small: already compressed),
 released when the answer ends, so eviction while answering never touches the context.
 """
@@ -22,7 +21,7 @@ class ContextSnapshot:
 
     def begin_answer(self, req) -> None:
         """Before a question is prefilled over the context."""
-        if req.decode_mode:
+        if req.evicts_while_decoding:
             copy = self.cache.clone()
             copy.beside = self.cache.bytes_allocated()  # the context stays while the copy is answered in
             copy.peak_bytes = max(self.cache.peak_bytes, copy.bytes_allocated() + copy.beside)
