@@ -59,7 +59,8 @@ def test_help_lists_the_options(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "serve", "--help")
     assert code == 0
     for option in ("--host", "--port", "--policy", "--budget", "--max-batch", "--kv-memory", "--max-queue",
-                   "--prefill-step"):
+                   "--prefill-step", "--api-key", "--api-key-file", "--metrics-key", "--max-body-bytes",
+                   "--client-timeout", "--timeout-keep-alive"):
         assert option in out
 
 

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from kvx.serve.settings import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, ServeSettings
+from kvx.serve.settings import (DEFAULT_CLIENT_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS,
+                                ServeSettings)
 
 
 def serve_command(
@@ -32,13 +33,17 @@ def serve_command(
     api_key: List[str] = typer.Option([], "--api-key", help="Require `Authorization: Bearer KEY` on every route but /health and /metrics (repeatable; KVX_API_KEY adds one more)."),
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Read accepted keys from a file, one per line ('#' comments and blank lines skipped)."),
     metrics_key: Optional[str] = typer.Option(None, "--metrics-key", help="Require this bearer key on /metrics (default: /metrics is open)."),
+    max_body_bytes: str = typer.Option("4MiB", "--max-body-bytes", help="Largest request body, e.g. 4MiB or 100000; larger ones get 413 before any parsing."),
+    client_timeout: float = typer.Option(DEFAULT_CLIENT_TIMEOUT, "--client-timeout", help="Seconds a client may take to send its body (else 408), or to take a streamed chunk (else its request is cancelled)."),
+    timeout_keep_alive: int = typer.Option(DEFAULT_KEEP_ALIVE, "--timeout-keep-alive", help="Seconds an idle keep-alive connection stays open."),
 ) -> None:
     """Serve the OpenAI API (chat completions, completions, streaming) over the batched engine.
 
     Requests are batched as they arrive, over one shared KV pool.
     Each request may pick its compression with kv_policy, kv_budget, kv_allocation, kv_policy_args (the flags are the defaults).
-    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
     Ctrl-C or SIGTERM stops taking connections and lets open requests end (--drain-timeout).
+    Limits: bodies over --max-body-bytes get 413, prompts longer than the model's context 400 (both before tokenizing), slow clients are cut after --client-timeout, --max-queue bounds the waiting requests (429).
     With --api-key / --api-key-file / KVX_API_KEY, clients send `Authorization: Bearer KEY` (the openai client's api_key); listening beyond loopback without a key prints a warning.
 
     \b
@@ -53,4 +58,6 @@ def serve_command(
                         policy_args=list(policy_arg), max_batch=max_batch, kv_memory=kv_memory, max_queue=max_queue,
                         max_tokens=max_tokens, prefill_chunk=prefill_chunk, prefill_step=prefill_step, use_graphs=not no_graph, device=device, dtype=dtype,
                         threads=threads, drain_timeout=drain_timeout, log_level=log_level,
-                        api_keys=list(api_key), api_key_file=api_key_file, metrics_key=metrics_key))
+                        api_keys=list(api_key), api_key_file=api_key_file, metrics_key=metrics_key,
+                        max_body_bytes=max_body_bytes, client_timeout=client_timeout,
+                        timeout_keep_alive=timeout_keep_alive))

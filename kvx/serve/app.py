@@ -17,10 +17,11 @@ from starlette.concurrency import run_in_threadpool
 from kvx import __version__
 from kvx.serve import metrics
 from kvx.serve.auth import BearerAuth
+from kvx.serve.limits import BodyLimit
 from kvx.serve.body import read_body
 from kvx.serve.completion import ServerContext, complete
 from kvx.serve.errors import ApiError, install_handlers
-from kvx.serve.prompts import chat_ids, completion_ids
+from kvx.serve.prompts import chat_ids, chat_texts, completion_ids, completion_texts
 from kvx.serve.responses import Reply
 from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kvx.serve.tokens import detokenize, tokenize
@@ -41,6 +42,8 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
                   description="OpenAI-compatible API over kvx's batched engine, with the KV policy per request.")
     counters = ctx.engine_loop.metrics
     install_handlers(app, on_error=counters.error)
+    app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes, timeout=ctx.client_timeout,
+                       on_refused=counters.error)
     # Added last, so outermost: a request without a key is refused before anything reads its body.
     app.add_middleware(BearerAuth, keys=ctx.api_keys, metrics_key=ctx.metrics_key,
                        on_refused=lambda: counters.error(401))
@@ -49,6 +52,7 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         body = await read_body(request, ChatCompletionRequest)
+        ctx.check_bound(chat_texts(body.messages), "messages")
         # Tokenizing a long prompt takes a while: off the event loop, like the model.
         ids = await run_in_threadpool(chat_ids, ctx.tokenizer, body.messages)
         return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request, arrived)
@@ -57,6 +61,7 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     async def completions(request: Request):
         arrived = time.perf_counter()
         body = await read_body(request, CompletionRequest)
+        ctx.check_bound(completion_texts(body.prompt), "prompt")
         ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
         return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request, arrived)
 

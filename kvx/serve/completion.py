@@ -8,6 +8,7 @@ ended is cancelled, and its blocks go back to the pool at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -19,7 +20,10 @@ from kvx.serve import translate
 from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
 from kvx.serve.errors import ApiError, bad_request
 from kvx.serve.responses import DONE, Reply, sse
-from kvx.serve.settings import RequestDefaults
+from kvx.serve.prompts import fewest_tokens
+from kvx.serve.settings import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, RequestDefaults
+
+log = logging.getLogger("kvx.serve")
 
 _POLL_S = 0.25  # how often a waiting non-streaming handler checks that its client is still there
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,6 +37,9 @@ class ServerContext:
     defaults: RequestDefaults
     api_keys: tuple[str, ...] = ()  # none: the API is open
     metrics_key: str | None = None  # none: /metrics is open
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT  # seconds to send a body, or to take a streamed chunk
+    longest_token: int = 0  # prompts.longest_token; 0: no bound before tokenizing
 
     def check_length(self, n: int, param: str) -> None:
         try:
@@ -40,17 +47,44 @@ class ServerContext:
         except KvxError as exc:
             raise bad_request(str(exc), param, code="context_length_exceeded" if n else None) from None
 
+    def check_bound(self, texts: list[str], param: str) -> None:
+        """Refuse a prompt that cannot fit the context before tokenizing it (prompts.fewest_tokens)."""
+        if not self.longest_token:
+            return
+        n = fewest_tokens(texts, self.longest_token)
+        limit = self.engine_loop.batch.engine.config.max_position_embeddings
+        if n >= limit:
+            raise bad_request(f"the prompt has at least {n} tokens; the model's context is {limit} tokens", param,
+                              code="context_length_exceeded")
+
 
 class _JobStream(StreamingResponse):
-    """An SSE response that releases its job however the response ends (even if never iterated)."""
+    """An SSE response that releases its job however the response ends (even if never iterated).
 
-    def __init__(self, content, engine_loop: EngineLoop, job: Job):
+    A client that stops reading without closing fills the socket's buffers, and then each send waits; after
+    `send_timeout` seconds of waiting the response is abandoned, which cancels the job and frees its blocks.
+    """
+
+    def __init__(self, content, engine_loop: EngineLoop, job: Job, send_timeout: float | None = None):
         super().__init__(content, media_type="text/event-stream", headers=_STREAM_HEADERS)
-        self._engine_loop, self._job = engine_loop, job
+        self._engine_loop, self._job, self._send_timeout = engine_loop, job, send_timeout
 
     async def __call__(self, scope, receive, send) -> None:
+        timeout, stalled = self._send_timeout, []
+
+        async def timed_send(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except asyncio.TimeoutError:
+                stalled.append(True)
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send if timeout is None else timed_send)
+        except Exception:  # (Starlette may wrap it in an exception group: the flag says what it was)
+            if not stalled:
+                raise
+            log.warning("a client took no streamed data for %g s: its request is cancelled", timeout)
         finally:
             self._engine_loop.release(self._job)
 
@@ -67,7 +101,8 @@ async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply
         if kind == ACCEPTED and body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             streaming = True  # from here the response releases the job
-            return _JobStream(_events(job, reply, include_usage, ctx.engine_loop.metrics), ctx.engine_loop, job)
+            return _JobStream(_events(job, reply, include_usage, ctx.engine_loop.metrics), ctx.engine_loop, job,
+                              ctx.client_timeout)
         if kind == ACCEPTED:
             event = await _wait(job, request)
             if event is None:  # the client went away; nobody reads this

@@ -10,6 +10,40 @@ from __future__ import annotations
 from kvx.errors import KvxError
 from kvx.serve.errors import bad_request
 
+# A normaliser may compose characters (a letter and its accent into one), so a token can stand for more
+# characters of the request than its own text has: the bound allows twice as many.
+_COMPOSE = 2
+
+
+def longest_token(tokenizer) -> int:
+    """The most non-space characters one token of the vocabulary stands for (computed once per server)."""
+    texts = tokenizer.backend.decode_batch([[i] for i in range(tokenizer.vocab_size)])
+    return max(1, max((len("".join(t.split())) for t in texts), default=1))
+
+
+def fewest_tokens(texts, longest: int) -> int:
+    """A lower bound on how many tokens `texts` encode to, without tokenizing them: every token stands for
+    at most `longest` non-space characters. A prompt whose bound already exceeds the context is refused
+    before the (seconds long, for megabytes) tokenization."""
+    chars = sum(len(t) - sum(t.count(c) for c in " \n\t\r") for t in texts)
+    return -(-chars // (_COMPOSE * longest))
+
+
+def chat_texts(messages) -> list[str]:
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append(m.content)
+        elif m.content:
+            out += [p.text for p in m.content if p.text]
+    return out
+
+
+def completion_texts(prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for p in prompt if isinstance(p, str)]
+
 
 def _text(message, i: int) -> str:
     content = message.content

@@ -26,10 +26,12 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     from kvx.serve.completion import ServerContext
     from kvx.serve.engine_loop import EngineLoop
     from kvx.serve.keys import collect_keys, metrics_key
+    from kvx.serve.prompts import longest_token
 
     # Every flag is checked before the model loads: a bad one fails at once.
     keys = collect_keys(settings.api_keys, settings.api_key_file)
     scrape_key = metrics_key(settings.metrics_key)
+    max_body = check_limits(settings)
     policy_and_budget(settings.policy, settings.budget, settings.allocation, settings.policy_args,
                       settings.prefill_chunk)
     kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
@@ -43,14 +45,35 @@ def build_context(settings: ServeSettings, quiet: bool = False):
                         settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
     model_id = resolve_model(settings.model, quiet=True).name
     return ServerContext(EngineLoop(batch, settings.max_queue), tokenizer, model_id, settings.defaults(),
-                         api_keys=keys, metrics_key=scrape_key)
+                         api_keys=keys, metrics_key=scrape_key, max_body_bytes=max_body,
+                         client_timeout=settings.client_timeout, longest_token=longest_token(tokenizer))
+
+
+def check_limits(settings: ServeSettings) -> int:
+    """The body limit in bytes (--max-body-bytes takes sizes like 4MiB); KvxError for a limit that is not
+    positive."""
+    from kvx.errors import KvxError
+    from kvx.options import parse_memory
+
+    value = settings.max_body_bytes
+    limit = parse_memory(value, "--max-body-bytes") if isinstance(value, str) else int(value)
+    if limit < 1:
+        raise KvxError("--max-body-bytes must be at least 1 byte")
+    if not settings.client_timeout > 0:
+        raise KvxError("--client-timeout must be a positive number of seconds")
+    if settings.timeout_keep_alive < 1:
+        raise KvxError("--timeout-keep-alive must be at least 1 second")
+    return limit
 
 
 def uvicorn_server(app, settings: ServeSettings):
     import uvicorn
 
+    # timeout_keep_alive: an idle keep-alive connection is closed after this many seconds, so idle clients
+    # cannot hold connections open; a stalled body or stream is cut by --client-timeout (limits.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.drain_timeout, access_log=settings.log_level == "debug")
+                            timeout_graceful_shutdown=settings.drain_timeout, access_log=settings.log_level == "debug",
+                            timeout_keep_alive=settings.timeout_keep_alive)
     return uvicorn.Server(config)
 
 

@@ -49,7 +49,7 @@ class ServeSettings:
     api_keys: list[str] = field(default_factory=list)  # --api-key (KVX_API_KEY is read when keys are collected)
     api_key_file: str | None = None
     metrics_key: str | None = None  # None: /metrics is open
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int | str = DEFAULT_MAX_BODY_BYTES  # a number of bytes, or a size like "4MiB"
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     timeout_keep_alive: int = DEFAULT_KEEP_ALIVE
 
