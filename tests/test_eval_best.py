@@ -55,8 +55,9 @@ def test_best_policy_per_budget_from_the_rows():
     assert (five.budget, ten.budget) == ("5%", "10%")
     assert five.picks["kvx"].policy == "kvzip" and five.picks["kvx"].score == 0.75
     assert five.picks["kvx"].kv_fraction == pytest.approx(0.05) and five.picks["kvx"].kv_bytes == pytest.approx(5 * MiB)
-    # A tie at 10% (kvzip, snapkv, tova all 0.50): one named, the others counted.
-    assert ten.picks["kvx"].score == 0.5 and ten.picks["kvx"].tied == 2
+    # A tie at 10% (kvzip, snapkv, tova all 0.50): the policy best over every budget is named (kvzip,
+    # as at 5%, not whichever came first), the others counted.
+    assert ten.picks["kvx"].policy == "kvzip" and ten.picks["kvx"].score == 0.5 and ten.picks["kvx"].tied == 2
     # kvpress at 5%: snapkv and ada-snapkv tie at 0.25; snapkv's cache is smaller, so it is named.
     assert five.picks["kvpress"].policy == "kvpress:snapkv" and five.picks["kvpress"].tied == 1
     # kvpress at 10%: snapkv failed; kvzip's 2 samples (1.00) beat ada-snapkv's 4 (0.25).
@@ -71,7 +72,7 @@ def test_best_markdown_one_table_per_mode():
                      "kvpress's best | score | K+V held |")
     assert md[4] == ("| passkey, 4k, noise | 0.75 | 5% | kvzip | 0.75 | 5.0% (5.0 MiB) | "
                      "kvpress:snapkv (+1 tied) | 0.25 | 5.0% (5.0 MiB) |")
-    assert md[5] == ("|  |  | 10% | snapkv (+2 tied) | 0.50 | 10.0% (10.0 MiB) | "
+    assert md[5] == ("|  |  | 10% | kvzip (+2 tied) | 0.50 | 10.0% (10.0 MiB) | "
                      "kvpress:kvzip | 1.00 (n=2) | 10.0% (10.0 MiB) |")
     aware = md.index("**aware**: the whole prompt compressed, RULER's answer prefix included")
     assert md[aware + 2] == "| setting | full cache | budget | kvx's best | score | K+V held |"
@@ -129,3 +130,10 @@ def test_best_through_the_command(tmp_path, monkeypatch):
     assert first["mode"] == "agnostic" and first["full_score"] == 0.75
     assert first["budgets"][0]["kvx"] == {"policy": "kvzip", "score": 0.75, "kv_fraction": 0.05,
                                           "kv_bytes": 5 * MiB, "samples": 4, "tied": 0}
+
+
+def test_a_full_tie_names_the_policy_with_default_options():
+    rows = (rows_for("full", "100%", [1, 1]) + rows_for("kvzip[keep_prefix=false]", "5%", [1, 1])
+            + rows_for("kvzip", "5%", [1, 1]))
+    (table,) = best_tables(rows)
+    assert table.rows[0].picks["kvx"].policy == "kvzip" and table.rows[0].picks["kvx"].tied == 1

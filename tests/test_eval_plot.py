@@ -88,7 +88,7 @@ def test_heatmap_has_a_row_per_policy_and_the_tables_numbers(tmp_path, drawn):
     fig = drawn(ROWS, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     (ax,) = fig.axes
-    labels = [t.get_text().removesuffix(" (reference)") for t in ax.get_yticklabels()]
+    labels = [t.get_text().split("  n=")[0].removesuffix(" (reference)") for t in ax.get_yticklabels()]
     assert sorted(labels) == sorted({r["policy"] for r in ROWS})  # every policy once, nothing else
     assert [t.get_text() for t in ax.get_xticklabels()] == ["5%", "10%"]
     table = markdown_table(ROWS)
@@ -123,6 +123,14 @@ def test_heatmap_marks_the_presses(tmp_path, drawn):
     styles = {t.get_text(): t.get_fontstyle() for t in ax.get_yticklabels()}
     assert styles["kvpress:snapkv"] == "italic" and styles["snapkv"] == "normal"
     assert any("kvpress's presses" in t.get_text() for t in ax.texts)
+
+
+def test_a_row_with_fewer_samples_says_how_many(tmp_path, drawn):
+    rows = ROWS + sweep("h2o", {"5%": [1], "10%": [0]}, seeds=1)
+    (ax,) = drawn(rows, tmp_path / "h.png").axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert "h2o  n=1" in labels and "snapkv" in labels  # the others have the panel's 2 samples
+    assert any("fewer than the 2 samples" in t.get_text() for t in ax.texts)
 
 
 def test_one_panel_per_mode(tmp_path, drawn):

@@ -62,14 +62,14 @@ def best_table(setting: Setting, rows: list[dict]) -> BestTable:
     cells = [c for c in summarize(rows) if c.task == setting.task]
     runtimes = list(dict.fromkeys([KVX] + [runtime_of(c.policy) for c in cells]))
     budgets = sorted({c.budget for c in cells if not is_reference(c.policy)}, key=budget_sort_key)
-    order = {p: i for i, p in enumerate(dict.fromkeys(c.policy for c in cells))}
+    overall = overall_means(cells)
     table_rows = []
     for budget in budgets:
         picks = {}
         for runtime in runtimes:
             candidates = [c for c in cells if c.budget == budget and not is_reference(c.policy)
                           and runtime_of(c.policy) == runtime and c.mean_score is not None]
-            picks[runtime] = pick(candidates, order)
+            picks[runtime] = pick(candidates, overall)
         table_rows.append(BudgetRow(budget=budget, picks=picks))
     if all(r.picks.get(KVX) is None for r in table_rows) and KVX in runtimes and len(runtimes) > 1:
         runtimes.remove(KVX)  # a file of baseline rows only: no empty kvx columns
@@ -80,12 +80,25 @@ def best_table(setting: Setting, rows: list[dict]) -> BestTable:
                      samples=max((c.samples for c in cells), default=0))
 
 
-def pick(candidates: list[Cell], order: dict[str, int]) -> Pick | None:
-    """The highest mean score; among equal scores the cell with more samples (a surer mean), then the
-    smaller cache, then the policy listed first."""
+def overall_means(cells: list[Cell]) -> dict[str, float]:
+    """Each policy's mean score over the budgets it has (dicts keep the order policies were listed in)."""
+    scores: dict[str, list[float]] = {}
+    for c in cells:
+        if c.mean_score is not None and not is_reference(c.policy):
+            scores.setdefault(c.policy, []).append(c.mean_score)
+    return {p: sum(v) / len(v) for p, v in scores.items()}
+
+
+def pick(candidates: list[Cell], overall: dict[str, float]) -> Pick | None:
+    """The highest mean score. Among equal scores: the cell with more samples (a surer mean), then the
+    smaller cache (as the table prints it, to 0.1%), then the policy best over every budget (so one policy, not a random one of the tied,
+    is named down a column), then a policy with its default options, then the one listed first."""
     if not candidates:
         return None
-    best = min(candidates, key=lambda c: (-c.mean_score, -c.samples, c.kv_fraction, order.get(c.policy, 0)))
+    order = {p: i for i, p in enumerate(overall)}
+    best = min(candidates, key=lambda c: (-c.mean_score, -c.samples, round(100 * c.kv_fraction, 1),
+                                          -overall.get(c.policy, 0.0), "[" in c.policy,
+                                          order.get(c.policy, len(order))))
     tied = sum(1 for c in candidates if c is not best and abs(c.mean_score - best.mean_score) <= TIE)
     return Pick(policy=best.policy, score=best.mean_score, kv_fraction=best.kv_fraction, kv_bytes=best.kv_bytes,
                 samples=best.samples, tied=tied)

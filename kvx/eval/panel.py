@@ -30,6 +30,10 @@ class PanelRow:
         known = [s for s in self.scores() if s is not None]
         return sum(known) / len(known) if known else None
 
+    def samples(self) -> int:
+        """The most samples (answered or failed) any of the row's cells has."""
+        return max((c.samples + c.errors for c in self.cells if c is not None), default=0)
+
     def texts(self) -> list[str]:
         """What each cell of the heatmap prints: the table's score, 'error', or '–' for no row."""
         return ["–" if c is None else score_text(c, with_kl=False) for c in self.cells]
@@ -44,6 +48,17 @@ class Panel:
     @property
     def references(self) -> int:
         return sum(r.reference for r in self.rows)
+
+    @property
+    def samples(self) -> int:
+        return max((r.samples() for r in self.rows), default=0)
+
+    def label(self, row: PanelRow) -> str:
+        """A row's name as drawn: references say so; a row with fewer samples than the panel's fullest
+        says how many, since its mean is the less sure."""
+        text = f"{row.policy} (reference)" if row.reference else row.policy
+        n = row.samples()
+        return f"{text}  n={n}" if n < self.samples else text
 
     def matrix(self) -> list[list[float | None]]:
         """Scores, a row per policy and a column per budget, in the order drawn (top row first)."""

@@ -21,7 +21,7 @@ FONT = 9
 def draw_heatmaps(plt, panels: list[Panel]):
     """One figure, the panels stacked top to bottom (each its own setting and row count)."""
     heights = [ROW_INCHES * len(p.rows) + 1.0 for p in panels]
-    longest = max(len(_label(r)) for p in panels for r in p.rows)
+    longest = max(len(p.label(r)) for p in panels for r in p.rows)
     budgets = max(len(p.budgets) for p in panels)
     width = 0.3 + 0.068 * longest + BUDGET_INCHES * budgets
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(width, 4.5), sum(heights)), squeeze=False,
@@ -50,7 +50,7 @@ def draw_heatmap(ax, panel: Panel) -> None:
     ax.xaxis.set_label_position("top")
     percent = all(b.endswith("%") for b in panel.budgets)
     ax.set_xlabel("KV budget (share of entries kept)" if percent else "KV budget", fontsize=FONT)
-    ax.set_yticks(range(len(panel.rows)), [_label(r) for r in panel.rows], fontsize=FONT)
+    ax.set_yticks(range(len(panel.rows)), [panel.label(r) for r in panel.rows], fontsize=FONT)
     for label, row in zip(ax.get_yticklabels(), panel.rows):
         if row.reference:
             label.set_fontweight("bold")
@@ -67,15 +67,16 @@ def draw_heatmap(ax, panel: Panel) -> None:
     ax.tick_params(which="minor", length=0)
     if 0 < panel.references < len(panel.rows):
         ax.axhline(panel.references - 0.5, color="white", linewidth=4)
-    ax.set_title(f"{panel.setting.title()} — mean score", fontsize=FONT + 1, loc="left")
+    ax.set_title(f"{panel.setting.title()} — mean score", fontsize=FONT + 1, loc="left", pad=8)
+    notes = []
     baselines = list(dict.fromkeys(runtime_of(r.policy) for r in panel.rows if r.baseline and not r.reference))
     if baselines:
-        ax.text(0.0, -0.01, f"italic: {', '.join(baselines)}'s presses, each under its kvx namesake",
-                transform=ax.transAxes, fontsize=FONT - 1, color=PRESS_COLOUR, style="italic", va="top")
-
-
-def _label(row) -> str:
-    return f"{row.policy} (reference)" if row.reference else row.policy
+        notes.append(f"italic: {', '.join(baselines)}'s presses, each under its kvx namesake")
+    if any(r.samples() < panel.samples for r in panel.rows):
+        notes.append(f"n=: a row with fewer than the {panel.samples} samples of the others")
+    if notes:
+        ax.text(0.0, -0.01, "\n".join(notes), transform=ax.transAxes, fontsize=FONT - 1, color="#444444",
+                va="top")
 
 
 def _ink(rgba) -> str:

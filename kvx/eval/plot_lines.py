@@ -35,12 +35,12 @@ def draw_panel(ax, panel: Panel, top: int = TOP) -> None:
     references = [r for r in panel.rows if r.reference and r.mean() is not None]
     if references:
         full = references[0]  # kvx's own when there is one (panel.py puts it first)
-        ax.axhline(full.mean(), color="black", linestyle="--", linewidth=1.3, label=f"{full.policy} (reference)")
+        ax.axhline(full.mean(), color="black", linestyle="--", linewidth=1.3, label=panel.label(full))
     best = top_rows(panel, min(top, len(COLOURS)))
     for i, row in enumerate(best):
         points = [(x_of[b], s) for b, s in zip(budgets, row.scores()) if s is not None]
         ax.plot([x for x, _ in points], [y for _, y in points], color=COLOURS[i], marker=MARKERS[i],
-                markersize=10 - i, linewidth=1.8, linestyle="--" if row.baseline else "-", label=row.policy)
+                markersize=10 - i, linewidth=1.8, linestyle="--" if row.baseline else "-", label=panel.label(row))
     if percent:
         ax.set_xscale("log")
     ax.set_xticks([x_of[b] for b in budgets], budgets, fontsize=FONT)
