@@ -199,3 +199,24 @@ def test_score_texts_round_like_the_table():
     snap = next(r for r in panel.rows if r.policy == "snapkv")
     assert snap.texts() == ["0.33"] == markdown_table(rows)["snapkv"]
     assert math.isclose(snap.mean(), 1 / 3)
+
+
+def test_without_matplotlib_the_command_stops_before_any_work(tmp_path, monkeypatch):
+    import sys
+
+    import typer
+    from typer.testing import CliRunner
+
+    from kvx.commands.eval import eval_command
+    from kvx.errors import KvxError
+
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["eval", "--out", str(results), "--summary-only", "--markdown",
+                                      "--plot", str(tmp_path / "p.png")])
+    assert isinstance(result.exception, KvxError) and "pip install 'kvx[plot]'" in str(result.exception)
+    assert result.output == "" and sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
