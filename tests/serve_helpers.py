@@ -21,12 +21,12 @@ _TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfo
              "{% if add_generation_prompt %}assistant{% endif %}")
 
 
-def tiny_model_dir(root: Path) -> Path:
+def tiny_model_dir(root: Path, positions: int = 4096) -> Path:
     """A random qwen2 checkpoint with 4096 positions, no EOS (answers run to max_tokens), a word-level
     tokenizer.json and a chat template: a folder `kvx generate --model` and `kvx serve --model` load."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    path, _ = make_checkpoint("qwen2", root, max_position_embeddings=4096, eos_token_id=None)
+    path, _ = make_checkpoint("qwen2", root, max_position_embeddings=positions, eos_token_id=None)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))

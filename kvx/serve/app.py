@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvx import __version__
-from kvx.serve import metrics
+from kvx.serve import metrics, openapi
 from kvx.serve.auth import BearerAuth
 from kvx.serve.limits import BodyLimit
 from kvx.serve.body import read_body
@@ -48,7 +48,7 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     app.add_middleware(BearerAuth, keys=ctx.api_keys, metrics_key=ctx.metrics_key,
                        on_refused=lambda: counters.error(401))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         body = await read_body(request, ChatCompletionRequest)
@@ -57,7 +57,7 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
         ids = await run_in_threadpool(chat_ids, ctx.tokenizer, body.messages)
         return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request, arrived)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.body(CompletionRequest))
     async def completions(request: Request):
         arrived = time.perf_counter()
         body = await read_body(request, CompletionRequest)
@@ -67,12 +67,12 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
 
     max_model_len = ctx.engine_loop.batch.engine.config.max_position_embeddings
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi.body(TokenizeRequest))
     async def tokenize_route(request: Request):
         body = await read_body(request, TokenizeRequest)
         return await run_in_threadpool(tokenize, ctx.tokenizer, body, max_model_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi.body(DetokenizeRequest))
     async def detokenize_route(request: Request):
         body = await read_body(request, DetokenizeRequest)
         return await run_in_threadpool(detokenize, ctx.tokenizer, body)
@@ -99,4 +99,5 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     async def prometheus():
         return Response(counters.render(), media_type=metrics.CONTENT_TYPE)
 
+    openapi.install(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
     return app
