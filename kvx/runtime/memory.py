@@ -310,18 +310,12 @@ def available_bytes(device) -> tuple[int | None, str]:
 
 
 def _cpu_available() -> int | None:
-    import os
+    """Bytes the OS can hand out without swapping (psutil: MemAvailable on Linux); None when unknown."""
+    try:
+        import psutil
 
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - a platform psutil cannot read: no check rather than a wrong one
         return None
 
 

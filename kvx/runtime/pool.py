@@ -163,11 +163,10 @@ def default_kv_memory(device: torch.device | str) -> int:
 
 
 def _meminfo_available() -> int:
+    """Bytes the OS can hand out without swapping (psutil: MemAvailable on Linux); 0 when unknown."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - a platform psutil cannot read: the caller falls back to 1 GiB
+        return 0

@@ -185,14 +185,24 @@ def _phase_peak(req: Request, device: torch.device, scope: str) -> PhasePeak:
 
 
 def _process_memory() -> tuple[int | None, int | None]:
-    """(VmRSS, VmHWM) in bytes; without /proc, (None, ru_maxrss)."""
+    """(resident set size, its peak) in bytes. The RSS comes from psutil. The peak is Linux's VmHWM, which
+    psutil does not report and which _reset_peaks resets per phase; without it, ru_maxrss (the peak over
+    the process's life)."""
+    import psutil
+
+    try:
+        rss = int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - a platform psutil cannot read
+        rss = None
     try:
         with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return _kib(fields.get("VmRSS")), _kib(fields.get("VmHWM"))
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return rss, _kib(line.split(":", 1)[1].strip())
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return None, peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss, peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _kib(value: str | None) -> int | None:
