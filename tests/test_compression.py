@@ -22,9 +22,12 @@ from kvx.policies import build_policy, parse_budget
 from kvx.policies.expected_attention import expected_logits, mean_rotation, rotation_matrix
 from kvx.runtime.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine import Engine
+from kvx.runtime.batch import BatchEngine, generate, generate_agnostic
+from kvx.runtime.paged_cache import PagedKVCache
 from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.sequence import GenerationRequest
+from runtime_helpers import decode, new_request, pool_for
 from test_engine import StubTokenizer
-from kvx.runtime.batch import generate, generate_agnostic
 
 PASSKEY_SEEDS = (0, 1, 2)
 PASSKEY_POLICIES = ("snapkv", "ada-snapkv", "ahakv", "laprox")
@@ -36,6 +39,7 @@ WIDE_POOL = {"snapkv": {"kernel": "15"}, "ada-snapkv": {"kernel": "15"}, "laprox
              "ahakv": {"score_kernel": "15"}}
 ANSWER_TOKENS = 14  # "The pass key is 51007." and a little more
 HEADROOM = 8
+BLOCK = 32  # the engine's block size
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,7 +102,7 @@ class PasskeyRun:
         for pol in self.policies.values():
             wanted = wanted.merge(pol.request_for(self.budget, self.n))
         # The base request runs AhaKV's attend path, so the recent queries it keeps for decoding are there.
-        self.base = engine.new_request(capacity=self.n, policy=self.policies["ahakv"], budget=self.budget)
+        self.base = new_request(engine, capacity=self.n, policy=self.policies["ahakv"], budget=self.budget)
         self.logits = engine.prefill(self.base, self.ids, stats_req=wanted)
         self.needle = needle_span(tok, self.ids, self.key)
 
@@ -106,10 +110,10 @@ class PasskeyRun:
         """Greedy answer from a fork compressed by the policy (or to exactly `keep`, or not at all)."""
         req = self.engine.fork(self.base, policy, budget)
         if keep is not None:
-            req.cache.compact(keep, ANSWER_TOKENS)
+            req.cache = PagedKVCache.copy_of(req.cache, pool_for(self.engine), ANSWER_TOKENS, keep=keep)
         else:
-            self.engine.compress(req, headroom=ANSWER_TOKENS)
-        _, text, _ = self.engine.decode(req, self.logits, SamplingParams(), ANSWER_TOKENS)
+            self.engine.compress(req, headroom=ANSWER_TOKENS, pool=pool_for(self.engine))
+        _, text, _ = decode(self.engine, req, self.logits, ANSWER_TOKENS)
         return text
 
     def select(self, policy, budget):
@@ -170,21 +174,33 @@ def test_bytes_held_follow_the_budget(passkey, name):
     for text, share in (("5%", 0.05), ("10%", 0.10), ("20%", 0.20)):
         budget = parse_budget(text)
         req = engine.fork(run.base, policy, budget)
-        engine.compress(req, headroom=HEADROOM)
+        pool = pool_for(engine, block_size=BLOCK)
+        engine.compress(req, headroom=HEADROOM, pool=pool)
         kept = req.cache.total_entries()
         assert kept == budget.total_entries(run.n, L, hkv)
         assert abs(kept - share * L * hkv * run.n) <= 1
-        # The pools are really reallocated: exactly the kept entries plus the headroom, nothing masked.
-        assert req.cache.bytes_allocated() == kept * entry + headroom_bytes
-        assert abs((req.cache.bytes_allocated() - headroom_bytes) / full_bytes - share) <= 0.02 * share
-        held[text] = req.cache.bytes_allocated() - headroom_bytes
+        # The cache really holds only the blocks for the kept entries plus the headroom, nothing masked: each
+        # (layer, kv head) segment exactly ceil((kept + headroom) / block) blocks, and the pool lends no more.
+        blocks = sum(-(-(n + HEADROOM) // BLOCK) for layer in req.cache.lengths() for n in layer)
+        assert pool.num_used == req.cache.blocks_held() == blocks
+        assert req.cache.bytes_allocated() == blocks * pool.block_bytes
+        assert req.cache.bytes_allocated() - (kept * entry + headroom_bytes) < L * hkv * pool.block_bytes
+        assert abs(req.cache.bytes_used() / full_bytes - share) <= 0.02 * share
+        held[text] = req.cache.bytes_used()
         if text == "5%":
-            # Generating within the headroom never grows the pools; the result reports those bytes.
-            ids, text_out, finish = engine.decode(req, run.logits, SamplingParams(), HEADROOM)
-            result = engine.result(req, run.n, ids, text_out, finish)
-            assert result.kv_bytes_held == kept * entry + headroom_bytes
+            # Generating within the headroom never grows the cache; the result reports those bytes.
+            ids, text_out, finish = decode(engine, req, run.logits, HEADROOM, stop_at_eos=False)
+            assert len(ids) == HEADROOM and pool.num_used == 0  # released when the answer ended
+            batch = BatchEngine(engine, pool=pool_for(engine, block_size=BLOCK))
+            again = engine.fork(run.base, policy, budget)
+            engine.compress(again, headroom=HEADROOM, pool=batch.pool)
+            seq = batch.adopt(again, GenerationRequest(prompt_ids=run.ids, max_tokens=HEADROOM, stop_at_eos=False),
+                              run.logits)
+            batch.run()
+            result = seq.results[0]
+            assert result.kv_bytes_held == blocks * pool.block_bytes
             assert result.kv_bytes_full == L * hkv * (run.n + HEADROOM - 1) * entry
-            assert result.kv_bytes_held < 0.06 * result.kv_bytes_full
+            assert result.kv_bytes_held < 0.06 * result.kv_bytes_full + L * hkv * pool.block_bytes
     assert held["20%"] / held["10%"] == pytest.approx(2.0, rel=0.01)
     assert held["10%"] / held["5%"] == pytest.approx(2.0, rel=0.01)
 
@@ -197,7 +213,7 @@ def test_per_head_counts_differ_and_the_cache_holds_exactly_them(passkey, name):
     policy, budget = build_policy(name), parse_budget("5%")
     keep = run.select(policy, budget)  # deterministic: the same choice compress() makes
     req = engine.fork(run.base, policy, budget)
-    engine.compress(req, headroom=HEADROOM)
+    engine.compress(req, headroom=HEADROOM, pool=pool_for(engine))
     counts = [[int(idx.numel()) for idx in layer] for layer in keep]
     assert req.lengths_after_compress == counts == req.cache.lengths()
     heads_differ = [len(set(layer)) > 1 for layer in counts]
@@ -214,7 +230,8 @@ def test_per_head_counts_differ_and_the_cache_holds_exactly_them(passkey, name):
         assert max(flat) >= 3 * min(flat)
     base_k = run.base.cache.layers
     for layer, (lc, idx_row) in enumerate(zip(req.cache.layers, keep)):
-        assert lc.capacities == [c + HEADROOM for c in counts[layer]]
+        B = lc.pool.block_size  # exactly the blocks for kept + headroom entries
+        assert lc.capacities == [-(-(c + HEADROOM) // B) * B for c in counts[layer]]
         for g, idx in enumerate(idx_row):
             k, v, pos = lc.head(g)
             src_k, src_v, src_pos = base_k[layer].head(g)
@@ -227,17 +244,22 @@ def test_per_head_counts_differ_and_the_cache_holds_exactly_them(passkey, name):
 # --------------------------------------------------------------------------------------------------------
 
 def generate_recording_logits(engine: Engine, ids: list[int], max_tokens: int):
+    """Generate through the engine, recording every decode step's logits (instrumenting this test's own
+    stepper instance)."""
+    batch = BatchEngine(engine, kv_memory=256 << 20)
     seen = []
-    forward = engine.forward
+    step = batch.stepper.step
 
-    def recording(req, step_ids, stats_req=None):
-        logits = forward(req, step_ids, stats_req)
-        seen.append(logits.clone())
+    def recording(reqs, tokens):
+        logits = step(reqs, tokens)
+        seen.append(logits[0].clone())
         return logits
 
-    engine.forward = recording
-    result = generate(engine, ids, max_tokens=max_tokens)
-    return result, torch.stack(seen)
+    batch.stepper.step = recording
+    seq = batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, policy=engine.policy,
+                                         budget=engine.budget))
+    batch.run()
+    return seq.results[0], torch.stack(seen)
 
 
 @pytest.mark.slow
@@ -300,13 +322,13 @@ def test_policy_finds_the_passkey_at_10_percent_with_a_wide_pool(passkey, name):
 # Question-agnostic: one compressed context, several questions
 # --------------------------------------------------------------------------------------------------------
 
-class EvictionCounter(Engine):
+class EvictionCounter(BatchEngine):
     evictions = 0
 
-    def _decode_evict(self, req):
-        before = req.cache.total_entries()
-        super()._decode_evict(req)
-        self.evictions += req.cache.total_entries() < before
+    def _decode_evict(self, reqs):
+        before = [r.cache.total_entries() for r in reqs]
+        super()._decode_evict(reqs)
+        self.evictions += sum(r.cache.total_entries() < b for r, b in zip(reqs, before))
 
 
 @pytest.mark.slow
@@ -321,8 +343,12 @@ def test_agnostic_answers_every_question_from_one_compressed_cache(default_model
     parts = [split_context_question(tok, sample.context, q, None, False) for q in questions]
     context = parts[0][0]
     assert all(c == context for c, _ in parts)
-    engine = EvictionCounter(model, tok, build_policy(name), parse_budget("20%"))
-    results = generate_agnostic(engine, context, [q for _, q in parts], SamplingParams(), 16)
+    batch = EvictionCounter(Engine(model, tok), kv_memory=256 << 20)
+    seq = batch.submit(GenerationRequest(context_ids=context, question_ids=[q for _, q in parts], max_tokens=16,
+                                         policy=build_policy(name), budget=parse_budget("20%")))
+    batch.run()
+    results = seq.results
+    engine = batch
     first, sky, again = results
     # The cache is restored between questions: the same question gets the same answer from the same state.
     assert again.token_ids == first.token_ids
@@ -345,8 +371,8 @@ def test_agnostic_answers_every_question_from_one_compressed_cache(default_model
 RECENT_KEPT = {"streaming": 256 - 4, "h2o": 128, "tova": 1, "ahakv": 32}
 
 
-class WatchedEngine(Engine):
-    """Checks the cache around every decode-time eviction."""
+class WatchedBatch(BatchEngine):
+    """Checks the cache around every decode-time eviction round."""
 
     def __init__(self, *args, recent: int, sinks: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -356,10 +382,12 @@ class WatchedEngine(Engine):
 
     def _check(self, req, slack: int) -> None:
         newest = req.position - 1
+        B = self.pool.block_size
         for lc, targets in zip(req.cache.layers, req.head_budget):
             for g, target in enumerate(targets):
                 n = lc.lengths[g]
-                assert n <= target + slack and lc.capacities[g] <= target + DECODE_SLACK
+                # never more than budget + slack entries, nor blocks beyond what those need
+                assert n <= target + slack and len(lc.tables[g]) <= -(-(target + DECODE_SLACK) // B)
                 self.most_held = max(self.most_held, n - target)
                 pos = lc.head(g)[2]
                 assert bool((pos[1:] > pos[:-1]).all()), "positions out of order"
@@ -368,13 +396,15 @@ class WatchedEngine(Engine):
                 assert torch.equal(pos[n - recent:], torch.arange(newest - recent + 1, newest + 1))
                 assert torch.equal(pos[:self.sinks], torch.arange(self.sinks))
 
-    def _decode_evict(self, req) -> None:
-        self.calls += 1
-        before = req.cache.total_entries()
-        self._check(req, DECODE_SLACK)
-        super()._decode_evict(req)
-        self._check(req, DECODE_SLACK - 1)
-        self.evictions += req.cache.total_entries() < before
+    def _decode_evict(self, reqs) -> None:
+        for req in reqs:
+            self.calls += 1
+            self._check(req, DECODE_SLACK)
+        before = [r.cache.total_entries() for r in reqs]
+        super()._decode_evict(reqs)
+        for req, b in zip(reqs, before):
+            self._check(req, DECODE_SLACK - 1)
+            self.evictions += req.cache.total_entries() < b
 
 
 @pytest.fixture(scope="module")
@@ -388,17 +418,21 @@ def test_decode_time_eviction_holds_budget_plus_slack(tiny_long_model, name):
     model = tiny_long_model
     cfg = model.config
     ids = torch.randint(3, 128, (600,), generator=torch.Generator().manual_seed(1)).tolist()
-    engine = WatchedEngine(model, StubTokenizer(), build_policy(name), parse_budget("256"),
-                           recent=RECENT_KEPT[name], sinks=4 if name == "streaming" else 0)
-    result = generate(engine, ids, max_tokens=4000)  # the stub tokenizer has no EOS
+    engine = Engine(model, StubTokenizer())
+    batch = WatchedBatch(engine, kv_memory=64 << 20, recent=RECENT_KEPT[name], sinks=4 if name == "streaming" else 0)
+    seq = batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=4000, policy=build_policy(name),
+                                         budget=parse_budget("256")))
+    batch.run()
+    result = seq.results[0]  # the stub tokenizer has no EOS
     assert result.generated_tokens == 4000 and result.finish_reason == "length"
-    assert engine.calls == 3999  # after every decode step but the last
-    assert engine.evictions >= 3999 // DECODE_SLACK
-    assert engine.most_held == DECODE_SLACK  # the bound is reached, never passed
+    assert batch.calls == 3999  # after every decode step but the last
+    assert batch.evictions >= 3999 // DECODE_SLACK
+    assert batch.most_held == DECODE_SLACK  # the bound is reached, never passed
     assert result.lengths == [[256] * cfg.num_kv_heads] * cfg.num_layers
-    entry = engine.entry_bytes()
-    assert result.kv_bytes_held == cfg.num_layers * cfg.num_kv_heads * (256 + DECODE_SLACK) * entry
+    blocks = cfg.num_layers * cfg.num_kv_heads * -(-(256 + DECODE_SLACK) // batch.pool.block_size)
+    assert result.kv_bytes_held == blocks * batch.pool.block_bytes
     assert result.kv_entries_kept <= cfg.num_layers * cfg.num_kv_heads * (256 + DECODE_SLACK)
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from kvx.runtime.reconstruction import plan_passes, reconstruction_stats, templa
 from kvx.runtime.sampling import SamplingParams
 from test_engine import StubTokenizer
 from kvx.runtime.batch import generate_agnostic
+from runtime_helpers import new_request
 
 FIRST_IDS = [5, 6, 7]
 NEXT_IDS = [8, 9]
@@ -45,7 +46,7 @@ def context_ids(n=40, seed=3):
 
 
 def prefilled(engine, ids, policy, budget):
-    req = engine.new_request(capacity=len(ids), policy=policy, budget=budget)
+    req = new_request(engine, capacity=len(ids), policy=policy, budget=budget)
     engine.prefill(req, ids)
     return req
 
@@ -191,7 +192,7 @@ def test_col_max_is_chunked_over_rows_without_changing_it(monkeypatch):
 def test_reconstruction_leaves_no_trace_in_the_cache(tiny):
     ids = context_ids(48)
     engine = Engine(tiny, ReconstructionTokenizer())
-    plain = engine.new_request(capacity=len(ids))
+    plain = new_request(engine, capacity=len(ids))
     engine.prefill(plain, ids)
     budget = parse_budget("30%")
     req = prefilled(engine, ids, build_policy("kvzip", args={"chunk": "20"}), budget)
@@ -222,7 +223,10 @@ def test_budgets_hold_in_bytes(tiny, budget):
         engine.compress(req, headroom=0)
         total = b.total_entries(len(ids), cfg.num_layers, cfg.num_kv_heads)
         assert req.cache.total_entries() == total
-        assert req.cache.bytes_allocated() == total * engine.entry_bytes()
+        assert req.cache.bytes_used() == total * engine.entry_bytes()
+        pool = req.cache.pool  # and the cache holds only the blocks those entries need
+        blocks = sum(-(-n // pool.block_size) for layer in req.cache.lengths() for n in layer)
+        assert req.cache.bytes_allocated() == blocks * pool.block_bytes
     # per layer (kvpress's layerwise): every layer the same total
     req = prefilled(engine, ids, build_policy("kvzip", allocation="ada", args={"alpha": "0"}), b)
     engine.compress(req, headroom=0)
@@ -259,7 +263,7 @@ def test_chunked_prefill_and_a_compressed_cache_are_refused(tiny):
         generate_agnostic(engine, ids, [[11, 12]], SamplingParams(), 2, policy=build_policy("kvzip"),
                                  budget=parse_budget("20%"))
     engine = Engine(tiny, ReconstructionTokenizer())
-    req = engine.new_request(capacity=len(ids))
+    req = new_request(engine, capacity=len(ids))
     engine.prefill(req, ids)
     req.position += 1  # a cache that is not exactly this context
     with pytest.raises(KvxError, match="whole context"):

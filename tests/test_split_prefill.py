@@ -22,6 +22,7 @@ from test_batch import _alone, _ids, _request
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
 from kvx.runtime.batch import generate_agnostic
+from runtime_helpers import new_request
 
 
 @pytest.mark.parametrize("n,step,tail", [(1, 4, 0), (10, 4, 0), (10, 4, 3), (10, 4, 8), (10, 5, 5), (9, 3, 20),
@@ -77,7 +78,7 @@ def test_a_split_prefill_keeps_what_the_one_shot_prefill_keeps(engine, name, bud
 def test_statistics_over_every_row_prefill_in_one_step(engine, name):
     rng = random.Random(3)
     ids = _ids(rng, 200, 201)
-    req = engine.new_request(capacity=len(ids), policy=build_policy(name), budget=parse_budget("20%"))
+    req = new_request(engine, capacity=len(ids), policy=build_policy(name), budget=parse_budget("20%"))
     steps = prefill_pieces(engine, req, ids, 37)
     with pytest.raises(StopIteration) as done:
         next(steps)  # the whole prompt in the first step
@@ -87,9 +88,9 @@ def test_statistics_over_every_row_prefill_in_one_step(engine, name):
 def test_the_logits_of_a_split_prefill_equal_the_one_shot_ones(engine):
     rng = random.Random(11)
     ids = _ids(rng, 300, 301)
-    one = engine.new_request(capacity=len(ids), policy=build_policy("snapkv"), budget=parse_budget("10%"))
+    one = new_request(engine, capacity=len(ids), policy=build_policy("snapkv"), budget=parse_budget("10%"))
     want = engine.prefill(one, ids)
-    split = engine.new_request(capacity=len(ids), policy=build_policy("snapkv"), budget=parse_budget("10%"))
+    split = new_request(engine, capacity=len(ids), policy=build_policy("snapkv"), budget=parse_budget("10%"))
     steps, count = prefill_pieces(engine, split, ids, 64), 0
     while True:
         try:

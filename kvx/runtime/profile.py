@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -124,14 +124,15 @@ def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_s
                      f"decode steps asked for; use a shorter --context to time decoding")
     req.cache.peak_bytes = req.cache.bytes_allocated()
     scope = _reset_peaks(engine.device)
-    out_ids = []
+    out_ids, held_at_end = [], req.cache.bytes_allocated()
     if steps:
         # Every step asked for is timed: an end-of-sequence token does not stop a profile.
         seq = batch.adopt(req, GenerationRequest(prompt_ids=list(ids), max_tokens=steps, stop_at_eos=False,
                                                  policy=policy, budget=budget), logits)
         batch.run()
         out_ids = seq.results[0].token_ids
-    decode = _phase_peak(req, engine.device, scope)
+        held_at_end = seq.results[0].kv_bytes_held  # measured as the answer ended, before its blocks went back
+    decode = replace(_phase_peak(req, engine.device, scope), kv_bytes_end=held_at_end)
 
     params = {id(p): p for p in model.parameters()}
     return Measurement(
