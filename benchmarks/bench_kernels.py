@@ -2,14 +2,16 @@
 
     python3 benchmarks/bench_kernels.py [--sweep] [--paged]
 
-Prefill attention vs torch SDPA (bf16, H=32, Hkv=8, d=128, causal) at 8k and 32k; ragged decode bandwidth
-at 32k tokens per kv head; window statistics at 32k. --sweep also times a few tile configurations.
---paged times only the batched engine's paged decode kernel against the contiguous ragged kernel on the
-same keys, at the batches of benchmarks/gpu_batch.py: (b) 2 sequences x 32k, (c) 21 and 64 sequences x
-1638 (5% of 32k); blocks of 32 in a shuffled table, as a pool that has served many requests holds them;
-key tiles of 1 (the engine's), 2 and 4 blocks; 4x and 16x the launchers' split programs (both give
-each segment one program once a batch has more than 128 segments).
-Smoke-run of --paged's setup and its equality check on a CPU:
+Prefill attention vs torch SDPA (bf16, H=32, Hkv=8, d=128, causal) at 8k and 32k; window statistics at 8k
+and 32k. --sweep also times a few prefill tile configurations.
+--paged times only the engine's decode attention, the paged kernel, against torch SDPA over the same keys
+laid out contiguously (a dense [N, 1, L, d] per (sequence, kv head) segment, its G query heads as
+[N, G, 1, d], enable_gqa): SDPA checks what the kernel computes and is the bandwidth reference. At the
+batches of benchmarks/gpu_batch.py: (b) 2 sequences x 32k, (c) 21 and 64 sequences x 1638 (5% of 32k);
+blocks of 32 in a shuffled table, as a pool that has served many requests holds them; key tiles of 1
+(the engine's), 2 and 4 blocks; 4x and 16x the launcher's split programs (triton_combine.TARGET_PROGRAMS
+in all: one per segment once a batch has more than half that many segments).
+Smoke-run of --paged's setup and its equality check on a CPU (SDPA on CPU tensors):
     TRITON_INTERPRET=1 python3 benchmarks/bench_kernels.py --paged --tiny
 """
 
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from kvx.kernels import triton_attention, triton_decode, triton_paged, triton_stats
+from kvx.kernels import triton_attention, triton_paged, triton_stats
+from kvx.kernels.triton_combine import TARGET_PROGRAMS
 
 H, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -79,41 +82,6 @@ def bench_prefill(n: int, sweep: bool) -> None:
     del ke, ve
 
 
-def bench_decode(n: int, sweep: bool) -> None:
-    slots = HKV * n
-    k_pool = torch.randn(slots, D, device="cuda", dtype=DTYPE)
-    v_pool = torch.randn(slots, D, device="cuda", dtype=DTYPE)
-    q = torch.randn(H, D, device="cuda", dtype=DTYPE)
-    seg_start = torch.arange(HKV, device="cuda", dtype=torch.int32) * n
-    full = torch.full((HKV,), n, device="cuda", dtype=torch.int32)
-    ragged = torch.randint(n // 8, n, (HKV,), device="cuda", dtype=torch.int32)
-    mass = torch.zeros(slots, device="cuda")
-    scale = D ** -0.5
-
-    def bw(ms, lens):
-        return float(lens.sum()) * D * 2 * 2 / ms / 1e6  # K and V bytes read, GB/s
-
-    cases = {
-        "uniform": (full, None, {}),
-        "uniform +key_mass": (full, mass, {}),
-        "ragged": (ragged, None, {}),
-    }
-    if sweep:
-        for blocks in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)]:
-            for chunk in (512, 1024, 2048):
-                cases[f"uniform {blocks} chunk={chunk}"] = (full, None, {"blocks": blocks, "chunk": chunk})
-    for name, (lens, km, kw) in cases.items():
-        ms = _ms(lambda: triton_decode.decode_attention(q, k_pool, v_pool, seg_start, lens, scale, km, n, **kw))
-        print(f"decode  n={n:6d} {name:36s} {ms * 1e3:8.1f} us  {bw(ms, lens):7.0f} GB/s")
-    for name, lens, km in (("graph uniform", full, None), ("graph ragged +key_mass", ragged, mass)):
-        replay = _graphed(lambda: triton_decode.decode_attention(q, k_pool, v_pool, seg_start, lens, scale, km, n))
-        ms = _ms(replay)
-        print(f"decode  n={n:6d} {name:36s} {ms * 1e3:8.1f} us  {bw(ms, lens):7.0f} GB/s")
-    kd, vd = k_pool.view(HKV, n, D)[None], v_pool.view(HKV, n, D)[None]
-    ms = _ms(lambda: F.scaled_dot_product_attention(q[None, :, None], kd, vd, scale=scale, enable_gqa=True))
-    print(f"decode  n={n:6d} {'sdpa dense enable_gqa':36s} {ms * 1e3:8.1f} us  {bw(ms, full):7.0f} GB/s")
-
-
 def bench_stats(n: int) -> None:
     q = torch.randn(H, n, D, device="cuda", dtype=DTYPE)
     k = torch.randn(HKV, n, D, device="cuda", dtype=DTYPE)
@@ -134,7 +102,9 @@ def bench_stats(n: int) -> None:
 def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, group: int = H // HKV,
                d: int = D, dtype=DTYPE):
     """Callables for one batch of `seqs` sequences with n keys per kv head: the paged kernel (without and
-    with TOVA's mass written), and the contiguous ragged kernel over the same keys; plus the bytes read."""
+    with TOVA's mass written, larger key tiles, more split programs) and torch SDPA over the same keys laid
+    out contiguously, each returning [segments, group, d]; the K and V bytes a pass reads; and a check of
+    the mass the "+mass" variant wrote."""
     segs, per_seg = seqs * hkv, -(-n // block)
     blocks = segs * per_seg
     gen = torch.Generator().manual_seed(seqs * 100003 + n)
@@ -146,47 +116,39 @@ def paged_case(seqs: int, n: int, device: str, block: int = 32, hkv: int = HKV, 
     mass = torch.zeros(blocks, block, device=device)
     mode = torch.full((segs,), 2, device=device, dtype=torch.int32)
     scale = d ** -0.5
-    # the same keys laid out contiguously, segment after segment, for the ragged kernel
-    order = tables.long().view(-1)
-    k_flat, v_flat = k[order].reshape(-1, d), v[order].reshape(-1, d)
-    seg_start = torch.arange(segs, device=device, dtype=torch.int32) * (per_seg * block)
-    q_flat = q.reshape(segs * group, d)
+    max_len = per_seg * block
+    # The same keys laid out contiguously for SDPA: segment after segment, each its n keys as one kv head
+    # [N, 1, n, d]; its group of query heads [N, G, 1, d].
+    order = tables.long()
+    k_dense = k[order].reshape(segs, max_len, d)[:, None, :n].contiguous()
+    v_dense = v[order].reshape(segs, max_len, d)[:, None, :n].contiguous()
+    q_dense = q[:, :, None].contiguous()
 
-    def paged():
-        return triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block)
+    def sdpa():
+        out = F.scaled_dot_product_attention(q_dense, k_dense, v_dense, scale=scale, enable_gqa=True)
+        return out.reshape(segs, group, d)
 
-    def paged_mass():
-        return triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, mass_pool=mass,
-                                                   mass_mode=mode, max_len=per_seg * block)
+    def paged(**kw):
+        return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=max_len, **kw)
 
-    def contiguous():
-        return triton_decode.decode_attention(q_flat, k_flat, v_flat, seg_start, lengths, scale, None, n)
-
-    def paged_tiles(tile_blocks):
-        return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block,
-                                                           tile_blocks=tile_blocks)
-
-    # Both launchers aim at TARGET_PROGRAMS split programs in all: one per segment once the batch has more
-    # than half that many segments (168 at 21 x 8 kv heads), fewer warps than a 132-SM chip can keep busy. More
-    # splits (a smaller chunk of keys per program) show whether the grid, not the kernel, holds a batch back.
-    default_splits = max(1, triton_decode.TARGET_PROGRAMS // segs)
+    # The launcher aims at TARGET_PROGRAMS split programs in all: one per segment once the batch has more
+    # than half that many segments (168 at 21 x 8 kv heads), fewer warps than a 132-SM chip can keep busy.
+    # More splits (a smaller chunk of keys per program) show whether the grid, not the kernel, holds a batch
+    # back.
+    default_splits = max(1, TARGET_PROGRAMS // segs)
 
     def chunk_for(factor):
-        return max(block, -(-per_seg * block // (default_splits * factor)))
+        return max(block, -(-max_len // (default_splits * factor)))
 
-    def paged_split(factor):
-        return lambda: triton_paged.paged_decode_attention(q, k, v, tables, lengths, scale, max_len=per_seg * block,
-                                                           chunk=chunk_for(factor))
+    def mass_error() -> float:
+        """What "paged +mass" last wrote (mode 2: each key's probability summed over the group): every
+        segment's mass sums to G; the largest miss."""
+        return (mass[order].sum((1, 2)) - group).abs().max().item()
 
-    def contiguous_split(factor):
-        return lambda: triton_decode.decode_attention(q_flat, k_flat, v_flat, seg_start, lengths, scale, None, n,
-                                                      chunk=chunk_for(factor))
-
-    fns = {"paged": paged, "paged +mass": paged_mass, "contiguous": contiguous}
-    fns.update({f"paged, {t} blocks a tile": paged_tiles(t) for t in (2, 4)})
-    fns.update({f"paged, splits x{f}": paged_split(f) for f in (4, 16)})
-    fns["contiguous, splits x4"] = contiguous_split(4)
-    return fns, segs * n * d * 2 * 2
+    fns = {"sdpa dense": sdpa, "paged": paged(), "paged +mass": paged(mass_pool=mass, mass_mode=mode)}
+    fns.update({f"paged, {t} blocks a tile": paged(tile_blocks=t) for t in (2, 4)})
+    fns.update({f"paged, splits x{f}": paged(chunk=chunk_for(f)) for f in (4, 16)})
+    return fns, segs * n * d * 2 * torch.empty((), dtype=dtype).element_size(), mass_error
 
 
 def bench_paged(tiny: bool) -> None:
@@ -194,15 +156,16 @@ def bench_paged(tiny: bool) -> None:
     for seqs, n in shapes:
         device = "cpu" if tiny else "cuda"
         kw = dict(hkv=2, group=3, d=32, dtype=torch.float32) if tiny else {}
-        fns, nbytes = paged_case(seqs, n, device, **kw)
-        reference = fns["contiguous"]().float().reshape(-1)
-        for name in (name for name in fns if name != "contiguous"):
-            got = fns[name]().float().reshape(-1)
-            err = (got - reference).abs().max().item()
-            assert err < (1e-4 if tiny else 2e-2), f"{name} differs from the contiguous kernel by {err}"
+        fns, nbytes, mass_error = paged_case(seqs, n, device, **kw)
+        reference = fns["sdpa dense"]().float()
+        checked = [name for name in fns if name != "sdpa dense"]
+        for name in checked:
+            err = (fns[name]().float() - reference).abs().max().item()
+            assert err < (1e-4 if tiny else 2e-2), f"{name} differs from SDPA by {err}"
+        err = mass_error()
+        assert err < (1e-3 if tiny else 2e-2), f"paged +mass: a segment's mass is off its group size by {err}"
         if tiny:
-            checked = "; ".join(name for name in fns if name != "contiguous")
-            print(f"paged   {seqs} seqs x {n}: paged = contiguous for {checked} (smoke run, nothing timed)")
+            print(f"paged   {seqs} seqs x {n}: paged = sdpa for {'; '.join(checked)} (smoke run, nothing timed)")
             continue
         for name, fn in fns.items():
             ms = _ms(_graphed(fn))
@@ -212,7 +175,7 @@ def bench_paged(tiny: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--paged", action="store_true", help="only the paged decode kernel vs the contiguous one")
+    parser.add_argument("--paged", action="store_true", help="only the paged decode kernel vs torch SDPA on the same keys")
     parser.add_argument("--tiny", action="store_true", help="with --paged: tiny shapes on the CPU, no timing")
     args = parser.parse_args()
     if args.paged and args.tiny:
@@ -228,7 +191,6 @@ def main() -> None:
         return
     for n in (8192, 32768):
         bench_prefill(n, args.sweep and n == 8192)
-    bench_decode(32768, args.sweep)
     bench_stats(8192)
     bench_stats(32768)
 

@@ -147,24 +147,6 @@ def launch_stats(shape: Shape, dtype, quick: bool) -> None:
     triton_stats.column_max(q, k, q_pos, k_pos, lse, 0.1)
 
 
-def launch_decode(shape: Shape, dtype, quick: bool) -> None:
-    from kvx.kernels import triton_decode
-
-    per_head = 700
-    slots = shape.kv_heads * per_head
-    q = rand(shape.heads, shape.head_dim, dtype=dtype)
-    k = rand(slots, shape.head_dim, dtype=dtype)
-    start = (torch.arange(shape.kv_heads) * per_head).to(torch.int32)
-    length = torch.full((shape.kv_heads,), per_head - 5, dtype=torch.int32)
-    pos = torch.arange(slots).to(torch.int32)
-    q_pos = torch.tensor([per_head])
-    cases = [(True, None)] if quick else [(False, None), (True, None), (True, 128), (False, 128)]
-    for with_mass, window in cases:
-        mass = torch.zeros(slots) if with_mass else None
-        triton_decode.decode_attention(q, k, k, start, length, 0.1, mass, per_head, pos_pool=pos,
-                                       q_pos=q_pos, sliding_window=window)
-
-
 def launch_paged(shape: Shape, dtype, quick: bool) -> None:
     from kvx.kernels import triton_paged
 
@@ -191,26 +173,7 @@ def launch_paged(shape: Shape, dtype, quick: bool) -> None:
             tile_blocks=tile_blocks)
 
 
-def launch_cache(shape: Shape, dtype, quick: bool) -> None:
-    from kvx.kernels import triton_cache
-
-    per_head, new = 64, 5
-    slots = shape.kv_heads * per_head
-    pool = rand(slots, shape.head_dim, dtype=dtype)
-    pos_pool = torch.zeros(slots, dtype=torch.int32)
-    start = (torch.arange(shape.kv_heads) * per_head).to(torch.int32)
-    length = torch.full((shape.kv_heads,), 10, dtype=torch.int32)
-    k_new = rand(shape.kv_heads, new, shape.head_dim, dtype=dtype)
-    triton_cache.cache_append(pool, pool, pos_pool, start, length, k_new, k_new,
-                              torch.arange(10, 10 + new, dtype=torch.int32))
-    keep = [torch.arange(0, 10, 2) for _ in range(shape.kv_heads)]
-    new_start = (torch.arange(shape.kv_heads) * 5).to(torch.int32)
-    triton_cache.compact_gather(pool, start, keep, new_start, shape.kv_heads * 5)
-    triton_cache.compact_gather(torch.zeros(slots), start, keep, new_start, shape.kv_heads * 5)
-
-
-LAUNCHERS = {"prefill": launch_prefill, "stats": launch_stats, "decode": launch_decode, "paged": launch_paged,
-             "cache": launch_cache}
+LAUNCHERS = {"prefill": launch_prefill, "stats": launch_stats, "paged": launch_paged}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
