@@ -1,4 +1,11 @@
-"""The GPU path end to end (skipped without CUDA): Triton kernels + CUDA-graph decode against the CPU."""
+"""The GPU path end to end (skipped without CUDA): Triton kernels and CUDA-graph decode steps against the CPU.
+
+kvx has one engine: a lone request (`kvx generate`) is a batch of one in the batched engine over a paged
+pool, captured per (batch bucket, width bucket, mass) shape like any batch. Each case here runs the same
+request or batch on the CPU (plain PyTorch), and on the GPU with graphs on and off (Engine(use_graphs=...)),
+and compares them token for token (float32, greedy). tests/test_capture_on_cpu.py runs the same paths on a
+CPU with the kernels interpreted and the graphs emulated.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ import torch
 from checkpoints import make_checkpoint
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
+from kvx.runtime.batch import BatchEngine, generate
+from kvx.runtime.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine import Engine
+from kvx.runtime.sequence import GenerationRequest
 from test_engine import StubTokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -20,72 +30,97 @@ def models(tmp_path_factory):
     return Transformer.from_pretrained(path), Transformer.from_pretrained(path, device="cuda")
 
 
-@pytest.mark.parametrize("policy,budget", [(None, None), ("snapkv", "20%"), ("ada-snapkv", "20%"), ("laprox", "10%"),
-                                           ("h2o", "64"), ("tova", "64"), ("streaming", "64")])
-def test_gpu_generation_matches_cpu_float32(models, policy, budget):
-    cpu, gpu = models
-    ids = torch.randint(3, 128, (700,), generator=torch.Generator().manual_seed(0)).tolist()
-    pol = (lambda: build_policy(policy)) if policy else (lambda: None)
-    bud = parse_budget(budget) if budget else None
-    a = Engine(cpu, StubTokenizer(), pol(), bud).generate(ids, max_tokens=40)
-    b = Engine(gpu, StubTokenizer(), pol(), bud, use_graphs=True).generate(ids, max_tokens=40)
-    c = Engine(gpu, StubTokenizer(), pol(), bud, use_graphs=False).generate(ids, max_tokens=40)
-    assert b.token_ids == c.token_ids
-    assert b.token_ids == a.token_ids
-    assert b.kv_entries_kept == a.kv_entries_kept
-
-
-@pytest.mark.parametrize("policy,budget", [(None, None), ("snapkv", "30%"), ("tova", "30%")])
-def test_sliding_window_graph_matches_cpu(tmp_path_factory, policy, budget):
-    """A sliding-window model (window 8) decodes through the captured graph: the window is applied by the
-    decode kernel. Tokens equal eager on the GPU and the CPU."""
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    # a sliding window of 8, far shorter than the prompts: the paged kernel hides keys by position
     path, _ = make_checkpoint("mistral", tmp_path_factory.mktemp("mistral"), max_position_embeddings=4096)
-    cpu, gpu = Transformer.from_pretrained(path), Transformer.from_pretrained(path, device="cuda")
+    return Transformer.from_pretrained(path), Transformer.from_pretrained(path, device="cuda")
+
+
+def _spec(policy, budget):
+    return (build_policy(policy) if policy else None), (parse_budget(budget) if budget else None)
+
+
+def _alone(model, policy, budget, ids, steps, use_graphs=True):
+    """One request as a batch of one (what `kvx generate` runs): (result, stepper). Every block goes back."""
+    pol, bud = _spec(policy, budget)
+    batch = BatchEngine(Engine(model, StubTokenizer(), use_graphs=use_graphs), kv_memory=64 << 20, max_batch=1)
+    seq = batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=steps, stop_at_eos=False, policy=pol,
+                                         budget=bud))
+    batch.run()
+    assert batch.pool.num_used == 0 and batch.pool.reserved == 0
+    assert len(seq.results) == 1, seq.error
+    return seq.results[0], batch.stepper
+
+
+def _three_ways(pair, policy, budget, ids, steps):
+    """The request alone on the CPU, and on the GPU with graphs on and off (the GPU steppers checked):
+    (plain, graphed, eager results, the graphed run's stepper)."""
+    cpu, gpu = pair
+    plain, _ = _alone(cpu, policy, budget, ids, steps)
+    graphed, graph_stepper = _alone(gpu, policy, budget, ids, steps, use_graphs=True)
+    assert graph_stepper.use_graphs and graph_stepper.captures >= 1 and graph_stepper.replays == steps - 1
+    assert {key[0] for key in graph_stepper._entries} == {1}  # the batch bucket of one
+    eager, stepper = _alone(gpu, policy, budget, ids, steps, use_graphs=False)
+    assert stepper.captures == 0 and stepper.replays == 0
+    return plain, graphed, eager, graph_stepper
+
+
+SINGLE = [(None, None), ("snapkv", "20%"), ("ada-snapkv", "20%"), ("laprox", "10%"), ("h2o", "64"),
+          ("tova", "64"), ("streaming", "64")]
+
+
+@pytest.mark.parametrize("policy,budget", SINGLE, ids=[p or "full" for p, _ in SINGLE])
+def test_gpu_batch_of_one_matches_cpu_float32(models, policy, budget):
+    ids = torch.randint(3, 128, (700,), generator=torch.Generator().manual_seed(0)).tolist()
+    plain, graphed, eager, _ = _three_ways(models, policy, budget, ids, 40)
+    assert graphed.token_ids == eager.token_ids == plain.token_ids and len(plain.token_ids) == 40
+    assert graphed.kv_entries_kept == eager.kv_entries_kept == plain.kv_entries_kept
+    # kvx generate's own entry point (run_alone: a pool sized to the request's worst case) gives the same
+    pol, bud = _spec(policy, budget)
+    res = generate(Engine(models[1], StubTokenizer()), ids, max_tokens=40, policy=pol, budget=bud,
+                   stop_at_eos=False)
+    assert res.token_ids == graphed.token_ids and res.kv_entries_kept == graphed.kv_entries_kept
+
+
+WINDOWED = [(None, None), ("snapkv", "30%"), ("tova", "30%")]
+
+
+@pytest.mark.parametrize("policy,budget", WINDOWED, ids=[p or "full" for p, _ in WINDOWED])
+def test_sliding_window_batch_of_one_matches_cpu(mistral, policy, budget):
+    """A sliding-window model (window 8) decodes through the captured step: the window is applied by the
+    paged kernel from the pool's positions. Tokens equal eager on the GPU and the CPU."""
     ids = torch.randint(3, 128, (300,), generator=torch.Generator().manual_seed(6)).tolist()
-    pol = (lambda: build_policy(policy)) if policy else (lambda: None)
-    bud = parse_budget(budget) if budget else None
-    a = Engine(cpu, StubTokenizer(), pol(), bud).generate(ids, max_tokens=40)
-    b = Engine(gpu, StubTokenizer(), pol(), bud, use_graphs=True).generate(ids, max_tokens=40)
-    c = Engine(gpu, StubTokenizer(), pol(), bud, use_graphs=False).generate(ids, max_tokens=40)
-    assert b.token_ids == c.token_ids == a.token_ids
+    plain, graphed, eager, _ = _three_ways(mistral, policy, budget, ids, 40)
+    assert graphed.token_ids == eager.token_ids == plain.token_ids
 
 
 def test_graph_is_captured_once_and_replayed(models):
+    """A full-cache request reserves its whole answer up front: its block tables never outgrow their width
+    bucket, so one capture serves every step."""
     _, gpu = models
-    engine = Engine(gpu, StubTokenizer(), use_graphs=True)
-    ids = list(range(3, 300))
-    req = engine.new_request(capacity=len(ids) + 64)
-    logits = engine.prefill(req, ids)
-    engine.decode(req, logits, __import__("kvx.runtime.sampling", fromlist=["SamplingParams"]).SamplingParams(), 50,
-                  stop_at_eos=False)
-    assert req.graph is not None and req.graph.captures == 1
+    ids = torch.randint(3, 128, (297,), generator=torch.Generator().manual_seed(2)).tolist()
+    res, stepper = _alone(gpu, None, None, ids, 50)
+    assert len(res.token_ids) == 50
+    assert stepper.captures == 1 and stepper.replays == 49
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "streaming", "ahakv"])
 def test_decode_time_eviction_replays_one_graph(models, policy):
-    """Evicting while decoding keeps the captured graph: the kept entries go back into the same pools."""
-    from kvx.runtime.sampling import SamplingParams
-
-    _, gpu = models
+    """Evicting while decoding keeps the captured step: the kept entries move inside their own blocks and
+    the tables keep their width, so the rounds replay one graph; tokens equal eager and the CPU."""
     ids = torch.randint(3, 128, (500,), generator=torch.Generator().manual_seed(5)).tolist()
-    outs = []
-    for graphs in (True, False):
-        engine = Engine(gpu, StubTokenizer(), build_policy(policy), parse_budget("10%"), use_graphs=graphs)
-        req = engine.new_request(capacity=len(ids), policy=engine.policy, budget=engine.budget)
-        logits = engine.prefill(req, ids, engine.stats_request(req, len(ids)))
-        engine.compress(req, headroom=60)
-        out, _, _ = engine.decode(req, logits, SamplingParams(), 60, stop_at_eos=False)
-        outs.append(out)
-        if graphs:
-            assert req.graph is not None and req.graph.captures == 1 and req.timings.decode_evict_s > 0
-    assert outs[0] == outs[1]
+    steps = 60  # past DECODE_SLACK several times: a few eviction rounds
+    assert steps > 3 * DECODE_SLACK
+    plain, graphed, eager, stepper = _three_ways(models, policy, "10%", ids, steps)
+    assert graphed.token_ids == eager.token_ids == plain.token_ids
+    assert graphed.kv_entries_kept == eager.kv_entries_kept == plain.kv_entries_kept
+    assert graphed.timings.decode_evict_s > 0
+    assert stepper.captures == 1
 
 
 def test_gpu_batch_matches_cpu_batch_float32(models):
     """The batched engine on CUDA (Triton paged decode attention) against the same batch on the CPU."""
-    from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.sequence import GenerationRequest
-
     cpu, gpu = models
     g = torch.Generator().manual_seed(3)
     specs = [(None, None), ("snapkv", "20%"), ("h2o", "25%"), ("tova", "30%"), ("ada-snapkv", "10%"), ("laprox", "10%")]
@@ -106,9 +141,6 @@ def test_gpu_batch_matches_cpu_batch_float32(models):
 def test_gpu_batch_graph_path_equals_eager(models):
     """The batched step replayed as CUDA graphs (padded to batch buckets, tables in static buffers) against
     the same batch decoded eagerly, with decode-time eviction (h2o, tova, ahakv, streaming) inside it."""
-    from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.sequence import GenerationRequest
-
     _, gpu = models
     g = torch.Generator().manual_seed(4)
     specs = [(None, None), ("h2o", "25%"), ("tova", "30%"), ("ahakv", "25%"), ("streaming", "20%"),
