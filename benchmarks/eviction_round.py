@@ -1,27 +1,24 @@
-"""One decode-time eviction round of a whole batch: batched (runtime/batch_eviction.py) vs per request
-(runtime/decode_eviction.py, a few tensor ops per (sequence, layer, kv head) segment).
+"""One decode-time eviction round of a whole batch: batched (batch_eviction.evict_due, the engine's entry
+point: every due segment of every sequence ranked in one pass) vs per request (decode_eviction's
+evict_per_segment, a few tensor ops per (sequence, layer, kv head) segment).
 
 S requests of a real model's layer / kv-head / head-dim shapes (default Llama-3.1-8B: 32 x 8, d 128,
 group 4), every segment at target + DECODE_SLACK entries (all due, as when a batch compressed in the same
 step evicts together), random keys, values, positions and attention mass. Each path runs on its own copy
 of the same caches; the figure is the wall time of one round (device synchronised), and the round recurs
-every DECODE_SLACK steps per sequence.
-
-With --single: one sequence's ragged cache (the single-sequence engine's, `kvx generate`), every layer
-due, each due layer ranked in one pass (evict_sequence) vs a segment at a time (evict_per_segment); the
-segments sized as every round after the first leaves them, so both run in place.
+every DECODE_SLACK steps per sequence. A lone request (`kvx generate`) is a batch of one: --seqs 1.
 
 Run from the repository root:
   python3 benchmarks/eviction_round.py --device cuda                  # 21 x 32 x 8 segments of 1654 entries
+  python3 benchmarks/eviction_round.py --device cuda --seqs 1         # one sequence, 32 x 8 segments
   python3 benchmarks/eviction_round.py --device cpu --target 100      # a CPU-sized run
-  python3 benchmarks/eviction_round.py --single --device cuda         # one sequence, 32 x 8 segments
+  python3 benchmarks/eviction_round.py --device cpu --seqs 2 --layers 2 --kv-heads 2 --target 40  # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime.batch_eviction import evict_batch, evict_sequence  # noqa: E402
-from kvx.runtime.cache import RaggedKVCache  # noqa: E402
+from kvx.runtime.batch_eviction import evict_due  # noqa: E402
 from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment  # noqa: E402
 from kvx.runtime.paged_cache import PagedKVCache  # noqa: E402
 from kvx.runtime.pool import BlockPool  # noqa: E402
@@ -66,29 +62,6 @@ def requests(pool, args, policy_name, gen) -> list[Request]:
     return out
 
 
-def single_request(args, policy_name, gen, device, dtype) -> Request:
-    """One sequence's RaggedKVCache, every segment at target + DECODE_SLACK entries (full: due)."""
-    n = args.target + DECODE_SLACK
-    policy = build_policy(policy_name)
-    track = policy.decode_mode in ("accumulate", "last")
-    cache = RaggedKVCache(args.layers, args.kv_heads, args.head_dim, dtype, device, n, track_mass=track)
-    for lc in cache.layers:
-        shape = (lc.slots, args.head_dim)
-        lc.k.copy_(torch.randn(shape, generator=gen, device=device).to(dtype))
-        lc.v.copy_(torch.randn(shape, generator=gen, device=device).to(dtype))
-        lc.pos.copy_(torch.arange(n, device=device).repeat(args.kv_heads))
-        if track:
-            lc.key_mass.copy_(torch.rand(lc.slots, generator=gen, device=device))
-        lc.lengths = [n] * args.kv_heads
-        lc.length.fill_(n)
-    recent_q = [None] * args.layers
-    if policy.decode_mode == "recent_queries":
-        recent_q = torch.randn(args.layers, args.kv_heads * args.group, policy.window, args.head_dim, generator=gen,
-                               device=device).to(dtype)
-    return Request(cache=cache, policy=policy, budget=parse_budget("5%"), position=n,
-                   head_budget=[[args.target] * args.kv_heads for _ in range(args.layers)], recent_q=recent_q)
-
-
 def timed(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -110,8 +83,6 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=1638, help="entries kept per segment (5%% of 32k by default)")
     ap.add_argument("--policies", default="tova,h2o,streaming,ahakv")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--single", action="store_true", help="one sequence's ragged cache (the single-sequence engine)")
-    ap.add_argument("--repeats", type=int, default=5, help="--single: rounds per path (median)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -123,25 +94,6 @@ def main() -> None:
                              scale=args.head_dim ** -0.5)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
-    if args.single:
-        segments = args.layers * args.kv_heads
-        for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
-            # Warm-up, then the two paths interleaved --repeats times on fresh caches; the median of each.
-            runs = {"ranked": [], "per segment": []}
-            for path in ["ranked"] + ["ranked", "per segment"] * args.repeats:
-                req = single_request(args, name, gen, device, dtype)
-                evict = evict_per_segment if path == "per segment" else evict_sequence
-                runs[path].append(timed(lambda: evict(engine, req), device))
-                assert all(n == args.target for lc in req.cache.layers for n in lc.lengths)
-            times = {path: statistics.median(t[-args.repeats:]) for path, t in runs.items()}
-            row = {"policy": name, "device": str(device), "cache": "one sequence, ragged", "segments": segments,
-                   "entries_per_segment": args.target + DECODE_SLACK, "ranked_ms": times["ranked"] * 1e3,
-                   "per_segment_ms": times["per segment"] * 1e3, "speedup": times["per segment"] / times["ranked"]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=1))
-        return
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         times = {}
         for path in ("warm-up", "batched", "per request"):
@@ -149,7 +101,7 @@ def main() -> None:
             if path == "per request":
                 times[path] = timed(lambda: [evict_per_segment(engine, r) for r in reqs], device)
             else:
-                times[path] = timed(lambda: evict_batch(engine, reqs), device)
+                times[path] = timed(lambda: evict_due(engine, reqs), device)
             assert all(n == args.target for r in reqs for lc in r.cache.layers for n in lc.lengths)
             for r in reqs:
                 r.cache.release()

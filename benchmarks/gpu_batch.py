@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_decode import NullTokenizer, llama_config, random_state  # noqa: E402
+from gpu_decode import NullTokenizer, llama_config, random_state, tiny_config  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
 from kvx.runtime.batch import BatchEngine  # noqa: E402
@@ -81,8 +81,7 @@ def main() -> None:
                     help="comma-separated policies at 5%%, one (c) row each (tova, h2o: decode-time eviction too)")
     args = ap.parse_args()
     if args.tiny:
-        cfg = llama_config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=16)
+        cfg = tiny_config()
         dtype = torch.float32
     else:
         cfg = llama_config()

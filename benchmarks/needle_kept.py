@@ -3,7 +3,10 @@
     python benchmarks/needle_kept.py --context 4096 --budget 5% --policies "tova,tova[heads=layer],snapkv"
 
 Explains eval scores below the task level: a passkey is answered only when its digits survive in the heads
-that retrieve it. Question-aware (the whole prompt is prefilled, then compressed); one shared prefill.
+that retrieve it. Question-aware (the whole prompt is prefilled, then compressed); one shared prefill
+(eval.prefill.SharedPrefill), each policy forked from it and compressed into a pool of its own, its kept
+entries read from their block tables, then answered as a batch of one (the engine `kvx eval` runs).
+Smoke run on the default model:  python benchmarks/needle_kept.py --context 300 --policies snapkv,h2o
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from kvx.models import load_model
 from kvx.models.hub import pull_default_model
 from kvx.policies import build_policy, parse_budget
 from kvx.policies.registry import parse_policy_spec, policy_label, split_policy_list
+from kvx.runtime.batch import BatchEngine
 from kvx.runtime.engine import Engine
-from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.scheduler import held_blocks
+from kvx.runtime.sequence import GenerationRequest
+
+ANSWER_TOKENS = 8
 
 
 def needle_positions(tok, prompt_ids: list[int], answer: str) -> list[int]:
@@ -60,21 +68,28 @@ def main() -> None:
     print(f"{'policy':<24}" + "".join(f"{p!r:>8}" for p in pieces) + "     all   answer")
     print("(share of the layer x kv-head caches that keep each needle token; all: that keep every one of them)")
     for label, (policy, _) in zip(labels, pairs):
-        req = shared.fork(policy, budget)
-        engine.compress(req, headroom=8)
-        held = torch.zeros(len(where))
-        heads = whole = 0
-        for lc in req.cache.layers:
-            for s, n in zip(lc.starts, lc.lengths):
-                kept = set(lc.pos[s:s + n].tolist())
-                here = torch.tensor([p in kept for p in where], dtype=torch.float32)
-                held += here
-                whole += int(bool(here.all()))
-                heads += 1
-        answer = engine.decode(req, shared.logits, SamplingParams(), 8)[1].strip().split()[0]
-        print(f"{label:<24}" + "".join(f"{x:>8.2f}" for x in (held / heads).tolist())
-              + f"{whole / heads:>8.2f}   {answer}")
+        kept, answer = kept_and_answer(engine, shared, ids, policy, budget, where)
+        held, whole = kept.float().mean(0), kept.all(1).float().mean().item()
+        print(f"{label:<24}" + "".join(f"{x:>8.2f}" for x in held.tolist()) + f"{whole:>8.2f}   {answer}")
 
+
+def kept_and_answer(engine, shared, ids: list[int], policy, budget, where: list[int]) -> tuple[torch.Tensor, str]:
+    """For one (policy, budget) forked from the shared prefill: [segments, len(where)] whether each (layer,
+    kv head) cache keeps each of the positions `where` after compression, and the first word of the answer."""
+    cfg = engine.config
+    blocks = held_blocks(cfg, DEFAULT_BLOCK_SIZE, len(ids), 0, ANSWER_TOKENS, policy, budget)
+    pool = BlockPool(blocks, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, engine.device)
+    req = shared.fork(policy, budget)
+    engine.compress(req, headroom=ANSWER_TOKENS, pool=pool)
+    want = torch.tensor(where)
+    kept = torch.stack([torch.isin(want, lc.head_positions(g).cpu())
+                        for lc in req.cache.layers for g in range(cfg.num_kv_heads)])
+    batch = BatchEngine(engine, pool=pool, max_batch=1)
+    seq = batch.adopt(req, GenerationRequest(prompt_ids=ids, max_tokens=ANSWER_TOKENS), shared.logits)
+    batch.run()
+    if seq.error is not None:
+        raise SystemExit(seq.error)
+    return kept, (seq.results[0].text.split() or [""])[0]
 
 if __name__ == "__main__":
     main()
