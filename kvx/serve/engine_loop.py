@@ -225,8 +225,8 @@ class EngineLoop:
         m = self.metrics
         if job.tokens_seen == 0:
             m.ttft.observe(now - job.arrived)
-            if n > 1:  # more than one token in one look: spread evenly (never in one step today)
-                m.itl.observe((now - job.arrived) / n)
+            for _ in range(n - 1):  # tokens that came together (never in one step today) have no gap
+                m.itl.observe(0.0)
         else:
             gap = (now - job.last_token_at) / (n - job.tokens_seen)
             for _ in range(n - job.tokens_seen):

@@ -15,6 +15,14 @@ from kvx.serve.errors import bad_request
 from kvx.serve.settings import RequestDefaults
 
 
+# Sampling so sharp that only the most likely token can be drawn runs greedy. Below these the sampler's
+# float32 arithmetic breaks down (logits / 1e-300 overflow; a top_p that rounds to 0 drops every token), and
+# the answer is the greedy one anyway: a nucleus under 1e-6 holds only the top token (whose probability is
+# at least 1 / vocabulary), and a temperature under 1e-5 is greedy in vLLM too.
+GREEDY_TEMPERATURE = 1e-5
+GREEDY_TOP_P = 1e-6
+
+
 def _stop(value) -> tuple[str, ...]:
     stops = (value,) if isinstance(value, str) else tuple(value or ())
     if any(s == "" for s in stops):
@@ -31,12 +39,12 @@ def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults) -
     unsupported = body.unsupported_fields()
     if unsupported:
         raise bad_request(f"{unsupported[0]} is not supported by kvx", unsupported[0])
-    params = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=secrets.randbits(63) if body.seed is None else body.seed,
-    )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if temperature < GREEDY_TEMPERATURE or top_p < GREEDY_TOP_P:
+        temperature, top_p = 0.0, 1.0
+    params = SamplingParams(temperature=temperature, top_k=body.top_k or 0, top_p=top_p,
+                            seed=secrets.randbits(63) if body.seed is None else body.seed)
     max_tokens = body.requested_max_tokens()
     policy, budget = compression.resolve(defaults, body.kv_policy, body.kv_budget, body.kv_allocation,
                                          body.kv_policy_args)
