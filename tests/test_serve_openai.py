@@ -165,4 +165,4 @@ def test_models_health_and_metrics(server, client):
                  "kvx:kv_cache_bytes_held", "kvx:tokens_per_second", "kvx:generation_tokens_total"):
         assert name in m
     assert m["kvx:kv_blocks_free"] == m["kvx:kv_blocks_total"] and m["kvx:generation_tokens_total"] > 0
-    assert "# TYPE kvx:generation_tokens counter" in r.text
+    assert "# TYPE kvx:generation_tokens_total counter" in r.text
