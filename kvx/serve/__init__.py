@@ -10,7 +10,12 @@
     engine_loop.py  the one thread that owns the BatchEngine; jobs in, text and results out
     completion.py   one request's life on the event loop: queue, wait or stream, cancel
     responses.py    response objects and SSE chunks
-    metrics.py      /metrics in Prometheus' text format
+    metrics.py      /metrics through prometheus_client: vLLM's names under kvx:, a registry per server
+    keys.py         where API keys come from (--api-key, --api-key-file, KVX_API_KEY); public-bind warning
+    auth.py         the bearer-key middleware (before any body is read)
+    limits.py       the body-size and slow-client middleware (413, 408)
+    tokens.py       /tokenize and /detokenize
+    openapi.py      request bodies in the OpenAPI schema
     app.py          the FastAPI routes
     server.py       model + engine + app + uvicorn, from the flags
 
