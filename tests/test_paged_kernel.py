@@ -156,3 +156,22 @@ def test_paged_kernel_benchmark_smoke_run():
                         "paged, splits x16"):
             assert variant in line, run.stdout
     assert "contiguous" not in run.stdout
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("window", [None, 40])
+def test_reference_reads_consecutive_blocks_as_slices(seed, window):
+    """A lone sequence's segments usually hold consecutive blocks: the reference reads them as slices of
+    the pool (no gather per step), with the same outputs and mass as the definition."""
+    c = _case(seed, block=8, n_seg=5)
+    # Give every segment its own run of consecutive block ids (as a fresh pool hands them out).
+    mb = c["tables"].shape[1]
+    c["tables"] = (torch.arange(5 * mb, dtype=torch.int32).view(5, mb) + 2).flip(0).contiguous()
+    assert ref._consecutive_starts(c["tables"], c["lengths"], 8) is not None
+    out, mass = _run(ref.paged_decode_attention, c, 0.25, window)
+    want, want_mass = _loop_reference(c, 0.25, window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-6)
+    # a table with one block out of order is gathered instead
+    c["tables"][2, 1], c["tables"][2, 2] = c["tables"][2, 2].clone(), c["tables"][2, 1].clone()
+    assert ref._consecutive_starts(c["tables"], torch.full((5,), 5 * 8, dtype=torch.int32), 8) is None

@@ -122,6 +122,10 @@ def paged_decode_attention(
             top = lens[i]
         groups[-1].append(i)
     kw = dict(pos_pool=pos_pool, sliding_window=sliding_window, mass_pool=mass_pool)
+    if N <= _SLICED_ROWS_MAX:
+        starts = _consecutive_starts(tables, lengths, k_pool.shape[1])
+        if starts is not None:
+            return _sliced_rows(q, k_pool, v_pool, starts, lens, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
     if len(groups) == 1:
         return _paged_rows(q, k_pool, v_pool, tables, lengths, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
     out = torch.zeros_like(q)
@@ -132,6 +136,49 @@ def paged_decode_attention(
         out[idx] = _paged_rows(q[idx], k_pool, v_pool, tables[idx], lengths[idx], scale,
                                mass_mode=None if mass_mode is None else mass_mode[idx],
                                q_pos=None if q_pos is None else q_pos[idx], **kw)
+    return out
+
+
+# A few segments (a lone sequence's kv heads) whose blocks follow each other in the pool are read as slices
+# of it, as one contiguous cache would be: no gather of whole blocks per step. A large batch is faster
+# gathered at once (one matmul for every segment).
+_SLICED_ROWS_MAX = 16
+
+
+def _consecutive_starts(tables: Tensor, lengths: Tensor, B: int) -> list[int] | None:
+    """Each segment's first pool slot when every segment's blocks are consecutive ids, else None."""
+    nb = (lengths.long() + B - 1) // B  # blocks each segment uses
+    W = tables.shape[1]
+    if W > 1:
+        steps = tables[:, 1:].long() - tables[:, :-1].long()
+        used = torch.arange(W - 1, device=tables.device)[None, :] < (nb[:, None] - 1)
+        if not bool(((steps == 1) | ~used).all()):
+            return None
+    return (tables[:, 0].long() * B).tolist()
+
+
+def _sliced_rows(q, k_pool, v_pool, starts, lens, scale, *, mass_pool, mass_mode, pos_pool, q_pos,
+                 sliding_window) -> Tensor:
+    """paged_decode_attention for segments that are slices of the pool (_consecutive_starts)."""
+    d = q.shape[-1]
+    k_flat, v_flat = k_pool.view(-1, d), v_pool.view(-1, d)
+    out = torch.zeros_like(q)
+    modes = None if mass_mode is None or mass_pool is None else mass_mode.tolist()
+    for i, (s, n) in enumerate(zip(starts, lens)):
+        if n == 0:
+            continue
+        logits = (q[i].float() @ k_flat[s:s + n].float().T) * scale
+        if sliding_window is not None:
+            hidden = (q_pos[i].to(pos_pool.device) - pos_pool.view(-1)[s:s + n]) >= sliding_window
+            logits = logits.masked_fill(hidden[None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[i] = (probs @ v_flat[s:s + n].float()).to(q.dtype)
+        if modes is not None and modes[i]:
+            mass = mass_pool.view(-1)[s:s + n]
+            if modes[i] == 2:
+                mass.copy_(probs.sum(0))
+            else:
+                mass += probs.sum(0)
     return out
 
 
