@@ -41,7 +41,7 @@ def profile_command(
     decode_steps: int = typer.Option(8, "--decode-steps", help="Decode steps to time; also the free slots per kv head kept for them."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (measured: float32 on CPU, bfloat16 on GPU; --plan: the checkpoint's), float32, bfloat16, float16."),
-    as_json: bool = typer.Option(False, "--json", help="Print one kvx.profile/1 JSON object instead of tables."),
+    as_json: bool = typer.Option(False, "--json", help="Print one kvx.profile/2 JSON object instead of tables."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: kept tokens per (layer, kv head) and kept positions along the context."),
     plan_only: bool = typer.Option(False, "--plan", help="Plan from config.json alone: no weights are loaded, nothing runs."),
     batch: int = typer.Option(1, "--batch", help="Sequences (--plan only)."),
@@ -80,7 +80,7 @@ def profile_command(
 
 
 def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
-    """The kvx.profile/1 report for these settings. `loaded` = (model, tokenizer, folder) skips loading."""
+    """The kvx.profile/2 report for these settings. `loaded` = (model, tokenizer, folder) skips loading."""
     from kvx.models.config import load_config
     from kvx.runtime.memory import parse_size, plan, resolve_plan_dtype
 

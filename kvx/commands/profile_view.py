@@ -1,6 +1,6 @@
 """How `kvx profile` shows its report: rich tables on stdout, and the kept-token map as a PNG.
 
-Both read only the kvx.profile/1 dictionary, so what is shown is exactly what --json prints.
+Both read only the kvx.profile/2 dictionary, so what is shown is exactly what --json prints.
 """
 
 from __future__ import annotations
