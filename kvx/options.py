@@ -186,11 +186,12 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
 
 
 def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: int = 0,
-                 available: Optional[int] = None, policy=_ENGINES, budget=_ENGINES) -> None:
+                 available: Optional[int] = None, policy=_ENGINES, budget=_ENGINES, kv_in_pool: bool = False) -> None:
     """Refuse, before the prefill, a request whose cache (and, on a GPU, activations) would not fit in the
     device's free memory, saying how much it needs and how much there is, and suggesting a per-head
     --budget with --prefill-chunk that would fit. `available` overrides the measured figure; `policy` and
-    `budget` the engine's (a --jsonl line's own)."""
+    `budget` the engine's (a --jsonl line's own). kv_in_pool: the cache lives in a pool already allocated
+    (--jsonl), so only the activations are compared with what is free."""
     from kvx.runtime.memory import check_fits
 
     n = prompt_tokens
@@ -228,6 +229,11 @@ def check_memory(engine, prompt_tokens: int, max_tokens: int, question_tokens: i
         chunk = next(c for c in chunks if budgets[c] * 2 >= best)
         return f"try {suggest}--budget {budgets[chunk]} --prefill-chunk {chunk} (tokens per kv head), or a shorter prompt"
 
+    if kv_in_pool:
+        from kvx.runtime.memory import Need
+
+        check_fits(Need(kv_bytes=0, activation_bytes=need().activation_bytes), engine.device, available)
+        return
     check_fits(need(), engine.device, available, hint)
 
 

@@ -38,7 +38,9 @@ def _number(key: str, value, whole: bool):
 
 def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
     """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix, or for a
-    request whose cache would not fit in the device's free memory)."""
+    request whose prefill activations would not fit in the device's free memory). Its KV cache is the
+    pool's business (BatchEngine.submit refuses a request larger than the whole pool): the pool's memory is
+    already taken from the device, so comparing the cache with what is free would count it twice."""
     from kvx.inputs import check_utf8
     from kvx.options import check_memory, check_sampling, encode_prompt, policy_and_budget, split_context_question
     from kvx.runtime.sequence import GenerationRequest
@@ -72,14 +74,14 @@ def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, def
         ids = [split_context_question(tok, obj["context"], q, system, raw) for q in questions]
         engine.check_length(len(ids[0][0]))
         check_memory(engine, len(ids[0][0]), n, question_tokens=max(len(q) for _, q in ids), policy=policy,
-                     budget=budget)
+                     budget=budget, kv_in_pool=True)
         return GenerationRequest(context_ids=ids[0][0], question_ids=[q for _, q in ids], **common), questions
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise KvxError("field 'prompt' must be a non-empty string (or give 'context' and 'question')")
     ids = encode_prompt(tok, prompt, system, raw)
     engine.check_length(len(ids))
-    check_memory(engine, len(ids), n, policy=policy, budget=budget)
+    check_memory(engine, len(ids), n, policy=policy, budget=budget, kv_in_pool=True)
     return GenerationRequest(prompt_ids=ids, **common), None
 
 
@@ -120,7 +122,12 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
         if free is not None and kv_memory > free:
             raise KvxError(f"--kv-memory {human_bytes(kv_memory)} is more than the {human_bytes(free)} this "
                            "device has free; give a smaller --kv-memory (or leave it out for a safe default)")
-    batch = BatchEngine(engine, kv_memory or default_kv_memory(engine.device), max_batch or DEFAULT_MAX_BATCH,
+    if kv_memory is None:
+        # The default pool never claims more than the device can give (KVX_MEMORY_LIMIT included): the
+        # pool is the one budget every line's cache is checked against.
+        free, _ = available_bytes(engine.device)
+        kv_memory = default_kv_memory(engine.device) if free is None else min(default_kv_memory(engine.device), free)
+    batch = BatchEngine(engine, kv_memory, max_batch or DEFAULT_MAX_BATCH,
                         prefill_step=prefill_step, prefill_first=prefill_first)
     defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
     writer = _Writer(out, ordered)

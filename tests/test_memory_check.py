@@ -117,7 +117,25 @@ def test_question_agnostic_and_jsonl_are_checked_too(cli, model_dir, tmp_path, m
     lines = [json.dumps({"prompt": LONG_PROMPT}), json.dumps({"prompt": "Hi", "max_tokens": 2})]
     code, out, err = cli("generate", "--model", model_dir, "--jsonl", "--quiet", stdin="\n".join(lines).encode())
     rows = [json.loads(line) for line in out.splitlines()]
-    assert code == 1 and "not enough memory" in rows[0]["error"] and rows[1]["generated_tokens"] >= 1
+    # --jsonl's lines share one pool, which never claims more than the device gives (here 48 KiB): a line
+    # larger than the whole pool is refused as such, the others run in it.
+    assert code == 1 and "more than the whole pool (48.00 KiB)" in rows[0]["error"]
+    assert rows[1]["generated_tokens"] >= 1
+
+
+def test_a_jsonl_line_is_not_counted_twice(loaded, monkeypatch):
+    """A --jsonl line's cache lives in the pool, whose memory the device has already given: the line is
+    checked against the pool (BatchEngine.submit), and against what is free only for its activations."""
+    from kvx.options import build_engine
+    from kvx.pipeline import parse_line
+    from kvx.runtime.sampling import SamplingParams
+
+    llm, tok = loaded
+    engine = build_engine(llm, tok, "full", None, None, [])
+    monkeypatch.setenv("KVX_MEMORY_LIMIT", "1KiB")  # all but nothing free: the pool took the rest
+    defaults = dict(policy="full", budget=None, allocation=None, policy_args=[])
+    request, _ = parse_line({"prompt": LONG_PROMPT}, engine, tok, SamplingParams(), 8, False, None, defaults)
+    assert len(request.prompt_ids) > 20
 
 
 @pytest.mark.gpu
