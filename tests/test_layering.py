@@ -35,3 +35,44 @@ def test_lower_layers_never_import_commands_or_front_ends():
             if bad:
                 offenders.append((str(p.relative_to(PACKAGE)), bad))
     assert offenders == []
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def test_the_runtime_has_no_import_circle():
+    """Every import between runtime modules, at the top or inside a function, points one way (a circle
+    hidden behind a local import, as batch_eviction <-> decode_eviction once was, counts too)."""
+    modules = {_module_name(p): p for p in (PACKAGE / "runtime").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps.update(t for t in targets if t in modules and t != name and not modules[t].name == "__init__.py")
+        graph[name] = deps
+
+    seen, stack = {}, []
+
+    def visit(node):
+        seen[node] = "open"
+        stack.append(node)
+        for dep in graph[node]:
+            if seen.get(dep) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in seen:
+                visit(dep)
+        stack.pop()
+        seen[node] = "done"
+
+    for node in graph:
+        if node not in seen:
+            visit(node)
