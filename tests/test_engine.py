@@ -183,3 +183,14 @@ def test_top_p_keeps_the_nucleus_only():
     g = make_generator(p, torch.device("cpu"))
     seen = {sample(logits, p, g) for _ in range(200)}
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-300, 1.0), (1e-30, 1e-300), (1.0, 1e-300), (1e-6, 0.5)])
+def test_sampling_too_sharp_for_all_but_the_top_token_picks_it(temperature, top_p):
+    """A temperature or nucleus so small that only the most likely token can be drawn draws it (once a
+    float32 NaN from dividing by the temperature)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, generator=g) * 5
+    p = SamplingParams(temperature=temperature, top_p=top_p, seed=1)
+    gen = make_generator(p, torch.device("cpu"))
+    assert {sample(logits, p, gen) for _ in range(20)} == {int(torch.argmax(logits))}

@@ -58,7 +58,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
 
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature
+    logits = logits.float().cpu()
+    # Shift the top logit to 0 before dividing: a tiny temperature then sends the others to -inf, never
+    # the top one to inf (inf - inf in the softmax was a NaN).
+    # The temperature is floored at a float32-representable 1e-30 (1e-300 would round to 0: 0 / 0).
+    logits = (logits - logits.max()) / max(params.temperature, 1e-30)
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,6 +71,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False  # even a top_p that rounds to 0 in float32 keeps the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
