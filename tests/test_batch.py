@@ -1,8 +1,8 @@
-"""Continuous batching: a request's output in a batch is its output alone; the pool accounts every block.
+"""Continuous batching: a batch of N equals N batches of one; the pool accounts every block.
 
-"Alone" is the single-sequence engine (`Engine.generate` / `generate_agnostic`, what `kvx generate` ran
-before batching) on its own RaggedKVCache; the batch is the BatchEngine over one shared paged pool, with
-requests of different policies, budgets and lengths in the same decode steps. CPU, float32, greedy.
+"Alone" is a batch of one (`generate` / `generate_agnostic`: run_alone, what `kvx generate` runs, in a pool
+sized to the request's worst case); the batch is the BatchEngine over one shared paged pool, with requests
+of different policies, budgets and lengths in the same decode steps. CPU, float32, greedy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kvx.policies import build_policy, parse_budget
 from kvx.runtime.batch import BatchEngine
 from kvx.runtime.engine import Engine
 from kvx.runtime.sampling import SamplingParams
-from kvx.runtime.sequence import CANCELLED, FINISHED, GenerationRequest
+from kvx.runtime.sequence import CANCELLED, FAILED, FINISHED, GenerationRequest
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
 from kvx.runtime.batch import generate, generate_agnostic
@@ -138,8 +138,9 @@ def test_running_sequences_decode_between_the_chunks_of_a_long_prefill(tmp_path)
 
 def test_pool_accounting_under_random_load(tmp_path):
     """Many randomly sized requests (compressed, full, decode-time eviction, agnostic), some cancelled at
-    random, through a pool far too small for all at once: the pool never exceeds its cap, no sequence
-    holds more than it reserved, admission waits instead of overflowing, and every block comes back."""
+    random and some steps failing on purpose (an exception inside a prefill or a decode step), through a
+    pool far too small for all at once: the pool never exceeds its cap, no sequence holds more than it
+    reserved, admission waits instead of overflowing, and every block comes back."""
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
     engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
     rng = random.Random(11)
@@ -156,6 +157,16 @@ def test_pool_accounting_under_random_load(tmp_path):
             req = _request(_ids(rng, 20, 400), name, budget, rng.randrange(0, 40))
         seqs.append(batch.submit(req))
     waited = False
+    real_prefill, real_step = engine.prefill, batch.stepper.step
+
+    def failing(real):
+        def call(*args, **kwargs):
+            if rng.random() < 0.03:
+                raise RuntimeError("injected failure")
+            return real(*args, **kwargs)
+        return call
+
+    engine.prefill, batch.stepper.step = failing(real_prefill), failing(real_step)  # this test's own instances
     for _ in range(5000):
         if not batch.has_work:
             break
@@ -172,8 +183,10 @@ def test_pool_accounting_under_random_load(tmp_path):
     assert not batch.has_work
     assert waited  # the pool, not max_batch, held requests back at some point
     assert pool.num_used == 0 and pool.reserved == 0 and pool.num_free == pool.num_blocks
-    assert {s.state for s in seqs} <= {FINISHED, CANCELLED}
-    assert sum(s.state == FINISHED for s in seqs) >= 20
+    assert {s.state for s in seqs} <= {FINISHED, CANCELLED, FAILED}
+    assert all(s.internal and "injected failure" in s.error for s in seqs if s.state == FAILED)
+    assert batch.internal_errors >= 1 and sum(s.state == FAILED for s in seqs) >= 1
+    assert sum(s.state == FINISHED for s in seqs) >= 15
 
 
 def test_a_request_larger_than_the_pool_is_refused_at_once(tmp_path):

@@ -15,7 +15,7 @@ from kvx.runtime.split_prefill import piece_bounds, prefill_pieces, rows_read
 
 
 def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
-    """Engine.prefill_chunked one chunk at a time: a generator that yields after each chunk and returns
+    """A chunked prefill one chunk at a time: a generator that yields after each chunk and returns
     (last logits, final budget); the batched engine runs other requests' decode steps in between."""
     from kvx.policies import Budget, Policy
     from kvx.policies.allocation import UniformAllocator
