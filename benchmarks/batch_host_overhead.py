@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import NullTokenizer, llama_config, random_state  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime import batch_step  # noqa: E402
-from kvx.runtime.batch import BatchEngine  # noqa: E402
-from kvx.runtime.engine import Engine  # noqa: E402
-from kvx.runtime.sequence import DECODE, GenerationRequest  # noqa: E402
+from kvx.runtime.engine.model_runner import batch_step  # noqa: E402
+from kvx.runtime.engine.batch_engine import BatchEngine  # noqa: E402
+from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
+from kvx.runtime.engine.sequence import DECODE, GenerationRequest  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = llama_config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=args.layers,
                        num_heads=4 * args.kv_heads, num_kv_heads=args.kv_heads, head_dim=16)
-    engine = Engine(Transformer(cfg, random_state(cfg, "cpu", torch.float32)), NullTokenizer())
+    engine = ModelRunner(Transformer(cfg, random_state(cfg, "cpu", torch.float32)), NullTokenizer())
     batch = BatchEngine(engine, 4 << 30, 256, prefill_first=True)
     g = torch.Generator().manual_seed(0)
     for _ in range(args.seqs):

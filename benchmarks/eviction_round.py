@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime.batch_eviction import evict_due  # noqa: E402
-from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment  # noqa: E402
-from kvx.runtime.paged_cache import PagedKVCache  # noqa: E402
-from kvx.runtime.pool import BlockPool  # noqa: E402
-from kvx.runtime.request import Request  # noqa: E402
+from kvx.runtime.compression.batch_eviction import evict_due  # noqa: E402
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment  # noqa: E402
+from kvx.runtime.cache.paged_cache import PagedKVCache  # noqa: E402
+from kvx.runtime.cache.pool import BlockPool  # noqa: E402
+from kvx.runtime.engine.request import Request  # noqa: E402
 
 
 def requests(pool, args, policy_name, gen) -> list[Request]:

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import NullTokenizer, llama_config, random_state, tiny_config  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime.batch import BatchEngine  # noqa: E402
-from kvx.runtime.engine import Engine  # noqa: E402
+from kvx.runtime.engine.batch_engine import BatchEngine  # noqa: E402
+from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
 from kvx.runtime.memory import pool_capacity  # noqa: E402
-from kvx.runtime.sequence import GenerationRequest  # noqa: E402
+from kvx.runtime.engine.sequence import GenerationRequest  # noqa: E402
 
 
 def run(engine, prompts, gen, kv_memory, policy, budget, max_batch):
@@ -87,7 +87,7 @@ def main() -> None:
         cfg = llama_config()
         dtype = torch.bfloat16
     model = Transformer(cfg, random_state(cfg, args.device, dtype))
-    engine = Engine(model, NullTokenizer(), use_graphs=not args.no_graph)
+    engine = ModelRunner(model, NullTokenizer(), use_graphs=not args.no_graph)
     g = torch.Generator().manual_seed(0)
     memory = int(args.kv_memory_gib * (1 << 30))
     nbytes = torch.empty((), dtype=dtype).element_size()

@@ -5,7 +5,7 @@ Measures, in one run on one device, most important first (results saved after ev
 off by its timeout keeps what it measured):
 - a device-to-device copy (bytes read + written per second): the bandwidth ceiling;
 - greedy tokens in float32 (default-model shapes, random weights): on the GPU against the CPU for a batch
-  of one (kvx.runtime.batch.generate, what `kvx generate` runs) and a batch of many, CUDA graphs on and
+  of one (kvx.runtime.engine.batch_engine.generate, what `kvx generate` runs) and a batch of many, CUDA graphs on and
   off, full cache, SnapKV 10% and TOVA 10% (decode-time eviction); and transformers (sdpa) on the GPU
   against kvx for the full cache;
 - kvx batch-of-one decode tokens/s at 1k, 8k, 32k context, full cache and a 5% budget (SnapKV), graphs on
@@ -42,12 +42,12 @@ from kvx.kernels import ops  # noqa: E402
 from kvx.models.config import ModelConfig  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime.batch import BatchEngine, generate  # noqa: E402
-from kvx.runtime.engine import Engine  # noqa: E402
+from kvx.runtime.engine.batch_engine import BatchEngine, generate  # noqa: E402
+from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
 from kvx.runtime.memory import parameter_count  # noqa: E402
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool  # noqa: E402
-from kvx.runtime.scheduler import worst_case_blocks  # noqa: E402
-from kvx.runtime.sequence import DECODE, GenerationRequest  # noqa: E402
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool  # noqa: E402
+from kvx.runtime.engine.scheduler import worst_case_blocks  # noqa: E402
+from kvx.runtime.engine.sequence import DECODE, GenerationRequest  # noqa: E402
 
 
 class NullTokenizer:
@@ -158,7 +158,7 @@ def _spec(policy: str | None, budget: str | None):
     return (build_policy(policy) if policy else None), (parse_budget(budget) if budget else None)
 
 
-def lone_pool(engine: Engine, prompts: list[list[int]], max_tokens: int, policy: str | None,
+def lone_pool(engine: ModelRunner, prompts: list[list[int]], max_tokens: int, policy: str | None,
               budget: str | None) -> BlockPool:
     """A pool holding every prompt's request at its worst case at once (the scheduler's own arithmetic)."""
     cfg = engine.config
@@ -167,13 +167,13 @@ def lone_pool(engine: Engine, prompts: list[list[int]], max_tokens: int, policy:
     return BlockPool(blocks, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, engine.device)
 
 
-def alone_tokens(engine: Engine, ids: list[int], max_tokens: int, policy: str | None, budget: str | None) -> list[int]:
-    """Greedy tokens of one prompt alone: kvx.runtime.batch.generate, what `kvx generate` runs."""
+def alone_tokens(engine: ModelRunner, ids: list[int], max_tokens: int, policy: str | None, budget: str | None) -> list[int]:
+    """Greedy tokens of one prompt alone: kvx.runtime.engine.batch_engine.generate, what `kvx generate` runs."""
     pol, bud = _spec(policy, budget)
     return list(generate(engine, ids, max_tokens=max_tokens, policy=pol, budget=bud, stop_at_eos=False).token_ids)
 
 
-def batch_tokens(engine: Engine, prompts: list[list[int]], max_tokens: int, policy: str | None,
+def batch_tokens(engine: ModelRunner, prompts: list[list[int]], max_tokens: int, policy: str | None,
                  budget: str | None) -> list[list[int]]:
     """Greedy tokens of every prompt, all in one batch (every block back to the pool afterwards)."""
     batch = BatchEngine(engine, pool=lone_pool(engine, prompts, max_tokens, policy, budget), max_batch=len(prompts))
@@ -236,10 +236,10 @@ def tokens_match(device, tiny: bool, results: list, save) -> None:
     model = Transformer(cfg, {k: v.to(device) for k, v in state.items()})
     full_alone = None
     for policy, budget in ((None, None), ("snapkv", "10%"), ("tova", "10%")):
-        want_one = alone_tokens(Engine(cpu, NullTokenizer()), prompts[0], steps, policy, budget)
-        want_many = batch_tokens(Engine(cpu, NullTokenizer()), prompts, steps, policy, budget)
+        want_one = alone_tokens(ModelRunner(cpu, NullTokenizer()), prompts[0], steps, policy, budget)
+        want_many = batch_tokens(ModelRunner(cpu, NullTokenizer()), prompts, steps, policy, budget)
         for graphs in (True, False):
-            eng = Engine(model, NullTokenizer(), use_graphs=graphs)
+            eng = ModelRunner(model, NullTokenizer(), use_graphs=graphs)
             one = alone_tokens(eng, prompts[0], steps, policy, budget)
             many = batch_tokens(eng, prompts, steps, policy, budget)
             if policy is None and graphs:
@@ -271,7 +271,7 @@ def tokens_match(device, tiny: bool, results: list, save) -> None:
     del hf
 
 
-def kvx_batch_decode_tps(engine: Engine, prompts: list[list[int]], steps: int, policy: str | None,
+def kvx_batch_decode_tps(engine: ModelRunner, prompts: list[list[int]], steps: int, policy: str | None,
                          budget: str | None) -> tuple[float, int]:
     """Decode tokens/s of len(prompts) sequences decoding together: every prompt prefilled first (one piece
     each), one warm-up step (the graph's capture), then `steps` timed steps. Returns (tokens/s, most running)."""
@@ -365,7 +365,7 @@ def main() -> None:
         ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         for graphs in (True, False):
             pol, bud = _spec("snapkv" if budget else None, budget)
-            tps = kvx_decode_tps(Engine(model, NullTokenizer(), use_graphs=graphs), ids, steps, policy=pol, budget=bud)
+            tps = kvx_decode_tps(ModelRunner(model, NullTokenizer(), use_graphs=graphs), ids, steps, policy=pol, budget=bud)
             kept = n if bud is None else bud.total_entries(n, cfg.num_layers, cfg.num_kv_heads) / (cfg.num_layers * cfg.num_kv_heads)
             kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * nbytes * kept
             achieved = (weight_bytes + kv_bytes) * tps
@@ -381,7 +381,7 @@ def main() -> None:
 
     def many(budget: str | None) -> None:
         for graphs in (True, False):
-            eng = Engine(model, NullTokenizer(), use_graphs=graphs)
+            eng = ModelRunner(model, NullTokenizer(), use_graphs=graphs)
             tps, running = kvx_batch_decode_tps(eng, prompts, steps, "snapkv" if budget else None, budget)
             row(bench="kvx_decode", batch=args.batch, context=batch_context, budget=budget or "100%", graphs=graphs,
                 tokens_per_s=tps, max_running=running)
@@ -400,7 +400,7 @@ def main() -> None:
     # graphs on / off: the captured step replays through the rounds.
     ids = torch.randint(0, cfg.vocab_size, (evict_context,), generator=torch.Generator().manual_seed(1)).tolist()
     for graphs in (True, False):
-        eng = Engine(model, NullTokenizer(), use_graphs=graphs)
+        eng = ModelRunner(model, NullTokenizer(), use_graphs=graphs)
         tps = kvx_decode_tps(eng, ids, max(steps, 48), policy=build_policy("tova"), budget=parse_budget("5%"))
         row(bench="kvx_decode_evicting", batch=1, policy="tova", context=evict_context, budget="5%", graphs=graphs,
             tokens_per_s=tps)

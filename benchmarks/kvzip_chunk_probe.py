@@ -1,7 +1,7 @@
 """KVzip probe: answer one passkey sample (4k, depth 50%) question-agnostic under given kvzip options and
 budgets, and print where the pass key sits in the context (is the chunk boundary the cause of a miss?).
 
-Each (options, budget) is a lone question-agnostic request (kvx.runtime.batch.generate_agnostic: a batch of
+Each (options, budget) is a lone question-agnostic request (kvx.runtime.engine.batch_engine.generate_agnostic: a batch of
 one, what `kvx generate --context -q` runs).
 
 Run from the repository root:  python3 benchmarks/kvzip_chunk_probe.py 2 "kvzip;kvzip[chunk=4096]" 5%,10%
@@ -20,8 +20,8 @@ from kvx.models.hub import pull_default_model  # noqa: E402
 from kvx.options import load  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
 from kvx.policies.registry import parse_policy_spec  # noqa: E402
-from kvx.runtime.batch import generate_agnostic  # noqa: E402
-from kvx.runtime.engine import Engine  # noqa: E402
+from kvx.runtime.engine.batch_engine import generate_agnostic  # noqa: E402
+from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     folder = pull_default_model(quiet=True)
     llm, tok = load(str(folder), "cpu", "float32", quiet=True)
-    eng = Engine(llm, tok)
+    eng = ModelRunner(llm, tok)
     s = task_gen.generate("passkey", tok, context, seed, 0.5, "noise")
     p = build_prompt(tok, s)
     key_ids = tok.encode(" " + s.answers[0], add_special_tokens=False)

@@ -22,11 +22,11 @@ from kvx.models import load_model
 from kvx.models.hub import pull_default_model
 from kvx.policies import build_policy, parse_budget
 from kvx.policies.registry import parse_policy_spec, policy_label, split_policy_list
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.engine import Engine
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
-from kvx.runtime.scheduler import held_blocks
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.engine.scheduler import held_blocks
+from kvx.runtime.engine.sequence import GenerationRequest
 
 ANSWER_TOKENS = 8
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = load_model(pull_default_model(quiet=True))
-    engine = Engine(model, tok)
+    engine = ModelRunner(model, tok)
     sample = generate("passkey", tok, args.context, args.seed, args.depth, args.haystack)
     prompt = build_prompt(tok, sample)
     ids = prompt.full

@@ -152,7 +152,7 @@ def generate(
     kvx generate --jsonl --max-batch 16 --kv-memory 2GiB < in.jsonl > out.jsonl
     """
     from kvx.inputs import Output, check_utf8, read_stdin, read_text_file, utf8_lines
-    from kvx.runtime.sampling import SamplingParams
+    from kvx.runtime.engine.sampling import SamplingParams
 
     out = Output(sys.stdout)
 
@@ -203,8 +203,8 @@ def generate(
         if not prompt.strip():
             raise KvxError("the prompt is empty")
 
-    from kvx.runtime.batch import run_alone
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.batch_engine import run_alone
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph,

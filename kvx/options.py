@@ -120,7 +120,7 @@ def policy_and_budget(policy: Optional[str], budget: Optional[str], allocation: 
 
 def check_sampling(params, name=lambda field: "--" + field.replace("_", "-")):
     """The sampling parameters, or KvxError naming the bad one (`name` turns a field into its option)."""
-    from kvx.runtime.sampling import sampling_problem
+    from kvx.runtime.engine.sampling import sampling_problem
 
     problem = sampling_problem(params)
     if problem is not None:
@@ -131,12 +131,12 @@ def check_sampling(params, name=lambda field: "--" + field.replace("_", "-")):
 
 def build_engine(model, tokenizer, policy: str, budget: Optional[str], allocation: Optional[str], policy_args: list[str],
                  use_graphs: bool = True, prefill_chunk: Optional[int] = None):
-    from kvx.runtime.engine import Engine
+    from kvx.runtime.engine.model_runner import ModelRunner
 
     pol, bud = policy_and_budget(policy, budget, allocation, policy_args, prefill_chunk)
     if pol is None:
-        return Engine(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
-    return Engine(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+        return ModelRunner(model, tokenizer, use_graphs=use_graphs)  # the uncompressed runtime
+    return ModelRunner(model, tokenizer, policy=pol, budget=bud, use_graphs=use_graphs, prefill_chunk=prefill_chunk)
 
 
 # Below this many kept tokens per kv head (SnapKV's observation window alone is 32) a compressed prompt
@@ -168,8 +168,8 @@ def memory_need(engine, prompt_tokens: int, max_tokens: int, question_tokens: in
     (scheduler.worst_case_blocks) times the bytes a block occupies, plus prefill activations on a GPU.
     `policy`, `budget` and `prefill_chunk` default to the engine's own."""
     from kvx.runtime.memory import Need, prefill_activation_bytes
-    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
-    from kvx.runtime.scheduler import worst_case_blocks
+    from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+    from kvx.runtime.engine.scheduler import worst_case_blocks
 
     cfg, n = engine.config, prompt_tokens
     budget = engine.budget if budget is _ENGINES else budget
@@ -277,7 +277,7 @@ def check_jsonl_only(jsonl: bool, given: dict[str, bool]) -> None:
 
 
 def default_kv_memory(device) -> int:
-    """Bytes for the KV pool when --kv-memory is not given (kvx.runtime.pool.default_kv_memory)."""
-    from kvx.runtime.pool import default_kv_memory as pool_default
+    """Bytes for the KV pool when --kv-memory is not given (kvx.runtime.cache.pool.default_kv_memory)."""
+    from kvx.runtime.cache.pool import default_kv_memory as pool_default
 
     return pool_default(device)

@@ -6,7 +6,7 @@ compression: "policy", "budget", "allocation", "policy_args" (an object or a lis
 command's flags are the defaults. A line that cannot be run gets {"id": ..., "line": N, "error": "..."}
 and the other lines still run.
 
-Up to --max-batch requests run at once through the batched engine (runtime/batch.py) over one KV pool of
+Up to --max-batch requests run at once through the batched engine (runtime/engine/batch_engine.py) over one KV pool of
 --kv-memory bytes; each result is written as soon as it finishes (with its "id" and "line"), or in input
 order with --ordered. The model loads once.
 """
@@ -43,7 +43,7 @@ def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, def
     already taken from the device, so comparing the cache with what is free would count it twice."""
     from kvx.inputs import check_utf8
     from kvx.options import check_memory, check_sampling, encode_prompt, policy_and_budget, split_context_question
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     if not isinstance(obj, dict):
         raise KvxError("each line must be a JSON object")
@@ -110,9 +110,9 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
     (kvx/status_line.py) to keep up to date, or None."""
     from kvx.options import build_engine, load
     from kvx.result_view import result_json
-    from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
+    from kvx.runtime.engine.batch_engine import DEFAULT_MAX_BATCH, BatchEngine
     from kvx.runtime.memory import available_bytes, human_bytes
-    from kvx.runtime.pool import default_kv_memory
+    from kvx.runtime.cache.pool import default_kv_memory
 
     llm, tok = load(model, device, dtype, quiet=quiet)
     engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs, prefill_chunk=prefill_chunk)

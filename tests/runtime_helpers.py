@@ -3,10 +3,10 @@ through run_alone: a pool to draw from, and greedy decoding of a prepared reques
 
 from __future__ import annotations
 
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.pool import BlockPool
-from kvx.runtime.sampling import SamplingParams
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.cache.pool import BlockPool
+from kvx.runtime.engine.sampling import SamplingParams
+from kvx.runtime.engine.sequence import GenerationRequest
 
 
 def pool_for(engine, tokens: int = 8192, block_size: int = 16) -> BlockPool:
@@ -35,7 +35,7 @@ def decode(engine, req, logits, max_tokens: int, params: SamplingParams = Sampli
 
 
 def run_steps(steps):
-    """Drive a prefill generator (Engine.prefill_steps, split_prefill.prefill_pieces) to its end; returns
+    """Drive a prefill generator (ModelRunner.prefill_steps, split_prefill.prefill_pieces) to its end; returns
     what it returns."""
     while True:
         try:

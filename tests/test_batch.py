@@ -10,19 +10,18 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from checkpoints import make_checkpoint
 from kvx.errors import KvxError
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.engine import Engine
-from kvx.runtime.sampling import SamplingParams
-from kvx.runtime.sequence import CANCELLED, FAILED, FINISHED, GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.sampling import SamplingParams
+from kvx.runtime.engine.sequence import CANCELLED, FAILED, FINISHED, GenerationRequest
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
-from kvx.runtime.batch import generate, generate_agnostic
+from kvx.runtime.engine.batch_engine import generate, generate_agnostic
 
 # One policy of every family: window-scored (snapkv), accumulated + decode-time (h2o), decode-time last
 # row (tova), decode-time recent queries (ahakv), positional (streaming), head-adaptive (ada-snapkv),
@@ -35,7 +34,7 @@ FAMILIES = [("snapkv", "20%"), ("h2o", "20%"), ("tova", "30%"), ("ahakv", "20%")
 def engine(request, tmp_path_factory):
     # mistral: a sliding window (8) shorter than every prompt, so the paged attention's window is exercised.
     path, _ = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), max_position_embeddings=4096)
-    return Engine(Transformer.from_pretrained(path), StubTokenizer())
+    return ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
 
 
 def _ids(rng: random.Random, lo: int, hi: int) -> list[int]:
@@ -106,7 +105,7 @@ def test_question_agnostic_requests_in_a_batch_equal_alone(engine, name, budget)
 
 def test_chunked_prefill_in_a_batch_equals_alone(tmp_path):
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
     rng = random.Random(5)
     prompts = [_ids(rng, 150, 400) for _ in range(3)]
     want = [_alone(engine, ids, "snapkv", "10%", 16).token_ids for ids in prompts]
@@ -118,7 +117,7 @@ def test_chunked_prefill_in_a_batch_equals_alone(tmp_path):
 
 def test_running_sequences_decode_between_the_chunks_of_a_long_prefill(tmp_path):
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=64)
     rng = random.Random(9)
     batch = BatchEngine(engine, kv_memory=8 << 20, max_batch=4)
     short = batch.submit(_request(_ids(rng, 20, 30), "snapkv", "50%", 40, stop_at_eos=False))
@@ -142,7 +141,7 @@ def test_pool_accounting_under_random_load(tmp_path):
     pool far too small for all at once: the pool never exceeds its cap, no sequence holds more than it
     reserved, admission waits instead of overflowing, and every block comes back."""
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
     rng = random.Random(11)
     batch = BatchEngine(engine, kv_memory=6 << 20, max_batch=6, block_size=16)
     pool = batch.pool
@@ -193,12 +192,12 @@ def test_a_request_larger_than_the_pool_is_refused_at_once(tmp_path):
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
     model = Transformer.from_pretrained(path)
     long_prompt = list(range(3, 120)) * 8
-    batch = BatchEngine(Engine(model, StubTokenizer()), kv_memory=64 << 10, max_batch=2)
+    batch = BatchEngine(ModelRunner(model, StubTokenizer()), kv_memory=64 << 10, max_batch=2)
     for name, budget in [("full", None), ("snapkv", "5%")]:  # without chunks, a prefill holds the prompt
         with pytest.raises(KvxError, match="more than the whole pool"):
             batch.submit(_request(long_prompt, name, budget, 10))
     # with chunked prefill the same prompt, compressed, peaks near budget + chunk and fits
-    chunked = BatchEngine(Engine(model, StubTokenizer(), prefill_chunk=64), kv_memory=64 << 10, max_batch=2)
+    chunked = BatchEngine(ModelRunner(model, StubTokenizer(), prefill_chunk=64), kv_memory=64 << 10, max_batch=2)
     seq = chunked.submit(_request(long_prompt, "snapkv", "5%", 4))
     chunked.run()
     assert seq.state == FINISHED and chunked.pool.num_used == 0
@@ -206,7 +205,7 @@ def test_a_request_larger_than_the_pool_is_refused_at_once(tmp_path):
 
 def test_stop_strings_end_the_answer_before_the_stop(tmp_path):
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
     ids = list(range(10, 60))
     full = _alone(engine, ids, "full", None, 12)
     text = "".join(f"{t} " for t in full.token_ids)  # the StubTokenizer writes "id " per token
@@ -228,7 +227,7 @@ def test_the_plans_concurrency_is_what_the_engine_reaches(tmp_path):
     from kvx.runtime.memory import pool_capacity
 
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
     cfg, n, gen, memory = engine.config, 300, 40, 400 << 10
     rng = random.Random(2)
     for name, budget in [("full", None), ("snapkv", "10%")]:
@@ -251,7 +250,7 @@ def test_kvzip_in_a_batch_equals_alone(tmp_path):
     from test_kvzip import ReconstructionTokenizer
 
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), ReconstructionTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), ReconstructionTokenizer())
     rng = random.Random(4)
     cases = [(_ids(rng, 100, 220), [_ids(rng, 3, 8) for _ in range(2)]) for _ in range(3)]
     b = parse_budget("20%")

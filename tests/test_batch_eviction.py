@@ -1,5 +1,5 @@
-"""Ranked decode-time eviction (runtime/batch_eviction.py) against the per-segment path it replaces
-(runtime/decode_eviction.py's evict_per_segment, each policy's decode_keep segment by segment): on random
+"""Ranked decode-time eviction (runtime/compression/batch_eviction.py) against the per-segment path it replaces
+(runtime/compression/decode_eviction.py's evict_per_segment, each policy's decode_keep segment by segment): on random
 caches, masses (with ties), budgets and policy options, several requests of different policies evicted
 in one pass leave every (layer, kv head) with the same entries, positions, mass and blocks."""
 
@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime import batch_eviction
-from kvx.runtime.batch_eviction import evict_batch, evict_due
-from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.pool import BlockPool
-from kvx.runtime.request import Request
+from kvx.runtime.compression import batch_eviction
+from kvx.runtime.compression.batch_eviction import evict_batch, evict_due
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.cache.pool import BlockPool
+from kvx.runtime.engine.request import Request
 
 L, HKV, G, D = 3, 4, 2, 8
 POLICIES = [("tova", {}), ("tova", {"sinks": "2", "window": "5"}), ("h2o", {}), ("h2o", {"recent": "3", "sinks": "1"}),

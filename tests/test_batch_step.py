@@ -16,9 +16,9 @@ import torch
 
 from checkpoints import make_checkpoint
 from kvx.models.transformer import Transformer
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.batch_step import BatchStepper, StaticStep, batch_bucket, width_bucket
-from kvx.runtime.engine import Engine
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.engine.batch_step import BatchStepper, StaticStep, batch_bucket, width_bucket
+from kvx.runtime.engine.model_runner import ModelRunner
 from test_batch import _ids, _request
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
@@ -32,7 +32,7 @@ MIX = [("h2o", "20%"), ("tova", "30%"), ("ahakv", "25%"), ("streaming", "25%"), 
 @pytest.fixture(scope="module", params=["qwen2", "mistral"])
 def engine(request, tmp_path_factory):
     path, _ = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), max_position_embeddings=4096)
-    return Engine(Transformer.from_pretrained(path), StubTokenizer())
+    return ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
 
 
 def test_buckets():

@@ -26,10 +26,10 @@ from cuda_graph_emulator import CaptureError, emulate_cuda_graphs, fake_graph, F
 from kvx.kernels import ops  # noqa: E402
 from kvx.models.transformer import Transformer  # noqa: E402
 from kvx.policies import build_policy, parse_budget  # noqa: E402
-from kvx.runtime.batch import BatchEngine  # noqa: E402
-from kvx.runtime.batch_step import BatchStepper  # noqa: E402
-from kvx.runtime.engine import Engine  # noqa: E402
-from kvx.runtime.sequence import GenerationRequest  # noqa: E402
+from kvx.runtime.engine.batch_engine import BatchEngine  # noqa: E402
+from kvx.runtime.engine.batch_step import BatchStepper  # noqa: E402
+from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
+from kvx.runtime.engine.sequence import GenerationRequest  # noqa: E402
 from test_batch import _ids, _request  # noqa: E402
 from test_compression import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 from test_engine import StubTokenizer  # noqa: E402
@@ -103,7 +103,7 @@ def llama(tmp_path_factory):
 
 def _alone(model, policy, budget, ids, steps, use_graphs):
     """One request through the engine as `kvx generate` runs it: (tokens, stepper, kept entries)."""
-    eng = Engine(model, StubTokenizer())
+    eng = ModelRunner(model, StubTokenizer())
     request = GenerationRequest(prompt_ids=ids, max_tokens=steps, stop_at_eos=False,
                                 policy=build_policy(policy) if policy else None,
                                 budget=parse_budget(budget) if budget else None)
@@ -162,7 +162,7 @@ def test_emulated_batch_of_one_with_decode_time_eviction(llama, graphs, monkeypa
     """A lone request whose policy evicts while decoding replays the captured step through two eviction
     rounds (the kept entries move inside their own blocks, the mass written by the captured kernel,
     AhaKV's queries through a static buffer), token for token as eager and the plain path."""
-    from kvx.runtime.decode_eviction import DECODE_SLACK
+    from kvx.runtime.compression.decode_eviction import DECODE_SLACK
 
     ids = _ids(random.Random(11), 90, 91)
     steps = 2 * DECODE_SLACK + 6
@@ -200,7 +200,7 @@ def test_emulated_batch_graphs_equal_reference(small, graphs, monkeypatch):
     lengths = [16, 5, 12, 9, 6, 3, 11]  # the batch shrinks through the buckets 8, 4, 2, 1
 
     def run(use_graphs):
-        batch = BatchEngine(Engine(small, StubTokenizer()), kv_memory=32 << 20, max_batch=8)
+        batch = BatchEngine(ModelRunner(small, StubTokenizer()), kv_memory=32 << 20, max_batch=8)
         batch.stepper = BatchStepper(batch.engine, batch.pool, use_graphs=use_graphs)
         seqs = [batch.submit(_request(ids, n, b, m)) for ids, (n, b), m in zip(prompts, BATCH, lengths)]
         batch.run()

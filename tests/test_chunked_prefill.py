@@ -9,9 +9,9 @@ from checkpoints import make_checkpoint
 from kvx.errors import KvxError
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.engine import Engine
+from kvx.runtime.engine.model_runner import ModelRunner
 from test_engine import StubTokenizer
-from kvx.runtime.batch import generate
+from kvx.runtime.engine.batch_engine import generate
 from runtime_helpers import new_request, run_steps
 
 
@@ -30,8 +30,8 @@ def test_peak_stays_near_budget_plus_chunk(tiny, policy):
     cfg = tiny.config
     n, chunk, budget = 900, 100, parse_budget("10%")
     ids = prompt(n)
-    chunked = Engine(tiny, StubTokenizer(), build_policy(policy), budget, prefill_chunk=chunk)
-    whole = Engine(tiny, StubTokenizer(), build_policy(policy), budget)
+    chunked = ModelRunner(tiny, StubTokenizer(), build_policy(policy), budget, prefill_chunk=chunk)
+    whole = ModelRunner(tiny, StubTokenizer(), build_policy(policy), budget)
     a = generate(chunked, ids, max_tokens=4)
     b = generate(whole, ids, max_tokens=4)
     entry = chunked.entry_bytes()
@@ -48,7 +48,7 @@ def test_peak_stays_near_budget_plus_chunk(tiny, policy):
 
 def test_kept_positions_are_sorted_and_include_the_recent_window(tiny):
     n, chunk = 700, 128
-    engine = Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("64"), prefill_chunk=chunk)
+    engine = ModelRunner(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("64"), prefill_chunk=chunk)
     req = new_request(engine, capacity=chunk, policy=engine.policy, budget=engine.budget)
     _, final = run_steps(engine.prefill_steps(req, prompt(n, 1), chunk))
     engine.compress(req, headroom=0, budget=final)
@@ -62,12 +62,12 @@ def test_kept_positions_are_sorted_and_include_the_recent_window(tiny):
 
 def test_chunk_larger_than_prompt_is_a_plain_prefill(tiny):
     ids = prompt(200)
-    a = generate(Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=4096), ids, max_tokens=6)
-    b = generate(Engine(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%")), ids, max_tokens=6)
+    a = generate(ModelRunner(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=4096), ids, max_tokens=6)
+    b = generate(ModelRunner(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("20%")), ids, max_tokens=6)
     assert a.token_ids == b.token_ids
 
 
 def test_policies_that_need_every_query_refuse_chunking(tiny):
-    engine = Engine(tiny, StubTokenizer(), build_policy("h2o"), parse_budget("10%"), prefill_chunk=100)
+    engine = ModelRunner(tiny, StubTokenizer(), build_policy("h2o"), parse_budget("10%"), prefill_chunk=100)
     with pytest.raises(KvxError, match="prefill-chunk"):
         generate(engine, prompt(500), max_tokens=2)

@@ -3,7 +3,7 @@ policy identical to the uncompressed runtime, decode-time eviction that holds it
 compressed cache (question-aware and question-agnostic).
 
 Default-model tests (marked slow) share one 2k-token passkey prefill per seed: every policy is forked from
-it (`Engine.fork`), exactly as `kvx eval` does, so the comparison is on identical prompts and statistics.
+it (`ModelRunner.fork`), exactly as `kvx eval` does, so the comparison is on identical prompts and statistics.
 Decode-time eviction runs on a tiny random checkpoint, where thousands of steps are cheap.
 """
 
@@ -20,12 +20,11 @@ from kvx.kernels.stats import StatsRequest
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
 from kvx.policies.expected_attention import expected_logits, mean_rotation, rotation_matrix
-from kvx.runtime.decode_eviction import DECODE_SLACK
-from kvx.runtime.engine import Engine
-from kvx.runtime.batch import BatchEngine, generate, generate_agnostic
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.sampling import SamplingParams
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.engine.sequence import GenerationRequest
 from runtime_helpers import decode, new_request, pool_for
 from test_engine import StubTokenizer
 
@@ -91,7 +90,7 @@ def needle_span(tok, ids: list[int], key: str) -> torch.Tensor:
 class PasskeyRun:
     """One seed: the prompt prefilled once (statistics for all four policies), then every variant forked."""
 
-    def __init__(self, engine: Engine, tok, seed: int):
+    def __init__(self, engine: ModelRunner, tok, seed: int):
         self.engine = engine
         self.ids, self.sample = passkey_prompt(tok, seed)
         self.key = self.sample.answers[0]
@@ -125,7 +124,7 @@ class PasskeyRun:
 def passkey(default_model):
     """Per seed: the run and the answers of the full cache, each policy at 10%, and an oracle cache."""
     model, tok = default_model
-    engine = Engine(model, tok)
+    engine = ModelRunner(model, tok)
     out = {}
     for seed in PASSKEY_SEEDS:
         run = PasskeyRun(engine, tok, seed)
@@ -243,7 +242,7 @@ def test_per_head_counts_differ_and_the_cache_holds_exactly_them(passkey, name):
 # `full` is the uncompressed runtime
 # --------------------------------------------------------------------------------------------------------
 
-def generate_recording_logits(engine: Engine, ids: list[int], max_tokens: int):
+def generate_recording_logits(engine: ModelRunner, ids: list[int], max_tokens: int):
     """Generate through the engine, recording every decode step's logits (instrumenting this test's own
     stepper instance)."""
     batch = BatchEngine(engine, kv_memory=256 << 20)
@@ -266,9 +265,9 @@ def generate_recording_logits(engine: Engine, ids: list[int], max_tokens: int):
 def test_full_policy_is_bit_identical_to_the_uncompressed_runtime(default_model):
     model, tok = default_model
     ids, _ = passkey_prompt(tok, seed=5, context_tokens=300)
-    plain, plain_logits = generate_recording_logits(Engine(model, tok), ids, 20)
+    plain, plain_logits = generate_recording_logits(ModelRunner(model, tok), ids, 20)
     full, full_logits = generate_recording_logits(
-        Engine(model, tok, build_policy("full"), parse_budget("10%")), ids, 20)
+        ModelRunner(model, tok, build_policy("full"), parse_budget("10%")), ids, 20)
     assert full.token_ids == plain.token_ids and len(full.token_ids) > 3
     assert torch.equal(full_logits, plain_logits)
     assert full.kv_bytes_held == plain.kv_bytes_held
@@ -343,7 +342,7 @@ def test_agnostic_answers_every_question_from_one_compressed_cache(default_model
     parts = [split_context_question(tok, sample.context, q, None, False) for q in questions]
     context = parts[0][0]
     assert all(c == context for c, _ in parts)
-    batch = EvictionCounter(Engine(model, tok), kv_memory=256 << 20)
+    batch = EvictionCounter(ModelRunner(model, tok), kv_memory=256 << 20)
     seq = batch.submit(GenerationRequest(context_ids=context, question_ids=[q for _, q in parts], max_tokens=16,
                                          policy=build_policy(name), budget=parse_budget("20%")))
     batch.run()
@@ -418,7 +417,7 @@ def test_decode_time_eviction_holds_budget_plus_slack(tiny_long_model, name):
     model = tiny_long_model
     cfg = model.config
     ids = torch.randint(3, 128, (600,), generator=torch.Generator().manual_seed(1)).tolist()
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     batch = WatchedBatch(engine, kv_memory=64 << 20, recent=RECENT_KEPT[name], sinks=4 if name == "streaming" else 0)
     seq = batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=4000, policy=build_policy(name),
                                          budget=parse_budget("256")))

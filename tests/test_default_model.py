@@ -8,8 +8,8 @@ import torch
 from kvx.kernels.reference import attention
 from kvx.models import load_model
 from kvx.models.hub import pull_default_model
-from kvx.runtime.engine import Engine
-from kvx.runtime.batch import generate
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.batch_engine import generate
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,6 @@ def test_logits_match_transformers_on_1k_prompt(default_dir, kvx_model):
 def test_greedy_answer_mentions_paris(kvx_model):
     model, tok = kvx_model
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    result = generate(Engine(model, tok), tok.encode(prompt, add_special_tokens=False), max_tokens=24)
+    result = generate(ModelRunner(model, tok), tok.encode(prompt, add_special_tokens=False), max_tokens=24)
     assert "Paris" in result.text
     assert result.finish_reason == "eos"

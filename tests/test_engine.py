@@ -9,11 +9,11 @@ from checkpoints import make_checkpoint
 from kvx.kernels import reference as ref
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.pool import BlockPool
-from kvx.runtime.engine import Engine
-from kvx.runtime.sampling import SamplingParams, make_generator, sample
-from kvx.runtime.batch import generate, generate_agnostic
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.cache.pool import BlockPool
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.sampling import SamplingParams, make_generator, sample
+from kvx.runtime.engine.batch_engine import generate, generate_agnostic
 
 
 class StubTokenizer:
@@ -47,7 +47,7 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 def test_full_cache_generation_matches_transformers(tmp_path, variant):
     path, hf = make_checkpoint(variant, tmp_path)
     model = Transformer.from_pretrained(path)
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     ids = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     result = generate(engine, ids, SamplingParams(), max_tokens=12)
     assert result.token_ids == hf_greedy(hf, ids, 12)
@@ -134,7 +134,7 @@ def test_append_after_compaction_and_growth():
 
 def test_agnostic_full_cache_equals_aware(tmp_path):
     path, _ = make_checkpoint("llama_gqa_llama3", tmp_path)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
     g = torch.Generator().manual_seed(3)
     ctx = torch.randint(3, 128, (30,), generator=g).tolist()
     q1 = torch.randint(3, 128, (5,), generator=g).tolist()
@@ -152,7 +152,7 @@ def test_each_question_sees_the_context_as_compressed(tmp_path, name, budget):
     """Between questions the compressed context comes back as it was, decode-time eviction or not: every
     answer equals the one its question gets when asked alone."""
     path, _ = make_checkpoint("qwen2", tmp_path)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
     g = torch.Generator().manual_seed(11)
     ctx = torch.randint(3, 128, (90,), generator=g).tolist()
     qs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (4, 9, 6)]

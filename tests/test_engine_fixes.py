@@ -19,10 +19,10 @@ from checkpoints import make_checkpoint
 from kvx.errors import KvxError
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.batch import BatchEngine, generate, generate_agnostic
-from kvx.runtime.engine import Engine
-from kvx.runtime.pool import BlockPool, PoolExhausted
-from kvx.runtime.sequence import FAILED, FINISHED, GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine, generate, generate_agnostic
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.cache.pool import BlockPool, PoolExhausted
+from kvx.runtime.engine.sequence import FAILED, FINISHED, GenerationRequest
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_engine import StubTokenizer
 
@@ -41,7 +41,7 @@ def _ids(n, seed=0):
 def test_h2o_at_a_budget_that_keeps_everything_answers_like_the_full_cache(model):
     """Several questions of 40 tokens each over a context h2o keeps whole: before, the answers were given
     DECODE_SLACK of headroom (eviction off, growth unreserved) and the lone request's pool ran out."""
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     ctx, questions = _ids(150), [_ids(9, 1), _ids(7, 2)]
     h2o = generate_agnostic(engine, ctx, questions, max_tokens=40, policy=build_policy("h2o"),
                             budget=parse_budget("100%"))
@@ -57,7 +57,7 @@ def test_a_short_last_prefill_chunk_still_scores_from_the_window(model, n):
     """129 tokens in chunks of 64 left a last chunk of one token (it took the decode path and recorded no
     statistics: a crash); 150 left 22 rows, fewer than SnapKV's 32-row window. The last chunk now holds
     the window, and the recent window is kept."""
-    engine = Engine(model, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=64)
+    engine = ModelRunner(model, StubTokenizer(), build_policy("snapkv"), parse_budget("20%"), prefill_chunk=64)
     ids = _ids(n, 3)
     seq_results = generate(engine, ids, max_tokens=4)
     assert seq_results.generated_tokens == 4
@@ -73,7 +73,7 @@ def test_pool_exhaustion_is_a_bug_not_a_user_error():
 
 
 def test_a_failing_step_releases_every_block_and_the_engine_goes_on(model, monkeypatch):
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     batch = BatchEngine(engine, kv_memory=8 << 20, max_batch=4)
     seqs = [batch.submit(GenerationRequest(prompt_ids=_ids(40, i), max_tokens=30, stop_at_eos=False,
                                            policy=build_policy(p), budget=parse_budget("50%") if p != "full" else None))
@@ -98,7 +98,7 @@ def test_a_failing_step_releases_every_block_and_the_engine_goes_on(model, monke
 
 
 def test_a_failing_prefill_fails_only_its_own_request(model, monkeypatch):
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     batch = BatchEngine(engine, kv_memory=8 << 20, max_batch=4)
     ok = batch.submit(GenerationRequest(prompt_ids=_ids(30, 1), max_tokens=6))
     batch.step()  # ok is prefilled and decoding
@@ -118,7 +118,7 @@ def test_a_failing_prefill_fails_only_its_own_request(model, monkeypatch):
 
 @pytest.mark.parametrize("with_stop", [True, False])
 def test_the_answer_is_what_was_streamed(model, with_stop):
-    engine = Engine(model, StubTokenizer())
+    engine = ModelRunner(model, StubTokenizer())
     ids = _ids(50, 4)
     full = generate(engine, ids, max_tokens=12, stop_at_eos=False)
     stop = (f"{full.token_ids[5]} {full.token_ids[6]}",) if with_stop else ()

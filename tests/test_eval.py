@@ -17,15 +17,14 @@ from kvx.eval.fidelity import kl_divergence, measure_fidelity
 from kvx.eval.kvpress_baseline import KvpressBaseline, compression_ratio, require_kvpress
 from kvx.eval.plot import plot_results
 from kvx.eval.prefill import SharedPrefill
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.pool import BlockPool
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.cache.pool import BlockPool
+from kvx.runtime.engine.sequence import GenerationRequest
 from kvx.eval.results import KEY_FIELDS, ResultsFile, row_key
 from kvx.eval.runner import EvalConfig, run_eval
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.engine import Engine
-from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.engine.model_runner import ModelRunner
 
 
 class WordTokenizer:
@@ -44,7 +43,7 @@ class WordTokenizer:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, _ = make_checkpoint("qwen2", tmp_path_factory.mktemp("ck"))
-    return Engine(Transformer.from_pretrained(path), WordTokenizer())
+    return ModelRunner(Transformer.from_pretrained(path), WordTokenizer())
 
 
 def _ids(n, seed=1):
@@ -494,7 +493,7 @@ def test_default_model_passkey_end_to_end(tmp_path):
     from kvx.models.hub import pull_default_model
 
     model, tok = load_model(pull_default_model(quiet=True))
-    engine = Engine(model, tok)
+    engine = ModelRunner(model, tok)
     sample = generate("passkey", tok, 1024, 0, 0.5, "noise")
     prompt = build_prompt(tok, sample)
     text = tok.decode(prompt.full)

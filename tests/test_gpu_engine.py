@@ -2,7 +2,7 @@
 
 kvx has one engine: a lone request (`kvx generate`) is a batch of one in the batched engine over a paged
 pool, captured per (batch bucket, width bucket, mass) shape like any batch. Each case here runs the same
-request or batch on the CPU (plain PyTorch), and on the GPU with graphs on and off (Engine(use_graphs=...)),
+request or batch on the CPU (plain PyTorch), and on the GPU with graphs on and off (ModelRunner(use_graphs=...)),
 and compares them token for token (float32, greedy). tests/test_capture_on_cpu.py runs the same paths on a
 CPU with the kernels interpreted and the graphs emulated.
 """
@@ -15,10 +15,10 @@ import torch
 from checkpoints import make_checkpoint
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.batch import BatchEngine, generate
-from kvx.runtime.decode_eviction import DECODE_SLACK
-from kvx.runtime.engine import Engine
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.engine.batch_engine import BatchEngine, generate
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.sequence import GenerationRequest
 from test_engine import StubTokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -44,7 +44,7 @@ def _spec(policy, budget):
 def _alone(model, policy, budget, ids, steps, use_graphs=True):
     """One request as a batch of one (what `kvx generate` runs): (result, stepper). Every block goes back."""
     pol, bud = _spec(policy, budget)
-    batch = BatchEngine(Engine(model, StubTokenizer(), use_graphs=use_graphs), kv_memory=64 << 20, max_batch=1)
+    batch = BatchEngine(ModelRunner(model, StubTokenizer(), use_graphs=use_graphs), kv_memory=64 << 20, max_batch=1)
     seq = batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=steps, stop_at_eos=False, policy=pol,
                                          budget=bud))
     batch.run()
@@ -78,7 +78,7 @@ def test_gpu_batch_of_one_matches_cpu_float32(models, policy, budget):
     assert graphed.kv_entries_kept == eager.kv_entries_kept == plain.kv_entries_kept
     # kvx generate's own entry point (run_alone: a pool sized to the request's worst case) gives the same
     pol, bud = _spec(policy, budget)
-    res = generate(Engine(models[1], StubTokenizer()), ids, max_tokens=40, policy=pol, budget=bud,
+    res = generate(ModelRunner(models[1], StubTokenizer()), ids, max_tokens=40, policy=pol, budget=bud,
                    stop_at_eos=False)
     assert res.token_ids == graphed.token_ids and res.kv_entries_kept == graphed.kv_entries_kept
 
@@ -128,7 +128,7 @@ def test_gpu_batch_matches_cpu_batch_float32(models):
     outs = []
     for model in (cpu, gpu):
         # The same split prefill on both devices (pieces of 256: most prompts take several).
-        batch = BatchEngine(Engine(model, StubTokenizer()), kv_memory=64 << 20, max_batch=6, prefill_step=256)
+        batch = BatchEngine(ModelRunner(model, StubTokenizer()), kv_memory=64 << 20, max_batch=6, prefill_step=256)
         seqs = [batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=30, policy=build_policy(p) if p else None,
                                                budget=parse_budget(b) if b else None))
                 for ids, (p, b) in zip(prompts, specs)]
@@ -149,7 +149,7 @@ def test_gpu_batch_graph_path_equals_eager(models):
     prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(100, 700, (7,), generator=g)]
     outs, steppers = [], []
     for graphs in (True, False):
-        batch = BatchEngine(Engine(gpu, StubTokenizer(), use_graphs=graphs), kv_memory=64 << 20, max_batch=8)
+        batch = BatchEngine(ModelRunner(gpu, StubTokenizer(), use_graphs=graphs), kv_memory=64 << 20, max_batch=8)
         seqs = [batch.submit(GenerationRequest(prompt_ids=ids, max_tokens=m, policy=build_policy(p) if p else None,
                                                budget=parse_budget(b) if b else None))
                 for ids, (p, b), m in zip(prompts, specs, lengths)]

@@ -14,11 +14,11 @@ from kvx.kernels.stats import col_max_over_rows
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
 from kvx.policies.kvzip import FIRST_PROMPT, NEXT_PROMPT
-from kvx.runtime.engine import Engine
-from kvx.runtime.reconstruction import plan_passes, reconstruction_stats, template_parts
-from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.compression.reconstruction import plan_passes, reconstruction_stats, template_parts
+from kvx.runtime.engine.sampling import SamplingParams
 from test_engine import StubTokenizer
-from kvx.runtime.batch import generate_agnostic
+from kvx.runtime.engine.batch_engine import generate_agnostic
 from runtime_helpers import new_request
 
 FIRST_IDS = [5, 6, 7]
@@ -110,7 +110,7 @@ def dense_reference(model, ids, chunk, cue, sinks, tokenizer=None):
 @pytest.mark.parametrize("chunk,cue,sinks", [(16, 3, 2), (40, 8, 4), (7, 0, 0)])
 def test_scores_equal_a_dense_reference(tiny, chunk, cue, sinks):
     ids = context_ids()
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     policy = build_policy("kvzip", args={"chunk": str(chunk), "cue": str(cue), "sinks": str(sinks)})
     req = prefilled(engine, ids, policy, parse_budget("25%"))
     got = torch.stack([st.col_max for st in req.stats])
@@ -133,7 +133,7 @@ def _ctx(model, n):
 
 def test_one_chunk_covering_the_context_equals_the_default_chunk(tiny):
     ids = context_ids()
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     scores = []
     for chunk in (len(ids), 2048):
         req = prefilled(engine, ids, build_policy("kvzip", args={"chunk": str(chunk)}), parse_budget("25%"))
@@ -150,7 +150,7 @@ def test_the_template_prefix_is_kept_whole_as_the_sinks(tiny):
     assert template_parts(tok)[0] == PREFIX_IDS and template_parts(tok)[1] == TEMPLATE_SUFFIX_IDS
     ids = PREFIX_IDS + context_ids(50)
     p = len(PREFIX_IDS)
-    engine = Engine(tiny, tok)
+    engine = ModelRunner(tiny, tok)
     cfg = tiny.config
     for keep, sinks in ((True, p), (False, 4)):
         policy = build_policy("kvzip", args={"chunk": "16", "keep_prefix": str(keep).lower()})
@@ -191,7 +191,7 @@ def test_col_max_is_chunked_over_rows_without_changing_it(monkeypatch):
 
 def test_reconstruction_leaves_no_trace_in_the_cache(tiny):
     ids = context_ids(48)
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     plain = new_request(engine, capacity=len(ids))
     engine.prefill(plain, ids)
     budget = parse_budget("30%")
@@ -215,7 +215,7 @@ def test_reconstruction_leaves_no_trace_in_the_cache(tiny):
 @pytest.mark.parametrize("budget", ["10%", "25%", "50%", "12"])
 def test_budgets_hold_in_bytes(tiny, budget):
     ids = context_ids(64)
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     b = parse_budget(budget)
     cfg = tiny.config
     for spec in ({}, {"plus": "true"}):
@@ -238,7 +238,7 @@ def test_budgets_hold_in_bytes(tiny, budget):
 def test_model_wide_selection_ranks_raw_scores(tiny):
     """One top-K over every layer's raw scores: every kept candidate scores at least every dropped one."""
     ids = context_ids(64)
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     req = prefilled(engine, ids, build_policy("kvzip"), parse_budget("20%"))
     cfg = tiny.config
     G = cfg.num_heads // cfg.num_kv_heads
@@ -258,11 +258,11 @@ def test_model_wide_selection_ranks_raw_scores(tiny):
 
 def test_chunked_prefill_and_a_compressed_cache_are_refused(tiny):
     ids = context_ids(64)
-    engine = Engine(tiny, ReconstructionTokenizer(), prefill_chunk=16)
+    engine = ModelRunner(tiny, ReconstructionTokenizer(), prefill_chunk=16)
     with pytest.raises(KvxError, match="prefill-chunk"):
         generate_agnostic(engine, ids, [[11, 12]], SamplingParams(), 2, policy=build_policy("kvzip"),
                                  budget=parse_budget("20%"))
-    engine = Engine(tiny, ReconstructionTokenizer())
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
     req = new_request(engine, capacity=len(ids))
     engine.prefill(req, ids)
     req.position += 1  # a cache that is not exactly this context
@@ -303,7 +303,7 @@ def test_agnostic_answers_several_questions_from_one_kvzip_context():
                      "What is the pass key? Answer with the number only."]
         parts = [split_context_question(tok, sample.context, q, None, False) for q in questions]
         context = parts[0][0]
-        engine = Engine(model, tok, build_policy("kvzip"), parse_budget("10%"))
+        engine = ModelRunner(model, tok, build_policy("kvzip"), parse_budget("10%"))
         first, sky, again = generate_agnostic(engine, context, [q for _, q in parts], SamplingParams(), 16)
     finally:
         torch.set_num_threads(before)

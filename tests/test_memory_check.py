@@ -14,7 +14,7 @@ from cli_checks import error_line
 from kvx.errors import KvxError
 from kvx.options import memory_need
 from kvx.runtime.memory import Need, available_bytes, check_fits
-from kvx.runtime.batch import generate, generate_agnostic
+from kvx.runtime.engine.batch_engine import generate, generate_agnostic
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # about 360 byte-level tokens
 
@@ -76,9 +76,9 @@ def test_the_estimate_covers_what_the_engine_allocates(loaded, policy, budget, c
         results = [generate(engine, ids, max_tokens=24)]
     # The check counts exactly what the engine's scheduler reserves for the request (one memory model):
     # the worst case in blocks, times the bytes a block occupies (K, V, positions, mass).
-    from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.pool import pool_block_bytes
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.batch_engine import BatchEngine
+    from kvx.runtime.cache.pool import pool_block_bytes
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     request = (GenerationRequest(context_ids=ids, question_ids=[question], max_tokens=24, policy=engine.policy,
                                  budget=engine.budget) if agnostic else
@@ -128,7 +128,7 @@ def test_a_jsonl_line_is_not_counted_twice(loaded, monkeypatch):
     checked against the pool (BatchEngine.submit), and against what is free only for its activations."""
     from kvx.options import build_engine
     from kvx.pipeline import parse_line
-    from kvx.runtime.sampling import SamplingParams
+    from kvx.runtime.engine.sampling import SamplingParams
 
     llm, tok = loaded
     engine = build_engine(llm, tok, "full", None, None, [])

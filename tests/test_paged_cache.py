@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.pool import BlockPool
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.cache.pool import BlockPool
 
 L, HKV, D = 3, 2, 8
 

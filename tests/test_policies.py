@@ -662,7 +662,7 @@ def test_rounding_helpers():
 @pytest.fixture(scope="module")
 def model_stats():
     stats = [make_stats(H, HKV, 96, D, window=32, sg_rows=32, sg_budget=10, seed=10 + l)[0] for l in range(3)]
-    for layer, st in enumerate(stats):  # KVzip's reconstruction column max (runtime/reconstruction.py)
+    for layer, st in enumerate(stats):  # KVzip's reconstruction column max (runtime/compression/reconstruction.py)
         st.col_max = torch.rand(H, 96, generator=torch.Generator().manual_seed(layer))
     return stats
 

@@ -138,7 +138,7 @@ def test_memory_size_parser(text):
 @given(st.floats(allow_nan=True), st.floats(allow_nan=True), st.integers(-3, 10**21), st.integers(-3, 2**65))
 def test_sampling_values(temperature, top_p, top_k, seed):
     from kvx.options import check_sampling
-    from kvx.runtime.sampling import SamplingParams, make_generator
+    from kvx.runtime.engine.sampling import SamplingParams, make_generator
 
     params = outcome(check_sampling, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
     if not isinstance(params, KvxError):
@@ -184,11 +184,11 @@ def _tiny_engine():
 
     from checkpoints import make_checkpoint
     from kvx.models.transformer import Transformer
-    from kvx.runtime.engine import Engine
+    from kvx.runtime.engine.model_runner import ModelRunner
 
     torch.set_num_threads(1)
     path, _ = make_checkpoint("qwen2", tempfile.mkdtemp(), vocab_size=256, max_position_embeddings=64)
-    return Engine(Transformer.from_pretrained(path), _Tokenizer())
+    return ModelRunner(Transformer.from_pretrained(path), _Tokenizer())
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -198,7 +198,7 @@ def _tiny_engine():
 def test_jsonl_reader(data):
     from kvx.inputs import utf8_lines
     from kvx.pipeline import run_jsonl
-    from kvx.runtime.sampling import SamplingParams
+    from kvx.runtime.engine.sampling import SamplingParams
 
     out = io.StringIO()
     with ExitStack() as stack:

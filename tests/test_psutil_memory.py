@@ -7,7 +7,7 @@ import psutil
 
 def test_available_memory_is_psutils():
     from kvx.runtime.memory import _cpu_available
-    from kvx.runtime.pool import _meminfo_available
+    from kvx.runtime.cache.pool import _meminfo_available
 
     want = psutil.virtual_memory().available
     for got in (_cpu_available(), _meminfo_available()):

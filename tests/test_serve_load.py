@@ -1,5 +1,5 @@
 """32 clients at once over loopback: every request completes, none is lost, each answer equals the same
-request run alone through Engine.generate (what `kvx generate` runs), and the pool ends empty."""
+request run alone through ModelRunner.generate (what `kvx generate` runs), and the pool ends empty."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from serve_helpers import live_server, tiny_model_dir, torch_threads, words
-from kvx.runtime.batch import generate
+from kvx.runtime.engine.batch_engine import generate
 
 # (kv fields sent, the policy and budget they mean); the server's default is snapkv at 50%.
 VARIANTS = [
@@ -31,15 +31,15 @@ def _request(i: int) -> dict:
 
 
 def _expected(model_dir, i: int):
-    """What the request gives alone: Engine.generate, greedy, with its policy."""
+    """What the request gives alone: ModelRunner.generate, greedy, with its policy."""
     from kvx.models import load_model
     from kvx.options import encode_prompt
     from kvx.policies import build_policy, parse_budget
-    from kvx.runtime.engine import Engine
-    from kvx.runtime.sampling import SamplingParams
+    from kvx.runtime.engine.model_runner import ModelRunner
+    from kvx.runtime.engine.sampling import SamplingParams
 
     if not hasattr(_expected, "engine"):
-        _expected.engine = Engine(*load_model(model_dir))
+        _expected.engine = ModelRunner(*load_model(model_dir))
     engine = _expected.engine
     r = _request(i)
     name, budget = VARIANTS[i % len(VARIANTS)][1]

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from serve_helpers import live_server, torch_threads
-from kvx.runtime.batch import generate
+from kvx.runtime.engine.batch_engine import generate
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,15 @@ def engine():
     """The single-request engine `kvx generate` runs, on its own copy of the default model."""
     from kvx.models import load_model
     from kvx.models.hub import pull_default_model
-    from kvx.runtime.engine import Engine
+    from kvx.runtime.engine.model_runner import ModelRunner
 
-    return Engine(*load_model(pull_default_model(quiet=True)))
+    return ModelRunner(*load_model(pull_default_model(quiet=True)))
 
 
 def alone(engine, prompt: str, max_tokens: int, raw: bool = False, policy=None, budget=None):
     from kvx.options import encode_prompt
     from kvx.policies import build_policy, parse_budget
-    from kvx.runtime.sampling import SamplingParams
+    from kvx.runtime.engine.sampling import SamplingParams
 
     ids = encode_prompt(engine.tokenizer, prompt, None, raw)
     pol = build_policy(policy) if policy else None

@@ -1,4 +1,4 @@
-"""Split prefill (runtime/split_prefill.py): the batched engine prefills a long prompt a piece per step,
+"""Split prefill (runtime/compression/split_prefill.py): the batched engine prefills a long prompt a piece per step,
 with nothing evicted in between, so running sequences decode between the pieces and the result is the
 one-shot prefill's: the same kept entries, the same greedy answer as the single-sequence engine alone."""
 
@@ -14,14 +14,14 @@ from kvx.errors import KvxError
 from kvx.kernels.stats import StatsRequest
 from kvx.models.transformer import Transformer
 from kvx.policies import build_policy, parse_budget
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.engine import Engine
-from kvx.runtime.sequence import GenerationRequest
-from kvx.runtime.split_prefill import piece_bounds, prefill_pieces, rows_read
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.sequence import GenerationRequest
+from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
 from test_batch import _alone, _ids, _request
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
-from kvx.runtime.batch import generate_agnostic
+from kvx.runtime.engine.batch_engine import generate_agnostic
 from runtime_helpers import new_request
 
 
@@ -49,7 +49,7 @@ def test_rows_read_by_each_kind_of_statistic():
 def engine(request, tmp_path_factory):
     # mistral: a sliding window shorter than the prompts, so each piece's window mask is exercised.
     path, _ = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), max_position_embeddings=4096)
-    return Engine(Transformer.from_pretrained(path), StubTokenizer())
+    return ModelRunner(Transformer.from_pretrained(path), StubTokenizer())
 
 
 SPLIT = [("snapkv", "20%"), ("tova", "30%"), ("ahakv", "20%"), ("laprox", "15%"), ("ada-snapkv", "10%"),
@@ -127,7 +127,7 @@ def test_kvzip_reconstructs_the_whole_context_after_a_split_prefill(tmp_path):
     from test_kvzip import ReconstructionTokenizer
 
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), ReconstructionTokenizer())
+    engine = ModelRunner(Transformer.from_pretrained(path), ReconstructionTokenizer())
     rng = random.Random(4)
     context, questions = _ids(rng, 200, 260), [_ids(rng, 3, 8) for _ in range(2)]
     b = parse_budget("20%")
@@ -177,7 +177,7 @@ def test_with_prefill_chunk_a_full_cache_prompt_is_still_split(tmp_path):
     """--prefill-chunk evicts between the chunks of a compressed prompt; a full-cache prompt has nothing to
     evict, and is prefilled a chunk per step all the same (exactly)."""
     path, _ = make_checkpoint("qwen2", tmp_path, max_position_embeddings=4096)
-    engine = Engine(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=50)
+    engine = ModelRunner(Transformer.from_pretrained(path), StubTokenizer(), prefill_chunk=50)
     rng = random.Random(2)
     batch = BatchEngine(engine, kv_memory=32 << 20, max_batch=2)
     short = batch.submit(_request(_ids(rng, 20, 30), "snapkv", "50%", 30, stop_at_eos=False))
@@ -190,5 +190,5 @@ def test_with_prefill_chunk_a_full_cache_prompt_is_still_split(tmp_path):
         assert len(during) < 50
     assert len(during) >= 6 and during[-1] - during[0] >= 5  # 6 chunks of 50, a token of short's after each
     batch.run()
-    plain = Engine(engine.model, StubTokenizer())  # the one-shot prefill
+    plain = ModelRunner(engine.model, StubTokenizer())  # the one-shot prefill
     assert long.results[0].token_ids == _alone(plain, long.request.prompt_ids, "full", None, 4).token_ids

@@ -118,7 +118,7 @@ def eval_command(
 
     from kvx.options import load, resolve_device, resolve_dtype
     from kvx.models.hub import model_name, resolve_model
-    from kvx.runtime.engine import Engine
+    from kvx.runtime.engine.model_runner import ModelRunner
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -127,7 +127,7 @@ def eval_command(
     config.model = model_name(model, folder)
     config.dtype = str(torch_dtype).removeprefix("torch.")
     llm, tok = load(str(folder), device, dtype, quiet=True)
-    engine = Engine(llm, tok)
+    engine = ModelRunner(llm, tok)
     baselines = []
     if against:
         from kvx.eval.kvpress_baseline import KvpressBaseline

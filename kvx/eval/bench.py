@@ -18,7 +18,7 @@ import torch
 
 from kvx.eval.haystack import filler_ids
 from kvx.eval.hf_cache import cache_arg, cache_of
-from kvx.runtime.engine import Engine
+from kvx.runtime.engine.model_runner import ModelRunner
 
 
 def prose_ids(tokenizer, n: int) -> list[int]:
@@ -48,17 +48,17 @@ class SpeedRow:
         return d
 
 
-def _pool_for(engine: Engine, ids: list[int], max_tokens: int, policy=None, budget=None):
+def _pool_for(engine: ModelRunner, ids: list[int], max_tokens: int, policy=None, budget=None):
     """A pool sized as the engine sizes a lone request's (scheduler.worst_case_blocks)."""
-    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
-    from kvx.runtime.scheduler import worst_case_blocks
+    from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
+    from kvx.runtime.engine.scheduler import worst_case_blocks
 
     cfg = engine.config
     blocks = worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, len(ids), 0, max_tokens, policy, budget)
     return BlockPool(blocks, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, engine.device)
 
 
-def kvx_prefill_tps(engine: Engine, ids: list[int]) -> float:
+def kvx_prefill_tps(engine: ModelRunner, ids: list[int]) -> float:
     req = engine.new_request(_pool_for(engine, ids, 0), capacity=len(ids))
     _sync(engine.device)
     t0 = time.perf_counter()
@@ -67,12 +67,12 @@ def kvx_prefill_tps(engine: Engine, ids: list[int]) -> float:
     return len(ids) / (time.perf_counter() - t0)
 
 
-def kvx_decode_tps(engine: Engine, ids: list[int], steps: int, policy=None, budget=None) -> float:
+def kvx_decode_tps(engine: ModelRunner, ids: list[int], steps: int, policy=None, budget=None) -> float:
     """Decode tokens/s of one request alone (a batch of one, the engine `kvx generate` runs): the first
     step prefills (one piece) and decodes, a second warms up (CUDA graph capture, allocator), then `steps`
     timed steps of one token each."""
-    from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.batch_engine import BatchEngine
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     request = GenerationRequest(prompt_ids=list(ids), max_tokens=steps + 3, stop_at_eos=False, policy=policy,
                                 budget=budget)
@@ -123,7 +123,7 @@ def median_of(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def runtime_vs_transformers(model_dir, engine: Engine, tokenizer, prefill_contexts=(1024, 4096),
+def runtime_vs_transformers(model_dir, engine: ModelRunner, tokenizer, prefill_contexts=(1024, 4096),
                             decode_contexts=(1024, 4096, 8192), decode_steps: int = 16, repeats: int = 3,
                             with_hf: bool = True, progress=None) -> list[SpeedRow]:
     hf = None
@@ -175,7 +175,7 @@ class CompressionRow:
         return d
 
 
-def compression(engine: Engine, tokenizer, policies: list[str], budgets: list[str], contexts=(4096, 8192),
+def compression(engine: ModelRunner, tokenizer, policies: list[str], budgets: list[str], contexts=(4096, 8192),
                 decode_context: int = 8192, decode_steps: int = 16, progress=None) -> list[CompressionRow]:
     from kvx.policies import build_policy, parse_budget
 

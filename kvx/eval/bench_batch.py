@@ -41,7 +41,7 @@ class BatchRow:
 
 def _requests(tokenizer, n: int, prompt_tokens: int, gen: int, policy: str | None, budget: str | None):
     from kvx.options import policy_and_budget
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     base = filler_ids(tokenizer, prompt_tokens + 8 * n)
     out = []
@@ -55,7 +55,7 @@ def _requests(tokenizer, n: int, prompt_tokens: int, gen: int, policy: str | Non
 
 def run_config(engine, tokenizer, name: str, n: int, prompt_tokens: int, gen: int, kv_memory: int,
                max_batch: int, policy: str | None, budget: str | None, progress=None) -> BatchRow:
-    from kvx.runtime.batch import BatchEngine
+    from kvx.runtime.engine.batch_engine import BatchEngine
 
     batch = BatchEngine(engine, kv_memory, max_batch)
     reqs = _requests(tokenizer, n, prompt_tokens, gen, policy, budget)
@@ -93,7 +93,7 @@ class CapacityRow:
 def run_sequential(engine, tokenizer, name: str, n: int, prompt_tokens: int, gen: int) -> BatchRow:
     reqs = _requests(tokenizer, n, prompt_tokens, gen, None, None)
     t0 = time.perf_counter()
-    from kvx.runtime.batch import generate
+    from kvx.runtime.engine.batch_engine import generate
 
     results = [generate(engine, r.prompt_ids, r.params, gen, stop_at_eos=False) for r in reqs]
     wall = time.perf_counter() - t0
@@ -108,7 +108,7 @@ def capacity(engine, context: int, gen: int, kv_memory: int, policy: str, budget
     compressed (memory.pool_capacity: the scheduler's admission arithmetic, as `kvx profile --plan`)."""
     from kvx.policies import parse_budget
     from kvx.runtime.memory import pool_capacity
-    from kvx.runtime.pool import BlockPool
+    from kvx.runtime.cache.pool import BlockPool
 
     cfg = engine.config
     nbytes = torch.empty((), dtype=engine.dtype).element_size()

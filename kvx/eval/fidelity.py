@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from kvx.eval.prefill import SharedPrefill
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
-from kvx.runtime.sampling import SamplingParams
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -72,8 +72,8 @@ def measure_fidelity(engine, prompt_ids: list[int], continuation: list[int], pol
 
 def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[int], policy, budget) -> FidelityResult:
     """Fidelity of (policy, budget) against the full cache, from an existing shared prefill."""
-    from kvx.runtime.batch_eviction import evict_due
-    from kvx.runtime.attend import make_attend
+    from kvx.runtime.compression.batch_eviction import evict_due
+    from kvx.runtime.engine.attend import make_attend
 
     m = len(continuation)
     engine.check_length(shared.n + m)
@@ -122,7 +122,7 @@ def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[in
 
 def greedy_continuation(engine, prompt_ids: list[int], n_tokens: int) -> list[int]:
     """The full cache's greedy continuation of `prompt_ids` (a natural continuation to teacher-force)."""
-    from kvx.runtime.batch import generate
+    from kvx.runtime.engine.batch_engine import generate
 
     engine.check_length(len(prompt_ids) + n_tokens)
     return generate(engine, prompt_ids, SamplingParams(), n_tokens, policy=None, budget=None,

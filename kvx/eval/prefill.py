@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats, StatsRequest, compute_layer_stats
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
 
 
 class SharedPrefill:
@@ -52,7 +52,7 @@ class SharedPrefill:
         self._tail_positions: Tensor | None = None
 
         # The base cache lives in a pool of its own, exactly its size: every variant is compressed from it
-        # into the pool that answers (Engine.compress(pool=...)), copying only what it keeps.
+        # into the pool that answers (ModelRunner.compress(pool=...)), copying only what it keeps.
         cfg = engine.config
         segments = cfg.num_layers * cfg.num_kv_heads
         self.pool = BlockPool(segments * -(-self.n // DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE, cfg.head_dim,
@@ -115,7 +115,7 @@ class SharedPrefill:
         if request.reconstruction:
             # KVzip: reconstruction passes over the base request's context (read only; budget-independent,
             # so every budget of the same kvzip options shares them through the cache above).
-            from kvx.runtime.reconstruction import reconstruction_stats
+            from kvx.runtime.compression.reconstruction import reconstruction_stats
 
             saved = self.base.timings.stats_s
             out = reconstruction_stats(engine, self.base, self.ids, out, request)

@@ -239,10 +239,10 @@ def _answer_variants(engine, config: EvalConfig, sample, prompt: PromptIds, vari
     kept entries are copied) and all answers decoded together, --max-batch at a time: a request's output
     in a batch is its output alone, with fewer passes over the weights."""
     from kvx.eval.fidelity import compare_on_continuation
-    from kvx.runtime.batch import BatchEngine
-    from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
-    from kvx.runtime.scheduler import held_blocks
-    from kvx.runtime.sequence import GenerationRequest
+    from kvx.runtime.engine.batch_engine import BatchEngine
+    from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+    from kvx.runtime.engine.scheduler import held_blocks
+    from kvx.runtime.engine.sequence import GenerationRequest
 
     agnostic = config.mode == "agnostic"
     cfg = engine.config

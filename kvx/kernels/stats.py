@@ -32,7 +32,7 @@ class StatsRequest:
     value_out_l1: bool = False  # ||v W_O^h||_1 per query head (CriticalKV)
     query_moments: bool = False  # pre-RoPE query mean / covariance per query head (ExpectedAttention)
     keys: bool = False  # the post-RoPE keys themselves, [Hkv, n, d] (a view, no copy: ExpectedAttention)
-    # KVzip: after the prefill, reconstruction passes (runtime/reconstruction.py) fill col_max. The prefill
+    # KVzip: after the prefill, reconstruction passes (runtime/compression/reconstruction.py) fill col_max. The prefill
     # itself computes nothing for them (needs_attention stays False). reconstruction = context tokens per
     # pass (0: no pass); the cue, the sinks in the scoring softmax and KVzip+'s row normaliser shape it too.
     reconstruction: int = 0

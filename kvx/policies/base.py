@@ -147,7 +147,7 @@ class Scorer:
 
     def decode_rule(self, n: np.ndarray, keep_count: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """decode_keep() as a rule that the batched engine applies to many segments at once
-        (runtime/batch_eviction.py). n and keep_count: int arrays, one entry per segment with keep_count < n.
+        (runtime/compression/batch_eviction.py). n and keep_count: int arrays, one entry per segment with keep_count < n.
         Returns (sinks, recent) per segment: the first `sinks` entries, then the `recent` most recent ones,
         most recent first, are protected in that priority order, and the other entries are ranked by
         decode_scores() (the attention mass unless a scorer says otherwise), ties to the lower index.

@@ -37,7 +37,7 @@ NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting wit
 @dataclass
 class KVzipScorer(Scorer):
     name = "kvzip"
-    reconstructs = True  # the engine runs runtime/reconstruction.py after the prefill
+    reconstructs = True  # the engine runs runtime/compression/reconstruction.py after the prefill
     sinks: int = field(default=4, metadata={"min": 0, "help": "first tokens always kept (attention sinks)"})
     chunk: int = field(default=2048, metadata={"min": 1, "help": "context tokens reconstructed per pass"})
     cue: int = field(default=8, metadata={"min": 0, "help": "last tokens of the previous chunk that cue the next"})
@@ -55,7 +55,7 @@ class KVzipScorer(Scorer):
 
     def score(self, stats: LayerStats, ctx: ScoreContext) -> Tensor:
         if stats.col_max is None:
-            raise RuntimeError("kvzip needs the reconstruction pass's statistics (runtime/reconstruction.py)")
+            raise RuntimeError("kvzip needs the reconstruction pass's statistics (runtime/compression/reconstruction.py)")
         s = stats.col_max.float()
         if self.plus:
             s = s * stats.value_out_norm.float()

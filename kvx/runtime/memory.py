@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from kvx.errors import KvxError
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE
 from kvx.models.config import ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -199,7 +199,7 @@ class _SequenceBytes:
 
     def pool_batches(self, context: int, free: int) -> tuple[int, int]:
         """(full, compressed) sequences of `context` tokens the batched engine runs at once in `free` bytes."""
-        from kvx.runtime.scheduler import compressed_blocks, full_blocks
+        from kvx.runtime.engine.scheduler import compressed_blocks, full_blocks
 
         B = DEFAULT_BLOCK_SIZE
         blocks = free // (B * self.entry)
@@ -220,7 +220,7 @@ class _SequenceBytes:
 def pool_capacity(cfg: ModelConfig, context: int, budget, dtype_bytes: int, headroom_tokens: int,
                   pool_bytes: int) -> tuple[int, int]:
     """(uncompressed, compressed) sequences of `context` tokens the batched engine holds at once in a KV
-    pool of pool_bytes (the same admission arithmetic as runtime/scheduler.py)."""
+    pool of pool_bytes (the same admission arithmetic as runtime/engine/scheduler.py)."""
     sizes = _SequenceBytes(cfg.num_layers * cfg.num_kv_heads, 2 * cfg.head_dim * dtype_bytes, budget, cfg,
                            headroom_tokens)
     return sizes.pool_batches(context, pool_bytes)

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from kvx.runtime.batch import BatchEngine
-from kvx.runtime.decode_eviction import DECODE_SLACK
-from kvx.runtime.engine import Engine
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine.model_runner import ModelRunner
 from kvx.runtime.memory import Plan
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
-from kvx.runtime.request import Request, Timings
-from kvx.runtime.scheduler import worst_case_blocks
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+from kvx.runtime.engine.request import Request, Timings
+from kvx.runtime.engine.scheduler import worst_case_blocks
+from kvx.runtime.engine.sequence import GenerationRequest
 
 # /2: measured over the engine's block tables, so slots and bytes held are whole blocks of the pool.
 SCHEMA = "kvx.profile/2"
@@ -92,7 +92,7 @@ def _compresses(policy, budget, n_tokens: int) -> bool:
 def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_steps: int = 8) -> Measurement:
     """Prefill `ids`, compress with (policy, budget) keeping `decode_steps` free slots per head, decode,
     in a pool sized as the engine sizes a lone request's (its worst case in blocks)."""
-    engine = Engine(model, tokenizer)
+    engine = ModelRunner(model, tokenizer)
     cfg = engine.config
     n = len(ids)
     limit = cfg.max_position_embeddings

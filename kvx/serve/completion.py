@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvx.errors import KvxError
-from kvx.runtime.sequence import FINISHED
+from kvx.runtime.engine.sequence import FINISHED
 from kvx.serve import translate
 from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, TEXT, EngineLoop, Job, QueueFull, ShuttingDown
 from kvx.serve.errors import ApiError, bad_request

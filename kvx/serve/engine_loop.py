@@ -28,7 +28,7 @@ import threading
 import time
 
 from kvx.errors import KvxError
-from kvx.runtime.sequence import CANCELLED, FAILED, FINISHED, WAITING
+from kvx.runtime.engine.sequence import CANCELLED, FAILED, FINISHED, WAITING
 from kvx.serve.metrics import ABORT, FINISHED_REASON, RateMeter, ServeMetrics
 
 log = logging.getLogger("kvx.serve")

@@ -21,8 +21,8 @@ def build_context(settings: ServeSettings, quiet: bool = False):
     from kvx.models.hub import resolve_model
     from kvx.options import (check_prefill_step, default_kv_memory, load, parse_memory, policy_and_budget,
                              resolve_device)
-    from kvx.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine
-    from kvx.runtime.engine import Engine
+    from kvx.runtime.engine.batch_engine import DEFAULT_MAX_BATCH, BatchEngine
+    from kvx.runtime.engine.model_runner import ModelRunner
     from kvx.serve.completion import ServerContext
     from kvx.serve.engine_loop import EngineLoop
     from kvx.serve.keys import collect_keys, metrics_key
@@ -40,7 +40,7 @@ def build_context(settings: ServeSettings, quiet: bool = False):
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
-    engine = Engine(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
+    engine = ModelRunner(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
     batch = BatchEngine(engine, kv_memory if kv_memory is not None else default_kv_memory(device),
                         settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
     model_id = resolve_model(settings.model, quiet=True).name

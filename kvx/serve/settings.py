@@ -34,12 +34,12 @@ class ServeSettings:
     budget: str | None = None
     allocation: str | None = None
     policy_args: list[str] = field(default_factory=list)
-    max_batch: int | None = None  # None: the batched engine's default (kvx.runtime.batch)
+    max_batch: int | None = None  # None: the batched engine's default (kvx.runtime.engine.batch_engine)
     kv_memory: str | None = None  # None: options.default_kv_memory(device)
     max_queue: int = DEFAULT_MAX_QUEUE
     max_tokens: int = DEFAULT_MAX_TOKENS
     prefill_chunk: int | None = None
-    prefill_step: int | None = None  # None: the device's default (kvx.runtime.split_prefill)
+    prefill_step: int | None = None  # None: the device's default (kvx.runtime.compression.split_prefill)
     use_graphs: bool = True  # GPU: replay the batched decode step as CUDA graphs (--no-graph: eager)
     device: str = "auto"
     dtype: str = "auto"

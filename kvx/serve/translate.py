@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import secrets
 
-from kvx.runtime.sampling import SamplingParams
-from kvx.runtime.sequence import GenerationRequest
+from kvx.runtime.engine.sampling import SamplingParams
+from kvx.runtime.engine.sequence import GenerationRequest
 from kvx.serve import compression
 from kvx.serve.errors import bad_request
 from kvx.serve.settings import RequestDefaults

@@ -5,7 +5,7 @@ Prefill attends over the K/V just computed (or the uniform cache) and, when the 
 writes that layer's statistics (ops.layer_stats: Triton on a GPU, so no n x n matrix is formed); a forward
 after a compaction (a question over its compressed context, a chunk after an eviction) attends each kv head
 over its own ragged segment. A one-token forward adds H2O/TOVA's per-key mass, as a decode step does.
-The batched decode step (runtime/batch_step.py) has an attend of its own over the block tables.
+The batched decode step (runtime/engine/batch_step.py) has an attend of its own over the block tables.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kvx.kernels import ops
 from kvx.kernels.stats import StatsRequest
-from kvx.runtime.request import Request
+from kvx.runtime.engine.request import Request
 
 
 def make_attend(engine, req: Request, stats_req: StatsRequest | None) -> Callable:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvx.runtime.pool import BlockPool
+from kvx.runtime.cache.pool import BlockPool
 
 
-# Table versions, unique across every layer of every cache: a batched step's buffers (runtime/batch_step.py)
+# Table versions, unique across every layer of every cache: a batched step's buffers (runtime/engine/batch_step.py)
 # rewrite a segment's block-table row only when the version it last saw has changed.
 _TABLE_VERSIONS = itertools.count(1)
 
@@ -163,7 +163,7 @@ class PagedKVCache:
         self.layers = [PagedLayer(pool, num_kv_heads, track_mass, self, self.length_array[i], self.capacity_array[i])
                        for i in range(num_layers)]
         # Bytes the same request holds in another cache meanwhile (the compressed context an answer's copy
-        # was taken from, runtime/snapshot.py): counted in the peak, which is the request's, not this object's.
+        # was taken from, runtime/cache/snapshot.py): counted in the peak, which is the request's, not this object's.
         self.beside = 0
         self.peak_bytes = 0
         if capacity:

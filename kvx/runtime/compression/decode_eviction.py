@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvx.runtime.request import Request
+from kvx.runtime.engine.request import Request
 
 # Tokens a decode-time policy may exceed its budget by before it evicts: evicting in small batches keeps
 # the per-step cost low while the cache stays within budget + DECODE_SLACK.

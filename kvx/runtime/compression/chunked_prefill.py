@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from kvx.errors import KvxError
-from kvx.runtime.request import Request
-from kvx.runtime.split_prefill import piece_bounds, prefill_pieces, rows_read
+from kvx.runtime.engine.request import Request
+from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
 
 
 def prefill_steps(engine, req: Request, ids: list[int], chunk: int):

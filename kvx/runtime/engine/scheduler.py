@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import deque
 
 # Tokens a decode-time policy may exceed its budget by (the engine's DECODE_SLACK).
-from kvx.runtime.decode_eviction import DECODE_SLACK
-from kvx.runtime.sequence import Sequence
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.engine.sequence import Sequence
 
 
 def full_blocks(segments: int, block_size: int, tokens: int) -> int:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from kvx.kernels.stats import StatsRequest
-from kvx.runtime.request import Request
+from kvx.runtime.engine.request import Request
 
 # Prompt tokens per engine step in the batched engine. On a GPU each piece's attention reads the cache so
 # far gathered from the pool, so pieces are larger there: 8192 tokens of an 8B model are about 0.2 s of
@@ -52,7 +52,7 @@ def piece_bounds(n: int, step: int, tail: int) -> list[tuple[int, int]]:
 
 def prefill_pieces(engine, req: Request, ids: list[int], step: int | None):
     """A generator that prefills `ids` `step` tokens at a time, yielding between pieces, and returns
-    (last logits, None) like Engine.prefill_steps; one piece when step is None or the statistics need
+    (last logits, None) like ModelRunner.prefill_steps; one piece when step is None or the statistics need
     every row."""
     n = len(ids)
     stats_req = engine.stats_request(req, n)

@@ -69,7 +69,7 @@ class GenerationResult:
 class Request:
     """One sequence's state: its cache, the policy and budget it is compressed with, what comes next."""
 
-    cache: object  # kvx.runtime.paged_cache.PagedKVCache
+    cache: object  # kvx.runtime.cache.paged_cache.PagedKVCache
     policy: object | None = None  # kvx.policies.Policy
     budget: object | None = None  # kvx.policies.Budget
     position: int = 0  # next absolute position

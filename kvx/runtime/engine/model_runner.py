@@ -1,12 +1,12 @@
 """The model runner: one forward pass of the model over a request's paged cache, and what it computes on
 the way (statistics, compression).
 
-The runner owns no cache and runs no loop: the batched engine (runtime/batch.py) decides what runs when,
+The runner owns no cache and runs no loop: the batched engine (runtime/engine/batch_engine.py) decides what runs when,
 and the runner executes one unit of it for one request. Prefill runs the model over the prompt with an
-`attend` callback (runtime/attend.py) that appends K/V to the request's PagedKVCache, attends and (when a
+`attend` callback (runtime/engine/attend.py) that appends K/V to the request's PagedKVCache, attends and (when a
 policy asks) records that layer's statistics; the policy then picks what each (layer, kv head) keeps and
-the cache is compacted in place (runtime/compression.py), so the blocks held really shrink. Decode steps
-of many requests at once run through runtime/batch_step.py, which calls the same model.
+the cache is compacted in place (runtime/compression/compress.py), so the blocks held really shrink. Decode steps
+of many requests at once run through runtime/engine/batch_step.py, which calls the same model.
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ from torch import Tensor
 
 from kvx.errors import KvxError
 from kvx.kernels.stats import StatsRequest, wo_gram
-from kvx.runtime.attend import make_attend
-from kvx.runtime.chunked_prefill import prefill_steps
-from kvx.runtime.compression import compress
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.request import GenerationResult, Request, Timings
+from kvx.runtime.engine.attend import make_attend
+from kvx.runtime.compression.chunked_prefill import prefill_steps
+from kvx.runtime.compression.compress import compress
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.engine.request import GenerationResult, Request, Timings
 
-__all__ = ["Engine", "GenerationResult", "Request", "Timings"]
+__all__ = ["ModelRunner", "GenerationResult", "Request", "Timings"]
 
 # A forward pass's attend callback may be wrapped by its caller (eval's shared prefill records the last
 # query rows, fidelity runs a shadow cache beside the full one): wrap(attend) -> attend.
 AttendWrap = Callable[[Callable], Callable]
 
 
-class Engine:
+class ModelRunner:
     """The model runner: forward passes, statistics and compression over paged caches.
 
     `policy`/`budget`/`prefill_chunk` are the defaults a command line gives every request."""
@@ -41,7 +41,7 @@ class Engine:
                  prefill_chunk: int | None = None):
         self.model = model
         self.prefill_chunk = prefill_chunk  # chunked prefill with interleaved eviction (chunked_prefill.py)
-        self.use_graphs = use_graphs  # CUDA-graph decode steps on a GPU (runtime/batch_step.py)
+        self.use_graphs = use_graphs  # CUDA-graph decode steps on a GPU (runtime/engine/batch_step.py)
         self.tokenizer = tokenizer
         self.config = model.config
         param = next(model.parameters())
@@ -124,14 +124,14 @@ class Engine:
         logits = self.forward(req, ids, stats_req, wrap)
         if stats_req is not None and stats_req.reconstruction:
             # KVzip: reconstruction passes score the context (their own K/V never enter the cache).
-            from kvx.runtime.reconstruction import reconstruction_stats
+            from kvx.runtime.compression.reconstruction import reconstruction_stats
             req.stats = reconstruction_stats(self, req, context_ids or ids, req.stats, stats_req)
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 
     def prefill_steps(self, req: Request, ids: list[int], chunk: int):
         """A generator prefilling `chunk` tokens per step with eviction in between
-        (runtime/chunked_prefill.py); returns (last logits, the budget for the final compress)."""
+        (runtime/compression/chunked_prefill.py); returns (last logits, the budget for the final compress)."""
         return prefill_steps(self, req, ids, chunk)
 
     def fork(self, req: Request, policy=None, budget=None) -> Request:
@@ -148,7 +148,7 @@ class Engine:
     # -- compression ------------------------------------------------------------------------------
     def compress(self, req: Request, headroom: int, budget=None, pool=None) -> None:
         """Select with the policy from the statistics of the last prefill, then compact the cache
-        (runtime/compression.py). `budget` overrides the request's (chunked prefill passes the per-head
+        (runtime/compression/compress.py). `budget` overrides the request's (chunked prefill passes the per-head
         equivalent); `pool` writes the kept entries to a new cache there (a fork)."""
         compress(self, req, headroom, budget, pool)
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from kvx.runtime.sampling import SamplingParams, make_generator
+from kvx.runtime.engine.sampling import SamplingParams, make_generator
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Sequence:
         self.request = request
         self.max_tokens = max_tokens  # clipped to the model's context
         self.state = WAITING
-        self.req = None  # kvx.runtime.request.Request once admitted
+        self.req = None  # kvx.runtime.engine.request.Request once admitted
         self.reserved = 0  # blocks reserved in the pool
         self.results: list = []  # GenerationResult per question (one for a prompt)
         self.error: str | None = None
@@ -70,7 +70,7 @@ class Sequence:
         self.generator = None
         self.decode_started = 0.0
         self.snapshot = None  # what a question rewinds to (agnostic mode)
-        self.prefill_steps = None  # the chunked prefill in progress (Engine.prefill_steps)
+        self.prefill_steps = None  # the chunked prefill in progress (ModelRunner.prefill_steps)
         self.prefix_tokens: int | None = None  # set when a prefilled request is adopted (BatchEngine.adopt)
 
     @property

@@ -40,7 +40,7 @@ class BlockPool:
         # instead: its slots past a segment's length are then finite (so a zero probability zeroes them in
         # the reference attention) and its mass reads zero.
         # One block more than the cap, never handed out: the scratch block that the padding sequences of a
-        # captured batched step (runtime/batch_step.py) write to and read from.
+        # captured batched step (runtime/engine/batch_step.py) write to and read from.
         self.scratch = num_blocks
         self.k = torch.empty(num_blocks + 1, block_size, head_dim, dtype=dtype, device=self.device)
         self.v = torch.empty(num_blocks + 1, block_size, head_dim, dtype=dtype, device=self.device)

@@ -22,18 +22,18 @@ from typing import Callable
 import torch
 
 from kvx.errors import KvxError
-from kvx.runtime.batch_eviction import evict_batch
-from kvx.runtime.batch_step import BatchStepper
-from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
-from kvx.runtime.engine import Engine
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.pool import DEFAULT_BLOCK_SIZE, BlockPool
-from kvx.runtime.request import GenerationResult
-from kvx.runtime.sampling import SamplingParams, sample
-from kvx.runtime.scheduler import Scheduler, blocks_needed
-from kvx.runtime.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
-from kvx.runtime.snapshot import ContextSnapshot
-from kvx.runtime.split_prefill import default_prefill_step, prefill_pieces
+from kvx.runtime.compression.batch_eviction import evict_batch
+from kvx.runtime.engine.batch_step import BatchStepper
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
+from kvx.runtime.engine.request import GenerationResult
+from kvx.runtime.engine.sampling import SamplingParams, sample
+from kvx.runtime.engine.scheduler import Scheduler, blocks_needed
+from kvx.runtime.engine.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
+from kvx.runtime.cache.snapshot import ContextSnapshot
+from kvx.runtime.compression.split_prefill import default_prefill_step, prefill_pieces
 
 DEFAULT_MAX_BATCH = 16
 
@@ -41,7 +41,7 @@ DEFAULT_MAX_BATCH = 16
 class BatchEngine:
     """The engine: requests in, results out, over one shared pool of `kv_memory` bytes (or `pool`)."""
 
-    def __init__(self, engine: Engine, kv_memory: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+    def __init__(self, engine: ModelRunner, kv_memory: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefill_step: int | None = None,
                  prefill_first: bool = False, pool: BlockPool | None = None):
         if max_batch < 1:
@@ -113,7 +113,7 @@ class BatchEngine:
         self.pool.reserve(need)
         seq.reserved = need
         seq.prefix_tokens = req.position
-        if req.cache.pool is self.pool:  # compressed straight into this pool (Engine.compress(pool=...))
+        if req.cache.pool is self.pool:  # compressed straight into this pool (ModelRunner.compress(pool=...))
             req.cache.reserve(extra)
         else:
             req.cache = PagedKVCache.copy_of(req.cache, self.pool, extra)
@@ -361,7 +361,7 @@ class BatchEngine:
         self.finished.append(seq)
 
 
-def clip_max_tokens(engine: Engine, request: GenerationRequest) -> int:
+def clip_max_tokens(engine: ModelRunner, request: GenerationRequest) -> int:
     """The request's max_tokens clipped to what the model's context leaves after its prompt (and longest
     question); KvxError for an empty or too long prompt, or a context without questions."""
     limit = engine.config.max_position_embeddings
@@ -378,7 +378,7 @@ def clip_max_tokens(engine: Engine, request: GenerationRequest) -> int:
     return max(0, min(request.max_tokens, limit - n))
 
 
-def run_alone(engine: Engine, request: GenerationRequest, prefill_step: int | None = None) -> Sequence:
+def run_alone(engine: ModelRunner, request: GenerationRequest, prefill_step: int | None = None) -> Sequence:
     """One request as a batch of one, in a pool sized to its worst case (scheduler.worst_case_blocks: the
     same figure the memory check compares with the free memory), prefilled in one piece unless
     `prefill_step` says otherwise. Returns the finished Sequence (its results); a request's own error is a
@@ -397,7 +397,7 @@ def run_alone(engine: Engine, request: GenerationRequest, prefill_step: int | No
     return seq
 
 
-def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
+def generate(engine: ModelRunner, prompt_ids: list[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
              on_text: Callable[[str], None] | None = None, policy=None, budget=None,
              stop_at_eos: bool = True) -> GenerationResult:
     """Question-aware, one prompt alone (run_alone): prefill, compress, decode. policy/budget default to the
@@ -409,7 +409,7 @@ def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams = Sam
     return run_alone(engine, request).results[0]
 
 
-def generate_agnostic(engine: Engine, context_ids: list[int], questions: list[list[int]],
+def generate_agnostic(engine: ModelRunner, context_ids: list[int], questions: list[list[int]],
                       params: SamplingParams = SamplingParams(), max_tokens: int = 256,
                       on_text: Callable[[int, str], None] | None = None, policy=None,
                       budget=None) -> list[GenerationResult]:

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from kvx.kernels.stats import LayerStats
-from kvx.runtime.decode_eviction import DECODE_SLACK
-from kvx.runtime.paged_cache import PagedKVCache
-from kvx.runtime.request import Request
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.cache.paged_cache import PagedKVCache
+from kvx.runtime.engine.request import Request
 
 
 @torch.inference_mode()

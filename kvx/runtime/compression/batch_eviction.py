@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvx.runtime.decode_eviction import DECODE_SLACK, evict_per_segment
+from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment
 
 # Entries × head_dim per pass, by device: bounds the temporaries (the gathered K / V of every kept entry that
 # moves: at most 2 × 2^26 bf16 elements, 256 MiB, on a GPU, beside a KV pool that took most of the memory).
