@@ -230,12 +230,14 @@ def sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_windo
 
 
 def paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, *, mass_pool=None, mass_mode=None,
-                           pos_pool=None, q_pos=None, sliding_window=None, max_len=None):
+                           pos_pool=None, q_pos=None, sliding_window=None, max_len=None, row_starts=None):
     """Batched decode attention over paged segments; see reference.paged_decode_attention.
 
-    max_len sizes the Triton grid: a host upper bound on every length (CUDA graphs need it fixed)."""
+    max_len sizes the Triton grid: a host upper bound on every length (CUDA graphs need it fixed).
+    row_starts: each segment's first pool slot when the caller knows its blocks are consecutive (the
+    reference then reads slices without checking the tables; Triton reads the tables either way)."""
     kw = dict(mass_pool=mass_pool, mass_mode=mass_mode, pos_pool=pos_pool, q_pos=q_pos,
               sliding_window=sliding_window, max_len=max_len)
     if use_triton(q):
         return _module("triton_paged").paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
-    return reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
+    return reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, row_starts=row_starts, **kw)

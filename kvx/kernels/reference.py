@@ -96,6 +96,7 @@ def paged_decode_attention(
     q_pos: Tensor | None = None,
     sliding_window: int | None = None,
     max_len: int | None = None,
+    row_starts: list[int] | None = None,
 ) -> Tensor:
     """One query token per head over paged segments: the batched decode step's attention.
 
@@ -106,7 +107,8 @@ def paged_decode_attention(
     probability summed over its G heads (H2O accumulates, TOVA keeps the last step's; a key the window
     hides gets 0). With sliding_window,
     pos_pool [blocks, B] and q_pos [N] hide keys at q_pos - pos >= window. max_len (an upper bound on the
-    lengths) sizes the Triton grid and is not needed here.
+    lengths) sizes the Triton grid and is not needed here. row_starts: each segment's first slot when its
+    blocks are known to be consecutive (read as slices, the tables unchecked).
     """
     N = q.shape[0]
     if N == 0:
@@ -123,7 +125,7 @@ def paged_decode_attention(
         groups[-1].append(i)
     kw = dict(pos_pool=pos_pool, sliding_window=sliding_window, mass_pool=mass_pool)
     if N <= _SLICED_ROWS_MAX:
-        starts = _consecutive_starts(tables, lengths, k_pool.shape[1])
+        starts = row_starts if row_starts is not None else _consecutive_starts(tables, lengths, k_pool.shape[1])
         if starts is not None:
             return _sliced_rows(q, k_pool, v_pool, starts, lens, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
     if len(groups) == 1:

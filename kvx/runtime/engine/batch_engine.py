@@ -201,8 +201,11 @@ class BatchEngine:
             seq.state = PREFILL
             ids = r.context_ids if r.agnostic else r.prompt_ids
             n = len(ids)
-            req = eng.new_request(self.pool, capacity=min(n, eng.prefill_chunk or n), policy=r.policy,
-                                  budget=r.budget)
+            # An uncompressed prompt gets its decode headroom up front, in the same allocation: each segment's
+            # blocks then follow each other in the pool (the CPU decode reads them as one slice).
+            full = (r.policy is None or r.policy.name == "full" or r.budget is None) and not r.agnostic
+            capacity = n + seq.max_tokens if full else min(n, eng.prefill_chunk or n)
+            req = eng.new_request(self.pool, capacity=capacity, policy=r.policy, budget=r.budget)
             seq.req = req
             if not req.compresses and not r.agnostic:
                 req.cache.reserve(n + seq.max_tokens)

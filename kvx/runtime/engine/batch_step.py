@@ -69,6 +69,10 @@ class StaticStep:
         self.lengths = torch.zeros((L, N), dtype=torch.int32, device=dev)
         self.mass_mode = torch.zeros(N, dtype=torch.int32, device=dev) if mass else None
         self.q_out = torch.zeros((L, H, size, d), dtype=engine.dtype, device=dev)  # AhaKV's recent queries
+        # A step that may be captured always writes them (the graph is shared by every batch of its shape);
+        # an eager one (BatchStepper sets `eager`) only when a request of the batch keeps recent queries.
+        self.eager = False
+        self.copy_queries = True
         self._rows = torch.arange(N, device=dev)
         # The host mirror of the tables (the tables themselves on the CPU); pinned so the copy is async.
         if dev.type == "cpu":
@@ -81,6 +85,9 @@ class StaticStep:
         self._host_lengths = np.zeros((L, size, Hkv), dtype=np.int32)
         self.graph = None
         self.logits: Tensor | None = None
+        # Eager on the CPU: per layer each segment's first slot when every segment's blocks are consecutive
+        # (the reference then reads slices of the pool), recomputed when a table changes; else None.
+        self._row_starts: list[list[int]] | None = None
 
     # -- host side ----------------------------------------------------------------------------------
     def load(self, reqs: list, tokens: list[int]) -> None:
@@ -112,6 +119,9 @@ class StaticStep:
             dirty = True
         if dirty and host is not self.tables:
             self.tables.copy_(host, non_blocking=True)
+        if dirty and self.eager and host is self.tables:
+            self._row_starts = _row_starts(reqs, self.pool.block_size)
+            self.copy_queries = any(r.decode_mode == "recent_queries" for r in reqs)
         # Every sequence's [layers, kv heads] lengths into the [layers, size · kv heads] buffer, in one op.
         lengths = self._host_lengths
         lengths[:, :S] = np.stack([r.cache.length_array for r in reqs], axis=1)
@@ -145,8 +155,9 @@ class StaticStep:
                 q.transpose(0, 1).reshape(N, G, d), pool.k, pool.v, tables, n + 1, eng.scale,
                 mass_pool=pool.mass if self.mass_mode is not None else None, mass_mode=self.mass_mode,
                 pos_pool=pool.pos, q_pos=q_pos, sliding_window=cfg.sliding_window_for(layer),
-                max_len=self.width * B)
-            self.q_out[layer].copy_(q)
+                max_len=self.width * B, row_starts=None if self._row_starts is None else self._row_starts[layer])
+            if self.copy_queries:
+                self.q_out[layer].copy_(q)
             return out.reshape(size, Hkv * G, d).transpose(0, 1)
 
         return eng.model(self.ids, self.pos, attend)
@@ -168,6 +179,20 @@ class StaticStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=_graph_pool(self.engine)), torch.inference_mode():
             self.logits = self.run()
+
+
+def _row_starts(reqs: list, block_size: int) -> list[list[int]] | None:
+    """Per layer, the first pool slot of every (sequence, kv head) segment, when each segment's blocks are
+    consecutive ids (a lone request's usually are: its cache is allocated in one piece); else None."""
+    layers = len(reqs[0].cache.layers)
+    out = [[] for _ in range(layers)]
+    for r in reqs:
+        for layer, lc in enumerate(r.cache.layers):
+            for t in lc.tables:
+                if t and t != list(range(t[0], t[0] + len(t))):
+                    return None
+                out[layer].append(t[0] * block_size if t else 0)
+    return out
 
 
 def _graph_pool(engine):
@@ -200,6 +225,7 @@ class BatchStepper:
         entry = self._entries.get(key)
         if entry is None:
             entry = StaticStep(self.engine, self.pool, *key)
+            entry.eager = not self.use_graphs
             self._entries[key] = entry
             while len(self._entries) > _KEEP_ENTRIES:
                 self._entries.popitem(last=False)
