@@ -150,8 +150,11 @@ class Transformer(nn.Module):
         """[hidden, H*d]; columns h*d:(h+1)*d are W_O^h."""
         return self.layers[layer_idx].o
 
-    def forward(self, ids: Tensor, positions: Tensor, attend: AttendFn, last_only: bool = False) -> Tensor:
-        """ids, positions: [T] int64. Returns float32 logits [T, V], or [1, V] for the last token only."""
+    def forward(self, ids: Tensor, positions: Tensor, attend: AttendFn, last_only: bool = False,
+                on_residual: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """ids, positions: [T] int64. Returns float32 logits [T, V], or [1, V] for the last token only.
+        on_residual(layer, x): called with the residual stream [T, D] entering each layer (KVzip+ reads its
+        norms), an explicit hook rather than a patched function."""
         cfg = self.config
         H, Hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         T = ids.shape[0]
@@ -160,6 +163,8 @@ class Transformer(nn.Module):
         n_qk = H + Hkv
         inter = cfg.intermediate_size
         for layer_idx, w in enumerate(self._layer_weights):
+            if on_residual is not None:
+                on_residual(layer_idx, x)
             h = rms_norm(x, w.attn_norm, eps)
             # One copy into head-major layout (none at T=1); every slice below is then contiguous.
             heads = linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()

@@ -15,7 +15,6 @@ them.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,28 +63,6 @@ def plan_passes(context_ids: list[int], prefix_ids: list[int], suffix_ids: list[
     return ReconstructionPlan(passes=passes, prefix=prefix)
 
 
-@contextmanager
-def _residual_norms(model, sink: list):
-    """Within the block, record ||x_t||_2 of the residual stream entering every layer's attention
-    (KVzip+'s row normaliser) as the model computes its attention norm."""
-    import kvx.models.transformer as tf
-
-    norms = {id(w.attn_norm): i for i, w in enumerate(model._layer_weights)}
-    original = tf.rms_norm
-
-    def recording(x, weight, eps):
-        layer = norms.get(id(weight))
-        if layer is not None:
-            sink[layer] = torch.linalg.vector_norm(x.float(), dim=-1)
-        return original(x, weight, eps)
-
-    tf.rms_norm = recording
-    try:
-        yield
-    finally:
-        tf.rms_norm = original
-
-
 def _score_pass(engine, req, ids: list[int], start: int, end: int, sinks: int, col_max: list[Tensor],
                 plus: bool) -> None:
     """One pass over the chunk [start, end); its scoring softmax's sinks are the first `sinks` tokens."""
@@ -114,8 +91,10 @@ def _score_pass(engine, req, ids: list[int], start: int, end: int, sinks: int, c
 
     ids_t = torch.tensor(ids, dtype=torch.long, device=device)
     if plus:
-        with _residual_norms(engine.model, row_norms):
-            engine.model(ids_t, positions, attend, last_only=True)
+        def record(layer: int, x: Tensor) -> None:  # KVzip+'s row normaliser: ||x_t|| entering the layer
+            row_norms[layer] = torch.linalg.vector_norm(x.float(), dim=-1)
+
+        engine.model(ids_t, positions, attend, last_only=True, on_residual=record)
     else:
         engine.model(ids_t, positions, attend, last_only=True)
 
