@@ -35,7 +35,7 @@ def decode(engine, req, logits, max_tokens: int, params: SamplingParams = Sampli
 
 
 def run_steps(steps):
-    """Drive a prefill generator (ModelRunner.prefill_steps, split_prefill.prefill_pieces) to its end; returns
+    """Drive a prefill generator (ModelRunner.prefill_chunks, split_prefill.prefill_pieces) to its end; returns
     what it returns."""
     while True:
         try:

@@ -126,9 +126,9 @@ def test_running_sequences_decode_between_the_chunks_of_a_long_prefill(tmp_path)
     during = []
     for _ in range(100):
         batch.step()
-        if long.state == "prefill" or long.prefill_steps is not None:
+        if long.state == "prefill" or long.prefill_units is not None:
             during.append(len(short.out_ids))
-        if long.state != "prefill" and long.prefill_steps is None:
+        if long.state != "prefill" and long.prefill_units is None:
             break
     assert len(during) >= 8 and during[-1] - during[0] >= 7  # ~10 chunks, a token of short's after each
     batch.run()

@@ -50,7 +50,7 @@ def test_kept_positions_are_sorted_and_include_the_recent_window(tiny):
     n, chunk = 700, 128
     engine = ModelRunner(tiny, StubTokenizer(), build_policy("snapkv"), parse_budget("64"), prefill_chunk=chunk)
     req = new_request(engine, capacity=chunk, policy=engine.policy, budget=engine.budget)
-    _, final = run_steps(engine.prefill_steps(req, prompt(n, 1), chunk))
+    _, final = run_steps(engine.prefill_chunks(req, prompt(n, 1), chunk))
     engine.compress(req, headroom=0, budget=final)
     for lc in req.cache.layers:
         for g in range(req.cache.num_kv_heads):

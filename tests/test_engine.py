@@ -121,7 +121,7 @@ def test_append_after_compaction_and_growth():
     hkv, d, n = 2, 4, 10
     cache, ks, vs, g = _random_cache(hkv, d, n)
     cache.compact([[torch.tensor([1, 5]), torch.tensor([0, 3, 9])]] * 2, headroom=1)
-    cache.reserve(4, headroom=2)  # grows: capacity was kept + 1
+    cache.make_room(4, headroom=2)  # grows: capacity was kept + 1
     knew, vnew = torch.randn(hkv, 4, d), torch.randn(hkv, 4, d)
     cache.append(0, knew, vnew, torch.arange(10, 14))
     k0, v0, p0 = cache.layers[0].head(0)

@@ -81,7 +81,7 @@ def test_paged_cache_equals_the_reference_under_random_operations(seed, block_si
         op = rng.choice(["append", "append", "reserve", "compact", "compact_layer", "mass"])
         if op == "append":
             T = rng.randint(1, 9)
-            paged.reserve(T)
+            paged.make_room(T)
             pos = torch.arange(position, position + T)
             for layer in range(L):
                 k, v = torch.randn(HKV, T, D, generator=gen), torch.randn(HKV, T, D, generator=gen)
@@ -90,7 +90,7 @@ def test_paged_cache_equals_the_reference_under_random_operations(seed, block_si
             position += T
         elif op == "reserve":
             extra, headroom = rng.randint(0, 20), rng.randint(0, 20)
-            paged.reserve(extra, headroom)
+            paged.make_room(extra, headroom)
         elif op == "mass":
             layer, g = rng.randrange(L), rng.randrange(HKV)
             n = paged.layers[layer].lengths[g]
@@ -126,7 +126,7 @@ def test_paged_cache_equals_the_reference_under_random_operations(seed, block_si
 def test_the_peak_follows_every_growth_and_not_a_shrink():
     pool = BlockPool(256, 4, D, torch.float32, "cpu")
     cache = PagedKVCache(pool, L, HKV)
-    cache.reserve(10)
+    cache.make_room(10)
     grown = cache.bytes_allocated()
     assert cache.peak_bytes == grown > 0
     cache.compact([[torch.arange(2) for _ in range(HKV)] for _ in range(L)], headroom=0)

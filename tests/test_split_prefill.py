@@ -114,7 +114,7 @@ def test_running_sequences_decode_between_the_pieces_of_a_long_full_cache_prompt
     during = []
     for _ in range(100):
         batch.step()
-        if long.state == "prefill" or long.prefill_steps is not None:
+        if long.state == "prefill" or long.prefill_units is not None:
             during.append(len(short.out_ids))
         else:
             break
@@ -166,7 +166,7 @@ def test_a_request_cancelled_between_pieces_returns_its_blocks(engine):
     long = batch.submit(_request(_ids(rng, 400, 401), "snapkv", "10%", 8))
     for _ in range(4):
         batch.step()
-    assert long.prefill_steps is not None and batch.pool.num_used > 0  # part of the prompt is in the cache
+    assert long.prefill_units is not None and batch.pool.num_used > 0  # part of the prompt is in the cache
     batch.cancel(long)
     batch.run()
     assert long.state == "cancelled" and other.state == "finished"
@@ -184,7 +184,7 @@ def test_with_prefill_chunk_a_full_cache_prompt_is_still_split(tmp_path):
     batch.step()
     long = batch.submit(_request(_ids(rng, 300, 301), "full", None, 4))
     during = []
-    while long.state == "waiting" or long.prefill_steps is not None or long.state == "prefill":
+    while long.state == "waiting" or long.prefill_units is not None or long.state == "prefill":
         batch.step()
         during.append(len(short.out_ids))
         assert len(during) < 50

@@ -108,7 +108,7 @@ def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[in
 
     kl, top1 = [], []
     for tok in continuation:
-        shadow.cache.reserve(1)
+        shadow.cache.make_room(1)
         logits_full = engine.forward(full, [tok], wrap=beside_full)
         shadow.position += 1
         logits_comp = engine.forward(compressed, [tok])

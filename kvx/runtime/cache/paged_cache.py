@@ -167,7 +167,7 @@ class PagedKVCache:
         self.beside = 0
         self.peak_bytes = 0
         if capacity:
-            self.reserve(capacity)
+            self.make_room(capacity)
 
     # -- accounting -------------------------------------------------------------------------------
     def blocks_held(self) -> int:
@@ -191,7 +191,7 @@ class PagedKVCache:
         self.peak_bytes = max(self.peak_bytes, self.bytes_allocated() + self.beside)
 
     # -- growth and appends -----------------------------------------------------------------------
-    def reserve(self, extra: int, headroom: int = 0) -> None:
+    def make_room(self, extra: int, headroom: int = 0) -> None:
         """Make sure every segment can take `extra` more tokens; grows by extra + headroom when it can't."""
         if int((self.capacity_array - self.length_array).min()) >= extra:
             return  # every segment has room: the usual case, admission reserved the headroom

@@ -14,7 +14,7 @@ from kvx.runtime.engine.request import Request
 from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
 
 
-def prefill_steps(engine, req: Request, ids: list[int], chunk: int):
+def prefill_chunks(engine, req: Request, ids: list[int], chunk: int):
     """A chunked prefill one chunk at a time: a generator that yields after each chunk and returns
     (last logits, final budget); the batched engine runs other requests' decode steps in between."""
     from kvx.policies import Budget, Policy

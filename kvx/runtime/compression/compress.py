@@ -32,7 +32,7 @@ def compress(engine, req: Request, headroom: int, budget=None, pool=None) -> Non
         if pool is not None:
             req.cache = PagedKVCache.copy_of(req.cache, pool, headroom, track_mass=track)
         else:
-            req.cache.reserve(headroom)
+            req.cache.make_room(headroom)
         req.lengths_after_compress = req.cache.lengths()
         return
     t0 = time.perf_counter()

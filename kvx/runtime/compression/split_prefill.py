@@ -52,7 +52,7 @@ def piece_bounds(n: int, step: int, tail: int) -> list[tuple[int, int]]:
 
 def prefill_pieces(engine, req: Request, ids: list[int], step: int | None):
     """A generator that prefills `ids` `step` tokens at a time, yielding between pieces, and returns
-    (last logits, None) like ModelRunner.prefill_steps; one piece when step is None or the statistics need
+    (last logits, None) like ModelRunner.prefill_chunks; one piece when step is None or the statistics need
     every row."""
     n = len(ids)
     stats_req = engine.stats_request(req, n)

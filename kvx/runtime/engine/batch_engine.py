@@ -114,7 +114,7 @@ class BatchEngine:
         seq.reserved = need
         seq.prefix_tokens = req.position
         if req.cache.pool is self.pool:  # compressed straight into this pool (ModelRunner.compress(pool=...))
-            req.cache.reserve(extra)
+            req.cache.make_room(extra)
         else:
             req.cache = PagedKVCache.copy_of(req.cache, self.pool, extra)
         seq.req = req
@@ -208,17 +208,17 @@ class BatchEngine:
             req = eng.new_request(self.pool, capacity=capacity, policy=r.policy, budget=r.budget)
             seq.req = req
             if not req.compresses and not r.agnostic:
-                req.cache.reserve(n + seq.max_tokens)
+                req.cache.make_room(n + seq.max_tokens)
             if eng.prefill_chunk:
-                seq.prefill_steps = eng.prefill_steps(req, ids, eng.prefill_chunk)
+                seq.prefill_units = eng.prefill_chunks(req, ids, eng.prefill_chunk)
             else:
-                seq.prefill_steps = prefill_pieces(eng, req, ids, self.prefill_step)
-        if seq.prefill_steps is not None:
+                seq.prefill_units = prefill_pieces(eng, req, ids, self.prefill_step)
+        if seq.prefill_units is not None:
             try:
-                next(seq.prefill_steps)  # one chunk or piece; running sequences decode before the next
+                next(seq.prefill_units)  # one chunk or piece; running sequences decode before the next
                 return
             except StopIteration as done:
-                seq.prefill_steps = None
+                seq.prefill_units = None
                 self._compress(seq, *done.value)
                 return
         self._start_question(seq)
@@ -228,7 +228,7 @@ class BatchEngine:
         if r.agnostic:
             eng.compress(req, headroom=0, budget=final_budget)
             longest = max(len(q) for q in r.question_ids)
-            req.cache.reserve(longest + (DECODE_SLACK if req.evicts_while_decoding else seq.max_tokens))
+            req.cache.make_room(longest + (DECODE_SLACK if req.evicts_while_decoding else seq.max_tokens))
             seq.snapshot = ContextSnapshot(req)
             grow = req.cache.blocks_held() if req.evicts_while_decoding else 0  # each answer's copy
             self.scheduler.shrink(seq, req.cache.blocks_held() + grow)

@@ -236,7 +236,7 @@ class BatchStepper:
         """Feed tokens[i] to reqs[i] (engine Requests over PagedKVCaches of one pool); returns logits [S, V]
         (a fresh tensor: the graph's output buffer is overwritten by the next replay)."""
         for r in reqs:
-            r.cache.reserve(1)  # a no-op when admission reserved the headroom (the usual case)
+            r.cache.make_room(1)  # a no-op when admission reserved the headroom (the usual case)
         entry = self._entry(reqs)
         entry.load(reqs, tokens)
         if self.use_graphs:

@@ -20,7 +20,7 @@ from torch import Tensor
 from kvx.errors import KvxError
 from kvx.kernels.stats import StatsRequest, wo_gram
 from kvx.runtime.engine.attend import make_attend
-from kvx.runtime.compression.chunked_prefill import prefill_steps
+from kvx.runtime.compression.chunked_prefill import prefill_chunks
 from kvx.runtime.compression.compress import compress
 from kvx.runtime.cache.paged_cache import PagedKVCache
 from kvx.runtime.engine.request import GenerationResult, Request, Timings
@@ -102,7 +102,7 @@ class ModelRunner:
                 wrap: AttendWrap | None = None) -> Tensor:
         """Run `ids` through the model at the request's next positions; returns the last logits [V]."""
         T = len(ids)
-        req.cache.reserve(T, headroom=0)
+        req.cache.make_room(T, headroom=0)
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.arange(req.position, req.position + T, device=self.device)
         attend = make_attend(self, req, stats_req)
@@ -129,10 +129,10 @@ class ModelRunner:
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 
-    def prefill_steps(self, req: Request, ids: list[int], chunk: int):
+    def prefill_chunks(self, req: Request, ids: list[int], chunk: int):
         """A generator prefilling `chunk` tokens per step with eviction in between
         (runtime/compression/chunked_prefill.py); returns (last logits, the budget for the final compress)."""
-        return prefill_steps(self, req, ids, chunk)
+        return prefill_chunks(self, req, ids, chunk)
 
     def fork(self, req: Request, policy=None, budget=None) -> Request:
         """A request over req's prefilled cache and statistics (shared, read only) for another (policy,

@@ -70,7 +70,7 @@ class Sequence:
         self.generator = None
         self.decode_started = 0.0
         self.snapshot = None  # what a question rewinds to (agnostic mode)
-        self.prefill_steps = None  # the chunked prefill in progress (ModelRunner.prefill_steps)
+        self.prefill_units = None  # the prefill in progress: a generator of its pieces or chunks
         self.prefix_tokens: int | None = None  # set when a prefilled request is adopted (BatchEngine.adopt)
 
     @property
