@@ -16,6 +16,7 @@ import pytest
 from serve_helpers import live_server, tiny_model_dir, torch_threads, words
 
 CLIENTS, MAX_TOKENS, DEADLINE_S = 64, 6, 240
+LEAVER_TOKENS = 200
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MALFORMED = [b"{not json", b"[]", json.dumps({"messages": "hi"}).encode(),
              json.dumps({"prompt": "w7", "max_tokens": -1}).encode(),
@@ -33,11 +34,13 @@ def plan(i: int) -> dict:
     body.update({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})
     if i % 3 == 0:
         body.update({"kv_policy": "tova", "kv_budget": "50%"} if i % 6 == 0 else {"kv_policy": "full"})
+    if kind == "leave":  # long enough to be surely running when its client goes (an answer of 6 can finish first)
+        body["max_tokens"] = LEAVER_TOKENS
     return {"kind": kind, "path": CHAT if chat else COMPLETIONS, "body": body, "leave_after": rng.uniform(0, 0.4),
             "raw": MALFORMED[(i // 8) % len(MALFORMED)]}
 
 
-def read_answer(path: str, stream: bool, status: int, raw: bytes) -> dict:
+def read_answer(path: str, stream: bool, status: int, raw: bytes, max_tokens: int = MAX_TOKENS) -> dict:
     """Check one response is exactly one complete answer or one error body; returns what it said."""
     text = raw.decode()
     if status != 200:
@@ -47,7 +50,7 @@ def read_answer(path: str, stream: bool, status: int, raw: bytes) -> dict:
     if not stream:
         obj = json.loads(text)
         assert len(obj["choices"]) == 1 and obj["choices"][0]["finish_reason"] == "length"
-        assert obj["usage"]["completion_tokens"] == MAX_TOKENS
+        assert obj["usage"]["completion_tokens"] == max_tokens
         c = obj["choices"][0]
         return {"text": c["message"]["content"] if path == CHAT else c["text"]}
     lines = [x[6:] for x in text.split("\n") if x.startswith("data: ")]
@@ -71,8 +74,15 @@ async def send(client: httpx.AsyncClient, url: str, i: int) -> dict | None:
     async def whole() -> dict:
         async with client.stream("POST", url + p["path"], json=p["body"]) as r:
             raw = b"".join([chunk async for chunk in r.aiter_bytes()])
-            return read_answer(p["path"], p["body"]["stream"], r.status_code, raw)
+            return read_answer(p["path"], p["body"]["stream"], r.status_code, raw, p["body"]["max_tokens"])
 
+    async def first_chunk_then_leave() -> None:
+        async with client.stream("POST", url + p["path"], json=p["body"]) as r:
+            async for _ in r.aiter_bytes():
+                return None  # mid-stream: the answer has LEAVER_TOKENS tokens to go
+
+    if p["kind"] == "leave" and p["body"]["stream"]:
+        return await first_chunk_then_leave()
     if p["kind"] == "leave":
         try:  # the connection is dropped wherever the request is when the delay runs out
             return await asyncio.wait_for(whole(), p["leave_after"])
