@@ -33,10 +33,10 @@ from kvx.runtime.compression.batch_eviction import evict_due  # noqa: E402
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment  # noqa: E402
 from kvx.runtime.cache.paged_cache import PagedKVCache  # noqa: E402
 from kvx.runtime.cache.pool import BlockPool  # noqa: E402
-from kvx.runtime.engine.request import Request  # noqa: E402
+from kvx.runtime.engine.state import SequenceState  # noqa: E402
 
 
-def requests(pool, args, policy_name, gen) -> list[Request]:
+def requests(pool, args, policy_name, gen) -> list[SequenceState]:
     out = []
     n = args.target + DECODE_SLACK
     H = args.kv_heads * args.group
@@ -57,7 +57,7 @@ def requests(pool, args, policy_name, gen) -> list[Request]:
         if policy.decode_mode == "recent_queries":
             recent_q = torch.randn(args.layers, H, policy.window, args.head_dim, generator=gen,
                                    device=pool.device).to(pool.dtype)
-        out.append(Request(cache=cache, policy=policy, budget=parse_budget("5%"), position=n,
+        out.append(SequenceState(cache=cache, policy=policy, budget=parse_budget("5%"), position=n,
                            head_budget=[[args.target] * args.kv_heads for _ in range(args.layers)], recent_q=recent_q))
     return out
 

@@ -18,7 +18,7 @@ from kvx.runtime.compression.batch_eviction import evict_batch, evict_due
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segment
 from kvx.runtime.cache.paged_cache import PagedKVCache
 from kvx.runtime.cache.pool import BlockPool
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 
 L, HKV, G, D = 3, 4, 2, 8
 POLICIES = [("tova", {}), ("tova", {"sinks": "2", "window": "5"}), ("h2o", {}), ("h2o", {"recent": "3", "sinks": "1"}),
@@ -29,7 +29,7 @@ POLICIES = [("tova", {}), ("tova", {"sinks": "2", "window": "5"}), ("h2o", {}), 
 ENGINE = SimpleNamespace(group=G, device=torch.device("cpu"), config=SimpleNamespace(head_dim=D), scale=D ** -0.5)
 
 
-def _request(pool, rng, gen, name, args) -> Request:
+def _request(pool, rng, gen, name, args) -> SequenceState:
     policy = build_policy(name, args=args)
     cache = PagedKVCache(pool, L, HKV, track_mass=policy.decode_mode in ("accumulate", "last"))
     budget = [[rng.randint(0, 24) for _ in range(HKV)] for _ in range(L)]
@@ -55,16 +55,16 @@ def _request(pool, rng, gen, name, args) -> Request:
         recent_q = [torch.randn(HKV * G, r, D, generator=gen) for _ in range(L)]
         if rng.random() < 0.5:
             recent_q = torch.stack(recent_q)  # as the batched step keeps them
-    return Request(cache=cache, policy=policy, budget=parse_budget("10%"), position=500, head_budget=budget,
+    return SequenceState(cache=cache, policy=policy, budget=parse_budget("10%"), position=500, head_budget=budget,
                    recent_q=recent_q)
 
 
-def _twin(req: Request) -> Request:
-    return Request(cache=req.cache.clone(), policy=req.policy, budget=req.budget, position=req.position,
+def _twin(req: SequenceState) -> SequenceState:
+    return SequenceState(cache=req.cache.clone(), policy=req.policy, budget=req.budget, position=req.position,
                    head_budget=[list(h) for h in req.head_budget], recent_q=req.recent_q)
 
 
-def _state(req: Request) -> list:
+def _state(req: SequenceState) -> list:
     out = []
     for lc in req.cache.layers:
         for g in range(HKV):

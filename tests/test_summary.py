@@ -10,7 +10,7 @@ import pytest
 
 from checkpoints import make_model_folder
 from kvx.result_view import KvFigures, result_json, summary_line
-from kvx.runtime.engine.request import GenerationResult, Timings
+from kvx.runtime.engine.state import GenerationResult, Timings
 
 PROMPT = "Alice keeps a red umbrella by the door. Bob has a green one. " * 3
 

@@ -23,7 +23,7 @@ from kvx.runtime.compression.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine.model_runner import ModelRunner
 from kvx.runtime.memory import Plan
 from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
-from kvx.runtime.engine.request import Request, Timings
+from kvx.runtime.engine.state import SequenceState, Timings
 from kvx.runtime.engine.scheduler import worst_case_blocks
 from kvx.runtime.engine.sequence import GenerationRequest
 
@@ -86,7 +86,7 @@ def effective_headroom(policy, budget, n_tokens: int, decode_steps: int) -> int:
 
 
 def _compresses(policy, budget, n_tokens: int) -> bool:
-    return Request(cache=None, policy=policy, budget=budget).compresses and not budget.keeps_everything(n_tokens)
+    return SequenceState(cache=None, policy=policy, budget=budget).compresses and not budget.keeps_everything(n_tokens)
 
 
 def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_steps: int = 8) -> Measurement:
@@ -149,7 +149,7 @@ def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_s
     )
 
 
-def _position_histogram(req: Request, n: int) -> tuple[list[int], int]:
+def _position_histogram(req: SequenceState, n: int) -> tuple[list[int], int]:
     """Kept entries per bin of absolute positions, over every (layer, kv head)."""
     width = -(-n // min(POSITION_BINS, n))
     bins = -(-n // width)
@@ -174,7 +174,7 @@ def _reset_peaks(device: torch.device) -> str:
         return "process"
 
 
-def _phase_peak(req: Request, device: torch.device, scope: str) -> PhasePeak:
+def _phase_peak(req: SequenceState, device: torch.device, scope: str) -> PhasePeak:
     device_bytes = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

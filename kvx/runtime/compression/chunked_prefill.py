@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 from kvx.errors import KvxError
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
 
 
-def prefill_chunks(engine, req: Request, ids: list[int], chunk: int):
+def prefill_chunks(engine, req: SequenceState, ids: list[int], chunk: int):
     """A chunked prefill one chunk at a time: a generator that yields after each chunk and returns
     (last logits, final budget); the batched engine runs other requests' decode steps in between."""
     from kvx.policies import Budget, Policy

@@ -1,7 +1,7 @@
 """Compression after a prefill: the policy selects what each (layer, kv head) keeps, the cache compacts.
 
 The bytes held really shrink (the cache's compaction frees them); a decode-time policy gets its per-head
-targets (Request.head_budget) and, for H2O, the prefill's attention mass as the running score.
+targets (SequenceState.head_budget) and, for H2O, the prefill's attention mass as the running score.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from torch import Tensor
 from kvx.kernels.stats import LayerStats
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK
 from kvx.runtime.cache.paged_cache import PagedKVCache
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 
 
 @torch.inference_mode()
-def compress(engine, req: Request, headroom: int, budget=None, pool=None) -> None:
+def compress(engine, req: SequenceState, headroom: int, budget=None, pool=None) -> None:
     """Select with the policy from the statistics of the last prefill, then compact the cache.
 
     `budget` overrides the request's (chunked prefill passes the per-head equivalent). `pool`: write the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 
 # Tokens a decode-time policy may exceed its budget by before it evicts: evicting in small batches keeps
 # the per-step cost low while the cache stays within budget + DECODE_SLACK.
@@ -17,7 +17,7 @@ DECODE_SLACK = 16
 
 
 @torch.inference_mode()  # compact_layer may update the cache's (inference) tensors in place
-def evict_per_segment(engine, req: Request) -> None:
+def evict_per_segment(engine, req: SequenceState) -> None:
     """Bring req's segments back to budget a segment at a time through Policy.decode_keep: for a policy
     without a batched rule (decode_rule), and the reference the ranked passes are tested against."""
     from kvx.policies import (

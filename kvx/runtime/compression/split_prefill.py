@@ -19,7 +19,7 @@ import time
 import torch
 
 from kvx.kernels.stats import StatsRequest
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 
 # Prompt tokens per engine step in the batched engine. On a GPU each piece's attention reads the cache so
 # far gathered from the pool, so pieces are larger there: 8192 tokens of an 8B model are about 0.2 s of
@@ -50,7 +50,7 @@ def piece_bounds(n: int, step: int, tail: int) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
 
 
-def prefill_pieces(engine, req: Request, ids: list[int], step: int | None):
+def prefill_pieces(engine, req: SequenceState, ids: list[int], step: int | None):
     """A generator that prefills `ids` `step` tokens at a time, yielding between pieces, and returns
     (last logits, None) like ModelRunner.prefill_chunks; one piece when step is None or the statistics need
     every row."""

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from kvx.kernels import ops
 from kvx.kernels.stats import StatsRequest
-from kvx.runtime.engine.request import Request
+from kvx.runtime.engine.state import SequenceState
 
 
-def make_attend(engine, req: Request, stats_req: StatsRequest | None) -> Callable:
+def make_attend(engine, req: SequenceState, stats_req: StatsRequest | None) -> Callable:
     """The `attend` callback of a forward pass over req's cache (see the module docstring)."""
     cache = req.cache
     mode = req.decode_mode

@@ -28,7 +28,7 @@ from kvx.runtime.compression.decode_eviction import DECODE_SLACK, evict_per_segm
 from kvx.runtime.engine.model_runner import ModelRunner
 from kvx.runtime.cache.paged_cache import PagedKVCache
 from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
-from kvx.runtime.engine.request import GenerationResult
+from kvx.runtime.engine.state import GenerationResult
 from kvx.runtime.engine.sampling import SamplingParams, sample
 from kvx.runtime.engine.scheduler import Scheduler, blocks_needed
 from kvx.runtime.engine.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)

@@ -23,9 +23,9 @@ from kvx.runtime.engine.attend import make_attend
 from kvx.runtime.compression.chunked_prefill import prefill_chunks
 from kvx.runtime.compression.compress import compress
 from kvx.runtime.cache.paged_cache import PagedKVCache
-from kvx.runtime.engine.request import GenerationResult, Request, Timings
+from kvx.runtime.engine.state import GenerationResult, SequenceState, Timings
 
-__all__ = ["ModelRunner", "GenerationResult", "Request", "Timings"]
+__all__ = ["ModelRunner", "GenerationResult", "SequenceState", "Timings"]
 
 # A forward pass's attend callback may be wrapped by its caller (eval's shared prefill records the last
 # query rows, fidelity runs a shadow cache beside the full one): wrap(attend) -> attend.
@@ -72,18 +72,18 @@ class ModelRunner:
         """Bytes of one (layer, kv head, token) entry: K and V."""
         return 2 * self.config.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def new_request(self, pool, capacity: int = 0, policy=None, budget=None) -> Request:
+    def new_request(self, pool, capacity: int = 0, policy=None, budget=None) -> SequenceState:
         """A fresh request whose cache draws from `pool` (a BlockPool), with room for `capacity` tokens
         per (layer, kv head)."""
         cfg = self.config
-        req = Request(cache=None, policy=policy, budget=budget, stats=[None] * cfg.num_layers,
+        req = SequenceState(cache=None, policy=policy, budget=budget, stats=[None] * cfg.num_layers,
                       recent_q=[None] * cfg.num_layers)
         self._bind(policy)
         track = req.decode_mode in ("accumulate", "last")
         req.cache = PagedKVCache(pool, cfg.num_layers, cfg.num_kv_heads, capacity, track_mass=track)
         return req
 
-    def stats_request(self, req: Request, n_tokens: int) -> StatsRequest | None:
+    def stats_request(self, req: SequenceState, n_tokens: int) -> StatsRequest | None:
         """What the attention must emit for this request's policy over an n_tokens prefill."""
         if not req.compresses or req.budget.keeps_everything(n_tokens):
             return None
@@ -98,7 +98,7 @@ class ModelRunner:
 
     # -- the forward pass -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None,
+    def forward(self, req: SequenceState, ids: list[int], stats_req: StatsRequest | None = None,
                 wrap: AttendWrap | None = None) -> Tensor:
         """Run `ids` through the model at the request's next positions; returns the last logits [V]."""
         T = len(ids)
@@ -112,7 +112,7 @@ class ModelRunner:
         req.position += T
         return logits[-1]
 
-    def prefill(self, req: Request, ids: list[int], stats_req: StatsRequest | None = None,
+    def prefill(self, req: SequenceState, ids: list[int], stats_req: StatsRequest | None = None,
                 context_ids: list[int] | None = None, wrap: AttendWrap | None = None) -> Tensor:
         """Prefill `ids`, recording the statistics the request's policy needs (or `stats_req`).
 
@@ -129,16 +129,16 @@ class ModelRunner:
         req.timings.prefill_s += time.perf_counter() - t0
         return logits
 
-    def prefill_chunks(self, req: Request, ids: list[int], chunk: int):
+    def prefill_chunks(self, req: SequenceState, ids: list[int], chunk: int):
         """A generator prefilling `chunk` tokens per step with eviction in between
         (runtime/compression/chunked_prefill.py); returns (last logits, the budget for the final compress)."""
         return prefill_chunks(self, req, ids, chunk)
 
-    def fork(self, req: Request, policy=None, budget=None) -> Request:
+    def fork(self, req: SequenceState, policy=None, budget=None) -> SequenceState:
         """A request over req's prefilled cache and statistics (shared, read only) for another (policy,
         budget): compress it with `pool=` to give it a cache of its own (only the kept entries are copied).
         This is how one prefill serves many (policy, budget) pairs in `kvx eval`."""
-        new = Request(cache=req.cache, policy=policy, budget=budget, stats=list(req.stats),
+        new = SequenceState(cache=req.cache, policy=policy, budget=budget, stats=list(req.stats),
                       recent_q=list(req.recent_q))
         self._bind(policy)
         new.position = req.position
@@ -146,14 +146,14 @@ class ModelRunner:
         return new
 
     # -- compression ------------------------------------------------------------------------------
-    def compress(self, req: Request, headroom: int, budget=None, pool=None) -> None:
+    def compress(self, req: SequenceState, headroom: int, budget=None, pool=None) -> None:
         """Select with the policy from the statistics of the last prefill, then compact the cache
         (runtime/compression/compress.py). `budget` overrides the request's (chunked prefill passes the per-head
         equivalent); `pool` writes the kept entries to a new cache there (a fork)."""
         compress(self, req, headroom, budget, pool)
 
     # -- results -----------------------------------------------------------------------------------
-    def result(self, req: Request, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
+    def result(self, req: SequenceState, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
         cfg = self.config
         n_total = req.position
         entries_full = cfg.num_layers * cfg.num_kv_heads * n_total

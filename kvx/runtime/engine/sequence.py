@@ -41,7 +41,7 @@ WAITING, PREFILL, DECODE, FINISHED, CANCELLED, FAILED = "waiting", "prefill", "d
 
 
 class Sequence:
-    """A request inside the engine: its cache (engine Request), reservation, decode state and results."""
+    """A request inside the engine: its cache (engine SequenceState), reservation, decode state and results."""
 
     _next_id = 0
 
@@ -51,7 +51,7 @@ class Sequence:
         self.request = request
         self.max_tokens = max_tokens  # clipped to the model's context
         self.state = WAITING
-        self.req = None  # kvx.runtime.engine.request.Request once admitted
+        self.req = None  # kvx.runtime.engine.state.SequenceState once admitted
         self.reserved = 0  # blocks reserved in the pool
         self.results: list = []  # GenerationResult per question (one for a prompt)
         self.error: str | None = None

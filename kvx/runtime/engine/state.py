@@ -66,8 +66,10 @@ class GenerationResult:
 
 
 @dataclass
-class Request:
-    """One sequence's state: its cache, the policy and budget it is compressed with, what comes next."""
+class SequenceState:
+    """What the model runner keeps of one sequence: its cache, the policy and budget it is compressed with,
+    its statistics, its position. (A user's ask is a GenerationRequest; the engine's record of it, with its
+    reservation and decode state, a Sequence, whose `req` this is.)"""
 
     cache: object  # kvx.runtime.cache.paged_cache.PagedKVCache
     policy: object | None = None  # kvx.policies.Policy
