@@ -37,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvx.eval.bench import hf_decode_tps, kvx_decode_tps  # noqa: E402
+from kvx.eval.bench import kvx_batch_decode_tps as batch_decode_tps  # noqa: E402
 from kvx.eval.hf_cache import cache_arg, cache_of  # noqa: E402
 from kvx.kernels import ops  # noqa: E402
 from kvx.models.config import ModelConfig  # noqa: E402
@@ -47,7 +48,7 @@ from kvx.runtime.engine.model_runner import ModelRunner  # noqa: E402
 from kvx.runtime.memory import parameter_count  # noqa: E402
 from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool  # noqa: E402
 from kvx.runtime.engine.scheduler import worst_case_blocks  # noqa: E402
-from kvx.runtime.engine.sequence import DECODE, GenerationRequest  # noqa: E402
+from kvx.runtime.engine.sequence import GenerationRequest  # noqa: E402
 
 
 class NullTokenizer:
@@ -273,27 +274,8 @@ def tokens_match(device, tiny: bool, results: list, save) -> None:
 
 def kvx_batch_decode_tps(engine: ModelRunner, prompts: list[list[int]], steps: int, policy: str | None,
                          budget: str | None) -> tuple[float, int]:
-    """Decode tokens/s of len(prompts) sequences decoding together: every prompt prefilled first (one piece
-    each), one warm-up step (the graph's capture), then `steps` timed steps. Returns (tokens/s, most running)."""
-    batch = BatchEngine(engine, pool=lone_pool(engine, prompts, steps + 4, policy, budget), max_batch=len(prompts),
-                        prefill_step=max(len(p) for p in prompts), prefill_first=True)
-    seqs = [batch.submit(GenerationRequest(prompt_ids=p, max_tokens=steps + 4, stop_at_eos=False,
-                                           policy=_spec(policy, budget)[0], budget=_spec(policy, budget)[1]))
-            for p in prompts]
-    while batch.scheduler.waiting or any(s.state != DECODE for s in batch.scheduler.running):
-        batch.step()
-    batch.step()
-    sync(engine.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        batch.step()
-    sync(engine.device)
-    elapsed = time.perf_counter() - t0
-    assert not any(s.done for s in seqs), "the timed steps must all decode"
-    running = batch.max_running
-    for s in seqs:
-        batch.cancel(s)
-    return len(prompts) * steps / elapsed, running
+    """kvx.eval.bench's batch timer with this script's policy names: (tokens/s, most running)."""
+    return batch_decode_tps(engine, prompts, steps, *_spec(policy, budget))
 
 
 def hf_batch_decode_tps(hf, prompts: list[list[int]], steps: int) -> float:

@@ -304,3 +304,15 @@ def test_prefill_first_in_a_tight_pool_still_decodes_one_full_batch(engine):
     assert sizes == [n] * (gen - 1)
     for s, ids in zip(seqs, prompts):
         assert s.results[0].token_ids == _alone(engine, ids, "snapkv", "5%", gen).token_ids
+
+
+def test_the_bench_timers_run_on_the_engine(engine):
+    """kvx bench's and benchmarks/gpu_decode.py's timers: a lone request and a batch, every request decoding
+    through each timed step, the pool given back."""
+    from kvx.eval.bench import kvx_batch_decode_tps, kvx_decode_tps, kvx_prefill_tps
+
+    ids = _ids(random.Random(1), 60, 61)
+    assert kvx_prefill_tps(engine, ids) > 0
+    assert kvx_decode_tps(engine, ids, 4) > 0
+    tps, running = kvx_batch_decode_tps(engine, [ids, ids[:40], ids[:50]], 4, _policy("snapkv"), parse_budget("20%"))
+    assert tps > 0 and running == 3

@@ -48,18 +48,19 @@ class SpeedRow:
         return d
 
 
-def _pool_for(engine: ModelRunner, ids: list[int], max_tokens: int, policy=None, budget=None):
-    """A pool sized as the engine sizes a lone request's (scheduler.worst_case_blocks)."""
+def _pool_for(engine: ModelRunner, prompts: list[list[int]], max_tokens: int, policy=None, budget=None):
+    """A pool sized as the engine sizes these requests' worst cases (scheduler.worst_case_blocks)."""
     from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
     from kvx.runtime.engine.scheduler import worst_case_blocks
 
     cfg = engine.config
-    blocks = worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, len(ids), 0, max_tokens, policy, budget)
+    blocks = sum(worst_case_blocks(cfg, DEFAULT_BLOCK_SIZE, len(ids), 0, max_tokens, policy, budget)
+                 for ids in prompts)
     return BlockPool(blocks, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, engine.device)
 
 
 def kvx_prefill_tps(engine: ModelRunner, ids: list[int]) -> float:
-    req = engine.new_request(_pool_for(engine, ids, 0), capacity=len(ids))
+    req = engine.new_request(_pool_for(engine, [ids], 0), capacity=len(ids))
     _sync(engine.device)
     t0 = time.perf_counter()
     engine.prefill(req, ids)
@@ -67,19 +68,20 @@ def kvx_prefill_tps(engine: ModelRunner, ids: list[int]) -> float:
     return len(ids) / (time.perf_counter() - t0)
 
 
-def kvx_decode_tps(engine: ModelRunner, ids: list[int], steps: int, policy=None, budget=None) -> float:
-    """Decode tokens/s of one request alone (a batch of one, the engine `kvx generate` runs): the first
-    step prefills (one piece) and decodes, a second warms up (CUDA graph capture, allocator), then `steps`
-    timed steps of one token each."""
+def kvx_batch_decode_tps(engine: ModelRunner, prompts: list[list[int]], steps: int, policy=None,
+                         budget=None) -> tuple[float, int]:
+    """Decode tokens/s of len(prompts) requests decoding together in one pool sized for them: every prompt
+    prefilled first (one piece each), one warm-up step (CUDA graph capture, allocator), then `steps` timed
+    steps of one token per request. Returns (tokens/s, the most requests one step ran)."""
     from kvx.runtime.engine.batch_engine import BatchEngine
-    from kvx.runtime.engine.sequence import GenerationRequest
+    from kvx.runtime.engine.sequence import DECODE, GenerationRequest
 
-    request = GenerationRequest(prompt_ids=list(ids), max_tokens=steps + 3, stop_at_eos=False, policy=policy,
-                                budget=budget)
-    batch = BatchEngine(engine, pool=_pool_for(engine, ids, steps + 3, policy, budget), max_batch=1,
-                        prefill_step=len(ids))
-    seq = batch.submit(request)
-    batch.step()
+    batch = BatchEngine(engine, pool=_pool_for(engine, prompts, steps + 4, policy, budget), max_batch=len(prompts),
+                        prefill_step=max(len(p) for p in prompts), prefill_first=True)
+    seqs = [batch.submit(GenerationRequest(prompt_ids=list(p), max_tokens=steps + 4, stop_at_eos=False,
+                                           policy=policy, budget=budget)) for p in prompts]
+    while batch.scheduler.waiting or any(s.state != DECODE for s in batch.scheduler.running):
+        batch.step()
     batch.step()
     _sync(engine.device)
     t0 = time.perf_counter()
@@ -87,8 +89,16 @@ def kvx_decode_tps(engine: ModelRunner, ids: list[int], steps: int, policy=None,
         batch.step()
     _sync(engine.device)
     elapsed = time.perf_counter() - t0
-    assert not seq.done, "the timed steps must all decode"
-    return steps / elapsed
+    assert not any(s.done for s in seqs), "the timed steps must all decode"
+    running = batch.max_running
+    for s in seqs:
+        batch.cancel(s)
+    return len(prompts) * steps / elapsed, running
+
+
+def kvx_decode_tps(engine: ModelRunner, ids: list[int], steps: int, policy=None, budget=None) -> float:
+    """Decode tokens/s of one request alone: a batch of one, the engine `kvx generate` runs."""
+    return kvx_batch_decode_tps(engine, [ids], steps, policy, budget)[0]
 
 
 def hf_prefill_tps(hf_model, ids: list[int]) -> float:
@@ -185,7 +195,7 @@ def compression(engine: ModelRunner, tokenizer, policies: list[str], budgets: li
         ids = prose_ids(tokenizer, min(n, limit - 1))
         for name in policies:
             policy, budget = build_policy(name), parse_budget(budgets[0])
-            req = engine.new_request(_pool_for(engine, ids, 0, policy, budget), capacity=len(ids), policy=policy,
+            req = engine.new_request(_pool_for(engine, [ids], 0, policy, budget), capacity=len(ids), policy=policy,
                                      budget=budget)
             engine.prefill(req, ids)
             engine.compress(req, headroom=0)
