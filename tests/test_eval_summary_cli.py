@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from test_cli_errors import installed_kvx
 
 ROW = {"task": "passkey", "context": 4096, "haystack": "noise", "depth": 0.5, "mode": "agnostic",
        "model": "tiny", "kv_bytes_full": 100}
@@ -40,14 +39,6 @@ BAD = [
     ("several-out-in-a-run", ["--out", "a.jsonl", "--out", "b.jsonl"], "--out"),
     ("best-json-and-markdown", ["--summary-only", "--out", "{good}", "--best", "--json", "--markdown"], "choose one"),
 ]
-
-
-def installed_kvx() -> str:
-    script = Path(sys.executable).with_name("kvx")
-    found = str(script) if script.is_file() else shutil.which("kvx")
-    if found is None:
-        pytest.skip("the kvx console script is not installed (pip install -e .)")
-    return found
 
 
 @pytest.fixture(scope="module")

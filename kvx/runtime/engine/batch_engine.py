@@ -316,11 +316,11 @@ class BatchEngine:
         if seq.stream is None:
             return tok
         piece = seq.stream.push(tok)
-        # A stop string ending in the new piece starts at most len(stop) - 1 characters before it: scan
-        # only from there, not the whole answer again at every token.
-        scan = max(0, len(seq.text) - max((len(s) for s in r.stop), default=1) + 1)
         seq.text += piece
         if r.stop and piece:
+            # A stop string ending in the new piece starts at most len(stop) - 1 characters before it: scan
+            # only from there, not the whole answer again at every token.
+            scan = max(0, len(seq.text) - len(piece) - max(len(s) for s in r.stop) + 1)
             hit = min((i for i in (seq.text.find(s, scan) for s in r.stop) if i >= 0), default=-1)
             if hit >= 0:
                 seq.text = seq.text[:hit]
