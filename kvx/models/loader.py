@@ -161,10 +161,13 @@ def load_state_dict(
     config: ModelConfig,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    shard=None,
 ) -> dict[str, Tensor]:
     """Load, check and cast every tensor the decoder needs; keys are HF names.
 
     With tied embeddings (or no lm_head.weight in the files) 'lm_head.weight' is the embedding tensor itself.
+    shard: a tensor-parallel rank's share (models/sharding.py): its sharded tensors are read as slices,
+    never whole.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -200,14 +203,32 @@ def load_state_dict(
         handle = _open(path)
         for name in names:
             try:
-                tensor = handle.get_tensor(name)
+                tensor, shape = _read(handle, name, config, shard)
             except Exception as exc:
                 raise KvxError(f"cannot read tensor {name} from {path}: {str(exc).splitlines()[0]}") from None
-            if tuple(tensor.shape) != shapes[name]:
+            if shape != shapes[name]:
                 raise KvxError(
-                    f"tensor {name} in {path} has shape {tuple(tensor.shape)}, config implies {shapes[name]}"
+                    f"tensor {name} in {path} has shape {shape}, config implies {shapes[name]}"
                 )
             state[name] = tensor.to(device=device, dtype=dtype)
     if use_embed_as_head:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
+
+
+def _read(handle, name: str, config: ModelConfig, shard) -> tuple[Tensor, tuple[int, ...]]:
+    """(the tensor, or the shard's slice of it; the full tensor's shape)."""
+    cut = None
+    if shard is not None:
+        from kvx.models.sharding import slice_of
+
+        cut = slice_of(name, config, shard)
+    if cut is None:
+        tensor = handle.get_tensor(name)
+        return tensor, tuple(tensor.shape)
+    part = handle.get_slice(name)
+    shape = tuple(part.get_shape())
+    dim, lo, hi = cut
+    if len(shape) <= dim:
+        return part[:], shape  # a wrong shape: reported by the caller
+    return (part[lo:hi] if dim == 0 else part[:, lo:hi]), shape

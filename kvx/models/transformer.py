@@ -100,14 +100,20 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, state: dict[str, Tensor]):
+    def __init__(self, config: ModelConfig, state: dict[str, Tensor], tp=None, full_config: ModelConfig | None = None):
         """Build from an HF-named state dict (as load_state_dict returns).
 
         The dict is emptied as its tensors are fused, so the unfused copies are freed layer by layer
         instead of doubling peak memory.
+
+        tp: a tensor-parallel rank's process group (anything with all_reduce(tensor) -> tensor), None for
+        one rank; `config` is then the rank's slice (models/sharding.py) and full_config the model's.
         """
         super().__init__()
         self.config = config
+        self.tp = tp
+        self.full_config = full_config or config
+        self.shard = None  # models/sharding.Shard on a tensor-parallel rank
         embed = state.pop("model.embed_tokens.weight")
         head = state.pop("lm_head.weight")
         self.embed = _frozen(embed)
@@ -174,10 +180,12 @@ class Transformer(nn.Module):
             qk_rope = rotate(qk, cos, signed_sin)  # q and k heads in one go
             o = attend(layer_idx, qk_rope[:H], qk_rope[H:], heads[n_qk:], positions, qk[:H])
             o = o.transpose(0, 1).reshape(T, H * d)
-            x = x + linear(o, w.o, w.o_bias)
+            attn_out = linear(o, w.o, w.o_bias)
+            x = x + (attn_out if self.tp is None else self.tp.all_reduce(attn_out))  # row-parallel o_proj
             h = rms_norm(x, w.mlp_norm, eps)
             gate_up = linear(h, w.gate_up)
-            x = x + linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
+            mlp_out = linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
+            x = x + (mlp_out if self.tp is None else self.tp.all_reduce(mlp_out))  # row-parallel down_proj
         if last_only:
             x = x[-1:]
         return linear(rms_norm(x, self.final_norm, eps), self.lm_head).float()

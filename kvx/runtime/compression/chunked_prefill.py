@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from kvx.errors import KvxError
+from kvx.runtime.compression.compress import select_keep
 from kvx.runtime.engine.state import SequenceState
 from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
 
@@ -48,7 +49,7 @@ def prefill_chunks(engine, req: SequenceState, ids: list[int], chunk: int):
             break
         if held + len(part) > target:
             t0 = time.perf_counter()
-            keep = interim.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+            keep = select_keep(engine, interim, list(req.stats), budget)
             t1 = time.perf_counter()
             req.cache.compact(keep, headroom=pieces[i + 1][1] - pieces[i + 1][0])
             req.timings.select_s += t1 - t0

@@ -36,7 +36,7 @@ def compress(engine, req: SequenceState, headroom: int, budget=None, pool=None) 
         req.lengths_after_compress = req.cache.lengths()
         return
     t0 = time.perf_counter()
-    keep = req.policy.select(list(req.stats), budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    keep = select_keep(engine, req.policy, list(req.stats), budget)
     t1 = time.perf_counter()
     mass_seed = None
     if req.decode_mode == "accumulate":
@@ -56,6 +56,18 @@ def compress(engine, req: SequenceState, headroom: int, budget=None, pool=None) 
     req.timings.select_s += t1 - t0
     req.timings.compact_s += time.perf_counter() - t1
     req.lengths_after_compress = req.cache.lengths()
+
+
+def select_keep(engine, policy, stats: list[LayerStats], budget) -> list[list[Tensor]]:
+    """policy.select over the model's statistics: per layer, per kv head of this rank, the kept indices.
+    On a tensor-parallel rank the statistics of every rank are gathered first (runtime/parallel/selection.py),
+    so the choice is the one a single device makes."""
+    if getattr(engine.model, "tp", None) is not None:
+        from kvx.runtime.parallel.selection import select_across_ranks
+
+        return select_across_ranks(policy, stats, budget, engine.model)
+    cfg = engine.config
+    return policy.select(stats, budget, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
 
 
 def group_mass(engine, stats: LayerStats) -> Tensor:

@@ -70,6 +70,8 @@ class BatchEngine:
         self.max_running = 0  # most sequences decoding in one step
         self.internal_errors = 0  # steps that failed with a bug, not a request's own error (see _guarded)
         self.last_internal_error: Exception | None = None
+        # Tensor parallel (runtime/parallel): every rank runs these same steps; the tokens are rank 0's.
+        self.tp = getattr(getattr(engine, "model", None), "tp", None)
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
@@ -253,6 +255,8 @@ class BatchEngine:
         running = [s for s in self.scheduler.running if s.state == DECODE]
         go, tokens = [], []
         limit = self.engine.config.max_position_embeddings
+        if self.tp is not None:
+            self._agree_tokens(running)
         for seq in running:
             tok = self._sample(seq)
             if tok is None:
@@ -295,6 +299,15 @@ class BatchEngine:
             te = time.perf_counter()
             evict_per_segment(self.engine, req)
             req.timings.decode_evict_s += time.perf_counter() - te
+
+    def _agree_tokens(self, running: list[Sequence]) -> None:
+        """Tensor parallel: every rank takes the tokens rank 0 picked (one broadcast per step), so the
+        ranks never diverge even where their logits could differ in the last bit."""
+        live = [s for s in running if s.max_tokens != 0]
+        picks = [s.greedy_token if s.greedy_token is not None else sample(s.logits, s.request.params, s.generator)
+                 for s in live]
+        for seq, tok in zip(live, self.tp.broadcast_ints(picks, len(live))):
+            seq.greedy_token = tok
 
     def _sample(self, seq: Sequence) -> int | None:
         """Sample seq's next token and stream it; None when the answer ended (eos, stop string, cancel)."""

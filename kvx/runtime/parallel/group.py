@@ -1,0 +1,73 @@
+"""The process group a tensor-parallel rank computes with: all-reduce for the row-parallel layers, an
+all-gather for a compression's statistics, a broadcast of rank 0's decisions. Every collective runs under
+the group's timeout (torch.distributed's, set at start-up), so a rank that stops answering ends the run
+instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_TIMEOUT_S = 300.0  # KVX_TP_TIMEOUT overrides: the longest a collective waits for a peer
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("KVX_TP_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+class TPGroup:
+    """Rank `rank` of `world`; `device` is where its tensors live (gloo: the CPU, NCCL: its GPU)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.comm_s = 0.0  # wall time spent in collectives (the benchmark's communication share)
+        self.calls = 0
+
+    @classmethod
+    def start(cls, rank: int, world: int, device: str, init_method: str) -> "TPGroup":
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s()))
+        return cls(rank, world, torch.device(device))
+
+    def _timed(self, fn, *args):
+        import time
+
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.comm_s += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """The sum over ranks (the row-parallel o_proj / down_proj outputs); bitwise the same on every rank."""
+        t = t.contiguous()
+        self._timed(dist.all_reduce, t)
+        return t
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every rank's `t` (the same shape on each), in rank order."""
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self._timed(dist.all_gather, out, t)
+        return out
+
+    def broadcast_ints(self, values: list[int], n: int) -> list[int]:
+        """Rank 0's n ints on every rank (its decisions: the tokens it sampled). Every rank runs the same
+        steps, so every rank knows n; a rank that disagrees fails the collective instead of hanging it."""
+        if n == 0:
+            return []
+        buf = (torch.tensor(values, dtype=torch.long, device=self.device) if self.rank == 0
+               else torch.empty(n, dtype=torch.long, device=self.device))
+        self._timed(dist.broadcast, buf, 0)
+        return buf.tolist()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,104 @@
+"""What the tensor-parallel tests run on every rank (a module the spawned ranks can import).
+
+`run_cases(tp, cases)` runs each case (a model folder, a policy, a budget, prompts) through the one engine
+(BatchEngine: the prompts as one batch) and records, after every step, every running sequence's kept
+positions per (layer, kv head): on a tensor-parallel rank its own heads, gathered into the whole model's
+on rank 0 (a replicated head must be the same on every rank that holds it). With tp None it is one device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kvx.models.transformer import Transformer
+from kvx.policies import build_policy, parse_budget
+from kvx.runtime.engine.batch_engine import BatchEngine
+from kvx.runtime.engine.model_runner import ModelRunner
+from kvx.runtime.engine.sequence import GenerationRequest
+
+
+class StubTokenizer:
+    eos_token_ids: list[int] = []
+
+    def decode(self, ids):
+        return ""
+
+
+def load(path, tp):
+    if tp is None:
+        return Transformer.from_pretrained(path)
+    from kvx.models.sharding import load_sharded
+
+    model, _ = load_sharded(path, tp.rank, tp.world, tp, tokenizer=False)
+    return model
+
+
+def _kept(seqs) -> dict[int, list[list[list[int]]]]:
+    out = {}
+    for i, s in enumerate(seqs):
+        if s.req is not None and not s.done:
+            cache = s.req.cache
+            out[i] = [[lc.head_positions(g).tolist() for g in range(cache.num_kv_heads)] for lc in cache.layers]
+    return out
+
+
+def _whole(tp, model, kept: dict) -> dict:
+    """Every rank's heads, in the full model's order (rank 0's answer; None elsewhere)."""
+    from kvx.models.sharding import shard_for
+
+    parts = [None] * tp.world
+    dist.all_gather_object(parts, kept)
+    shards = [shard_for(model.full_config, r, tp.world) for r in range(tp.world)]
+    out = {}
+    for i in parts[0]:
+        layers = []
+        for layer in range(len(parts[0][i])):
+            heads = []
+            for h in range(model.full_config.num_kv_heads):
+                copies = [parts[r][i][layer][h - s.kv_lo] for r, s in enumerate(shards) if s.kv_lo <= h < s.kv_hi]
+                assert all(c == copies[0] for c in copies), "a replicated kv head differs between ranks"
+                heads.append(copies[0])
+            layers.append(heads)
+        out[i] = layers
+    return out
+
+
+def run_case(tp, model, policy, budget, prompts, max_tokens, max_batch=8):
+    runner = ModelRunner(model, StubTokenizer())
+    batch = BatchEngine(runner, kv_memory=16 << 20, max_batch=max_batch)
+    seqs = []
+    for ids, name, b in zip(prompts, policy, budget):
+        pol = None if name == "full" else build_policy(name)
+        seqs.append(batch.submit(GenerationRequest(prompt_ids=list(ids), max_tokens=max_tokens, policy=pol,
+                                                   budget=None if b is None else parse_budget(b))))
+    steps = []
+    while batch.has_work:
+        batch.step()
+        kept = _kept(seqs)
+        steps.append(kept if tp is None else _whole(tp, model, kept))
+    tokens = [s.results[0].token_ids if s.results else s.error for s in seqs]
+    return {"tokens": tokens, "kept": steps, "kv_bytes": batch.pool.bytes_total}
+
+
+def run_cases(tp, cases):
+    """cases: [(model folder, [policy per prompt], [budget per prompt], [prompt ids], max_tokens)]."""
+    torch.manual_seed(0)
+    models, out = {}, []
+    for path, policies, budgets, prompts, max_tokens in cases:
+        if path not in models:
+            models[path] = load(path, tp)
+        out.append(run_case(tp, models[path], policies, budgets, prompts, max_tokens))
+    return out
+
+
+def resident_bytes(tp, path):
+    """(weight bytes the rank's model holds, measured from its tensors' storages; KV pool bytes)."""
+    model = load(path, tp)
+    seen, total = set(), 0
+    for p in model.parameters():
+        st = p.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
