@@ -127,7 +127,8 @@ def generate(
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Override the policy's allocator: uniform, pyramid, ada, global."),
     policy_arg: List[str] = typer.Option([], "--policy-arg", help="Policy option key=value (repeatable), e.g. window=32."),
     context: Optional[str] = typer.Option(None, "--context", help="Question-agnostic mode: a context FILE (or -) compressed before the question is seen."),
-    question: List[str] = typer.Option([], "--question", "-q", help="Question about --context (repeatable: one compressed context answers all)."),
+    question: List[str] = typer.Option([], "--question", "-q", help="Question about --context or --load-context (repeatable: one compressed context answers all)."),
+    load_context: Optional[str] = typer.Option(None, "--load-context", help="Answer the --question(s) from a context compressed earlier by `kvx compress` (a .kvc file): nothing of it is prefilled again."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings, KV bytes) instead of streaming text."),
@@ -140,6 +141,7 @@ def generate(
     prefill_first: bool = typer.Option(False, "--prefill-first", help="--jsonl: fill the batch before decoding - no decode step while an admitted prompt is still being prefilled (more tokens/s, later first tokens)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
     ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="Split the model and its KV cache by kv head over N ranks (N local processes; or as many as torchrun starts)."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
@@ -150,6 +152,8 @@ def generate(
     kvx generate --policy ada-snapkv --budget 5% --context paper.txt \\
         -q "What is the main result?" -q "Who are the authors?"
     kvx generate --jsonl --max-batch 16 --kv-memory 2GiB < in.jsonl > out.jsonl
+    kvx compress --context paper.txt --budget 10% -o paper.kvc
+    kvx generate --load-context paper.kvc -q "What is the main result?"
     """
     from kvx.inputs import Output, check_utf8, read_stdin, read_text_file, utf8_lines
     from kvx.runtime.engine.sampling import SamplingParams
@@ -168,7 +172,11 @@ def generate(
     check_jsonl_only(jsonl, {"--max-batch": max_batch is not None, "--prefill-step": prefill_step is not None,
                              "--prefill-first": prefill_first, "--kv-memory": kv_memory is not None,
                              "--ordered": ordered})
+    if tensor_parallel < 1:
+        raise KvxError(f"--tensor-parallel must be at least 1, got {tensor_parallel}")
     if jsonl:
+        if tensor_parallel != 1:
+            raise KvxError("--tensor-parallel runs a prompt or a --context; --jsonl is not split over ranks yet")
         if prompt is not None or context is not None or question:
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
         if as_json:
@@ -185,8 +193,28 @@ def generate(
                              prefill_first=prefill_first, progress=BatchProgress.for_stderr(quiet))
         raise typer.Exit(1 if failures else 0)
 
+    if load_context is not None:
+        from kvx.context_options import file_dtype, refuse_policy_options
+
+        if jsonl:
+            raise KvxError("--jsonl names a context file per line (\"context_file\"); drop --load-context")
+        if context is not None or prompt is not None:
+            raise KvxError("--load-context takes its questions from --question; drop --context and the PROMPT")
+        refuse_policy_options({"--policy": policy != "full", "--budget": budget is not None,
+                               "--allocation": allocation is not None, "--policy-arg": bool(policy_arg),
+                               "--prefill-chunk": prefill_chunk is not None, "--system": system is not None,
+                               "--raw": raw})
+        if not question:
+            raise KvxError("--load-context needs at least one --question")
+        for q in question:
+            if not check_utf8(q, "--question").strip():
+                raise KvxError("--question: a question is empty")
+        dtype = file_dtype(load_context, dtype)  # a bad file fails here, before the model loads
+        _answer_from_file(load_context, question, model, device, dtype, params, max_tokens, as_json, quiet,
+                          not no_graph, out)
+        return
     if context is None and question:
-        raise KvxError("--question needs --context (or put the question in the prompt)")
+        raise KvxError("--question needs --context or --load-context (or put the question in the prompt)")
     if context is not None:
         if not question:
             raise KvxError("--context needs at least one --question")
@@ -202,6 +230,14 @@ def generate(
         prompt = read_stdin() if prompt is None or prompt == "-" else check_utf8(prompt, "the prompt")
         if not prompt.strip():
             raise KvxError("the prompt is empty")
+
+    if tensor_parallel != 1:
+        _generate_on_ranks(tensor_parallel, out, as_json, quiet, model=model, device=device, dtype=dtype,
+                           policy=policy, budget=budget, allocation=allocation, policy_args=policy_arg,
+                           prefill_chunk=prefill_chunk, use_graphs=not no_graph, params=params,
+                           max_tokens=max_tokens, system=system, raw=raw, prompt=prompt,
+                           context=(ctx_text, question) if context is not None else None)
+        return
 
     from kvx.runtime.engine.batch_engine import run_alone
     from kvx.runtime.engine.sequence import GenerationRequest
@@ -261,6 +297,65 @@ def generate(
         stream("\n")
     if not quiet:
         _err(summary_line(result))
+
+
+def _generate_on_ranks(world: int, out, as_json: bool, quiet: bool, context=None, **options) -> None:
+    """kvx generate --tensor-parallel N: the ranks run it (commands/parallel_generate.py), this process
+    (rank 0) streams and prints as for one device."""
+    from kvx.commands.parallel_generate import generate_on_ranks
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    answers = _Answers(context[1], write) if context is not None else None
+    on_text = None if as_json else (answers.text if answers is not None else (lambda qi, piece: write(piece)))
+    results = generate_on_ranks(world, context=context, on_text=on_text, **options)
+    if results is None:  # another rank than 0 under torchrun: rank 0 prints
+        return
+    if as_json:
+        if context is not None:
+            write(json.dumps({"results": [result_json(r, question=q) for r, q in zip(results, context[1])]}) + "\n")
+        else:
+            write(json.dumps(result_json(results[0])) + "\n")
+    elif answers is not None:
+        answers.close()
+    else:
+        write("\n")
+    if not quiet:
+        for r in results:
+            _err(summary_line(r))
+
+
+def _answer_from_file(path, questions, model, device, dtype, params, max_tokens, as_json, quiet, use_graphs, out):
+    """`kvx generate --load-context FILE -q ...`: the questions answered from the stored context."""
+    from kvx.context_options import open_context_file, question_ids
+    from kvx.options import check_memory
+    from kvx.runtime.contexts.run import answer_from_context
+
+    llm, tok = load(model, device, dtype, quiet=as_json and quiet)
+    engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs)
+    stored = open_context_file(path, llm, tok, engine.dtype)
+    ids = [question_ids(tok, stored, q) for q in questions]
+    engine.check_length(stored.position + max(len(q) for q in ids))
+    pol, bud = stored.info.build_policy()
+    check_memory(engine, stored.position, max_tokens, question_tokens=max(len(q) for q in ids), policy=pol, budget=bud)
+
+    def stream(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    answers = _Answers(questions, stream)
+    results = answer_from_context(engine, stored, ids, params, max_tokens,
+                                  on_text=None if as_json else answers.text)
+    if as_json:
+        stream(json.dumps({"context_file": str(path), "cached_tokens": stored.position,
+                           "results": [result_json(r, question=q) for r, q in zip(results, questions)]}) + "\n")
+    else:
+        answers.close()
+    if not quiet:
+        for r in results:
+            _err(summary_line(r) + f" · context from {path} ({stored.position:,} tokens, not prefilled)")
 
 
 # -- model management --------------------------------------------------------------------------------
@@ -329,10 +424,12 @@ def _info_dict(info) -> dict:
 
 
 from kvx.commands.bench import bench_command  # noqa: E402
+from kvx.commands.compress import compress_command  # noqa: E402
 from kvx.commands.eval import eval_command  # noqa: E402
 from kvx.commands.profile import profile_command  # noqa: E402
 from kvx.commands.serve import serve_command  # noqa: E402
 
+app.command("compress")(compress_command)
 app.command("eval")(eval_command)
 app.command("profile")(profile_command)
 app.command("bench")(bench_command)

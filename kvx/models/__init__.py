@@ -42,4 +42,9 @@ def load_model(model_dir: str | Path, device="cpu", dtype="float32") -> tuple["T
     # The tokenizer is cheap: read it before the weights so a missing tokenizer.json fails fast.
     tokenizer = Tokenizer.from_dir(model_dir)
     model = Transformer(config, load_state_dict(model_dir, config, dtype, device))
+    # What a stored compressed context (kvx compress) is checked against: cheap, headers only.
+    from kvx.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+
+    model.fingerprint = model_fingerprint(model_dir)
+    tokenizer.fingerprint = tokenizer_fingerprint(model_dir)
     return model, tokenizer

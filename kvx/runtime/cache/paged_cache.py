@@ -36,13 +36,16 @@ class PagedLayer:
     """
 
     def __init__(self, pool: BlockPool, num_kv_heads: int, track_mass: bool, owner: "PagedKVCache",
-                 lengths: np.ndarray, capacities: np.ndarray):
+                 lengths: np.ndarray, capacities: np.ndarray, shared: np.ndarray):
         self.pool = pool
         self.owner = owner
         self.version = next(_TABLE_VERSIONS)  # changes whenever a table does (and the owner's with it)
         self.tables: list[list[int]] = [[] for _ in range(num_kv_heads)]
         self._len = lengths  # views into owner's arrays
         self._cap = capacities
+        # Leading blocks of each table that belong to a stored context (runtime/contexts/resident.py), read
+        # only and shared with other requests: never written, never freed by this cache.
+        self._shared = shared
         self.track_mass = track_mass
         # Each table as a device tensor, built on first use after it changed: slots() runs for every head
         # at every append and eviction, and building the tensor from the list each time dominated them.
@@ -67,7 +70,8 @@ class PagedLayer:
         self._table_tensors[g] = None
 
     def blocks_held(self) -> int:
-        return sum(len(t) for t in self.tables)
+        """Blocks this layer holds in the pool (its own: a stored context's shared blocks are not)."""
+        return sum(len(t) for t in self.tables) - int(self._shared.sum())
 
     def block_range(self) -> tuple[int, int]:
         """(fewest, most) blocks a head's table holds (from the capacities, kept with every table change)."""
@@ -125,6 +129,7 @@ class PagedLayer:
     def resize(self, g: int, capacity: int) -> None:
         """Hold exactly enough blocks for `capacity` entries (never fewer than the length)."""
         want = self.pool.blocks_for(max(capacity, self.lengths[g]))
+        assert want >= self._shared[g], "a cache never gives back a stored context's shared blocks"
         have = len(self.tables[g])
         if want < have:
             self.pool.free(self.tables[g][want:])
@@ -137,10 +142,11 @@ class PagedLayer:
 
     def release(self) -> None:
         for g, t in enumerate(self.tables):
-            self.pool.free(t)
+            self.pool.free(t[int(self._shared[g]):])  # shared blocks stay with their context
             t.clear()
             self._table_changed(g)
         self._len[:] = 0
+        self._shared[:] = 0
 
 
 class PagedKVCache:
@@ -159,9 +165,10 @@ class PagedKVCache:
         # Entries held and entries the blocks can hold, per (layer, kv head); the layers' rows are views.
         self.length_array = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
         self.capacity_array = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
+        self.shared_array = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # see PagedLayer._shared
         self.version = next(_TABLE_VERSIONS)  # the newest of its layers' table versions
-        self.layers = [PagedLayer(pool, num_kv_heads, track_mass, self, self.length_array[i], self.capacity_array[i])
-                       for i in range(num_layers)]
+        self.layers = [PagedLayer(pool, num_kv_heads, track_mass, self, self.length_array[i], self.capacity_array[i],
+                                  self.shared_array[i]) for i in range(num_layers)]
         # Bytes the same request holds in another cache meanwhile (the compressed context an answer's copy
         # was taken from, runtime/cache/snapshot.py): counted in the peak, which is the request's, not this object's.
         self.beside = 0
@@ -176,6 +183,10 @@ class PagedKVCache:
     def bytes_allocated(self) -> int:
         """K + V bytes of the blocks this sequence holds (its share of the pool)."""
         return self.blocks_held() * self.pool.block_bytes
+
+    def shared_bytes(self) -> int:
+        """K + V bytes of a stored context's blocks this cache reads without holding them."""
+        return int(self.shared_array.sum()) * self.pool.block_bytes
 
     def bytes_used(self) -> int:
         """K + V bytes of the entries currently held (excludes free slots in the blocks)."""
@@ -235,6 +246,7 @@ class PagedKVCache:
             self.compact_layer(layer, keep[layer], headroom)
 
     def compact_layer(self, layer: int, keep: list[Tensor], headroom: int) -> None:
+        assert not self.shared_array.any(), "a cache over a shared stored context is never compacted"
         self.compacted = True
         lc = self.layers[layer]
         p = self.pool
@@ -306,6 +318,37 @@ class PagedKVCache:
             pool.pos_flat[dst] = sp.pos_flat[srcs]
             if track and src.track_mass:
                 pool.mass_flat[dst] = sp.mass_flat[srcs]
+        new._note_peak()
+        return new
+
+    @classmethod
+    def sharing(cls, base: "PagedKVCache", extra: int) -> "PagedKVCache":
+        """A cache that reads `base` (a stored context resident in the pool) without copying it: each
+        segment's table begins with base's full blocks, shared read-only, then blocks of its own for base's
+        partly filled last block (copied: nothing this cache writes lands in a shared block) and `extra`
+        more entries. Releasing it frees only its own blocks. Mass is not tracked: a policy that evicts
+        while decoding answers from a private copy instead (nothing may rank or move shared entries)."""
+        pool = base.pool
+        B = pool.block_size
+        new = cls(pool, base.num_layers, base.num_kv_heads)
+        new.compacted = True
+        for s_lc, d_lc in zip(base.layers, new.layers):
+            counts = s_lc.lengths
+            partial_src, partial_dst = [], []
+            for g, n in enumerate(counts):
+                full = n // B
+                d_lc.tables[g] = list(s_lc.tables[g][:full])
+                d_lc._shared[g] = full
+                d_lc._table_changed(g)
+                d_lc.resize(g, n + extra)
+                if n % B:
+                    idx = torch.arange(full * B, n, device=pool.device)
+                    partial_src.append(s_lc.slots(g, idx))
+                    partial_dst.append(d_lc.slots(g, idx))
+            d_lc.lengths = counts
+            if partial_src:
+                src, dst = torch.cat(partial_src), torch.cat(partial_dst)
+                pool.k_flat[dst], pool.v_flat[dst], pool.pos_flat[dst] = pool.k_flat[src], pool.v_flat[src], pool.pos_flat[src]
         new._note_peak()
         return new
 

@@ -30,7 +30,8 @@ from kvx.runtime.cache.paged_cache import PagedKVCache
 from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, BlockPool
 from kvx.runtime.engine.state import GenerationResult
 from kvx.runtime.engine.sampling import SamplingParams, sample
-from kvx.runtime.engine.scheduler import Scheduler, blocks_needed
+from kvx.runtime.contexts.stored import capture
+from kvx.runtime.engine.scheduler import Scheduler, blocks_needed, context_extra
 from kvx.runtime.engine.sequence import (CANCELLED, DECODE, FAILED, FINISHED, PREFILL, GenerationRequest, Sequence)
 from kvx.runtime.cache.snapshot import ContextSnapshot
 from kvx.runtime.compression.split_prefill import default_prefill_step, prefill_pieces
@@ -77,6 +78,8 @@ class BatchEngine:
     def submit(self, request: GenerationRequest) -> Sequence:
         """Queue a request; KvxError at once if it can never run (too long, or larger than the pool)."""
         max_tokens = clip_max_tokens(self.engine, request)
+        if request.context is not None and request.context.deleted:
+            raise KvxError("the stored context was deleted")
         seq = Sequence(request, max_tokens)
         if not self.scheduler.fits_ever(seq):
             need = self.scheduler.need(seq) * self.pool.block_bytes
@@ -199,6 +202,9 @@ class BatchEngine:
         its next question."""
         eng = self.engine
         r = seq.request
+        if seq.req is None and r.context is not None:
+            self._open_context(seq)
+            return
         if seq.req is None:
             seq.state = PREFILL
             ids = r.context_ids if r.agnostic else r.prompt_ids
@@ -225,8 +231,23 @@ class BatchEngine:
                 return
         self._start_question(seq)
 
+    def _open_context(self, seq: Sequence) -> None:
+        """A request on a stored context: its cache reads the context's blocks (loaded into the pool if they
+        are not there), nothing of the context is prefilled; then its first question."""
+        seq.state = PREFILL
+        ctx = seq.request.context
+        ctx.load()
+        seq.req = ctx.open_request(self.engine, context_extra(seq))
+        seq.snapshot = ContextSnapshot(seq.req)
+        self._start_question(seq)
+
     def _compress(self, seq: Sequence, logits, final_budget) -> None:
         eng, req, r = self.engine, seq.req, seq.request
+        if r.store is not None:  # compress and keep: the context leaves the pool with the request
+            eng.compress(req, headroom=0, budget=final_budget)
+            seq.stored = capture(req, r.store)
+            self._retire(seq, FINISHED)
+            return
         if r.agnostic:
             eng.compress(req, headroom=0, budget=final_budget)
             longest = max(len(q) for q in r.question_ids)
@@ -381,10 +402,13 @@ def clip_max_tokens(engine: ModelRunner, request: GenerationRequest) -> int:
     """The request's max_tokens clipped to what the model's context leaves after its prompt (and longest
     question); KvxError for an empty or too long prompt, or a context without questions."""
     limit = engine.config.max_position_embeddings
+    if request.store is not None:
+        engine.check_length(len(request.context_ids))
+        return 0
     if request.agnostic:
         if not request.question_ids:
             raise KvxError("a context needs at least one question")
-        n = len(request.context_ids)
+        n = request.context_tokens
         engine.check_length(n)
         longest = max(len(q) for q in request.question_ids)
         engine.check_length(n + longest)
@@ -403,6 +427,8 @@ def run_alone(engine: ModelRunner, request: GenerationRequest, prefill_step: int
     probe = BlockPool(1, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, "meta")
     seq = Sequence(request, clip_max_tokens(engine, request))
     need = blocks_needed(seq, cfg, probe.block_size, engine.prefill_chunk)
+    if request.context is not None and not request.context.resident:
+        need += request.context.blocks(probe.block_size)
     batch = BatchEngine(engine, need * probe.block_bytes, max_batch=1, prefill_step=prefill_step or (1 << 62))
     seq = batch.submit(request)
     batch.run()

@@ -161,7 +161,9 @@ class ModelRunner:
             text=text, token_ids=out_ids, prompt_tokens=prompt_tokens, generated_tokens=len(out_ids),
             finish_reason=finish, timings=req.timings,
             kv_bytes_full=entries_full * self.entry_bytes(),
-            kv_bytes_held=req.cache.bytes_allocated(), kv_bytes_peak=req.cache.peak_bytes,
+            # A request on a stored context reads the context's shared blocks too: they are part of its cache.
+            kv_bytes_held=req.cache.bytes_allocated() + req.cache.shared_bytes(),
+            kv_bytes_peak=max(req.cache.peak_bytes, req.cache.bytes_allocated()) + req.cache.shared_bytes(),
             kv_entries_kept=req.cache.total_entries(), kv_entries_full=entries_full,
             policy=req.policy.name if req.compresses else "full",
             budget=None if req.budget is None else str(req.budget),

@@ -19,6 +19,7 @@ from collections import deque
 
 # Tokens a decode-time policy may exceed its budget by (the engine's DECODE_SLACK).
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+from kvx.runtime.contexts.resident import ResidentContexts
 from kvx.runtime.engine.sequence import Sequence
 
 
@@ -68,9 +69,21 @@ def worst_case_blocks(config, block_size: int, prompt_tokens: int, question_toke
     return full_blocks(config.num_layers * config.num_kv_heads, block_size, prefill_tokens) + held
 
 
-def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | None) -> int:
-    """The most blocks `seq` can hold at any point of its life (worst_case_blocks of its request)."""
+def context_extra(seq: Sequence) -> int:
+    """Free slots per segment an answer on a compressed context needs: its longest question, then its
+    decode headroom (DECODE_SLACK for a policy that evicts while decoding)."""
     r = seq.request
+    longest = max((len(q) for q in r.question_ids), default=0)
+    policy = r.context.policy if r.context is not None else r.policy
+    return longest + (DECODE_SLACK if policy is not None and policy.decode_mode else seq.max_tokens)
+
+
+def blocks_needed(seq: Sequence, config, block_size: int, prefill_chunk: int | None) -> int:
+    """The most blocks `seq` can hold at any point of its life (worst_case_blocks of its request). A request
+    on a stored context counts only its own blocks: the context's are the context's (held once)."""
+    r = seq.request
+    if r.context is not None:
+        return r.context.request_blocks(block_size, context_extra(seq))
     ids = r.context_ids if r.agnostic else r.prompt_ids
     longest = max((len(q) for q in r.question_ids), default=0) if r.agnostic else 0
     return worst_case_blocks(config, block_size, len(ids), longest, seq.max_tokens, r.policy, r.budget,
@@ -82,6 +95,7 @@ class Scheduler:
 
     def __init__(self, pool, config, max_batch: int, prefill_chunk: int | None = None):
         self.pool = pool
+        self.contexts = ResidentContexts()  # stored contexts resident in this pool
         self.config = config
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -92,7 +106,14 @@ class Scheduler:
         return blocks_needed(seq, self.config, self.pool.block_size, self.prefill_chunk)
 
     def fits_ever(self, seq: Sequence) -> bool:
-        return self.need(seq) <= self.pool.num_blocks
+        return self.need(seq) + self._context_blocks(seq, resident_too=True) <= self.pool.num_blocks
+
+    def _context_blocks(self, seq: Sequence, resident_too: bool = False) -> int:
+        """Blocks seq's stored context must bring into the pool (0 when it has none, or it is resident)."""
+        ctx = seq.request.context
+        if ctx is None or (ctx.resident and not resident_too):
+            return 0
+        return ctx.blocks(self.pool.block_size)
 
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the running set while the pool can promise their worst case."""
@@ -100,9 +121,14 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = self.need(seq)
-            if not self.pool.can_reserve(need):
-                break
+            ctx = seq.request.context
+            if not self.pool.can_reserve(need + self._context_blocks(seq)):
+                # Unused stored contexts give their blocks back before a request waits for them.
+                if not self.contexts.make_room(self.pool, need + self._context_blocks(seq), keep=ctx):
+                    break
             self.waiting.popleft()
+            if ctx is not None:
+                self.contexts.admit(ctx, self.pool)  # reserves the context's blocks if not resident
             self.pool.reserve(need)
             seq.reserved = need
             self.running.append(seq)
@@ -118,6 +144,8 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            if seq.request.context is not None:
+                self.contexts.finish(seq.request.context)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.reserved:

@@ -22,6 +22,12 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None  # question-aware
     context_ids: list[int] | None = None  # question-agnostic: the context ...
     question_ids: list[list[int]] = field(default_factory=list)  # ... and its questions
+    # A stored compressed context (kvx.runtime.contexts.resident.ResidentContext) the questions are asked
+    # about instead of context_ids: nothing of it is prefilled, its blocks are shared with other requests.
+    context: object | None = None
+    # Compress context_ids and keep the result (a kvx.runtime.contexts.stored.ContextInfo describing it):
+    # the finished Sequence's `stored` is the compressed context; no question is answered.
+    store: object | None = None
     params: SamplingParams = SamplingParams()
     max_tokens: int = 256
     policy: object | None = None  # kvx.policies.Policy (None: the full cache)
@@ -34,7 +40,12 @@ class GenerationRequest:
 
     @property
     def agnostic(self) -> bool:
-        return self.context_ids is not None
+        return self.context_ids is not None or self.context is not None
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the context (agnostic mode): the stored context's, or context_ids'."""
+        return self.context.tokens if self.context is not None else len(self.context_ids)
 
 
 WAITING, PREFILL, DECODE, FINISHED, CANCELLED, FAILED = "waiting", "prefill", "decode", "finished", "cancelled", "failed"
@@ -72,6 +83,7 @@ class Sequence:
         self.snapshot = None  # what a question rewinds to (agnostic mode)
         self.prefill_units = None  # the prefill in progress: a generator of its pieces or chunks
         self.prefix_tokens: int | None = None  # set when a prefilled request is adopted (BatchEngine.adopt)
+        self.stored = None  # a store request's compressed context (kvx.runtime.contexts.stored.StoredContext)
 
     @property
     def done(self) -> bool:
@@ -83,8 +95,13 @@ class Sequence:
         if self.prefix_tokens is not None:  # adopted: the prompt's length as its own engine counted it
             return self.prefix_tokens + (len(r.question_ids[self.question]) if r.agnostic else 0)
         if r.agnostic:
-            return len(r.context_ids) + len(r.question_ids[self.question])
+            return r.context_tokens + (len(r.question_ids[self.question]) if r.question_ids else 0)
         return len(r.prompt_ids)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens read from a stored context rather than prefilled."""
+        return self.request.context.tokens if self.request.context is not None else 0
 
     def start_answer(self, logits: torch.Tensor, tokenizer) -> None:
         self.logits = logits

@@ -1,0 +1,62 @@
+"""The command line's side of stored compressed contexts: what a `.kvc` file records of the options that
+made it, and how a command opens one for a model (shared by `kvx compress`, `kvx generate --load-context`
+and `--jsonl`'s "context_file")."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from kvx import __version__
+from kvx.errors import KvxError
+from kvx.options import parse_policy_args, policy_name
+
+
+def context_info(model, tokenizer, dtype, policy: Optional[str], budget: Optional[str], allocation: Optional[str],
+                 policy_args: list[str], system: Optional[str], raw: bool, context_tokens: int):
+    """The ContextInfo of a context compressed with these options."""
+    from kvx.policies.budget import parse_budget
+    from kvx.runtime.contexts.context_file import dtype_name
+    from kvx.runtime.contexts.stored import ContextInfo
+
+    name = policy_name(policy, budget)
+    bud = parse_budget(budget) if budget is not None else None
+    return ContextInfo(
+        model_fingerprint=model.fingerprint, tokenizer_fingerprint=tokenizer.fingerprint, dtype=dtype_name(dtype),
+        policy={"name": name.strip().lower(), "allocation": allocation, "args": parse_policy_args(policy_args)},
+        budget={} if bud is None else ({"fraction": bud.fraction} if bud.fraction is not None else {"tokens": bud.tokens}),
+        wrapping={"raw": bool(raw or not tokenizer.has_chat_template), "system": system},
+        context_tokens=context_tokens, kvx_version=__version__,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def file_dtype(path: str, dtype: str) -> str:
+    """The --dtype to load the model in for a context file: its own under 'auto' (checked before any model
+    loads, so a wrong file fails at once); an explicit other dtype is refused when the file is read."""
+    from kvx.runtime.contexts.context_file import read_info
+
+    _, info = read_info(path)
+    return info.dtype if dtype == "auto" else dtype
+
+
+def open_context_file(path: str, model, tokenizer, dtype):
+    """A context file read and checked for this model: a StoredContext."""
+    from kvx.runtime.contexts.context_file import load_context
+
+    return load_context(path, model.config, model.fingerprint, tokenizer.fingerprint, dtype)
+
+
+def question_ids(tokenizer, stored, question: str) -> list[int]:
+    """A question's ids, wrapped as the context's questions were when it was compressed."""
+    from kvx.options import split_context_question
+
+    wrap = stored.info.wrapping
+    return split_context_question(tokenizer, "", question, wrap.get("system"), bool(wrap.get("raw")))[1]
+
+
+def refuse_policy_options(given: dict[str, bool], what: str = "--load-context") -> None:
+    """A stored context was compressed with its own policy and budget: options that would set others are
+    refused rather than ignored."""
+    used = [name for name, was in given.items() if was]
+    if used:
+        raise KvxError(f"{what}: the context was compressed with its own policy and budget; drop {', '.join(used)}")

@@ -1,0 +1,1 @@
+"""Compressed contexts that outlive their request: stored, saved to files, shared in the pool."""
