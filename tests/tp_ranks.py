@@ -19,10 +19,16 @@ from kvx.runtime.engine.sequence import GenerationRequest
 
 
 class StubTokenizer:
+    """Decodes to nothing; encodes KVzip's reconstruction prompts as fixed ids (one token per character)."""
+
     eos_token_ids: list[int] = []
+    has_chat_template = False
 
     def decode(self, ids):
         return ""
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ord(c) % 120 for c in text][:12]
 
 
 def load(path, tp):
@@ -69,7 +75,8 @@ def run_case(tp, model, policy, budget, prompts, max_tokens, max_batch=8):
     batch = BatchEngine(runner, kv_memory=16 << 20, max_batch=max_batch)
     seqs = []
     for ids, name, b in zip(prompts, policy, budget):
-        pol = None if name == "full" else build_policy(name)
+        policy_name, _, allocation = name.partition("@")  # "snapkv@global": another allocator
+        pol = None if name == "full" else build_policy(policy_name, allocation=allocation or None)
         seqs.append(batch.submit(GenerationRequest(prompt_ids=list(ids), max_tokens=max_tokens, policy=pol,
                                                    budget=None if b is None else parse_budget(b))))
     steps = []
@@ -78,7 +85,12 @@ def run_case(tp, model, policy, budget, prompts, max_tokens, max_batch=8):
         kept = _kept(seqs)
         steps.append(kept if tp is None else _whole(tp, model, kept))
     tokens = [s.results[0].token_ids if s.results else s.error for s in seqs]
-    return {"tokens": tokens, "kept": steps, "kv_bytes": batch.pool.bytes_total}
+    held = [s.results[0].kv_bytes_held if s.results else None for s in seqs]
+    if tp is not None:  # every rank's bytes, measured from its own cache
+        parts = [None] * tp.world
+        dist.all_gather_object(parts, held)
+        held = parts
+    return {"tokens": tokens, "kept": steps, "kv_bytes_held": held}
 
 
 def run_cases(tp, cases):
@@ -92,8 +104,9 @@ def run_cases(tp, cases):
     return out
 
 
-def resident_bytes(tp, path):
-    """(weight bytes the rank's model holds, measured from its tensors' storages; KV pool bytes)."""
+def weight_bytes(tp, path):
+    """(bytes of every tensor the rank's model holds, of its replicated embedding / head), measured from
+    the storages it holds (a tied head counted once); on a tensor-parallel rank, every rank's pair."""
     model = load(path, tp)
     seen, total = set(), 0
     for p in model.parameters():
@@ -101,4 +114,10 @@ def resident_bytes(tp, path):
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             total += st.nbytes()
-    return total
+    replicated = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (model.embed, model.lm_head)}
+    pair = (total, sum(replicated.values()))
+    if tp is None:
+        return pair
+    parts = [None] * tp.world
+    dist.all_gather_object(parts, pair)
+    return parts

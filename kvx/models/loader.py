@@ -231,4 +231,5 @@ def _read(handle, name: str, config: ModelConfig, shard) -> tuple[Tensor, tuple[
     dim, lo, hi = cut
     if len(shape) <= dim:
         return part[:], shape  # a wrong shape: reported by the caller
-    return (part[lo:hi] if dim == 0 else part[:, lo:hi]), shape
+    # A copy of the slice alone: the rank must not keep a view into the whole (memory-mapped) tensor.
+    return (part[lo:hi] if dim == 0 else part[:, lo:hi]).clone(memory_format=torch.contiguous_format), shape

@@ -69,9 +69,10 @@ def _run_torchrun(world: int, fn, args, rank0_kwargs, device):
     if rank != 0:
         _silence()
     try:
-        return fn(tp, *args, **(rank0_kwargs if rank == 0 else {}))
+        result = fn(tp, *args, **(rank0_kwargs if rank == 0 else {}))
     finally:
         tp.close()
+    return result if rank == 0 else None
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor
 
+from kvx.errors import KvxError
 from kvx.kernels.stats import LayerStats
 
 # LayerStats fields with one row per query head / per kv head; the rest are shared by every head.
@@ -29,6 +30,12 @@ def select_across_ranks(policy, stats: list[LayerStats], budget, model) -> list[
     """Per layer, per local kv head: the indices to keep (what policy.select keeps for these heads on one
     device). `model` is the rank's Transformer (its tp group, shard and full config)."""
     full = model.full_config
+    if policy.decode_mode is not None and full.num_kv_heads < model.tp.world:
+        # A replicated kv head's query heads are split among its ranks: each would rank its decode-time
+        # mass over part of the group only, and the replicas would evict differently.
+        raise KvxError(f"--tensor-parallel {model.tp.world}: policy {policy.name} evicts while decoding, which "
+                       f"needs each kv head on one rank; this model has {full.num_kv_heads} kv heads (use at most "
+                       f"{full.num_kv_heads} ranks, or a policy that compresses once)")
     whole = gather_stats(stats, model.tp, model.shard, full)
     keep = policy.select(whole, budget, full.num_kv_heads, full.num_heads, full.head_dim)
     lo, hi = model.shard.kv_lo, model.shard.kv_hi

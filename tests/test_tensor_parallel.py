@@ -1,0 +1,187 @@
+"""Tensor parallelism on the CPU (gloo): 2 ranks give one rank's tokens and keep exactly its entries.
+
+The ranks are started once for the whole module (runtime/parallel/launch.py's run_ranks: this process is
+rank 0, one spawned process is rank 1) and run every case; one device runs the same cases here. A case is a
+batch through the one engine (tests/tp_ranks.py), its kept (layer, kv head, position) sets recorded after
+every step, on the ranks gathered into the whole model's. Every collective has a timeout (KVX_TP_TIMEOUT),
+and the command-line tests run under a subprocess timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tp_ranks
+from checkpoints import make_checkpoint, make_model_folder
+from kvx.runtime.parallel.launch import run_ranks
+from test_cli_errors import installed_kvx
+
+
+# One policy of every family: window-scored (snapkv), accumulated + decode-time (h2o), decode-time last row
+# (tova), head-adaptive (ada-snapkv), model-wide (laprox; snapkv under the global allocator), kvzip.
+FAMILIES = [("snapkv", "20%"), ("h2o", "20%"), ("tova", "30%"), ("ada-snapkv", "10%"), ("laprox", "15%"),
+            ("snapkv@global", "15%"), ("kvzip", "20%")]
+MODELS = {  # name -> (variant, overrides)
+    "llama": ("llama_gqa_llama3", {}),
+    "qwen2": ("qwen2", {}),  # qkv bias, 4 query heads per kv head
+    "qwen3": ("qwen3", {}),  # q/k norm
+    "mistral": ("mistral", {}),  # a sliding window of 8
+    "llama_3kv": ("llama_gqa_llama3", dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96, head_dim=16)),  # 2 + 1
+    "llama_1kv": ("llama_gqa_llama3", dict(num_key_value_heads=1)),  # fewer kv heads than ranks: replicated
+}
+REPLICATED_FAMILIES = [f for f in FAMILIES if f[0] not in ("h2o", "tova")]  # no decode-time eviction there
+MIXED = [("snapkv", "20%"), ("h2o", "30%"), ("ada-snapkv", "64"), ("laprox", "10%"), ("full", None),
+         ("tova", "50%")]
+
+
+def _prompts(seed: int, count: int, lo: int = 60, hi: int = 200) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 128) for _ in range(rng.randrange(lo, hi))] for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    paths = {}
+    for name, (variant, overrides) in MODELS.items():
+        path, _ = make_checkpoint(variant, tmp_path_factory.mktemp(name), max_position_embeddings=1024, **overrides)
+        paths[name] = str(path)
+    out = {}
+    for model in ("llama", "qwen2", "qwen3", "mistral", "llama_3kv"):
+        for policy, budget in FAMILIES:
+            out[(model, policy)] = (paths[model], [policy] * 2, [budget] * 2, _prompts(len(out), 2), 6)
+    for policy, budget in REPLICATED_FAMILIES + [("h2o", "20%")]:
+        out[("llama_1kv", policy)] = (paths["llama_1kv"], [policy] * 2, [budget] * 2, _prompts(len(out), 2), 6)
+    out[("qwen2", "mixed")] = (paths["qwen2"], [p for p, _ in MIXED], [b for _, b in MIXED],
+                               _prompts(99, len(MIXED), 30, 250), 8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(cases):
+    keys = list(cases)
+    specs = [cases[k] for k in keys]
+    one = tp_ranks.run_cases(None, specs)
+    old = os.environ.get("KVX_TP_TIMEOUT")
+    os.environ["KVX_TP_TIMEOUT"] = "60"
+    try:
+        two = run_ranks(2, tp_ranks.run_cases, (specs,))
+    finally:
+        if old is None:
+            os.environ.pop("KVX_TP_TIMEOUT", None)
+        else:
+            os.environ["KVX_TP_TIMEOUT"] = old
+    return {k: (a, b) for k, a, b in zip(keys, one, two)}
+
+
+def _same(results, key):
+    one, two = results[key]
+    assert two["tokens"] == one["tokens"], key
+    assert all(isinstance(t, list) and t for t in one["tokens"]), key
+    assert two["kept"] == one["kept"], key  # every step's kept (layer, head, position) sets
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3", "mistral", "llama_3kv"])
+@pytest.mark.parametrize("policy", [p for p, _ in FAMILIES])
+def test_two_ranks_equal_one(results, model, policy):
+    if (model, policy) == ("mistral", "kvzip"):  # KVzip refuses sliding windows, on one rank as on two
+        one, two = results[(model, policy)]
+        assert one["tokens"] == two["tokens"] and all("sliding window" in t for t in two["tokens"])
+        return
+    _same(results, (model, policy))
+
+
+@pytest.mark.parametrize("policy", [p for p, _ in REPLICATED_FAMILIES])
+def test_fewer_kv_heads_than_ranks_replicates_them_exactly(results, policy):
+    _same(results, ("llama_1kv", policy))
+
+
+def test_decode_time_eviction_on_replicated_heads_is_refused(results):
+    one, two = results[("llama_1kv", "h2o")]
+    assert all(isinstance(t, list) for t in one["tokens"])
+    assert all(isinstance(t, str) and "evicts while decoding" in t for t in two["tokens"])
+
+
+def test_a_mixed_batch_equals_one_rank(results):
+    one, two = results[("qwen2", "mixed")]
+    _same(results, ("qwen2", "mixed"))
+    # the batch really ran together: some step had every sequence in it
+    assert max(len(step) for step in two["kept"]) == len(MIXED)
+
+
+def test_each_rank_holds_half_the_kv_bytes(results):
+    """Measured: each rank's cache holds the blocks of its own kv heads only."""
+    for model in ("llama", "qwen2"):
+        one, two = results[(model, "snapkv")]
+        for i, full in enumerate(one["kv_bytes_held"]):
+            per_rank = [rank[i] for rank in two["kv_bytes_held"]]
+            assert all(abs(b - full / 2) <= 0.05 * full for b in per_rank), (model, full, per_rank)
+
+
+def test_each_rank_holds_half_the_sharded_weights(cases):
+    path = cases[("qwen2", "snapkv")][0]
+    full_total, full_repl = tp_ranks.weight_bytes(None, path)
+    ranks = run_ranks(2, tp_ranks.weight_bytes, (path,))
+    for total, repl in ranks:
+        assert repl == full_repl  # the embedding and LM head are replicated (kvx/models/sharding.py)
+        # the rest (every layer's projections; norms are replicated and a few hundred bytes) is halved
+        assert abs((total - repl) - (full_total - full_repl) / 2) <= 0.02 * (full_total - full_repl)
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("tp_cli"), max_position_embeddings=8192)
+
+
+def _kvx(*args, timeout=120, **kw):
+    return subprocess.run([installed_kvx(), *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_generate_with_two_ranks_prints_one_ranks_text(folder):
+    args = ["generate", "--model", str(folder), "--max-tokens", "12", "--policy", "ada-snapkv", "--budget", "30%",
+            "--quiet", "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up."]
+    one, two = _kvx(*args), _kvx(*args, "--tp", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_a_model_that_does_not_split_is_one_line(folder):
+    proc = _kvx("generate", "--model", str(folder), "--tp", "3", "--max-tokens", "2", "hi")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("kvx: error: --tensor-parallel 3")
+
+
+def test_a_killed_rank_ends_the_run_with_one_line(folder):
+    import psutil
+
+    env = dict(os.environ, KVX_TP_TIMEOUT="30")
+    proc = subprocess.Popen([installed_kvx(), "generate", "--model", str(folder), "--tp", "2", "--max-tokens", "6000",
+                             "--raw", "a b c d e f g"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = proc.stdout.read(1)  # text is streaming: the ranks are mid-run
+        assert first, proc.stderr.read().decode()
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()]
+        rank1 = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert rank1, [c.cmdline() for c in children]
+        started = time.monotonic()
+        os.kill(rank1[-1].pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert proc.returncode != 0
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "rank 1" in lines[0] and "SIGKILL" in lines[0], err
+    assert elapsed < 30
