@@ -185,3 +185,26 @@ def test_a_killed_rank_ends_the_run_with_one_line(folder):
     assert len(lines) == 1, err
     assert "rank 1" in lines[0] and "SIGKILL" in lines[0], err
     assert elapsed < 30
+
+
+def test_profile_plan_reports_one_device_of_n(tmp_path):
+    import json
+
+    from kvx.commands.profile import ProfileSettings, run_profile
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+           "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 2}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    base = dict(model=str(path), context=32768, budget="5%", plan_only=True, memory="80GiB")
+    one = run_profile(ProfileSettings(**base), quiet=True)
+    two = run_profile(ProfileSettings(**base, tensor_parallel=2), quiet=True)
+    assert two["tensor_parallel"] == 2 and "per device of 2" in two["notes"][0]
+    w1, w2 = one["planned"]["weights"]["bytes"], two["planned"]["weights"]["bytes"]
+    embed = 2 * 128256 * 4096 * 2  # embedding + untied head, bf16, on every device
+    norms = (2 * 32 + 1) * 4096 * 2  # every layer's two norms and the final one, replicated
+    assert w2 == (w1 - embed - norms) // 2 + embed + norms
+    assert two["planned"]["kv"]["full"]["bytes"] * 2 == one["planned"]["kv"]["full"]["bytes"]
+    assert two["planned"]["kv"]["kept"]["entries"] * 2 == one["planned"]["kv"]["kept"]["entries"]

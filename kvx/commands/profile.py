@@ -28,6 +28,7 @@ class ProfileSettings:
     plan_only: bool = False
     batch: int = 1
     memory: str | None = None
+    tensor_parallel: int = 1  # --plan: the figures of one device of N
 
 
 def profile_command(
@@ -46,6 +47,7 @@ def profile_command(
     plan_only: bool = typer.Option(False, "--plan", help="Plan from config.json alone: no weights are loaded, nothing runs."),
     batch: int = typer.Option(1, "--batch", help="Sequences (--plan only)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Device memory, e.g. 80GiB: report the largest context and batch that fit."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="--plan: the model split by kv head over N devices; figures (and --memory) are per device."),
 ) -> None:
     """Measure (or plan) the memory and time of a compressed KV cache.
 
@@ -61,7 +63,7 @@ def profile_command(
     settings = ProfileSettings(
         model=model, context=context, policy=policy, budget=budget, allocation=allocation,
         policy_args=list(policy_arg), prompt_file=prompt_file, decode_steps=decode_steps, device=device,
-        dtype=dtype, plan_only=plan_only, batch=batch, memory=memory)
+        dtype=dtype, plan_only=plan_only, batch=batch, memory=memory, tensor_parallel=tensor_parallel)
     if plot is not None:
         from kvx.commands.profile_view import check_plot_target
 
@@ -106,10 +108,25 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
         cfg = load_config(source)
         dtype = resolve_plan_dtype(s.dtype, cfg)
         headroom = effective_headroom(pol, bud, s.context, s.decode_steps)
+        if s.tensor_parallel != 1:
+            from kvx.models.sharding import largest_share
+
+            whole, cfg = cfg, largest_share(cfg, s.tensor_parallel)  # one device's slice
         p = plan(cfg, s.context, s.batch, bud, dtype, memory, headroom)
         out = report("plan", str(source), cfg, p, policy_name, s.decode_steps)
         out["notes"] = _plan_notes(p)
+        if s.tensor_parallel != 1:
+            out["tensor_parallel"] = s.tensor_parallel
+            out["notes"].insert(0, f"per device of {s.tensor_parallel}: the one holding the most heads "
+                                   f"({cfg.num_kv_heads} of {whole.num_kv_heads} kv heads, {cfg.num_heads} of "
+                                   f"{whole.num_heads} query heads, 1/{s.tensor_parallel} of the MLP; the "
+                                   "embedding and LM head are replicated); a batch fits when every device "
+                                   "holds its share. Ada-KV / model-wide budgets may give a device more than "
+                                   "its even share: this plan counts the even share")
         return out
+
+    if s.tensor_parallel != 1:
+        raise KvxError("--tensor-parallel applies to --plan here; measure a split run with kvx generate --tp N")
 
     if s.batch != 1:
         raise KvxError("--batch applies to --plan; a measured run profiles one sequence")

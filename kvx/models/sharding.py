@@ -78,6 +78,13 @@ def local_config(config: ModelConfig, shard: Shard) -> ModelConfig:
                    intermediate_size=shard.i_hi - shard.i_lo)
 
 
+def largest_share(config: ModelConfig, world: int) -> ModelConfig:
+    """The local config of the rank holding the most (kv heads, query heads, MLP units): what one device of
+    `world` must hold (kvx profile --plan --tensor-parallel)."""
+    shards = [shard_for(config, r, world) for r in range(world)]
+    return local_config(config, max(shards, key=lambda s: (s.kv_heads, s.q_heads, s.i_hi - s.i_lo)))
+
+
 def slice_of(name: str, config: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
     """(dim, lo, hi) of the tensor `name` the rank reads, or None for a replicated tensor."""
     d = config.head_dim
