@@ -208,3 +208,29 @@ def test_profile_plan_reports_one_device_of_n(tmp_path):
     assert w2 == (w1 - embed - norms) // 2 + embed + norms
     assert two["planned"]["kv"]["full"]["bytes"] * 2 == one["planned"]["kv"]["full"]["bytes"]
     assert two["planned"]["kv"]["kept"]["entries"] * 2 == one["planned"]["kv"]["kept"]["entries"]
+
+
+def _arrivals(seed: int):
+    rng = random.Random(seed)
+    names = ["a", "b", "c", "d", "e", "f"]
+    specs = [("snapkv", "20%"), ("ada-snapkv", "10%"), ("laprox", "15%"), ("full", None), ("h2o", "30%"),
+             ("ada-snapkv", "64")]
+    events = [(rng.randrange(0, 12), "submit", n, ids, p, b, 10)
+              for n, ids, (p, b) in zip(names, _prompts(seed, len(names), 40, 220), specs)]
+    submit_step = {e[2]: e[0] for e in events}
+    events.append((submit_step["e"] + 3, "cancel", "e"))  # a client goes away mid-run
+    return events
+
+
+@pytest.mark.parametrize("model", ["qwen2"])
+def test_rank_0_plans_arrivals_and_cancels_and_the_ranks_follow(cases, model):
+    """Requests arrive at different steps and one is cancelled, as in a server: only rank 0 is asked; the
+    other rank follows its broadcast plans. The tokens equal one rank's, and the small pool made requests
+    wait (admission agreed by every rank)."""
+    path = cases[(model, "snapkv")][0]
+    events = _arrivals(5)
+    one = tp_ranks.run_schedule(None, path, events, kv_memory=96 << 10, max_batch=4)
+    two = run_ranks(2, tp_ranks.run_schedule, (path, events, 48 << 10, 4))
+    assert two["tokens"] == one["tokens"]
+    assert one["tokens"]["e"][0] == "cancelled"
+    assert two["most_waiting"] > 0 and one["most_waiting"] > 0

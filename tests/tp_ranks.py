@@ -121,3 +121,39 @@ def weight_bytes(tp, path):
     parts = [None] * tp.world
     dist.all_gather_object(parts, pair)
     return parts
+
+
+def run_schedule(tp, path, events, kv_memory, max_batch=8):
+    """Requests arriving and leaving at given steps, as a server sees them: events is [(step, 'submit', name,
+    prompt, policy, budget, max_tokens) or (step, 'cancel', name)]. Rank 0 drives its BatchEngine (wrapped in
+    a LeaderBatch on ranks); the other ranks only follow. Returns each request's tokens (rank 0)."""
+    from kvx.runtime.parallel.plan import LeaderBatch, follow
+
+    model = load(path, tp)
+    batch = BatchEngine(ModelRunner(model, StubTokenizer()), kv_memory=kv_memory, max_batch=max_batch)
+    if tp is not None and tp.rank != 0:
+        follow(batch, tp)
+        return None
+    if tp is not None:
+        batch = LeaderBatch(batch, tp)
+    seqs, step, most_waiting = {}, 0, 0
+    last = max(e[0] for e in events)
+    while step <= last or batch.has_work:
+        for event in events:
+            if event[0] != step:
+                continue
+            if event[1] == "submit":
+                _, _, name, ids, policy, budget, max_tokens = event
+                pol = None if policy == "full" else build_policy(policy)
+                seqs[name] = batch.submit(GenerationRequest(prompt_ids=list(ids), max_tokens=max_tokens, policy=pol,
+                                                            budget=None if budget is None else parse_budget(budget)))
+            else:
+                batch.cancel(seqs[event[2]])
+        if batch.has_work:
+            batch.step()
+        most_waiting = max(most_waiting, len(batch.scheduler.waiting))
+        step += 1
+    if tp is not None:
+        batch.close()
+    return {"tokens": {n: (s.results[0].token_ids if s.results else (s.state, len(s.out_ids))) for n, s in seqs.items()},
+            "most_waiting": most_waiting}

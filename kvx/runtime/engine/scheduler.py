@@ -101,6 +101,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Tensor parallel (runtime/parallel/plan.py): flag -> whether every rank's flag is true.
+        self.agree = None
 
     def need(self, seq: Sequence) -> int:
         return blocks_needed(seq, self.config, self.pool.block_size, self.prefill_chunk)
@@ -122,10 +124,14 @@ class Scheduler:
             seq = self.waiting[0]
             need = self.need(seq)
             ctx = seq.request.context
-            if not self.pool.can_reserve(need + self._context_blocks(seq)):
+            fits = self.pool.can_reserve(need + self._context_blocks(seq))
+            if not fits:
                 # Unused stored contexts give their blocks back before a request waits for them.
-                if not self.contexts.make_room(self.pool, need + self._context_blocks(seq), keep=ctx):
-                    break
+                fits = self.contexts.make_room(self.pool, need + self._context_blocks(seq), keep=ctx)
+            if self.agree is not None:
+                fits = self.agree(fits)  # tensor parallel: only what every rank's pool can promise
+            if not fits:
+                break
             self.waiting.popleft()
             if ctx is not None:
                 self.contexts.admit(ctx, self.pool)  # reserves the context's blocks if not resident

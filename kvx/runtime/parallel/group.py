@@ -26,6 +26,7 @@ class TPGroup:
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.comm_s = 0.0  # wall time spent in collectives (the benchmark's communication share)
         self.calls = 0
+        self.plans = None  # the process group of rank 0's plans (start())
 
     @classmethod
     def start(cls, rank: int, world: int, device: str, init_method: str) -> "TPGroup":
@@ -34,7 +35,12 @@ class TPGroup:
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s()))
-        return cls(rank, world, torch.device(device))
+        group = cls(rank, world, torch.device(device))
+        # Rank 0's plans (plan.py) travel on a group of their own, on the CPU, without the collectives'
+        # timeout: a server's ranks wait for the next request as long as it takes (a rank that dies closes
+        # its connections, which ends the wait at once).
+        group.plans = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        return group
 
     def _timed(self, fn, *args):
         import time
@@ -67,6 +73,26 @@ class TPGroup:
                else torch.empty(n, dtype=torch.long, device=self.device))
         self._timed(dist.broadcast, buf, 0)
         return buf.tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on every rank (an admission every rank can promise)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        self._timed(dist.all_reduce, t, dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def min_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        self._timed(dist.all_reduce, t, dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def send_plan(self, plan) -> None:
+        """Rank 0: what the other ranks must do before the next step (any picklable object)."""
+        self._timed(dist.broadcast_object_list, [plan], 0, self.plans)
+
+    def recv_plan(self):
+        box = [None]
+        dist.broadcast_object_list(box, 0, self.plans)
+        return box[0]
 
     def close(self) -> None:
         if dist.is_initialized():

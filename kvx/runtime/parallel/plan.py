@@ -1,0 +1,112 @@
+"""Rank 0 decides, the other ranks follow: many requests over tensor-parallel ranks (--jsonl, kvx serve).
+
+Rank 0's BatchEngine is wrapped in a `LeaderBatch`: what it is asked between two steps (a request
+submitted, a sequence cancelled) is sent to the other ranks with the step (one broadcast of the step's
+plan), and `follow()` on every other rank applies it to its own BatchEngine and runs the same step. The
+ranks' engines thus see the same requests in the same order at the same steps; the tokens are rank 0's
+(BatchEngine._agree_tokens), and a request is admitted only when every rank's pool can promise its share
+(Scheduler.agree: one all-reduce per admission), since a compressed request may hold more blocks on one
+rank than on another (Ada-KV, LaProx). The ranks' pools have the same size (the smallest rank's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kvx.errors import KvxError
+
+STOP = "stop"
+
+
+def check_batchable(model) -> None:
+    """Many requests need every rank to hold the same number of kv heads (the same pool arithmetic)."""
+    full, cfg, world = model.full_config, model.config, model.tp.world
+    if full.num_kv_heads >= world and full.num_kv_heads % world:
+        raise KvxError(f"--tensor-parallel {world}: this model's {full.num_kv_heads} kv heads do not split evenly "
+                       f"over {world} ranks, which many requests at once need (one prompt does not: kvx generate)")
+
+
+def portable(request):
+    """The request as the other ranks receive it: no callback (rank 0 streams), nothing stored."""
+    if request.context is not None or request.store is not None:
+        raise KvxError("stored contexts are not split over tensor-parallel ranks yet")
+    return replace(request, on_text=None)
+
+
+class LeaderBatch:
+    """Rank 0's BatchEngine; every submit and cancel reaches the other ranks with the next step."""
+
+    def __init__(self, batch, tp):
+        check_batchable(batch.engine.model)
+        self.batch, self.tp = batch, tp
+        batch.scheduler.agree = tp.agree
+        self._ops: list = []
+        self._index: dict[int, int] = {}  # id(seq) -> its number on every rank, while it lives
+        self._next = 0
+
+    def __getattr__(self, name):  # pool, scheduler, stats(), has_work, engine, ...
+        return getattr(self.batch, name)
+
+    @property
+    def finished(self):
+        return self.batch.finished
+
+    @finished.setter
+    def finished(self, value) -> None:
+        self.batch.finished = value
+
+    def submit(self, request):
+        sent = portable(request)
+        seq = self.batch.submit(request)  # a refusal (KvxError) is rank 0's alone: nothing is sent
+        self._index[id(seq)] = self._next
+        self._next += 1
+        self._ops.append(("submit", sent))
+        return seq
+
+    def cancel(self, seq) -> None:
+        number = self._index.get(id(seq))
+        if number is not None and not seq.done:
+            self._ops.append(("cancel", number))
+        self.batch.cancel(seq)
+
+    def step(self):
+        ops, self._ops = self._ops, []
+        self.tp.send_plan(ops)
+        done = self.batch.step()
+        for seq in done:
+            self._index.pop(id(seq), None)
+        return done
+
+    def run(self):
+        done = []
+        while self.has_work:
+            done += self.step()
+        done += self.batch.finished
+        self.batch.finished = []
+        return done
+
+    def close(self) -> None:
+        """The other ranks' follow() returns."""
+        self.tp.send_plan(STOP)
+
+
+def follow(batch, tp) -> None:
+    """Another rank than 0: run rank 0's steps on this rank's BatchEngine until rank 0 closes."""
+    check_batchable(batch.engine.model)
+    batch.scheduler.agree = tp.agree
+    seqs: dict[int, object] = {}  # rank 0's number -> the sequence, while it lives
+    numbers: dict[int, int] = {}  # id(sequence) -> its number
+    count = 0
+    while True:
+        ops = tp.recv_plan()
+        if ops == STOP:
+            return
+        for kind, arg in ops:
+            if kind == "submit":
+                seq = batch.submit(arg)
+                seqs[count], numbers[id(seq)] = seq, count
+                count += 1
+            elif arg in seqs:
+                batch.cancel(seqs[arg])
+        for seq in batch.step():
+            seqs.pop(numbers.pop(id(seq), -1), None)
