@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -163,6 +164,7 @@ def generate(
     # Every option is checked before anything slow (stdin, the model): a bad value fails at once.
     params = check_sampling(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     check_device_dtype(device, dtype)
+    policy_given = policy is not None
     policy = policy_name(policy, budget)
     policy_and_budget(policy, budget, allocation, policy_arg, prefill_chunk)
     if system is not None:
@@ -175,8 +177,6 @@ def generate(
     if tensor_parallel < 1:
         raise KvxError(f"--tensor-parallel must be at least 1, got {tensor_parallel}")
     if jsonl:
-        if tensor_parallel != 1:
-            raise KvxError("--tensor-parallel runs a prompt or a --context; --jsonl is not split over ranks yet")
         if prompt is not None or context is not None or question:
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
         if as_json:
@@ -185,6 +185,10 @@ def generate(
         from kvx.status_line import BatchProgress
 
         inp = utf8_lines(sys.stdin.buffer, per_line=True) if hasattr(sys.stdin, "buffer") else sys.stdin
+        if tensor_parallel != 1:
+            from kvx.commands.parallel_generate import jsonl_on_ranks
+
+            run_jsonl = partial(jsonl_on_ranks, tensor_parallel)  # rank 0 reads and writes, the others follow
         failures = run_jsonl(inp, out, model=model, device=device, dtype=dtype, policy=policy,
                              budget=budget, allocation=allocation, policy_args=policy_arg, params=params,
                              max_tokens=max_tokens, raw=raw, system=system, quiet=quiet,
@@ -200,7 +204,7 @@ def generate(
             raise KvxError("--jsonl names a context file per line (\"context_file\"); drop --load-context")
         if context is not None or prompt is not None:
             raise KvxError("--load-context takes its questions from --question; drop --context and the PROMPT")
-        refuse_policy_options({"--policy": policy != "full", "--budget": budget is not None,
+        refuse_policy_options({"--policy": policy_given, "--budget": budget is not None,
                                "--allocation": allocation is not None, "--policy-arg": bool(policy_arg),
                                "--prefill-chunk": prefill_chunk is not None, "--system": system is not None,
                                "--raw": raw})

@@ -48,9 +48,9 @@ def compress_command(
 
     name = policy or DEFAULT_COMPRESS_POLICY
     check_device_dtype(device, dtype)
-    pol, bud = policy_and_budget(name, budget, allocation, policy_arg)
-    if pol is None:
+    if name.strip().lower() == "full":
         raise KvxError("--policy full keeps everything: nothing to compress (pick a policy, e.g. kvzip)")
+    policy_and_budget(name, budget, allocation, policy_arg)
     if system is not None:
         check_utf8(system, "--system")
     check_writable(output, "--output")
