@@ -36,12 +36,15 @@ def serve_command(
     max_body_bytes: str = typer.Option("4MiB", "--max-body-bytes", help="Largest request body, e.g. 4MiB or 100000; larger ones get 413 before any parsing."),
     client_timeout: float = typer.Option(DEFAULT_CLIENT_TIMEOUT, "--client-timeout", help="Seconds a client may take to send its body (else 408), or to take a streamed chunk (else its request is cancelled)."),
     timeout_keep_alive: int = typer.Option(DEFAULT_KEEP_ALIVE, "--timeout-keep-alive", help="Seconds an idle keep-alive connection stays open."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", min=1, help="Split the model and its KV cache by kv head over N ranks (N local processes, or torchrun's); rank 0 serves."),
+    context_dir: Optional[str] = typer.Option(None, "--context-dir", help="Keep stored contexts (POST /v1/contexts) as .kvc files in this folder: they survive a restart, and idle ones wait on disk instead of in memory."),
+    context_memory: str = typer.Option("2GiB", "--context-memory", help="Host memory for stored contexts' kept entries; beyond it, contexts with a file (--context-dir) are read back from disk on use, and without one new contexts are refused (507)."),
 ) -> None:
     """Serve the OpenAI API (chat completions, completions, streaming) over the batched engine.
 
     Requests are batched as they arrive, over one shared KV pool.
     Each request may pick its compression with kv_policy, kv_budget, kv_allocation, kv_policy_args (the flags are the defaults).
-    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics; stored contexts: POST /v1/contexts (compress a document once), GET /v1/contexts[/{id}], DELETE /v1/contexts/{id}, and kv_context: <id> in a completion (only the request's own tokens are prefilled; concurrent requests share the context's blocks).
     Ctrl-C or SIGTERM stops taking connections and lets open requests end (--drain-timeout).
     Limits: bodies over --max-body-bytes get 413, prompts longer than the model's context 400 (both before tokenizing), slow clients are cut after --client-timeout, --max-queue bounds the waiting requests (429).
     With --api-key / --api-key-file / KVX_API_KEY, clients send `Authorization: Bearer KEY` (the openai client's api_key); listening beyond loopback without a key prints a warning.
@@ -50,6 +53,7 @@ def serve_command(
     kvx serve --port 8000 --kv-memory 2GiB
     kvx serve --policy snapkv --budget 10% --max-batch 32
     kvx serve --host 0.0.0.0 --api-key-file keys.txt --metrics-key scrape-secret
+    kvx serve --context-dir ~/kvx-contexts --kv-memory 2GiB
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "kv_policy": "laprox", "kv_budget": "5%"}'
     """
     from kvx.serve.server import serve
@@ -60,4 +64,5 @@ def serve_command(
                         threads=threads, drain_timeout=drain_timeout, log_level=log_level,
                         api_keys=list(api_key), api_key_file=api_key_file, metrics_key=metrics_key,
                         max_body_bytes=max_body_bytes, client_timeout=client_timeout,
-                        timeout_keep_alive=timeout_keep_alive))
+                        timeout_keep_alive=timeout_keep_alive, tensor_parallel=tensor_parallel,
+                        context_dir=context_dir, context_memory=context_memory))

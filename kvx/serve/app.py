@@ -23,7 +23,10 @@ from kvx.serve.completion import ServerContext, complete
 from kvx.serve.errors import ApiError, install_handlers
 from kvx.serve.prompts import chat_ids, chat_texts, completion_ids, completion_texts
 from kvx.serve.responses import Reply
-from kvx.serve.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kvx.serve import context_routes
+from kvx.serve.contexts import context_question_ids
+from kvx.serve.schemas import (ChatCompletionRequest, CompletionRequest, ContextCreateRequest, DetokenizeRequest,
+                               TokenizeRequest)
 from kvx.serve.tokens import detokenize, tokenize
 
 
@@ -53,6 +56,10 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
         arrived = time.perf_counter()
         body = await read_body(request, ChatCompletionRequest)
         ctx.check_bound(chat_texts(body.messages), "messages")
+        if body.kv_context is not None:  # the stored context precedes the messages: only they are prefilled
+            entry = ctx.contexts.get(body.kv_context, context_routes.owner(ctx, request))
+            ids = await run_in_threadpool(context_question_ids, ctx.tokenizer, entry, True, body)
+            return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request, arrived, entry)
         # Tokenizing a long prompt takes a while: off the event loop, like the model.
         ids = await run_in_threadpool(chat_ids, ctx.tokenizer, body.messages)
         return await complete(ctx, body, ids, Reply("chat", ctx.model_id), "messages", request, arrived)
@@ -62,8 +69,31 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
         arrived = time.perf_counter()
         body = await read_body(request, CompletionRequest)
         ctx.check_bound(completion_texts(body.prompt), "prompt")
+        if body.kv_context is not None:
+            entry = ctx.contexts.get(body.kv_context, context_routes.owner(ctx, request))
+            if isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
+                completion_ids(ctx.tokenizer, body.prompt)  # token ids checked against the vocabulary
+            ids = await run_in_threadpool(context_question_ids, ctx.tokenizer, entry, False, body)
+            return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request, arrived, entry)
         ids = await run_in_threadpool(completion_ids, ctx.tokenizer, body.prompt)
         return await complete(ctx, body, ids, Reply("text", ctx.model_id), "prompt", request, arrived)
+
+    @app.post("/v1/contexts", openapi_extra=openapi.body(ContextCreateRequest))
+    async def create_context(request: Request):
+        body = await read_body(request, ContextCreateRequest)
+        return await context_routes.create(ctx, body, request)
+
+    @app.get("/v1/contexts")
+    async def list_contexts(request: Request):
+        return context_routes.listing(ctx, request)
+
+    @app.get("/v1/contexts/{context_id}")
+    async def show_context(context_id: str, request: Request):
+        return context_routes.show(ctx, context_id, request)
+
+    @app.delete("/v1/contexts/{context_id}")
+    async def delete_context(context_id: str, request: Request):
+        return await context_routes.delete(ctx, context_id, request)
 
     max_model_len = ctx.engine_loop.batch.engine.config.max_position_embeddings
 
@@ -99,5 +129,6 @@ def create_app(ctx: ServerContext, stop_timeout: float | None = 30.0) -> FastAPI
     async def prometheus():
         return Response(counters.render(), media_type=metrics.CONTENT_TYPE)
 
-    openapi.install(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
+    openapi.install(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
+                          ContextCreateRequest])
     return app

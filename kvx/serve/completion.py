@@ -40,6 +40,7 @@ class ServerContext:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT  # seconds to send a body, or to take a streamed chunk
     longest_token: int = 0  # prompts.longest_token; 0: no bound before tokenizing
+    contexts: object = None  # kvx.serve.contexts.ContextRegistry (stored contexts, /v1/contexts)
 
     def check_length(self, n: int, param: str) -> None:
         try:
@@ -90,9 +91,12 @@ class _JobStream(StreamingResponse):
 
 
 async def complete(ctx: ServerContext, body, prompt_ids: list[int], reply: Reply, prompt_param: str,
-                   request: Request, arrived: float | None = None) -> Response:
-    gen = translate.generation_request(body, prompt_ids, ctx.defaults)
-    ctx.check_length(len(prompt_ids), prompt_param)
+                   request: Request, arrived: float | None = None, context=None) -> Response:
+    """Answer one completion; `context`: the stored context (a registry Entry) prompt_ids follow."""
+    gen = translate.generation_request(body, prompt_ids, ctx.defaults, None if context is None else context.ctx)
+    ctx.check_length(len(prompt_ids) + (0 if context is None else context.ctx.tokens), prompt_param)
+    if context is not None:
+        ctx.contexts.use(context)
     job = Job(gen, stream=body.stream, arrived=arrived)
     _submit(ctx.engine_loop, job)
     streaming = False

@@ -36,7 +36,7 @@ log = logging.getLogger("kvx.serve")
 # What a job's event queue carries, in order: ACCEPTED or (REFUSED, message); then (TEXT, piece) while it
 # streams; then (DONE, the finished Sequence) or (BROKEN, message) when the engine itself failed.
 ACCEPTED, REFUSED, TEXT, DONE, BROKEN = "accepted", "refused", "text", "done", "broken"
-_SUBMIT, _CANCEL, _STOP = "submit", "cancel", "stop"
+_SUBMIT, _CANCEL, _CALL, _STOP = "submit", "cancel", "call", "stop"
 
 
 class QueueFull(Exception):
@@ -119,6 +119,14 @@ class EngineLoop:
         """Stop a job (its client went away); the engine thread frees its blocks at its next turn."""
         self._inbox.put((_CANCEL, job))
 
+    async def call(self, fn):
+        """fn() run on the engine thread between two steps (what touches the engine's state, e.g. a stored
+        context's residency); its result, or its exception, comes back here."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put((_CALL, (fn, loop, done)))
+        return await done
+
     def release(self, job: Job) -> None:
         """The handler is done with `job`: cancel it unless it already ended."""
         if not job.ended:
@@ -167,6 +175,8 @@ class EngineLoop:
                 self._submit(job)
             elif kind == _CANCEL:
                 self._cancel(job)
+            elif kind == _CALL:
+                self._call(*job)
             else:
                 stop = True
             try:
@@ -191,6 +201,21 @@ class EngineLoop:
         self._waiting.add(job)
         self._prompt_tokens += seq.prompt_tokens
         job.post(ACCEPTED)
+
+    @staticmethod
+    def _call(fn, loop, done) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # handed to the caller, who raises it on the event loop
+            result, error = None, exc
+
+        def settle() -> None:
+            if not done.cancelled():
+                done.set_exception(error) if error is not None else done.set_result(result)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed
+            pass
 
     def _cancel(self, job: Job) -> None:
         if job not in self._live:

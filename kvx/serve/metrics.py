@@ -79,6 +79,30 @@ class _EngineCollector:
             yield CounterMetricFamily(name, help_text, value=float(s.get(key, 0)))
 
 
+class _ContextCollector:
+    """Stored contexts: how many, their bytes by tier, hits and loads (kvx's own series)."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        yield GaugeMetricFamily("kvx:contexts", "Stored compressed contexts (POST /v1/contexts) held.",
+                                value=s.get("contexts", 0))
+        tiers = GaugeMetricFamily("kvx:context_bytes", "Bytes of stored contexts by tier: pool (K+V blocks held "
+                                  "in the KV pool, once however many requests share them), host (kept entries in "
+                                  "host memory), disk (their .kvc files).", labels=["tier"])
+        for tier in ("pool", "host", "disk"):
+            tiers.add_metric([tier], s.get(f"bytes_{tier}", 0))
+        yield tiers
+        yield CounterMetricFamily("kvx:context_hits", "Requests answered from a stored context (kv_context).",
+                                  value=s.get("hits", 0))
+        yield CounterMetricFamily("kvx:context_loads", "Times a stored context was written into the KV pool "
+                                  "(first use, or again after admission unloaded it).", value=s.get("loads", 0))
+        yield CounterMetricFamily("kvx:context_load_seconds", "Seconds spent loading stored contexts into the pool "
+                                  "(from host memory or their file).", value=s.get("load_s", 0.0))
+
+
 class ServeMetrics:
     """One server's registry and the series observed as requests progress."""
 
@@ -103,6 +127,10 @@ class ServeMetrics:
         for reason in ("stop", "length", ABORT):  # present at 0 from the start, so rates work at once
             self.success.labels(reason)
         r.register(_EngineCollector(snapshot))
+
+    def watch_contexts(self, stats: Callable[[], dict]) -> None:
+        """Series of the stored contexts (serve/contexts.py), read from `stats()` at each scrape."""
+        self.registry.register(_ContextCollector(stats))
 
     def error(self, status: int) -> None:
         self.errors.labels(error_kind(status)).inc()

@@ -17,8 +17,8 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 def usage(result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
             "total_tokens": result.prompt_tokens + result.generated_tokens,
-            # No prompt is served from a stored cache yet: 0 until stored contexts fill it.
-            "prompt_tokens_details": {"cached_tokens": 0},
+            # The tokens of a stored context (kv_context) the request read instead of prefilling them.
+            "prompt_tokens_details": {"cached_tokens": getattr(result, "cached_tokens", 0)},
             "kv_bytes_held": result.kv_bytes_held, "kv_bytes_full": result.kv_bytes_full}
 
 

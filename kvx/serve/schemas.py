@@ -45,6 +45,9 @@ class _Body(BaseModel):
     kv_budget: Union[StrictStr, StrictInt, None] = None
     kv_allocation: Optional[StrictStr] = None
     kv_policy_args: Union[dict[str, Union[StrictStr, StrictInt, float, bool]], list[StrictStr], StrictStr, None] = None
+    # A stored compressed context (POST /v1/contexts) the request's messages or prompt follow: only the
+    # request's own tokens are prefilled.
+    kv_context: Optional[StrictStr] = None
 
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -93,6 +96,26 @@ class CompletionRequest(_Body):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+
+
+class ContextCreateRequest(BaseModel):
+    """POST /v1/contexts: a document compressed once, answered from by many requests (kv_context).
+
+    The document is `text`, or `messages`: an optional system message and one user message holding it.
+    Questions asked on it later are wrapped in the same chat turn (or, with raw, follow it as plain text).
+    Compression defaults to kvzip at 10%: question-agnostic, so one compression serves every question."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    text: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=2)
+    system: Optional[StrictStr] = None
+    raw: bool = False
+    name: Optional[StrictStr] = Field(None, max_length=256)
+    kv_policy: Optional[StrictStr] = None
+    kv_budget: Union[StrictStr, StrictInt, None] = None
+    kv_allocation: Optional[StrictStr] = None
+    kv_policy_args: Union[dict[str, Union[StrictStr, StrictInt, float, bool]], list[StrictStr], StrictStr, None] = None
 
 
 class TokenizeRequest(BaseModel):

@@ -14,15 +14,43 @@ import sys
 from kvx.serve.settings import ServeSettings
 
 
-def build_context(settings: ServeSettings, quiet: bool = False):
-    """Load the model and build the engine loop: returns a ServerContext (the engine thread not started)."""
+def build_batch(settings: ServeSettings, kv_memory: int | None, tp=None, quiet: bool = False):
+    """(the BatchEngine, the tokenizer): the model loaded (on a tensor-parallel rank, its slice: every rank's
+    pool is then the smallest rank's, and rank 0's engine a LeaderBatch whose plans the others follow)."""
     import torch
 
-    from kvx.models.hub import resolve_model
-    from kvx.options import (check_prefill_step, default_kv_memory, load, parse_memory, policy_and_budget,
-                             resolve_device)
+    from kvx.options import default_kv_memory, load, resolve_device, resolve_dtype
     from kvx.runtime.engine.batch_engine import DEFAULT_MAX_BATCH, BatchEngine
     from kvx.runtime.engine.model_runner import ModelRunner
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    if tp is None:
+        model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
+    else:
+        from kvx.models.hub import resolve_model
+        from kvx.models.sharding import load_sharded
+
+        model, tokenizer = load_sharded(str(resolve_model(settings.model, quiet=True)), tp.rank, tp.world, tp,
+                                        device=tp.device, dtype=resolve_dtype(settings.dtype, device))
+    engine = ModelRunner(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
+    memory = kv_memory if kv_memory is not None else default_kv_memory(device)
+    if tp is not None:
+        memory = tp.min_int(memory)
+    batch = BatchEngine(engine, memory, settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
+    if tp is not None and tp.rank == 0:
+        from kvx.runtime.parallel.plan import LeaderBatch
+
+        batch = LeaderBatch(batch, tp, fatal=True)
+    return batch, tokenizer
+
+
+def build_context(settings: ServeSettings, quiet: bool = False, tp=None):
+    """Load the model and build the engine loop: returns a ServerContext (the engine thread not started).
+    tp: rank 0's process group under kvx serve --tensor-parallel."""
+    from kvx.models.hub import resolve_model
+    from kvx.options import check_prefill_step, parse_memory, policy_and_budget
     from kvx.serve.completion import ServerContext
     from kvx.serve.engine_loop import EngineLoop
     from kvx.serve.keys import collect_keys, metrics_key
@@ -36,17 +64,32 @@ def build_context(settings: ServeSettings, quiet: bool = False):
                       settings.prefill_chunk)
     kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
     check_prefill_step(settings.prefill_step)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
-    model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
-    engine = ModelRunner(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
-    batch = BatchEngine(engine, kv_memory if kv_memory is not None else default_kv_memory(device),
-                        settings.max_batch or DEFAULT_MAX_BATCH, prefill_step=settings.prefill_step)
+    context_memory = parse_memory(settings.context_memory, "--context-memory") if isinstance(
+        settings.context_memory, str) else int(settings.context_memory)
+    batch, tokenizer = build_batch(settings, kv_memory, tp, quiet)
     model_id = resolve_model(settings.model, quiet=True).name
-    return ServerContext(EngineLoop(batch, settings.max_queue), tokenizer, model_id, settings.defaults(),
+    loop = EngineLoop(batch, settings.max_queue)
+    contexts = build_contexts(batch, settings.context_dir, context_memory)
+    loop.metrics.watch_contexts(contexts.stats)
+    return ServerContext(loop, tokenizer, model_id, settings.defaults(),
                          api_keys=keys, metrics_key=scrape_key, max_body_bytes=max_body,
-                         client_timeout=settings.client_timeout, longest_token=longest_token(tokenizer))
+                         client_timeout=settings.client_timeout, longest_token=longest_token(tokenizer),
+                         contexts=contexts)
+
+
+def build_contexts(batch, directory: str | None, host_cap: int):
+    """The stored contexts' registry, with the contexts of --context-dir made for this model loaded."""
+    from kvx.serve.contexts import ContextRegistry
+
+    registry = ContextRegistry(batch.engine, batch.pool.block_size, directory, host_cap)
+    registry.block_bytes = batch.pool.block_bytes
+    try:
+        registry.load_directory()
+    except OSError as exc:
+        from kvx.errors import KvxError
+
+        raise KvxError(f"--context-dir {directory}: {exc.strerror or exc}") from None
+    return registry
 
 
 def check_limits(settings: ServeSettings) -> int:
@@ -77,14 +120,21 @@ def uvicorn_server(app, settings: ServeSettings):
     return uvicorn.Server(config)
 
 
-def serve(settings: ServeSettings) -> None:
+def serve(settings: ServeSettings, tp=None) -> None:
+    if settings.tensor_parallel != 1 and tp is None:
+        from kvx.options import resolve_device
+        from kvx.runtime.parallel.launch import run_ranks
+
+        check_limits(settings)  # the cheap checks before any rank starts
+        run_ranks(settings.tensor_parallel, serve_rank, (settings,), device=resolve_device(settings.device))
+        return
     from kvx.errors import KvxError
     from kvx.runtime.memory import human_bytes
     from kvx.serve.app import create_app
 
     from kvx.serve.keys import public_bind_warning
 
-    ctx = build_context(settings)
+    ctx = build_context(settings, tp=tp)
     app = create_app(ctx, stop_timeout=settings.drain_timeout)
     try:  # bind before announcing, so a busy port is a one-line error and not a uvicorn traceback
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -102,3 +152,19 @@ def serve(settings: ServeSettings) -> None:
           f"max batch {ctx.engine_loop.batch.scheduler.max_batch}, queue {settings.max_queue}", file=sys.stderr, flush=True)
     logging.getLogger("kvx.serve").setLevel(settings.log_level.upper())
     uvicorn_server(app, settings).run(sockets=[sock])
+    if tp is not None:
+        ctx.engine_loop.batch.close()  # the engine thread has stopped: the other ranks stop following
+
+
+def serve_rank(tp, settings: ServeSettings) -> None:
+    """kvx serve --tensor-parallel: rank 0 serves (the HTTP server, the scheduler), the others follow its
+    plans (runtime/parallel/plan.py)."""
+    if tp.rank == 0:
+        serve(settings, tp)
+        return
+    from kvx.options import parse_memory
+    from kvx.runtime.parallel.plan import follow
+
+    kv_memory = parse_memory(settings.kv_memory) if settings.kv_memory is not None else None
+    batch, _ = build_batch(settings, kv_memory, tp, quiet=True)
+    follow(batch, tp)

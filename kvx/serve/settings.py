@@ -52,6 +52,9 @@ class ServeSettings:
     max_body_bytes: int | str = DEFAULT_MAX_BODY_BYTES  # a number of bytes, or a size like "4MiB"
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     timeout_keep_alive: int = DEFAULT_KEEP_ALIVE
+    tensor_parallel: int = 1  # ranks the model and its cache are split over (runtime/parallel)
+    context_dir: str | None = None  # stored contexts persist here as .kvc files (None: in memory only)
+    context_memory: int | str = 2 << 30  # host bytes of stored contexts' entries (serve/contexts.py)
 
     def defaults(self) -> RequestDefaults:
         return RequestDefaults(self.policy, self.budget, self.allocation, tuple(self.policy_args), self.max_tokens)

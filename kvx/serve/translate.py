@@ -30,7 +30,9 @@ def _stop(value) -> tuple[str, ...]:
     return stops
 
 
-def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults) -> GenerationRequest:
+def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults, context=None) -> GenerationRequest:
+    """The engine's request for a body; `context` (a stored context's ResidentContext): prompt_ids are the
+    request's own tokens after it, and the context's policy and budget apply."""
     if body.n not in (None, 1):
         raise bad_request(f"n={body.n} is not supported: kvx returns one choice per request (send n requests; "
                           "they are batched)", "n")
@@ -46,6 +48,14 @@ def generation_request(body, prompt_ids: list[int], defaults: RequestDefaults) -
     params = SamplingParams(temperature=temperature, top_k=body.top_k or 0, top_p=top_p,
                             seed=secrets.randbits(63) if body.seed is None else body.seed)
     max_tokens = body.requested_max_tokens()
+    common = dict(params=params, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+                  stop=_stop(body.stop), stop_at_eos=not body.ignore_eos)
+    if context is not None:
+        for name in ("kv_policy", "kv_budget", "kv_allocation", "kv_policy_args"):
+            if getattr(body, name) is not None:
+                raise bad_request(f"{name}: a stored context was compressed with its own policy and budget; drop "
+                                  f"{name} from a request with kv_context", name)
+        return GenerationRequest(context=context, question_ids=[list(prompt_ids)], **common)
     policy, budget = compression.resolve(defaults, body.kv_policy, body.kv_budget, body.kv_allocation,
                                          body.kv_policy_args)
     return GenerationRequest(prompt_ids=prompt_ids, params=params,

@@ -39,8 +39,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise KvxError(f"a stored context cannot hold {dtype}")
 
 
-def save_context(stored: StoredContext, path: str | Path) -> int:
-    """Write `stored` to `path` (atomically); returns the file's size in bytes."""
+def save_context(stored: StoredContext, path: str | Path, extra: dict[str, str] | None = None) -> int:
+    """Write `stored` to `path` (atomically); returns the file's size in bytes. `extra`: more metadata
+    strings (a server records who owns the context)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -58,7 +59,7 @@ def save_context(stored: StoredContext, path: str | Path) -> int:
     info = dict(stored.info.__dict__)
     metadata = {"format": FORMAT, "version": str(VERSION), "position": str(stored.position),
                 "info": json.dumps(info, sort_keys=True),
-                "lengths_after_compress": json.dumps(stored.lengths_after_compress)}
+                "lengths_after_compress": json.dumps(stored.lengths_after_compress), **(extra or {})}
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     os.close(fd)

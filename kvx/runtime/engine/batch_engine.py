@@ -380,6 +380,7 @@ class BatchEngine:
         # What was streamed is the answer's text (the stream decodes exactly the tokens kept).
         text = seq.text if seq.stream is not None else self.tokenizer.decode(seq.out_ids)
         res = eng.result(req, seq.prompt_tokens, list(seq.out_ids), text, finish)
+        res.cached_tokens = seq.cached_tokens
         seq.results.append(res)
         if r.agnostic and seq.question + 1 < len(r.question_ids):
             seq.snapshot.restore(req)

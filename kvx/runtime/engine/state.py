@@ -37,6 +37,7 @@ class GenerationResult:
     policy: str = "full"
     budget: str | None = None
     lengths: list[list[int]] = field(default_factory=list)  # kept tokens per (layer, kv head) after compression
+    cached_tokens: int = 0  # prompt tokens read from a stored context instead of prefilled
 
     @property
     def prefill_tokens_per_s(self) -> float:
