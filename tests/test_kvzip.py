@@ -324,3 +324,113 @@ def test_passes_are_the_prompt_the_turn_end_and_the_chunk_with_a_cue():
     assert plan.passes[0][0] == FIRST_IDS + SUFFIX_IDS + ids[2:18]
     assert plan.passes[1][0] == NEXT_IDS + ids[15:18] + SUFFIX_IDS + ids[18:34]
     assert plan.passes[2][0] == NEXT_IDS + ids[31:34] + SUFFIX_IDS + ids[34:40]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fused CPU sweep (kernels/reconstruction.py) against the plain way: same attention, same kept entries
+# --------------------------------------------------------------------------------------------------------
+
+def _kept_sets(scores: torch.Tensor, k: int) -> set:
+    """The (row, column) pairs of the k largest entries of a 2-D score tensor: a model-wide top-K."""
+    idx = torch.topk(scores.flatten(), k).indices
+    return {(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in idx}
+
+
+@pytest.mark.parametrize("n,T,sinks,start,end,weighted,row_chunk", [
+    (300, 70, 4, 100, 164, False, 16),   # sinks + a middle chunk: context keys on both sides unscored
+    (300, 70, 0, 0, 64, True, 16),       # first chunk, no sinks, KVzip+ row weights
+    (120, 130, 6, 6, 120, False, 32),    # one chunk covering the whole context: no unscored keys
+    (257, 41, 4, 200, 257, True, 128),   # last chunk, a row chunk larger than the pass
+])
+def test_fused_reconstruction_attention_equals_the_plain_way(monkeypatch, n, T, sinks, start, end, weighted,
+                                                             row_chunk):
+    from kvx.kernels import reconstruction as kr
+
+    monkeypatch.setattr(kr, "ROW_CHUNK", row_chunk)
+    g = torch.Generator().manual_seed(n + T + start)
+    H, Hkv, d = 6, 2, 16
+    q = torch.randn(H, T, d, generator=g) * 2
+    k_ctx, v_ctx = torch.randn(Hkv, n, d, generator=g) * 2, torch.randn(Hkv, n, d, generator=g)
+    k_own, v_own = torch.randn(Hkv, T, d, generator=g) * 2, torch.randn(Hkv, T, d, generator=g)
+    w = torch.rand(T, generator=g) + 0.5 if weighted else None
+    own_pos, ctx_pos = torch.arange(n, n + T), torch.arange(n)
+    want_out, want_cm = kr.reconstruction_attention_plain(
+        q, torch.cat([k_ctx, k_own], 1), torch.cat([v_ctx, v_own], 1), own_pos, torch.cat([ctx_pos, own_pos]),
+        sinks, start, end, 0.3, w)
+    out, cm = kr.reconstruction_attention(q, k_ctx, v_ctx, k_own, v_own, sinks, start, end, 0.3, w)
+    assert cm.shape == (H, sinks + end - start) and out.shape == q.shape
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)  # float rounding of a regrouped softmax
+    torch.testing.assert_close(cm, want_cm, rtol=1e-5, atol=1e-8)
+    for frac in (0.05, 0.1, 0.25, 0.5):  # the entries a top-K keeps are exactly the same
+        k = max(1, int(frac * cm.numel()))
+        assert _kept_sets(cm, k) == _kept_sets(want_cm, k)
+    # and the plain way is what its name says: a dense softmax over the subset, max over the rows
+    sub = kr.scored_keys(n, sinks, start, end, T, "cpu")
+    keys = torch.cat([k_ctx, k_own], 1)[:, sub].repeat_interleave(H // Hkv, 0)
+    logits = (q @ keys.transpose(-1, -2)) * 0.3
+    logits[:, :, sinks + end - start:] = logits[:, :, sinks + end - start:].masked_fill(
+        ~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    p = torch.softmax(logits, -1) * (w.view(1, -1, 1) if w is not None else 1)
+    torch.testing.assert_close(want_cm, p.amax(1)[:, :sinks + end - start], rtol=1e-5, atol=1e-8)
+
+
+def test_fused_reconstruction_attention_in_bfloat16():
+    from kvx.kernels import reconstruction as kr
+
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, d, n, T = 4, 2, 16, 90, 40
+    q = torch.randn(H, T, d, generator=g).bfloat16()
+    k_ctx, v_ctx = torch.randn(Hkv, n, d, generator=g).bfloat16(), torch.randn(Hkv, n, d, generator=g).bfloat16()
+    k_own, v_own = torch.randn(Hkv, T, d, generator=g).bfloat16(), torch.randn(Hkv, T, d, generator=g).bfloat16()
+    out, cm = kr.reconstruction_attention(q, k_ctx, v_ctx, k_own, v_own, 4, 30, 60, 0.25)
+    want_out, want_cm = kr.reconstruction_attention_plain(
+        q.float(), torch.cat([k_ctx, k_own], 1).float(), torch.cat([v_ctx, v_own], 1).float(),
+        torch.arange(n, n + T), torch.arange(n + T), 4, 30, 60, 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(cm, want_cm, rtol=1e-5, atol=1e-8)  # the score is formed in float32 either way
+
+
+def _kept_positions(req, cfg) -> list:
+    return [[lc.head(g)[2].sort().values.tolist() for g in range(cfg.num_kv_heads)] for lc in req.cache.layers]
+
+
+@pytest.mark.parametrize("spec", [{"chunk": "48"}, {"chunk": "48", "plus": "true"}, {"chunk": "200", "sinks": "0"}])
+def test_kept_entries_equal_those_of_the_plain_passes_and_the_dense_reference(tiny, monkeypatch, spec):
+    """The engine's passes (the fused CPU sweep, several row chunks per pass) keep exactly the (layer, kv
+    head, position) entries that the plain passes (attention over the concatenated keys, then the column max
+    over the subset: the code before the fused sweep) keep, and for plain KVzip those the dense reference's
+    scores select, at several budgets."""
+    from kvx.kernels import ops
+    from kvx.kernels import reconstruction as kr
+
+    monkeypatch.setattr(kr, "ROW_CHUNK", 16)
+    ids = context_ids(200, seed=11)
+    engine = ModelRunner(tiny, ReconstructionTokenizer())
+    cfg = tiny.config
+    fused = ops.reconstruction_attention
+
+    def plain(q, k_ctx, v_ctx, ctx_pos, k_own, v_own, own_pos, sinks, start, end, scale, row_weight=None):
+        return kr.reconstruction_attention_plain(q, torch.cat([k_ctx, k_own], 1), torch.cat([v_ctx, v_own], 1),
+                                                 own_pos, torch.cat([ctx_pos, own_pos]), sinks, start, end, scale,
+                                                 row_weight)
+
+    want = None
+    if spec.get("plus") != "true":
+        want = dense_reference(tiny, ids, int(spec["chunk"]), 8, int(spec.get("sinks", 4)))
+    for budget in ("5%", "10%", "25%", "50%"):
+        kept = {}
+        for name, impl in (("fused", fused), ("plain", plain)):
+            monkeypatch.setattr(ops, "reconstruction_attention", impl)
+            req = prefilled(engine, ids, build_policy("kvzip", args=spec), parse_budget(budget))
+            if want is not None and name == "fused":
+                torch.testing.assert_close(torch.stack([st.col_max for st in req.stats]), want, rtol=1e-4, atol=1e-6)
+            engine.compress(req, headroom=0)
+            kept[name] = _kept_positions(req, cfg)
+        assert kept["fused"] == kept["plain"], budget
+        if want is not None:
+            req = prefilled(engine, ids, build_policy("kvzip", args=spec), parse_budget(budget))
+            for st, ref in zip(req.stats, want):
+                st.col_max = ref.clone()
+            engine.compress(req, headroom=0)
+            assert _kept_positions(req, cfg) == kept["fused"], budget

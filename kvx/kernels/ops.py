@@ -120,6 +120,23 @@ def column_max(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
     return col_max_over_rows(q, k, q_pos, k_pos, scale, row_weight)
 
 
+def reconstruction_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_pos: Tensor, k_own: Tensor,
+                             v_own: Tensor, own_pos: Tensor, sinks: int, start: int, end: int, scale: float,
+                             row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A KVzip reconstruction pass's attention (q [H, T, d] at own_pos over the context k_ctx, v_ctx
+    [Hkv, n, d] at ctx_pos and its own k_own, v_own) and its col_max [H, sinks + end - start] over the sinks
+    [0, sinks) and the chunk [start, end) (kernels/reconstruction.py). On CUDA: the Triton attention, then
+    column_max over the subset; elsewhere the fused CPU sweep (one subset softmax for both)."""
+    from kvx.kernels import reconstruction
+
+    if use_triton(q):
+        k, v = torch.cat([k_ctx, k_own], dim=1), torch.cat([v_ctx, v_own], dim=1)
+        return reconstruction.reconstruction_attention_plain(q, k, v, own_pos, torch.cat([ctx_pos, own_pos]),
+                                                             sinks, start, end, scale, row_weight)
+    return reconstruction.reconstruction_attention(q, k_ctx, v_ctx, k_own, v_own, sinks, start, end, scale,
+                                                   row_weight)
+
+
 def layer_stats(
     req: StatsRequest,
     q: Tensor,

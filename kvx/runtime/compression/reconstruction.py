@@ -76,17 +76,13 @@ def _score_pass(engine, req, ids: list[int], start: int, end: int, sinks: int, c
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, q_pre: Tensor) -> Tensor:
         Kc, Vc, Pc = req.cache.layers[layer].dense()  # the context, read only
-        K, V, P = torch.cat([Kc, k], dim=1), torch.cat([Vc, v], dim=1), torch.cat([Pc, pos])
-        out, _ = ops.attention(q, K, V, pos, P, engine.scale, None)
-        sub = torch.cat([torch.arange(s, device=device), torch.arange(start, end, device=device),
-                         torch.arange(n, n + T, device=device)])
         weight = None
         if plus:
             weight = 1.0 / row_norms[layer].clamp(min=torch.finfo(torch.float32).tiny)
-        cm = ops.column_max(q, K[:, sub], pos, P[sub], engine.scale, weight)
+        out, cm = ops.reconstruction_attention(q, Kc, Vc, Pc, k, v, pos, s, start, end, engine.scale, weight)
         dst = col_max[layer]
         dst[:, :s] = torch.maximum(dst[:, :s], cm[:, :s])
-        dst[:, start:end] = torch.maximum(dst[:, start:end], cm[:, s:s + end - start])
+        dst[:, start:end] = torch.maximum(dst[:, start:end], cm[:, s:])
         return out
 
     ids_t = torch.tensor(ids, dtype=torch.long, device=device)
