@@ -1,6 +1,8 @@
 """`kvx generate --jsonl`: one request object per stdin line, one result object per stdout line.
 
-Request fields: "prompt" (question-aware), or "context" with "question" or "questions" (question-agnostic);
+Request fields: "prompt" (question-aware), or "context" with "question" or "questions" (question-agnostic),
+or "context_file" (a .kvc file from `kvx compress`: nothing of it is prefilled, and the lines naming the same
+file share its blocks in the pool) with "question" or "questions";
 optional "id", "system", "max_tokens", "temperature", "top_p", "top_k", "seed", "raw", and the line's own
 compression: "policy", "budget", "allocation", "policy_args" (an object or a list of "key=value"); the
 command's flags are the defaults. A line that cannot be run gets {"id": ..., "line": N, "error": "..."}
@@ -36,7 +38,8 @@ def _number(key: str, value, whole: bool):
         raise KvxError(f"field {key!r} is too large") from None
 
 
-def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, defaults: dict):
+def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, defaults: dict,
+               contexts: dict | None = None):
     """A GenerationRequest for one decoded JSON line (KvxError for anything a user must fix, or for a
     request whose prefill activations would not fit in the device's free memory). Its KV cache is the
     pool's business (BatchEngine.submit refuses a request larger than the whole pool): the pool's memory is
@@ -61,6 +64,8 @@ def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, def
     for key in ("prompt", "context", "question", "system"):
         if isinstance(obj.get(key), str):
             check_utf8(obj[key], f"field {key!r}")
+    if "context_file" in obj:
+        return _on_context_file(obj, engine, tok, params, n, contexts if contexts is not None else {})
     policy, budget = _compression(obj, defaults, policy_and_budget)
     common = dict(params=params, max_tokens=n, policy=policy, budget=budget, id=obj.get("id"))
     if "context" in obj:
@@ -85,6 +90,40 @@ def parse_line(obj, engine, tok, params, max_tokens: int, raw: bool, system, def
     return GenerationRequest(prompt_ids=ids, **common), None
 
 
+def _questions(obj: dict) -> list[str]:
+    from kvx.inputs import check_utf8
+
+    questions = obj.get("questions", [obj["question"]] if "question" in obj else None)
+    if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise KvxError("a 'context' request needs 'question' (a string) or 'questions' (a list of strings)")
+    for q in questions:
+        check_utf8(q, "field 'questions'")
+    return questions
+
+
+def _on_context_file(obj: dict, engine, tok, params, n: int, contexts: dict):
+    """A line on a stored context: its questions after the file's context (read once per run: the lines
+    naming one file share its ResidentContext, so its blocks are held once in the pool)."""
+    from kvx.context_options import open_context_file, question_ids
+    from kvx.runtime.contexts.resident import ResidentContext
+    from kvx.runtime.engine.sequence import GenerationRequest
+
+    path = obj["context_file"]
+    if not isinstance(path, str) or not path:
+        raise KvxError("field 'context_file' must be a path (a .kvc file from `kvx compress`)")
+    given = [k for k in ("prompt", "context", "policy", "budget", "allocation", "policy_args", "system", "raw") if k in obj]
+    if given:
+        raise KvxError(f"a 'context_file' line takes its context, policy and chat wrapping from the file; drop "
+                       f"{', '.join(repr(k) for k in given)}")
+    questions = _questions(obj)
+    ctx = contexts.get(path)
+    if ctx is None:
+        ctx = contexts[path] = ResidentContext(open_context_file(path, engine.model, tok, engine.dtype))
+    ids = [question_ids(tok, ctx, q) for q in questions]
+    engine.check_length(ctx.tokens + max(len(q) for q in ids))
+    return GenerationRequest(context=ctx, question_ids=ids, params=params, max_tokens=n, id=obj.get("id")), questions
+
+
 def _compression(obj: dict, defaults: dict, policy_and_budget):
     """The line's (Policy, Budget): its own fields over the command's flags; a fresh Policy per line."""
     fields = {}
@@ -105,17 +144,32 @@ def _compression(obj: dict, defaults: dict, policy_and_budget):
 
 def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget, allocation, policy_args,
               params, max_tokens, raw, system, quiet, use_graphs=True, prefill_chunk=None, max_batch=None,
-              kv_memory=None, ordered=False, prefill_step=None, prefill_first=False, progress=None) -> int:
+              kv_memory=None, ordered=False, prefill_step=None, prefill_first=False, progress=None,
+              loaded=None, tp=None) -> int:
     """Process every line; returns the number of lines that failed. `progress`: a BatchProgress
-    (kvx/status_line.py) to keep up to date, or None."""
+    (kvx/status_line.py) to keep up to date, or None. loaded: (model, tokenizer) already loaded; tp: rank 0's
+    process group of a tensor-parallel run (the other ranks follow its plans: jsonl_batch, plan.follow)."""
     from kvx.options import build_engine, load
     from kvx.result_view import result_json
+
+    llm, tok = loaded if loaded is not None else load(model, device, dtype, quiet=quiet)
+    engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs, prefill_chunk=prefill_chunk)
+    batch = jsonl_batch(engine, kv_memory, max_batch, prefill_step, prefill_first, tp)
+    defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
+    failures = _run_lines(inp, out, batch, engine, tok, defaults, params, max_tokens, raw, system, quiet, ordered,
+                          progress, result_json)
+    if tp is not None:
+        batch.close()  # the other ranks stop following (after a failure, run_ranks stops them)
+    return failures
+
+
+def jsonl_batch(engine, kv_memory, max_batch, prefill_step, prefill_first, tp=None):
+    """The BatchEngine of --jsonl over one pool of kv_memory bytes (default: what the device can give); on
+    tensor-parallel ranks every rank's pool is the smallest rank's, and rank 0's engine a LeaderBatch."""
     from kvx.runtime.engine.batch_engine import DEFAULT_MAX_BATCH, BatchEngine
     from kvx.runtime.memory import available_bytes, human_bytes
     from kvx.runtime.cache.pool import default_kv_memory
 
-    llm, tok = load(model, device, dtype, quiet=quiet)
-    engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs, prefill_chunk=prefill_chunk)
     if kv_memory is not None:
         # The pool is the whole KV budget of the run; each request is then admitted only when it fits in it.
         free, _ = available_bytes(engine.device)
@@ -127,12 +181,23 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
         # pool is the one budget every line's cache is checked against.
         free, _ = available_bytes(engine.device)
         kv_memory = default_kv_memory(engine.device) if free is None else min(default_kv_memory(engine.device), free)
+    if tp is not None:
+        kv_memory = tp.min_int(kv_memory)
     batch = BatchEngine(engine, kv_memory, max_batch or DEFAULT_MAX_BATCH,
                         prefill_step=prefill_step, prefill_first=prefill_first)
-    defaults = dict(policy=policy, budget=budget, allocation=allocation, policy_args=list(policy_args))
+    if tp is not None and tp.rank == 0:
+        from kvx.runtime.parallel.plan import LeaderBatch
+
+        batch = LeaderBatch(batch, tp)
+    return batch
+
+
+def _run_lines(inp, out, batch, engine, tok, defaults, params, max_tokens, raw, system, quiet, ordered, progress,
+               result_json) -> int:
     writer = _Writer(out, ordered)
     failures = 0
     live: dict = {}  # Sequence -> (line number, id, questions)
+    contexts: dict = {}  # context_file path -> its ResidentContext, shared by the lines that name it
     lines = enumerate(inp, start=1)
 
     def fail(lineno: int, rid, message: str) -> None:
@@ -160,7 +225,7 @@ def run_jsonl(inp: TextIO, out: TextIO, *, model, device, dtype, policy, budget,
             except json.JSONDecodeError as exc:
                 raise KvxError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
             rid = obj.get("id") if isinstance(obj, dict) else None
-            request, questions = parse_line(obj, engine, tok, params, max_tokens, raw, system, defaults)
+            request, questions = parse_line(obj, engine, tok, params, max_tokens, raw, system, defaults, contexts)
             live[batch.submit(request)] = (lineno, rid, questions)
         except KvxError as exc:
             fail(lineno, rid, str(exc))

@@ -108,3 +108,21 @@ def test_bad_files_and_options_are_one_line_exit_2(made, tmp_path):
         assert "Traceback" not in err
     assert not (tmp_path / "x.kvc").exists()
     assert not list(tmp_path.glob(".*.part"))
+
+
+def test_jsonl_lines_on_a_context_file_share_it_and_answer_as_load_context(made):
+    _, _, out, _ = made
+    lines = [{"id": i, "context_file": str(out), "question": q, "max_tokens": 16} for i, q in enumerate(QUESTIONS)]
+    lines.append({"id": "bad", "context_file": str(out), "question": "Why?", "budget": "5%"})
+    stdin = "".join(json.dumps(x) + "\n" for x in lines)
+    p = subprocess.run([installed_kvx(), "generate", "--jsonl", "--dtype", "float32", "--ordered"], input=stdin,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1  # one line failed, the others ran
+    rows = [json.loads(x) for x in p.stdout.splitlines()]
+    assert "drop 'budget'" in rows[-1]["error"]
+    qs = [a for q in QUESTIONS for a in ("-q", q)]
+    code, stdout, err = _run("generate", "--load-context", out, *qs, "-n", "16", "--json")
+    assert code == 0, err
+    want = [r["text"] for r in json.loads(stdout)["results"]]
+    assert [r["results"][0]["text"] for r in rows[:-1]] == want
+    assert all(r["results"][0]["cached_tokens"] > 500 for r in rows[:-1])

@@ -63,6 +63,7 @@ class GenerationResult:
             "kv_bytes_peak": self.kv_bytes_peak,
             "kv_entries_kept": self.kv_entries_kept,
             "kv_entries_full": self.kv_entries_full,
+            "cached_tokens": self.cached_tokens,
         }
 
 
