@@ -9,6 +9,7 @@ and the command-line tests run under a subprocess timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -146,8 +147,9 @@ def _kvx(*args, timeout=120, **kw):
 
 
 def test_generate_with_two_ranks_prints_one_ranks_text(folder):
+    # --dtype float32: the exact comparison (--dtype auto may pack one device's CPU weights, kvx/options.py)
     args = ["generate", "--model", str(folder), "--max-tokens", "12", "--policy", "ada-snapkv", "--budget", "30%",
-            "--quiet", "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up."]
+            "--quiet", "--dtype", "float32", "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up."]
     one, two = _kvx(*args), _kvx(*args, "--tp", "2")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert two.stdout == one.stdout and one.stdout.strip()
@@ -234,3 +236,62 @@ def test_rank_0_plans_arrivals_and_cancels_and_the_ranks_follow(cases, model):
     assert two["tokens"] == one["tokens"]
     assert one["tokens"]["e"][0] == "cancelled"
     assert two["most_waiting"] > 0 and one["most_waiting"] > 0
+
+
+def test_serve_with_two_ranks_answers_as_one_rank(tmp_path_factory):
+    """kvx serve --tp 2: rank 0 serves, rank 1 follows its plans; concurrent requests with their own
+    policies get one rank's answers; SIGTERM ends every rank."""
+    import concurrent.futures
+
+    import httpx
+
+    from serve_helpers import tiny_model_dir, words
+    from test_serve_cli import ServeProcess
+
+    model = str(tiny_model_dir(tmp_path_factory.mktemp("tp_serve")))
+    bodies = [{"prompt": words(n, n), "max_tokens": 12, "temperature": 0, **kv}
+              for n, kv in [(80, {"kv_policy": "snapkv", "kv_budget": "20%"}), (120, {"kv_policy": "ada-snapkv",
+                            "kv_budget": "10%"}), (60, {}), (150, {"kv_policy": "laprox", "kv_budget": "15%"})]]
+
+    def answers(server):
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda b: httpx.post(server.url + "/v1/completions", json=b, timeout=120),
+                                    bodies))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        return [r.json()["choices"][0]["text"] for r in replies]
+
+    one = ServeProcess("--model", model, "--kv-memory", "64MiB", "--dtype", "float32")
+    try:
+        want = answers(one)
+    finally:
+        one.close()
+    two = ServeProcess("--model", model, "--kv-memory", "64MiB", "--dtype", "float32", "--tp", "2")
+    try:
+        assert answers(two) == want
+        import psutil
+
+        ranks = psutil.Process(two.proc.pid).children(recursive=True)
+        two.proc.send_signal(signal.SIGTERM)
+        two.proc.wait(60)
+        assert two.proc.returncode == -signal.SIGTERM, "".join(two.stderr)
+        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive
+        assert "Traceback" not in "".join(two.stderr)
+    finally:
+        two.close()
+
+
+def test_jsonl_with_two_ranks_equals_one(folder):
+    lines = "\n".join(json.dumps(x) for x in [
+        {"id": "a", "prompt": "the quick brown fox " * 12, "policy": "snapkv", "budget": "20%"},
+        {"id": "b", "prompt": "jumps over the lazy dog " * 9, "policy": "ada-snapkv", "budget": "15%"},
+        {"id": "c", "prompt": "hello", "policy": "h2o", "budget": "50%"},
+        {"id": "d", "prompt": "and again " * 20, "policy": "laprox", "budget": "10%"}]) + "\n"
+    args = ["generate", "--jsonl", "--model", str(folder), "--max-tokens", "10", "--dtype", "float32", "--ordered",
+            "--max-batch", "2", "--quiet"]
+    one, two = _kvx(*args, input=lines), _kvx(*args, "--tp", "2", input=lines)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    got = [json.loads(x) for x in two.stdout.splitlines()]
+    want = [json.loads(x) for x in one.stdout.splitlines()]
+    assert [(g["id"], g["text"], g["generated_tokens"]) for g in got] == [
+        (w["id"], w["text"], w["generated_tokens"]) for w in want] and len(want) == 4

@@ -73,3 +73,38 @@ def rank_main(tp, path, device, dtype, policy, budget, allocation, policy_args, 
     request = GenerationRequest(prompt_ids=ids, params=params, max_tokens=max_tokens, policy=engine.policy,
                                 budget=engine.budget, on_text=callback)
     return run_alone(engine, request).results
+
+
+def jsonl_on_ranks(world: int, inp, out, *, model, device, dtype, progress=None, **options) -> int:
+    """`kvx generate --jsonl --tensor-parallel N`: rank 0 (this process) reads the lines and writes the
+    results (pipeline.run_jsonl), the other ranks follow its plans. Returns the failed lines' count."""
+    from kvx.models.hub import resolve_model
+    from kvx.options import resolve_device
+    from kvx.runtime.parallel.launch import run_ranks
+
+    path = str(resolve_model(model))
+    dev = resolve_device(device)
+    _check_split(path, world)
+    from kvx.models.config import load_config
+    from kvx.runtime.parallel.plan import check_even
+
+    check_even(load_config(path), world)
+    return run_ranks(world, jsonl_rank, (path, dev, dtype, options),
+                     {"inp": inp, "out": out, "progress": progress}, device=dev)
+
+
+def jsonl_rank(tp, path, device, dtype, options, inp=None, out=None, progress=None):
+    from kvx.models.sharding import load_sharded
+    from kvx.options import build_engine, resolve_dtype
+    from kvx.pipeline import jsonl_batch, run_jsonl
+    from kvx.runtime.parallel.plan import follow
+
+    llm, tok = load_sharded(path, tp.rank, tp.world, tp, device=tp.device, dtype=resolve_dtype(dtype, device))
+    if tp.rank == 0:
+        return run_jsonl(inp, out, model=path, device=device, dtype=dtype, progress=progress, loaded=(llm, tok),
+                         tp=tp, **options)
+    engine = build_engine(llm, tok, "full", None, None, [], use_graphs=options.get("use_graphs", True),
+                          prefill_chunk=options.get("prefill_chunk"))
+    follow(jsonl_batch(engine, options.get("kv_memory"), options.get("max_batch"), options.get("prefill_step"),
+                       options.get("prefill_first", False), tp), tp)
+    return None

@@ -99,7 +99,7 @@ def _follower(rank: int, world: int, init_method: str, device: str, fn, args, er
         fn(tp, *args)
         tp.close()
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, which prints it
-        errors.put((rank, _cause(exc)))
+        errors.put((rank, describe(exc)))
         os._exit(EXIT_RANK_FAILED)
     os._exit(0)
 
@@ -111,7 +111,7 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def _cause(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     if isinstance(exc, KvxError):
         return str(exc)
     text = str(exc).strip().splitlines()

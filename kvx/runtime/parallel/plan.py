@@ -18,27 +18,34 @@ from kvx.errors import KvxError
 STOP = "stop"
 
 
-def check_batchable(model) -> None:
+def check_even(config, world: int) -> None:
     """Many requests need every rank to hold the same number of kv heads (the same pool arithmetic)."""
-    full, cfg, world = model.full_config, model.config, model.tp.world
-    if full.num_kv_heads >= world and full.num_kv_heads % world:
-        raise KvxError(f"--tensor-parallel {world}: this model's {full.num_kv_heads} kv heads do not split evenly "
-                       f"over {world} ranks, which many requests at once need (one prompt does not: kvx generate)")
+    if config.num_kv_heads >= world and config.num_kv_heads % world:
+        raise KvxError(f"--tensor-parallel {world}: this model's {config.num_kv_heads} kv heads do not split evenly "
+                       f"over {world} ranks, which many requests at once need (one prompt does not)")
+
+
+def check_batchable(model) -> None:
+    check_even(model.full_config, model.tp.world)
 
 
 def portable(request):
-    """The request as the other ranks receive it: no callback (rank 0 streams), nothing stored."""
+    """The request as the other ranks receive it: no callback (rank 0 streams), no caller's id (a server's
+    job), nothing stored."""
     if request.context is not None or request.store is not None:
         raise KvxError("stored contexts are not split over tensor-parallel ranks yet")
-    return replace(request, on_text=None)
+    return replace(request, on_text=None, id=None)
 
 
 class LeaderBatch:
     """Rank 0's BatchEngine; every submit and cancel reaches the other ranks with the next step."""
 
-    def __init__(self, batch, tp):
+    def __init__(self, batch, tp, fatal: bool = False):
         check_batchable(batch.engine.model)
         self.batch, self.tp = batch, tp
+        # A step that raises leaves the ranks apart: with `fatal` (a server, whose engine thread would go on)
+        # the process ends with one line (the other ranks then exit too), else the error propagates.
+        self.fatal = fatal
         batch.scheduler.agree = tp.agree
         self._ops: list = []
         self._index: dict[int, int] = {}  # id(seq) -> its number on every rank, while it lives
@@ -71,8 +78,20 @@ class LeaderBatch:
 
     def step(self):
         ops, self._ops = self._ops, []
-        self.tp.send_plan(ops)
-        done = self.batch.step()
+        try:
+            self.tp.send_plan(ops)
+            done = self.batch.step()
+        except BaseException as exc:
+            if not self.fatal:
+                raise
+            import os
+            import sys
+
+            from kvx.runtime.parallel.launch import describe
+
+            print(f"kvx: error: tensor-parallel rank 0 failed in a step: {describe(exc)}; the run was stopped",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
         for seq in done:
             self._index.pop(id(seq), None)
         return done
