@@ -11,7 +11,7 @@ import typer
 
 def bench_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder (default: SmolLM2-135M-Instruct)."),
-    suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, batch, or all."),
+    suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, batch, contexts, or all (all but contexts)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for both kvx and transformers."),
@@ -27,6 +27,10 @@ def bench_command(
     batch_prompt: int = typer.Option(2048, "--batch-prompt", min=1, help="batch suite: prompt tokens per request."),
     batch_gen: int = typer.Option(128, "--batch-gen", min=1, help="batch suite: generated tokens per request."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="batch suite: the KV pool for every configuration (default: what 4 full-cache requests hold)."),
+    doc_tokens: int = typer.Option(4096, "--doc-tokens", min=64, help="contexts suite: tokens of the document."),
+    questions: int = typer.Option(16, "--questions", min=1, help="contexts suite: questions asked about it at once."),
+    context_budget: str = typer.Option("10%", "--context-budget", help="contexts suite: the budget of (b) and (c)."),
+    context_policy: str = typer.Option("kvzip", "--context-policy", help="contexts suite: the policy (c) compresses the document with once (question-agnostic); (b) uses the first of --policies."),
 ) -> None:
     """Measure speed as ratios against a baseline taken in the same run.
 
@@ -40,19 +44,25 @@ def bench_command(
                  --budgets with the first --policies; decode and end-to-end
                  tokens/s, and how many 4k-token sequences the memory holds
                  full and compressed
+    contexts     one --doc-tokens document, --questions questions at once:
+                 (a) full cache re-prefilled per question, (b) each compressed
+                 question-aware, (c) compressed once (--context-policy),
+                 saved, loaded and shared; time to first token, wall, peak KV,
+                 the file's size and its load time against compressing again
 
     \b
     kvx bench --suite runtime --threads 2
     kvx bench --suite batch --batch-requests 16 --batch-prompt 2048 \\
         --batch-gen 128
+    kvx bench --suite contexts --doc-tokens 4096 --questions 16
     """
     from kvx.errors import KvxError, about
     from kvx.options import build_engine, check_device_dtype, load
 
     # Every option is checked before the model loads.
     check_device_dtype(device, dtype)
-    if suite not in ("runtime", "compression", "batch", "all"):
-        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression, batch or all")
+    if suite not in ("runtime", "compression", "batch", "contexts", "all"):
+        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression, batch, contexts or all")
     pool_bytes = None
     if kv_memory is not None:
         from kvx.runtime.memory import parse_size
@@ -67,11 +77,15 @@ def bench_command(
         with about("--budgets"):
             for text in budget_texts or [""]:  # none given is an error too
                 parse_budget(text)
+        with about("--context-budget"):
+            parse_budget(context_budget)
         from kvx.policies.registry import build_policy
 
         with about("--policies"):
             for name in policy_names or [""]:
                 build_policy(name)
+        with about("--context-policy"):
+            build_policy(context_policy)
 
     import torch
 
@@ -114,6 +128,9 @@ def bench_command(
     if suite in ("batch", "all"):
         out += _batch_suite(engine, tok, batch_requests, batch_prompt, batch_gen, pool_bytes,
                             policy_names[0], budget_texts[0], show)
+    if suite == "contexts":
+        out += _contexts_suite(engine, tok, doc_tokens, questions, decode_steps, policy_names[0], context_policy,
+                               context_budget, show)
     if as_json:
         return
     from rich.console import Console
@@ -162,6 +179,22 @@ def _batch_suite(engine, tok, n, prompt, gen, pool_bytes, policy, budget, show):
              ["full cache", f"{policy} {budget}", "ratio"],
              [[cap.full_sequences, cap.compressed_sequences,
                "-" if cap.ratio is None else f"{cap.ratio:.1f}x"]])]
+
+
+def _contexts_suite(engine, tok, doc_tokens, questions, gen, aware_policy, context_policy, budget, show):
+    from kvx.eval import bench_contexts
+    from kvx.runtime.memory import human_bytes
+
+    rows = bench_contexts.run(engine, tok, doc_tokens, questions, gen, aware_policy, context_policy, budget, show)
+    a = rows[0]
+    body = [[r.config, f"{r.ttft_p50_s:.2f}", f"{r.ttft_p99_s:.2f}", f"{a.ttft_p50_s / r.ttft_p50_s:.1f}x",
+             f"{r.wall_s:.1f}", human_bytes(r.peak_kv_bytes), f"{r.peak_kv_bytes / a.peak_kv_bytes:.3f}"] for r in rows]
+    c = rows[-1]
+    title = (f"one document of {a.document_tokens} tokens, {questions} questions at once, {gen} tokens each")
+    files = [[human_bytes(c.file_bytes), f"{c.compress_s:.2f}", f"{c.load_s:.3f}", f"{c.compress_s / c.load_s:.0f}x"]]
+    return [(title, ["config", "TTFT p50 s", "TTFT p99 s", "(a)/this p50", "wall s", "peak KV", "vs (a)"], body),
+            (f"the compressed context ({c.policy} {c.budget})", ["file", "compress s", "load s", "compress / load"],
+             files)]
 
 
 def _split(text: str) -> list[str]:
