@@ -268,6 +268,11 @@ def test_serve_with_two_ranks_answers_as_one_rank(tmp_path_factory):
     two = ServeProcess("--model", model, "--kv-memory", "64MiB", "--dtype", "float32", "--tp", "2")
     try:
         assert answers(two) == want
+        from kvx.serve.metrics import parse
+
+        metrics = parse(httpx.get(two.url + "/metrics", timeout=10).text)
+        per_rank = [metrics[f'kvx:rank_kv_blocks_total{{rank="{r}"}}'] for r in (0, 1)]
+        assert per_rank[0] == per_rank[1] == metrics["kvx:kv_blocks_total"] > 0
         import psutil
 
         ranks = psutil.Process(two.proc.pid).children(recursive=True)

@@ -77,6 +77,19 @@ class _EngineCollector:
                                 value=s.get("blocks_used", 0) / total if total else 0.0)
         for name, help_text, key in self.COUNTERS:
             yield CounterMetricFamily(name, help_text, value=float(s.get(key, 0)))
+        if "ranks" in s:  # kvx serve --tensor-parallel: each rank's pool (its own kv heads' blocks)
+            for name, help_text, key in self.RANK_GAUGES:
+                family = GaugeMetricFamily(name, help_text, labels=["rank"])
+                for rank, pool in enumerate(s["ranks"]):
+                    family.add_metric([str(rank)], float(pool.get(key, 0)))
+                yield family
+
+    RANK_GAUGES = [
+        ("kvx:rank_kv_blocks_total", "Blocks in a tensor-parallel rank's KV pool.", "blocks_total"),
+        ("kvx:rank_kv_blocks_used", "KV blocks a rank's running requests hold (its kv heads only).", "blocks_used"),
+        ("kvx:rank_kv_blocks_reserved", "KV blocks promised on a rank to admitted requests.", "blocks_reserved"),
+        ("kvx:rank_kv_cache_bytes_held", "K+V bytes a rank's running requests hold.", "bytes_used"),
+    ]
 
 
 class _ContextCollector:

@@ -16,6 +16,16 @@ from dataclasses import replace
 from kvx.errors import KvxError
 
 STOP = "stop"
+_POOL_KEYS = ("blocks_total", "blocks_used", "blocks_free", "blocks_reserved", "bytes_total", "bytes_used")
+
+
+def rank_pools(batch, tp) -> list[dict]:
+    """Every rank's pool figures (one all-gather; every rank calls it at the same point)."""
+    import torch
+
+    s = batch.pool.stats()
+    mine = torch.tensor([s[k] for k in _POOL_KEYS], dtype=torch.long, device=tp.device)
+    return [dict(zip(_POOL_KEYS, t.tolist())) for t in tp.all_gather(mine)]
 
 
 def check_even(config, world: int) -> None:
@@ -50,6 +60,10 @@ class LeaderBatch:
         self._ops: list = []
         self._index: dict[int, int] = {}  # id(seq) -> its number on every rank, while it lives
         self._next = 0
+        self.ranks = rank_pools(batch, tp)  # every rank's pool, as of the last step (kvx serve's /metrics)
+
+    def stats(self) -> dict:
+        return {**self.batch.stats(), "ranks": self.ranks}
 
     def __getattr__(self, name):  # pool, scheduler, stats(), has_work, engine, ...
         return getattr(self.batch, name)
@@ -81,6 +95,7 @@ class LeaderBatch:
         try:
             self.tp.send_plan(ops)
             done = self.batch.step()
+            self.ranks = rank_pools(self.batch, self.tp)
         except BaseException as exc:
             if not self.fatal:
                 raise
@@ -113,6 +128,7 @@ def follow(batch, tp) -> None:
     """Another rank than 0: run rank 0's steps on this rank's BatchEngine until rank 0 closes."""
     check_batchable(batch.engine.model)
     batch.scheduler.agree = tp.agree
+    rank_pools(batch, tp)  # as LeaderBatch does when it starts, and after every step
     seqs: dict[int, object] = {}  # rank 0's number -> the sequence, while it lives
     numbers: dict[int, int] = {}  # id(sequence) -> its number
     count = 0
@@ -129,3 +145,4 @@ def follow(batch, tp) -> None:
                 batch.cancel(seqs[arg])
         for seq in batch.step():
             seqs.pop(numbers.pop(id(seq), -1), None)
+        rank_pools(batch, tp)
