@@ -16,7 +16,7 @@ def context_info(model, tokenizer, dtype, policy: Optional[str], budget: Optiona
                  policy_args: list[str], system: Optional[str], raw: bool, context_tokens: int):
     """The ContextInfo of a context compressed with these options."""
     from kvx.policies.budget import parse_budget
-    from kvx.runtime.contexts.context_file import dtype_name
+    from kvx.runtime.contexts.context_file import dtype_name, weights_of
     from kvx.runtime.contexts.stored import ContextInfo
 
     name = policy_name(policy, budget)
@@ -26,7 +26,7 @@ def context_info(model, tokenizer, dtype, policy: Optional[str], budget: Optiona
         policy={"name": name.strip().lower(), "allocation": allocation, "args": parse_policy_args(policy_args)},
         budget={} if bud is None else ({"fraction": bud.fraction} if bud.fraction is not None else {"tokens": bud.tokens}),
         wrapping={"raw": bool(raw or not tokenizer.has_chat_template), "system": system},
-        context_tokens=context_tokens, kvx_version=__version__,
+        context_tokens=context_tokens, weights=weights_of(model, dtype), kvx_version=__version__,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -36,14 +36,17 @@ def file_dtype(path: str, dtype: str) -> str:
     from kvx.runtime.contexts.context_file import read_info
 
     _, info = read_info(path)
-    return info.dtype if dtype == "auto" else dtype
+    if dtype != "auto":
+        return dtype
+    # Weights packed on the CPU (int8, bfloat16) are what --dtype auto runs there; plain ones are the dtype.
+    return info.dtype if (info.weights or info.dtype) == info.dtype else "auto"
 
 
 def open_context_file(path: str, model, tokenizer, dtype):
     """A context file read and checked for this model: a StoredContext."""
-    from kvx.runtime.contexts.context_file import load_context
+    from kvx.runtime.contexts.context_file import load_context, weights_of
 
-    return load_context(path, model.config, model.fingerprint, tokenizer.fingerprint, dtype)
+    return load_context(path, model.config, model.fingerprint, tokenizer.fingerprint, dtype, weights_of(model, dtype))
 
 
 def question_ids(tokenizer, stored, question: str) -> list[int]:

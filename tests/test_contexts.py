@@ -45,7 +45,7 @@ def _engine(model):
 
 def _info(model, name, budget, n) -> ContextInfo:
     b = parse_budget(budget)
-    return ContextInfo(model_fingerprint=model.fingerprint, tokenizer_fingerprint="stub", dtype="float32",
+    return ContextInfo(model_fingerprint=model.fingerprint, tokenizer_fingerprint="stub", dtype="float32", weights="float32",
                        policy={"name": name, "allocation": None, "args": {}},
                        budget={"fraction": b.fraction} if b.fraction is not None else {"tokens": b.tokens},
                        wrapping={"raw": True, "system": None}, context_tokens=n)
@@ -56,7 +56,7 @@ def _ids(rng, n):
 
 
 def _load(model, path):
-    return load_context(path, model.config, model.fingerprint, "stub", torch.float32)
+    return load_context(path, model.config, model.fingerprint, "stub", torch.float32, weights="float32")
 
 
 def _compressed(model, name, budget, seed=0, n=300):
@@ -194,6 +194,7 @@ BAD = {
     "model": (lambda t, m: m.update(info=m["info"].replace(m["info"][m["info"].index('"model_fingerprint": "') + 22:][:8], "deadbeef")), "another model"),
     "dtype": (lambda t, m: m.update(info=m["info"].replace('"dtype": "float32"', '"dtype": "bfloat16"')), "bfloat16"),
     "version": (lambda t, m: m.update(version="9"), "newer kvx"),
+    "weights": (lambda t, m: m.update(info=m["info"].replace('"weights": "float32"', '"weights": "int8"')), "int8 weights"),
     "format": (lambda t, m: m.update(format="other"), "not a kvx context file"),
     "policy": (lambda t, m: m.update(info=m["info"].replace('"name": "snapkv"', '"name": "nosuch"')), "unknown policy"),
     "context-position": (lambda t, m: m.update(position="999999"), "position"),

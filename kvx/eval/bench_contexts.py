@@ -71,7 +71,7 @@ def run(engine, tokenizer, document_tokens: int = 4096, questions: int = 16, gen
         aware_policy: str = "snapkv", context_policy: str = "kvzip", budget: str = "10%", progress=None) -> list[ContextsRow]:
     from kvx.context_options import context_info
     from kvx.options import policy_and_budget, split_context_question
-    from kvx.runtime.contexts.context_file import load_context, save_context
+    from kvx.runtime.contexts.context_file import load_context, save_context, weights_of
     from kvx.runtime.contexts.resident import ResidentContext
     from kvx.runtime.contexts.run import compress_context
     from kvx.runtime.engine.batch_engine import BatchEngine
@@ -123,7 +123,8 @@ def run(engine, tokenizer, document_tokens: int = 4096, questions: int = 16, gen
         size = save_context(stored, path)
         b = batch()
         t0 = time.perf_counter()
-        loaded = load_context(path, cfg, engine.model.fingerprint, tokenizer.fingerprint, engine.dtype)
+        loaded = load_context(path, cfg, engine.model.fingerprint, tokenizer.fingerprint, engine.dtype,
+                              weights_of(engine.model, engine.dtype))
         ctx = ResidentContext(loaded)
         ctx.reserve(b.pool)
         b.scheduler.contexts.held.append(ctx)

@@ -120,8 +120,11 @@ class ContextRegistry:
     def _read(self, path: Path):
         from kvx.runtime.contexts.context_file import load_context
 
+        from kvx.runtime.contexts.context_file import weights_of
+
         r = self.runner
-        return load_context(path, r.config, r.model.fingerprint, r.tokenizer.fingerprint, r.dtype)
+        return load_context(path, r.config, r.model.fingerprint, r.tokenizer.fingerprint, r.dtype,
+                            weights_of(r.model, r.dtype))
 
     # -- lookups ----------------------------------------------------------------------------------------
     def get(self, cid: str, owner: str, param: str = "kv_context") -> Entry:

@@ -104,9 +104,14 @@ def read_info(path: str | Path) -> tuple[dict, ContextInfo]:
     return meta, info
 
 
+def weights_of(model, dtype: torch.dtype) -> str:
+    """What a model's linear weights run as: a packed CPU format (models/cpu_weights.py) or its dtype."""
+    return getattr(model, "weight_format", None) or dtype_name(dtype)
+
+
 def check_compatible(path, info: ContextInfo, model_fingerprint: str, tokenizer_fingerprint: str,
-                     dtype: torch.dtype) -> None:
-    """KvxError unless the file was made for this model, tokenizer and dtype."""
+                     dtype: torch.dtype, weights: str | None = None) -> None:
+    """KvxError unless the file was made for this model, tokenizer, dtype (and weight format)."""
     if info.model_fingerprint != model_fingerprint:
         raise KvxError(f"{path} was compressed with another model (its fingerprint differs from this "
                        "model's); compress the context again with this --model")
@@ -115,16 +120,22 @@ def check_compatible(path, info: ContextInfo, model_fingerprint: str, tokenizer_
     if info.dtype != dtype_name(dtype):
         raise KvxError(f"{path} holds {info.dtype} keys and values; this model runs in {dtype_name(dtype)} "
                        f"(pass --dtype {info.dtype})")
+    made_with = info.weights or info.dtype
+    if weights is not None and made_with != weights:
+        hint = (f"pass --dtype {made_with}" if made_with in _DTYPES else
+                f"run with --dtype auto and KVX_CPU_WEIGHTS={made_with}")
+        raise KvxError(f"{path} was compressed with {made_with} weights; this model runs {weights} weights ({hint})")
 
 
 def load_context(path: str | Path, config, model_fingerprint: str, tokenizer_fingerprint: str,
-                 dtype: torch.dtype) -> StoredContext:
-    """Read and check a context file for this model (see the module docstring)."""
+                 dtype: torch.dtype, weights: str | None = None) -> StoredContext:
+    """Read and check a context file for this model (see the module docstring). `weights`: the model's
+    weight format (weights_of), checked against the file's when given."""
     from safetensors import safe_open
 
     path = Path(path)
     meta, info = read_info(path)
-    check_compatible(path, info, model_fingerprint, tokenizer_fingerprint, dtype)
+    check_compatible(path, info, model_fingerprint, tokenizer_fingerprint, dtype, weights)
     L, Hkv, H, d = config.num_layers, config.num_kv_heads, config.num_heads, config.head_dim
 
     def bad(what: str) -> KvxError:

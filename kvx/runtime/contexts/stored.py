@@ -33,6 +33,9 @@ class ContextInfo:
     budget: dict  # {"fraction": f} or {"tokens": n}: rebuilds the Budget exactly
     wrapping: dict  # {"raw": bool, "system": str | None}: how a question is encoded after the context
     context_tokens: int
+    # What the linear weights ran as (the CPU may pack them: models/cpu_weights.py): keys and values made
+    # by int8 weights are not what float32 weights make of the same text. "" (older files): as `dtype`.
+    weights: str = ""
     kvx_version: str = ""
     created: str = ""  # ISO 8601, UTC
 
