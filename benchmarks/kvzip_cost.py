@@ -26,7 +26,10 @@ import subprocess
 import sys
 
 RUN = r'''
-import hashlib, json, sys, time, torch
+import hashlib, json, os, sys, time, torch
+import kvx
+assert os.path.dirname(os.path.dirname(os.path.abspath(kvx.__file__))) == sys.argv[1], kvx.__file__
+del sys.argv[1]
 torch.set_num_threads(int(sys.argv[3]))
 from kvx.options import load
 from kvx.eval.bench import prose_ids, _pool_for
@@ -58,12 +61,12 @@ print(json.dumps({"context": len(ids), "prefill_s": round(prefill, 2), "passes_s
                   "prefills": round(passes / prefill, 3), "wall_prefills": round((w2 - w1) / (w1 - w0), 3),
                   "kept": h.hexdigest()[:16]}))
 '''
-
-
 def run_once(tree: str, context: int, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    out = subprocess.run([sys.executable, "-c", RUN, str(context), args.dtype, str(args.threads), args.budget],
-                         env=env, capture_output=True, text=True, check=False)
+    tree = os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=tree)
+    # cwd=tree: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", RUN, tree, str(context), args.dtype, str(args.threads),
+                          args.budget], env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"{tree} failed: {out.stderr.strip().splitlines()[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -336,17 +336,20 @@ def _kept_sets(scores: torch.Tensor, k: int) -> set:
     return {(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in idx}
 
 
-@pytest.mark.parametrize("n,T,sinks,start,end,weighted,row_chunk", [
-    (300, 70, 4, 100, 164, False, 16),   # sinks + a middle chunk: context keys on both sides unscored
-    (300, 70, 0, 0, 64, True, 16),       # first chunk, no sinks, KVzip+ row weights
-    (120, 130, 6, 6, 120, False, 32),    # one chunk covering the whole context: no unscored keys
-    (257, 41, 4, 200, 257, True, 128),   # last chunk, a row chunk larger than the pass
+@pytest.mark.parametrize("n,T,sinks,start,end,weighted,row_chunk,flash", [
+    (300, 70, 4, 100, 164, False, 16, True),    # sinks + a middle chunk: context keys on both sides unscored
+    (300, 70, 4, 100, 164, False, 16, False),   # the same without PyTorch's CPU flash op (the reference's lse)
+    (300, 70, 0, 0, 64, True, 16, True),        # first chunk, no sinks, KVzip+ row weights
+    (120, 130, 6, 6, 120, False, 32, True),     # one chunk covering the whole context: no unscored keys
+    (257, 41, 4, 200, 257, True, 128, True),    # last chunk, a row chunk larger than the pass
 ])
 def test_fused_reconstruction_attention_equals_the_plain_way(monkeypatch, n, T, sinks, start, end, weighted,
-                                                             row_chunk):
+                                                             row_chunk, flash):
     from kvx.kernels import reconstruction as kr
 
     monkeypatch.setattr(kr, "ROW_CHUNK", row_chunk)
+    if not flash:
+        monkeypatch.setattr(kr, "_cpu_flash", lambda: None)
     g = torch.Generator().manual_seed(n + T + start)
     H, Hkv, d = 6, 2, 16
     q = torch.randn(H, T, d, generator=g) * 2

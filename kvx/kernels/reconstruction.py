@@ -55,12 +55,17 @@ def reconstruction_attention_plain(q: Tensor, k: Tensor, v: Tensor, q_pos: Tenso
     return out, cm[:, :sinks + end - start]
 
 
+def _cpu_flash():
+    """PyTorch's CPU flash-attention op, (out, lse, ...) = op(q, k, v, dropout, causal, scale=), or None."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _flash_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Unmasked attention of q [Hkv, R, d] over k, v [Hkv, S, d] (every row sees every key):
     (out [Hkv, R, d], lse [Hkv, R] float32)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=scale)[:2]
+    flash = _cpu_flash()
+    if q.device.type == "cpu" and flash is not None:  # PyTorch's CPU flash kernel, which also returns the lse
+        out, lse = flash(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=scale)[:2]
         return out.squeeze(0), lse.squeeze(0).float()
     R = q.shape[1]
     pos_q = torch.full((R,), k.shape[1], device=q.device)

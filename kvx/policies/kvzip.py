@@ -18,7 +18,8 @@ raw scores of every layer and head (the `global` allocator with normalize=false)
 probabilities and comparable as they are. `--allocation ada --policy-arg alpha=0` selects per layer
 (one top-K over the heads of each layer, uniform layer totals: kvpress's layerwise=True).
 
-The reconstruction pass itself lives in kvx/runtime/reconstruction.py: its K/V never enter the cache.
+The reconstruction pass itself lives in kvx/runtime/compression/reconstruction.py (its K/V never enter the
+cache), its attention and column max in kvx/kernels/reconstruction.py.
 """
 
 from __future__ import annotations

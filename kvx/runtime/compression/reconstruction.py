@@ -7,7 +7,9 @@ softmax runs over the sinks, that chunk and its own keys (kvx.policies.kvzip), a
 lands in LayerStats.col_max of every layer.
 
 The pass never writes to the cache: its attend callback reads the context's K/V (`LayerCache.dense()`,
-views) and concatenates its own K/V in a temporary tensor that dies with the layer. So nothing of the
+views) and hands them with its own K/V to `ops.reconstruction_attention`, which returns the layer's
+attention output and the column max together (kernels/reconstruction.py: on the CPU one sweep over the
+scored keys serves both, the rest of the context goes through the unmasked flash kernel). So nothing of the
 reconstruction can stay in the kept cache, and the context's entries stay bit for bit as the prefill left
 them.
 """
