@@ -42,7 +42,7 @@ def resolve_dtype(dtype: str, device: str):
     check_device_dtype("auto", dtype)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
-        # float32 on the CPU: bfloat16 matmuls are slower there at long context.
+        # float32 on the CPU (activations and cache; `load` packs the linear weights: models/cpu_weights.py).
         return torch.float32 if device == "cpu" else torch.bfloat16
     return table[dtype]
 
@@ -54,7 +54,22 @@ def load(model: Optional[str], device: str, dtype: str, quiet: bool = False):
 
     path = resolve_model(model, quiet=quiet)  # first: a bad path fails before torch is even imported
     dev = resolve_device(device)
-    return load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    fmt = cpu_weight_format(dtype, dev)  # a bad KVX_CPU_WEIGHTS fails before the model loads
+    llm, tok = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    if fmt != "float32":
+        from kvx.models.cpu_weights import pack
+
+        pack(llm, fmt)
+    return llm, tok
+
+
+def cpu_weight_format(dtype: str, device: str) -> str:
+    """What the linear weights are stored as: `--dtype auto` on the CPU packs them (KVX_CPU_WEIGHTS, int8
+    by default: models/cpu_weights.py) while activations, norms and the KV cache stay float32; any explicit
+    --dtype, and every GPU run, keeps the weights in that dtype ('float32' here means: nothing packed)."""
+    from kvx.models.cpu_weights import resolve_format
+
+    return resolve_format() if dtype == "auto" and device == "cpu" else "float32"
 
 
 def parse_policy_args(items: list[str]) -> dict[str, str]:

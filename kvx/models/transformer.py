@@ -47,7 +47,9 @@ _CPU_FEW_ROWS = 128
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) for x [T, in], weight [out, in]."""
+    """F.linear(x, weight, bias) for x [T, in], weight [out, in] (or a packed CPU weight: models/cpu_weights.py)."""
+    if not isinstance(weight, Tensor):
+        return weight.linear(x, bias)
     if x.device.type == "cpu" and 1 < x.shape[0] <= _CPU_FEW_ROWS:
         y = (weight @ x.t()).t()
         return y if bias is None else y + bias
@@ -129,6 +131,8 @@ class Transformer(nn.Module):
         # Plain tuples are read in forward: attribute lookups through nn.Module cost more than the math
         # of a small layer at decode time.
         self._layer_weights = [layer.weights() for layer in self.layers]
+        self.__dict__["_head"] = self.lm_head  # not a second parameter; or its packed copy (cpu_weights.pack)
+        self.weight_format = None  # what cpu_weights.pack stored the linear weights as
         self.inv_freq = self._inv_freq_cpu.to(self.embed.device)
 
     def _apply(self, fn, *args, **kwargs):
@@ -154,7 +158,8 @@ class Transformer(nn.Module):
 
     def o_proj_weight(self, layer_idx: int) -> Tensor:
         """[hidden, H*d]; columns h*d:(h+1)*d are W_O^h."""
-        return self.layers[layer_idx].o
+        o = self._layer_weights[layer_idx].o
+        return o if isinstance(o, Tensor) else o.dequantized()
 
     def forward(self, ids: Tensor, positions: Tensor, attend: AttendFn, last_only: bool = False,
                 on_residual: Callable[[int, Tensor], None] | None = None) -> Tensor:
@@ -188,4 +193,4 @@ class Transformer(nn.Module):
             x = x + (mlp_out if self.tp is None else self.tp.all_reduce(mlp_out))  # row-parallel down_proj
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, self.final_norm, eps), self.lm_head).float()
+        return linear(rms_norm(x, self.final_norm, eps), self._head).float()
