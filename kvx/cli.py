@@ -333,24 +333,24 @@ def _generate_on_ranks(world: int, out, as_json: bool, quiet: bool, context=None
 
 def _answer_from_file(path, questions, model, device, dtype, params, max_tokens, as_json, quiet, use_graphs, out):
     """`kvx generate --load-context FILE -q ...`: the questions answered from the stored context."""
-    from kvx.context_options import open_context_file, question_ids
-    from kvx.options import check_memory
+    from kvx.context_options import check_context_memory, open_context_file, question_ids
+    from kvx.runtime.contexts.resident import ResidentContext
     from kvx.runtime.contexts.run import answer_from_context
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
     engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs)
     stored = open_context_file(path, llm, tok, engine.dtype)
+    ctx = ResidentContext(stored)
     ids = [question_ids(tok, stored, q) for q in questions]
     engine.check_length(stored.position + max(len(q) for q in ids))
-    pol, bud = stored.info.build_policy()
-    check_memory(engine, stored.position, max_tokens, question_tokens=max(len(q) for q in ids), policy=pol, budget=bud)
+    check_context_memory(engine, ctx, ids, max_tokens)
 
     def stream(text: str) -> None:
         out.write(text)
         out.flush()
 
     answers = _Answers(questions, stream)
-    results = answer_from_context(engine, stored, ids, params, max_tokens,
+    results = answer_from_context(engine, ctx, ids, params, max_tokens,
                                   on_text=None if as_json else answers.text)
     if as_json:
         stream(json.dumps({"context_file": str(path), "cached_tokens": stored.position,

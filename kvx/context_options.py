@@ -49,6 +49,24 @@ def open_context_file(path: str, model, tokenizer, dtype):
     return load_context(path, model.config, model.fingerprint, tokenizer.fingerprint, dtype, weights_of(model, dtype))
 
 
+def check_context_memory(engine, ctx, questions: list[list[int]], max_tokens: int) -> None:
+    """Refuse answering from a stored context whose blocks and the answers' own blocks (plus, on a GPU, the
+    longest question's activations) would not fit in the free memory: the engine's own figures."""
+    from kvx.runtime.cache.pool import DEFAULT_BLOCK_SIZE, pool_block_bytes
+    from kvx.runtime.compression.decode_eviction import DECODE_SLACK
+    from kvx.runtime.memory import Need, check_fits, prefill_activation_bytes
+
+    cfg = engine.config
+    longest = max(len(q) for q in questions)
+    new = max(0, min(max_tokens, cfg.max_position_embeddings - ctx.tokens - longest))
+    extra = longest + (DECODE_SLACK if ctx.decode_time else new)
+    blocks = ctx.blocks(DEFAULT_BLOCK_SIZE) + ctx.request_blocks(DEFAULT_BLOCK_SIZE, extra)
+    nbytes = engine.entry_bytes() // (2 * cfg.head_dim)
+    act = prefill_activation_bytes(cfg, longest, nbytes) if engine.device.type == "cuda" else 0
+    check_fits(Need(kv_bytes=blocks * pool_block_bytes(DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype),
+                    activation_bytes=act), engine.device)
+
+
 def question_ids(tokenizer, stored, question: str) -> list[int]:
     """A question's ids, wrapped as the context's questions were when it was compressed."""
     from kvx.options import split_context_question

@@ -24,11 +24,12 @@ def compress_context(engine, context_ids: list[int], info: ContextInfo, policy=N
     return seq.stored, seq.req.timings
 
 
-def answer_from_context(engine, stored: StoredContext, questions: list[list[int]],
+def answer_from_context(engine, stored: StoredContext | ResidentContext, questions: list[list[int]],
                         params: SamplingParams = SamplingParams(), max_tokens: int = 256,
                         on_text: Callable[[int, str], None] | None = None, stop=()) -> list[GenerationResult]:
-    """Answer each question from a stored context: nothing of the context is prefilled."""
-    ctx = ResidentContext(stored)
+    """Answer each question from a stored context (or one already wrapped as a ResidentContext): nothing of
+    the context is prefilled."""
+    ctx = stored if isinstance(stored, ResidentContext) else ResidentContext(stored)
     request = GenerationRequest(context=ctx, question_ids=[list(q) for q in questions], params=params,
                                 max_tokens=max_tokens, stop=tuple(stop),
                                 on_text=None if on_text is None else (lambda seq, qi, piece: on_text(qi, piece)))

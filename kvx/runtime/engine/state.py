@@ -41,7 +41,9 @@ class GenerationResult:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.timings.prefill_s if self.timings.prefill_s else 0.0
+        # Tokens read from a stored context were not prefilled: they do not count towards the rate.
+        done = self.prompt_tokens - self.cached_tokens
+        return done / self.timings.prefill_s if self.timings.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
