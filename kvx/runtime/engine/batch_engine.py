@@ -71,8 +71,11 @@ class BatchEngine:
         self.max_running = 0  # most sequences decoding in one step
         self.internal_errors = 0  # steps that failed with a bug, not a request's own error (see _guarded)
         self.last_internal_error: Exception | None = None
-        # Tensor parallel (runtime/parallel): every rank runs these same steps; the tokens are rank 0's.
+        # Tensor parallel (runtime/parallel): every rank runs these same steps; the tokens are rank 0's, and
+        # a request is admitted only when every rank's pool can promise its share.
         self.tp = getattr(getattr(engine, "model", None), "tp", None)
+        if self.tp is not None:
+            self.scheduler.agree = self.tp.agree
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
