@@ -175,3 +175,25 @@ def test_a_context_belongs_to_the_key_that_made_it(model_dir):
         assert httpx.delete(f"{srv.url}/v1/contexts/{cid}", headers=bob, timeout=10).status_code == 404
         assert httpx.get(f"{srv.url}/v1/contexts", headers=bob, timeout=10).json()["data"] == []
         assert httpx.get(f"{srv.url}/v1/contexts", timeout=10).status_code == 401
+
+
+def test_past_the_host_cap_a_context_is_read_back_from_its_file(model_dir, tmp_path):
+    """--context-memory smaller than two contexts (each ~77 KB of kept entries): the least recently used one
+    keeps only its file, and is loaded from it on its next use; its answers do not change. The pool (240
+    blocks) is too small for the second context's prefill beside the first, idle, resident one: admission
+    unloads the first, so its next use reads the file into the pool."""
+    with torch_threads(1), live_server(str(model_dir), dtype="float32", kv_memory="480KiB",
+                                       context_dir=str(tmp_path), context_memory="100KiB") as srv:
+        client = _client(srv)
+        first = _create(srv, words(1500, 6), kv_policy="snapkv", kv_budget="20%")["id"]
+        before = _ask(client, first, QUESTIONS[2])[0]
+        second = _create(srv, words(1500, 7), kv_policy="snapkv", kv_budget="20%")["id"]
+        shown = {c["id"]: c for c in httpx.get(srv.url + "/v1/contexts", timeout=10).json()["data"]}
+        assert not shown[first]["in_host_memory"] and shown[second]["in_host_memory"]
+        _ask(client, second, QUESTIONS[3])
+        loads = srv.metrics()["kvx:context_loads_total"]
+        after = _ask(client, first, QUESTIONS[2])[0]  # from its file (and into the pool again if unloaded)
+        assert after == before
+        m = srv.metrics()
+        assert m["kvx:context_loads_total"] == loads + 1 and m['kvx:context_bytes{tier="disk"}'] > 0
+        assert m['kvx:context_bytes{tier="host"}'] <= 100 * 1024
