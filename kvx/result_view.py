@@ -55,7 +55,7 @@ def result_json(result, **extra) -> dict:
 
 def summary_line(result) -> str:
     """'12 prompt + 8 generated tokens · ... · KV kept 62 of 1,240 entries (5.0%): 96.88 KiB of 1.94 MiB ·
-    allocated 11.04 MiB (10.95 MiB of it decode headroom)'."""
+    allocated 11.04 MiB (10.95 MiB of it decode headroom) · int8 weights'."""
     from kvx.runtime.memory import human_bytes
 
     kv = KvFigures.of(result)
@@ -67,4 +67,5 @@ def summary_line(result) -> str:
         f"policy {pol} · KV kept {kv.entries_kept:,} of {kv.entries_full:,} entries{share}: "
         f"{human_bytes(kv.bytes_in_use)} of {human_bytes(kv.bytes_full)} · "
         f"allocated {human_bytes(kv.bytes_allocated)} ({human_bytes(kv.bytes_headroom)} of it decode headroom)"
+        + (f" · {result.weights}" if result.weights else "")
     )

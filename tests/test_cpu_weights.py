@@ -62,21 +62,25 @@ def test_packed_logits_match_float32(checkpoints, variant, fmt):
     assert ((o - o_ref).norm() / o_ref.norm()).item() <= TOLERANCE[fmt]
 
 
-def test_int8_one_row_kernel_equals_the_widened_path():
-    """A lone sequence's step (one row: _weight_int8pack_mm) and a batch's (rows widened to bfloat16)
-    compute the same product: a request's logits do not depend on the path beyond bfloat16 rounding."""
+def test_int8_decode_rows_are_independent_and_the_prefill_path_agrees():
+    """A decode step's rows (a batch: up to 64) equal each row alone bit for bit, so a sequence's greedy
+    tokens in a batch are its tokens alone; a prefill's rows (widened to bfloat16) compute the same product
+    within bfloat16 rounding."""
+    from kvx.models.cpu_weights import _INT8_KERNEL_ROWS
+
     gen = torch.Generator().manual_seed(3)
     w = Int8Weight(torch.randn(96, 64, generator=gen) * 0.1)
-    x = torch.randn(5, 64, generator=gen)
-    many = w.linear(x)
-    ones = torch.cat([w.linear(x[i:i + 1]) for i in range(5)])
+    x = torch.randn(_INT8_KERNEL_ROWS + 8, 64, generator=gen)
+    batch = w.linear(x[:16])
+    assert torch.equal(batch, torch.cat([w.linear(x[i:i + 1]) for i in range(16)]))
+    prefill = w.linear(x)  # more rows than the int8 kernel takes
     exact = x.to(torch.bfloat16).float() @ w.dequantized().t()
-    for y in (many, ones):
+    for y in (batch, prefill[:16]):
         assert y.dtype == torch.float32
-        assert ((y - exact).norm() / exact.norm()).item() < 1e-2
-    assert ((many - ones).norm() / exact.norm()).item() < 1e-2
+        assert ((y - exact[:16]).norm() / exact[:16].norm()).item() < 1e-2
+    assert ((prefill - exact).norm() / exact.norm()).item() < 1e-2
     bias = torch.randn(96, generator=gen)
-    assert torch.allclose(w.linear(x, bias), many + bias)
+    assert torch.allclose(w.linear(x[:16], bias), batch + bias)
 
 
 def test_weight_format_option(monkeypatch, checkpoints):
@@ -106,3 +110,17 @@ def _has_tokenizer(folder: str) -> bool:
     from pathlib import Path
 
     return (Path(folder) / "tokenizer.json").exists()
+
+
+def test_summary_line_says_which_weights_ran(cli, tmp_path):
+    """`kvx generate`'s summary line ends with the weights that ran: packed under --dtype auto on the CPU,
+    float32 under --dtype float32."""
+    from serve_helpers import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path)
+    code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "hello world")
+    assert code == 0, err
+    assert err.strip().splitlines()[-1].endswith(" · int8 weights")
+    code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "--dtype", "float32", "hello world")
+    assert code == 0, err
+    assert err.strip().splitlines()[-1].endswith(" · float32 weights")

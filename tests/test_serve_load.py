@@ -32,14 +32,13 @@ def _request(i: int) -> dict:
 
 def _expected(model_dir, i: int):
     """What the request gives alone: ModelRunner.generate, greedy, with its policy."""
-    from kvx.models import load_model
-    from kvx.options import encode_prompt
+    from kvx.options import encode_prompt, load
     from kvx.policies import build_policy, parse_budget
     from kvx.runtime.engine.model_runner import ModelRunner
     from kvx.runtime.engine.sampling import SamplingParams
 
-    if not hasattr(_expected, "engine"):
-        _expected.engine = ModelRunner(*load_model(model_dir))
+    if not hasattr(_expected, "engine"):  # the weights the server runs (`--dtype auto`: packed on the CPU)
+        _expected.engine = ModelRunner(*load(str(model_dir), "cpu", "auto", quiet=True))
     engine = _expected.engine
     r = _request(i)
     name, budget = VARIANTS[i % len(VARIANTS)][1]

@@ -34,12 +34,13 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def engine():
-    """The single-request engine `kvx generate` runs, on its own copy of the default model."""
-    from kvx.models import load_model
+    """The single-request engine `kvx generate` runs, on its own copy of the default model, with the
+    weights `--dtype auto` gives it (packed on the CPU), as the server's."""
     from kvx.models.hub import pull_default_model
+    from kvx.options import load
     from kvx.runtime.engine.model_runner import ModelRunner
 
-    return ModelRunner(*load_model(pull_default_model(quiet=True)))
+    return ModelRunner(*load(str(pull_default_model(quiet=True)), "cpu", "auto", quiet=True))
 
 
 def alone(engine, prompt: str, max_tokens: int, raw: bool = False, policy=None, budget=None):

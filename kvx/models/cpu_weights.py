@@ -5,10 +5,11 @@ stored smaller, because a CPU decode step is bound by reading them (issue 36).
 Formats (`KVX_CPU_WEIGHTS`, read by `options.load` when `--dtype auto` runs on the CPU):
 
 - `int8` (the default): weight-only int8, one float scale per output row (symmetric, round to nearest).
-  One row (a lone sequence's decode step) runs PyTorch's own `_weight_int8pack_mm` (the activations in
-  bfloat16, the scale applied after the int8 dot products); more rows (a batch, a prefill) widen the int8
-  matrix to bfloat16 for that call and run a bfloat16 matmul with the same scale after it. A quarter of
-  float32's bytes.
+  Up to 64 rows (every decode step: a lone sequence or a batch) run PyTorch's own `_weight_int8pack_mm`
+  (the activations in bfloat16, the scale applied after the int8 dot products), whose rows are computed
+  independently, bit for bit, so a sequence's step in a batch equals its step alone; more rows (a prefill)
+  widen the int8 matrix to bfloat16 for that call and run a bfloat16 matmul (oneDNN) with the same scale
+  after it, where the int8 kernel's cost would grow with the rows. A quarter of float32's bytes.
 - `bfloat16`: the matrices rounded to bfloat16, matmuls in bfloat16 (oneDNN), results back in float32.
 - `float32`: nothing changes (what `--dtype float32` runs: exact parity with transformers).
 
@@ -29,6 +30,7 @@ FORMATS = ("int8", "bfloat16", "float32")
 DEFAULT = "int8"
 ENV = "KVX_CPU_WEIGHTS"
 _LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
+_INT8_KERNEL_ROWS = 64  # up to this many rows: the int8 kernel; beyond: widened to bfloat16 (a prefill)
 
 
 class Bf16Weight:
@@ -70,9 +72,9 @@ class Int8Weight:
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         xb = x.to(torch.bfloat16)
-        if x.shape[0] == 1:
-            # One row is a matrix-vector product bound by reading the weight: the int8 kernel reads a quarter
-            # of float32's bytes. Its cost grows with the rows, so a batch or a prefill widens instead.
+        if x.shape[0] <= _INT8_KERNEL_ROWS:
+            # A decode step is bound by reading the weight: the int8 kernel reads a quarter of float32's
+            # bytes. Its cost grows with the rows, so a prefill widens the matrix instead.
             y = torch._weight_int8pack_mm(xb, self.q, self.scale)
         else:
             y = F.linear(xb, self.q.to(torch.bfloat16)) * self.scale

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kvx.errors import KvxError
 from kvx.kernels.stats import StatsRequest, wo_gram
+from kvx.models.cpu_weights import describe
 from kvx.runtime.engine.attend import make_attend
 from kvx.runtime.compression.chunked_prefill import prefill_chunks
 from kvx.runtime.compression.compress import compress
@@ -167,5 +168,5 @@ class ModelRunner:
             kv_entries_kept=req.cache.total_entries(), kv_entries_full=entries_full,
             policy=req.policy.name if req.compresses else "full",
             budget=None if req.budget is None else str(req.budget),
-            lengths=req.lengths_after_compress,
+            lengths=req.lengths_after_compress, weights=describe(self.model),
         )

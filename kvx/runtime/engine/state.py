@@ -38,6 +38,7 @@ class GenerationResult:
     budget: str | None = None
     lengths: list[list[int]] = field(default_factory=list)  # kept tokens per (layer, kv head) after compression
     cached_tokens: int = 0  # prompt tokens read from a stored context instead of prefilled
+    weights: str | None = None  # what the linear weights ran as: "int8 weights" (models/cpu_weights.describe)
 
     @property
     def prefill_tokens_per_s(self) -> float:
