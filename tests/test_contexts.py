@@ -225,3 +225,14 @@ def test_a_truncated_file_is_one_clear_error(model, good_file, tmp_path, cut):
     bad.write_bytes(data[:n])
     with pytest.raises(KvxError):
         _load(model, bad)
+
+
+def test_one_resident_context_answers_in_successive_lone_runs(model):
+    """run_alone gives each run a pool of its own: a context left resident in an earlier run's pool is
+    moved, not read from a pool that is gone."""
+    eng, _, stored = _compressed(model, "snapkv", "20%", seed=8)
+    ctx = ResidentContext(stored)
+    first = answer_from_context(eng, ctx, [[5, 6, 7]], max_tokens=6)[0].token_ids
+    assert ctx.resident
+    again = answer_from_context(eng, ctx, [[5, 6, 7]], max_tokens=6)[0].token_ids
+    assert again == first and ctx.loads == 2

@@ -121,6 +121,8 @@ class ResidentContexts:
         self.held: list[ResidentContext] = []
 
     def admit(self, ctx: ResidentContext, pool: BlockPool) -> None:
+        if ctx.resident and ctx.pool is not pool:
+            raise RuntimeError("a stored context is resident in another pool; one pool at a time")
         if not ctx.resident:
             ctx.reserve(pool)
             self.held.append(ctx)

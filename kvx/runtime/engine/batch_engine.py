@@ -431,7 +431,9 @@ def run_alone(engine: ModelRunner, request: GenerationRequest, prefill_step: int
     probe = BlockPool(1, DEFAULT_BLOCK_SIZE, cfg.head_dim, engine.dtype, "meta")
     seq = Sequence(request, clip_max_tokens(engine, request))
     need = blocks_needed(seq, cfg, probe.block_size, engine.prefill_chunk)
-    if request.context is not None and not request.context.resident:
+    if request.context is not None:
+        if request.context.resident and request.context.users == 0:
+            request.context.unload()  # resident in an earlier run's pool: this run has a pool of its own
         need += request.context.blocks(probe.block_size)
     batch = BatchEngine(engine, need * probe.block_bytes, max_batch=1, prefill_step=prefill_step or (1 << 62))
     seq = batch.submit(request)
