@@ -300,3 +300,14 @@ def test_jsonl_with_two_ranks_equals_one(folder):
     want = [json.loads(x) for x in one.stdout.splitlines()]
     assert [(g["id"], g["text"], g["generated_tokens"]) for g in got] == [
         (w["id"], w["text"], w["generated_tokens"]) for w in want] and len(want) == 4
+
+
+def test_bench_times_the_collectives_share(folder):
+    proc = _kvx("bench", "--suite", "tensor-parallel", "--tp", "2", "--model", str(folder), "--decode-contexts", "40",
+                "--decode-steps", "4", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert [x["rank"] for x in r["ranks"]] == [0, 1]
+    for x in r["ranks"]:
+        assert x["decode_steps"] == r["one_rank"]["1_threads"]["decode_steps"] >= 2
+        assert 0 < x["comm_share"] < 1 and x["collectives_per_step"] > 4 and x["bare_all_reduce_ms"] > 0

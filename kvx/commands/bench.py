@@ -31,6 +31,7 @@ def bench_command(
     questions: int = typer.Option(16, "--questions", min=1, help="contexts suite: questions asked about it at once."),
     context_budget: str = typer.Option("10%", "--context-budget", help="contexts suite: the budget of (b) and (c)."),
     context_policy: str = typer.Option("kvzip", "--context-policy", help="contexts suite: the policy (c) compresses the document with once (question-agnostic); (b) uses the first of --policies."),
+    tensor_parallel: int = typer.Option(2, "--tensor-parallel", "--tp", min=2, help="tensor-parallel suite: ranks (the first of --decode-contexts is the prompt, --decode-steps the tokens)."),
 ) -> None:
     """Measure speed as ratios against a baseline taken in the same run.
 
@@ -49,6 +50,9 @@ def bench_command(
                  question-aware, (c) compressed once (--context-policy),
                  saved, loaded and shared; time to first token, wall, peak KV,
                  the file's size and its load time against compressing again
+    tensor-parallel  one request decoded on --tp N ranks and on one: each
+                 rank's decode step, the time inside its collectives and
+                 that share, the bare all-reduce (not part of all)
 
     \b
     kvx bench --suite runtime --threads 2
@@ -61,8 +65,9 @@ def bench_command(
 
     # Every option is checked before the model loads.
     check_device_dtype(device, dtype)
-    if suite not in ("runtime", "compression", "batch", "contexts", "all"):
-        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression, batch, contexts or all")
+    if suite not in ("runtime", "compression", "batch", "contexts", "tensor-parallel", "all"):
+        raise KvxError(f"--suite: unknown suite {suite!r}; use runtime, compression, batch, contexts, "
+                       "tensor-parallel or all")
     pool_bytes = None
     if kv_memory is not None:
         from kvx.runtime.memory import parse_size
@@ -93,6 +98,9 @@ def bench_command(
     from kvx.models.hub import resolve_model
 
     torch.set_num_threads(threads)
+    if suite == "tensor-parallel":
+        _tensor_parallel_suite(model, device, tensor_parallel, decode_ns[0], decode_steps, as_json)
+        return
     llm, tok = load(model, device, dtype)
     engine = build_engine(llm, tok, "full", None, None, [])
 
@@ -195,6 +203,34 @@ def _contexts_suite(engine, tok, doc_tokens, questions, gen, aware_policy, conte
     return [(title, ["config", "TTFT p50 s", "TTFT p99 s", "(a)/this p50", "wall s", "peak KV", "vs (a)"], body),
             (f"the compressed context ({c.policy} {c.budget})", ["file", "compress s", "load s", "compress / load"],
              files)]
+
+
+def _tensor_parallel_suite(model, device, world, prompt, tokens, as_json) -> None:
+    from kvx.eval.tp_bench import tensor_parallel_suite
+    from kvx.models.config import load_config
+    from kvx.models.hub import resolve_model
+    from kvx.models.sharding import check_world
+    from kvx.options import resolve_device
+
+    path = str(resolve_model(model, quiet=True))
+    check_world(load_config(path), world)
+    r = tensor_parallel_suite(path, world, prompt, tokens, device=resolve_device(device))
+    if as_json:
+        print(json.dumps(r))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"decode on {world} ranks, {prompt}-token prompt, {tokens} tokens (ms per step)")
+    for c in ("run", "kv heads", "threads", "decode", "in collectives", "share", "per collective", "bare all-reduce"):
+        table.add_column(c)
+    for x in r["ranks"]:
+        table.add_row(f"rank {x['rank']}", str(x["kv_heads"]), str(x["threads"]), f"{x['decode_ms_per_step']:.1f}",
+                      f"{x['comm_ms_per_step']:.1f}", f"{100 * x['comm_share']:.0f}%",
+                      f"{x['comm_ms_per_collective']:.2f}", f"{x['bare_all_reduce_ms']:.2f}")
+    for name, x in r["one_rank"].items():
+        table.add_row("one rank", "all", str(x["threads"]), f"{x['decode_ms_per_step']:.1f}", "-", "-", "-", "-")
+    Console().print(table)
 
 
 def _split(text: str) -> list[str]:
