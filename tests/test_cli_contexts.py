@@ -8,7 +8,6 @@ import json
 import subprocess
 
 import pytest
-
 from test_cli_errors import installed_kvx
 
 pytestmark = pytest.mark.slow

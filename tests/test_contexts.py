@@ -9,8 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from checkpoints import make_checkpoint
+from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_kvzip import ReconstructionTokenizer
+
 from kvx.errors import KvxError
 from kvx.models.fingerprint import model_fingerprint
 from kvx.models.transformer import Transformer
@@ -22,8 +24,6 @@ from kvx.runtime.contexts.stored import ContextInfo
 from kvx.runtime.engine.batch_engine import BatchEngine, generate_agnostic
 from kvx.runtime.engine.model_runner import ModelRunner
 from kvx.runtime.engine.sequence import FINISHED, GenerationRequest
-from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from test_kvzip import ReconstructionTokenizer
 
 # kvzip (reconstruction), window-scored (snapkv), head-adaptive (ada-snapkv), model-wide (laprox), and the
 # decode-time families whose state travels in the file: accumulated mass (h2o), recent queries (ahakv).

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-
 from serve_helpers import live_server, tiny_model_dir, torch_threads, words
 
 QUESTIONS = [words(n, 100 + n) for n in range(3, 19)]  # 16 questions of 3..18 words

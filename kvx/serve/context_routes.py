@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from kvx.runtime.engine.sequence import FINISHED, GenerationRequest
 from kvx.serve import compression
 from kvx.serve.auth import presented_key
-from kvx.serve.completion import ServerContext, _submit, failure
+from kvx.serve.completion import ServerContext, _submit, _wait, failure
 from kvx.serve.contexts import owner_of
 from kvx.serve.engine_loop import ACCEPTED, BROKEN, REFUSED, Job
 from kvx.serve.errors import ApiError, bad_request
@@ -21,7 +19,6 @@ from kvx.serve.settings import RequestDefaults
 
 DEFAULT_CONTEXT_POLICY = "kvzip"  # question-agnostic: one compression serves every question asked later
 DEFAULT_CONTEXT_BUDGET = "10%"
-_POLL_S = 0.25
 
 
 def owner(ctx: ServerContext, request: Request) -> str:
@@ -92,15 +89,6 @@ async def create(ctx: ServerContext, body, request: Request) -> Response:
     finally:
         ctx.engine_loop.release(job)
     return JSONResponse(ctx.contexts.describe(entry))  # 200, as the OpenAI API's creations answer
-
-
-async def _wait(job: Job, request: Request):
-    while True:
-        try:
-            return await asyncio.wait_for(job.next_event(), _POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
 
 
 def listing(ctx: ServerContext, request: Request) -> dict:

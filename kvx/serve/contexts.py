@@ -118,9 +118,7 @@ class ContextRegistry:
         return entry
 
     def _read(self, path: Path):
-        from kvx.runtime.contexts.context_file import load_context
-
-        from kvx.runtime.contexts.context_file import weights_of
+        from kvx.runtime.contexts.context_file import load_context, weights_of
 
         r = self.runner
         return load_context(path, r.config, r.model.fingerprint, r.tokenizer.fingerprint, r.dtype,

@@ -85,7 +85,7 @@ def read_info(path: str | Path) -> tuple[dict, ContextInfo]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a bad header or a short file
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header or a short file
         raise KvxError(f"{path} is not a readable context file ({_first_line(exc)})") from None
     if meta.get("format") != FORMAT:
         raise KvxError(f"{path} is not a kvx context file (made by `kvx compress`)")
@@ -157,7 +157,7 @@ def load_context(path: str | Path, config, model_fingerprint: str, tokenizer_fin
             t = {name: f.get_tensor(name) for name in names}
     except KvxError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a short or damaged file fails inside safetensors, in its own types
         raise bad(_first_line(exc)) from None
 
     lengths = t.get("lengths")
