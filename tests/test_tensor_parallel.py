@@ -153,6 +153,18 @@ def test_generate_with_two_ranks_prints_one_ranks_text(folder):
     one, two = _kvx(*args), _kvx(*args, "--tp", "2")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert two.stdout == one.stdout and one.stdout.strip()
+    # The same command under torchrun: it starts the ranks (as on several machines), kvx joins them.
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    joined = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), installed_kvx(), *args,
+                             "--tp", "2"], capture_output=True, text=True, timeout=180)
+    assert joined.returncode == 0, joined.stderr
+    assert joined.stdout == one.stdout
 
 
 def test_a_model_that_does_not_split_is_one_line(folder):
