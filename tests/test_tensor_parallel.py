@@ -323,3 +323,14 @@ def test_bench_times_the_collectives_share(folder):
     for x in r["ranks"]:
         assert x["decode_steps"] == r["one_rank"]["1_threads"]["decode_steps"] >= 2
         assert 0 < x["comm_share"] < 1 and x["collectives_per_step"] > 4 and x["bare_all_reduce_ms"] > 0
+
+
+def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time(monkeypatch):
+    from kvx.runtime.parallel.launch import RankFailed
+
+    monkeypatch.setenv("KVX_TP_TIMEOUT", "3")  # the collectives' timeout (the ranks' start-up waits longer)
+    started = time.monotonic()
+    with pytest.raises(RankFailed) as err:
+        run_ranks(2, tp_ranks.stall_rank_1)
+    assert "rank 0 failed" in str(err.value) and "Timed out" in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - started < 90

@@ -157,3 +157,13 @@ def run_schedule(tp, path, events, kv_memory, max_batch=8):
         batch.close()
     return {"tokens": {n: (s.results[0].token_ids if s.results else (s.state, len(s.out_ids))) for n, s in seqs.items()},
             "most_waiting": most_waiting}
+
+
+def stall_rank_1(tp):
+    """Rank 1 stays alive but stops answering; rank 0 waits in an all-reduce."""
+    import time
+
+    if tp.rank == 1:
+        time.sleep(120)
+    tp.all_reduce(torch.ones(3))
+    return "done"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 300.0  # KVX_TP_TIMEOUT overrides: the longest a collective waits for a peer
+START_TIMEOUT_S = 600.0  # the longest the spawned ranks take to meet
 
 
 def timeout_s() -> float:
@@ -33,8 +34,17 @@ class TPGroup:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s()))
+        timeout = timedelta(seconds=timeout_s())
+        if init_method.startswith("tcp://"):
+            # The ranks kvx spawns meet at rank 0's store; starting a rank (importing torch, on a busy
+            # machine) may take longer than a collective may: the meeting waits up to START_TIMEOUT_S (a rank
+            # that dies on the way is seen at once by rank 0's watchdog).
+            host, port = init_method[len("tcp://"):].rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), world, is_master=rank == 0,
+                                  timeout=timedelta(seconds=max(timeout_s(), START_TIMEOUT_S)))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
         group = cls(rank, world, torch.device(device))
         # Rank 0's plans (plan.py) travel on a group of their own, on the CPU, without the collectives'
         # timeout: a server's ranks wait for the next request as long as it takes (a rank that dies closes

@@ -31,7 +31,10 @@ EXIT_RANK_FAILED = 1
 
 
 class RankFailed(KvxError):
-    """Another rank failed; the message names it."""
+    """A rank failed; the message names it."""
+
+
+_PASS_THROUGH = (KvxError, KeyboardInterrupt, SystemExit, BrokenPipeError)
 
 
 def under_torchrun() -> bool:
@@ -215,16 +218,17 @@ def _run_spawned(world: int, fn, args, rank0_kwargs, device):
     except BaseException as exc:
         with monitor.lock:
             monitor.main_failed = True
-        found = None if isinstance(exc, KvxError) else monitor.wait_dead(3.0)
-        if found is not None:
-            if tp is not None:
-                tp.close()
-            monitor.stop_all()
-            raise RankFailed(f"tensor-parallel rank {found[0]} {found[1]}; the run was stopped") from None
+        own = isinstance(exc, _PASS_THROUGH)  # rank 0's own user error, Ctrl-C, a closed pipe: as on one rank
+        found = None if own else monitor.wait_dead(3.0)  # another rank's death explains a failed collective
         monitor.stop_all()
         if tp is not None:
             tp.close()
-        raise
+        if found is not None:
+            raise RankFailed(f"tensor-parallel rank {found[0]} {found[1]}; the run was stopped") from None
+        if own:
+            raise
+        # Rank 0 failed to start, or a collective failed or timed out (a rank stopped answering): one line.
+        raise RankFailed(f"tensor-parallel rank 0 failed: {describe(exc)}; the other ranks were stopped") from exc
     monitor.stopped.set()
     for proc in procs.values():
         proc.join(timeout_s())
