@@ -13,7 +13,7 @@ def bench_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder (default: SmolLM2-135M-Instruct)."),
     suite: str = typer.Option("all", "--suite", help="runtime (kvx vs transformers), compression, batch, contexts, or all (all but contexts)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights, float32 activations and cache; GPU: bfloat16), float32, bfloat16, float16."),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for both kvx and transformers."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per point; the median is reported."),
     decode_steps: int = typer.Option(16, "--decode-steps", min=1, help="Timed decode steps per run."),

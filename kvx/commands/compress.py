@@ -26,7 +26,7 @@ def compress_command(
     system: Optional[str] = typer.Option(None, "--system", help="System message of the chat the questions will be asked in."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: questions follow the context as plain text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16. Answering needs the same."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights, float32 activations and cache; GPU: bfloat16), float32, bfloat16, float16. Answering needs the same."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the file instead of the summary line."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress or summary on stderr."),
 ) -> None:

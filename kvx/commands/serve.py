@@ -26,7 +26,7 @@ def serve_command(
     prefill_step: Optional[int] = typer.Option(None, "--prefill-step", help="Prefill a long prompt N tokens per engine step, exactly (nothing evicted in between), so running requests keep decoding (default: 512 on the CPU, 8192 on a GPU)."),
     no_graph: bool = typer.Option(False, "--no-graph", help="GPU: run the batched decode step eagerly instead of replaying CUDA graphs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights, float32 activations and cache; GPU: bfloat16), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: torch's)."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="Seconds open requests get to finish on Ctrl-C / SIGTERM before they are cancelled."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug (debug also logs every request)."),
