@@ -149,7 +149,9 @@ def serve(settings: ServeSettings, tp=None) -> None:
     policy = d.policy + (f" @ {d.budget}" if d.budget else "")
     print(f"kvx: serving {ctx.model_id} on http://{settings.host}:{sock.getsockname()[1]}/v1 · default policy "
           f"{policy} · KV pool {human_bytes(stats['bytes_total'])} ({stats['blocks_total']} blocks) · "
-          f"max batch {ctx.engine_loop.batch.scheduler.max_batch}, queue {settings.max_queue}", file=sys.stderr, flush=True)
+          f"max batch {ctx.engine_loop.batch.scheduler.max_batch}, queue {settings.max_queue}"
+          + (f" · {len(ctx.contexts.entries)} stored contexts in {settings.context_dir}" if settings.context_dir else ""),
+          file=sys.stderr, flush=True)
     logging.getLogger("kvx.serve").setLevel(settings.log_level.upper())
     uvicorn_server(app, settings).run(sockets=[sock])
     if tp is not None:
