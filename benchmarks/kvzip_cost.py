@@ -10,7 +10,8 @@ Each run loads the model, warms up on a short prompt, prefills `context` tokens 
 prefill), runs KVzip's reconstruction passes over it (timed: reconstruction_stats, what `stats_s` counts),
 both timed in the process's CPU time (`prefills`: robust on a shared machine, where the wall clock also
 counts the other processes' turns; with --threads 1 it is the time an idle core would take) and in wall
-time (`wall_prefills`),
+time (`wall_prefills`), with the CPU time spent inside each attention kernel of kvx.kernels.ops that either
+calls (`prefill_kernels_s`, `passes_kernels_s`; the rest is the linear layers and glue),
 then compresses at `--budget` and hashes the kept (layer, kv head, position) sets, so that two trees can be
 checked to keep exactly the same entries. Prints one JSON line per run and a summary line per (tree,
 context): the median cost in prefills and whether every run's kept sets were identical.
@@ -46,9 +47,20 @@ w = eng.new_request(_pool_for(eng, [warm], 0), capacity=len(warm))
 eng.forward(w, warm)
 req = eng.new_request(_pool_for(eng, [ids], 0, policy, budget), capacity=len(ids), policy=policy, budget=budget)
 sr = eng.stats_request(req, len(ids))
+phases = {}  # CPU seconds inside each attention kernel the prefill and the passes call (kernels/ops.py)
+from kvx.kernels import ops
+def timed(name, f):
+    def g(*a, **k):
+        t = time.process_time(); r = f(*a, **k); phases[name] = phases.get(name, 0.0) + time.process_time() - t
+        return r
+    return g
+for name in ("attention", "column_max", "reconstruction_attention"):
+    if hasattr(ops, name):
+        setattr(ops, name, timed(name, getattr(ops, name)))
 w0, c0 = time.perf_counter(), time.process_time()
 eng.forward(req, ids, sr)
 w1, c1 = time.perf_counter(), time.process_time()
+in_prefill = dict(phases); phases.clear()
 req.stats = reconstruction_stats(eng, req, ids, req.stats, sr)
 w2, c2 = time.perf_counter(), time.process_time()
 prefill, passes = c1 - c0, c2 - c1
@@ -59,7 +71,9 @@ for layer, lc in enumerate(req.cache.layers):
         h.update(lc.head(g)[2].to(torch.int64).sort().values.numpy().tobytes())
 print(json.dumps({"context": len(ids), "prefill_s": round(prefill, 2), "passes_s": round(passes, 2),
                   "prefills": round(passes / prefill, 3), "wall_prefills": round((w2 - w1) / (w1 - w0), 3),
-                  "kept": h.hexdigest()[:16]}))
+                  "kept": h.hexdigest()[:16],
+                  "prefill_kernels_s": {k: round(v, 2) for k, v in in_prefill.items()},
+                  "passes_kernels_s": {k: round(v, 2) for k, v in phases.items()}}))
 '''
 def run_once(tree: str, context: int, args) -> dict:
     tree = os.path.abspath(tree)
