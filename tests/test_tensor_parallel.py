@@ -334,3 +334,17 @@ def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time(monkeypatch):
         run_ranks(2, tp_ranks.stall_rank_1)
     assert "rank 0 failed" in str(err.value) and "Timed out" in str(err.value) and "\n" not in str(err.value)
     assert time.monotonic() - started < 90
+
+
+def test_eval_with_two_ranks_writes_one_ranks_rows(folder, tmp_path):
+    args = ["eval", "--task", "passkey", "--context", "300", "--samples", "2", "--policies", "snapkv,ada-snapkv,laprox",
+            "--budgets", "20%", "--model", str(folder), "--dtype", "float32", "--quiet", "--max-tokens", "8"]
+    one = _kvx(*args, "--out", str(tmp_path / "one.jsonl"), timeout=300)
+    two = _kvx(*args, "--out", str(tmp_path / "two.jsonl"), "--tp", "2", timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+
+    def rows(name):
+        return [(r["policy"], r["seed"], r["prediction"], r["kv_bytes_held"], r["kv_bytes_full"])
+                for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
+
+    assert rows("two.jsonl") == rows("one.jsonl") and len(rows("one.jsonl")) == 8

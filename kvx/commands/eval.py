@@ -40,6 +40,7 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     summary_only: bool = typer.Option(False, "--summary-only", help="Run nothing and load no model: summarise (and --plot) the rows already in --out (one file or several)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Answers of one sample decoded together by the batched engine (1: one after another)."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", min=1, help="Split the model and its KV caches by kv head over N ranks (N local processes, or torchrun's); rank 0 writes the results."),
 ) -> None:
     """Score policies x budgets on synthetic long-context tasks; the full cache is the reference.
 
@@ -80,6 +81,8 @@ def eval_command(
                            f"choose from: {', '.join(PRESSES)}")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
+    if tensor_parallel != 1 and (against is not None or fidelity):
+        raise KvxError("--tensor-parallel: --against and --fidelity run on one device only")
     if len(out) > 1 and not summary_only:
         raise KvxError("--out: a run writes one results file; give several only with --summary-only")
     if not summary_only:
@@ -126,6 +129,23 @@ def eval_command(
     results.lock()
     config.model = model_name(model, folder)
     config.dtype = str(torch_dtype).removeprefix("torch.")
+    if tensor_parallel != 1:
+        from functools import partial
+
+        from kvx.commands.parallel_eval import eval_rank
+        from kvx.models.config import load_config
+        from kvx.models.sharding import check_world
+        from kvx.runtime.parallel.launch import run_ranks
+
+        check_world(load_config(folder), tensor_parallel)
+        rows = run_ranks(tensor_parallel, eval_rank, (str(folder), dev, dtype, config, str(out[0])),
+                         {"results": results, "quiet": quiet,
+                          "run": partial(_run_with_progress, baselines=[], quiet=quiet)}, device=dev)
+        if rows is None:  # another rank than 0 under torchrun: rank 0 prints
+            return
+        _print_summary(rows, out, as_json, markdown, best, plot, plot_style,
+                       f" · {context} tokens · {haystack} · {mode}")
+        return
     llm, tok = load(str(folder), device, dtype, quiet=True)
     engine = ModelRunner(llm, tok)
     baselines = []

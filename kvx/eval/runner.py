@@ -286,6 +286,8 @@ def _answer_variants(engine, config: EvalConfig, sample, prompt: PromptIds, vari
 
 def _row(config: EvalConfig, sample, v: Variant, prediction: str, engine, n_compressed: int,
          lengths: list[list[int]], result, wall: float) -> dict:
+    from kvx.runtime.parallel.totals import whole_model
+
     cfg = engine.config
     entry = engine.entry_bytes()
     timings = {k: round(val, 6) for k, val in vars(result.timings).items()}
@@ -297,8 +299,8 @@ def _row(config: EvalConfig, sample, v: Variant, prediction: str, engine, n_comp
         "score": score_sample(sample, prediction),
         "prediction": prediction,
         "answers": list(sample.answers),
-        "kv_bytes_held": sum(map(sum, lengths)) * entry,
-        "kv_bytes_full": cfg.num_layers * cfg.num_kv_heads * n_compressed * entry,
+        "kv_bytes_held": whole_model(getattr(engine, "model", None), [sum(map(sum, lengths))])[0] * entry,
+        "kv_bytes_full": cfg.num_layers * (cfg.model_kv_heads or cfg.num_kv_heads) * n_compressed * entry,
         "kv_bytes_peak": result.kv_bytes_peak,
         "prompt_tokens": result.prompt_tokens,
         "generated_tokens": result.generated_tokens,

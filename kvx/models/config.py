@@ -62,6 +62,9 @@ class ModelConfig:
     o_bias: bool = False
     # Per-layer window (None = full attention). Qwen applies its window only to some layers.
     layer_sliding_windows: list[int | None] = field(default_factory=list)
+    # A tensor-parallel rank's slice (models/sharding.py) holds num_kv_heads of the model's model_kv_heads
+    # (0: the whole model, one rank): a model-wide budget counts them all.
+    model_kv_heads: int = 0
 
     @property
     def group_size(self) -> int:

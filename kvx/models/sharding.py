@@ -75,7 +75,7 @@ def shard_for(config: ModelConfig, rank: int, world: int) -> Shard:
 def local_config(config: ModelConfig, shard: Shard) -> ModelConfig:
     """The config of the rank's slice: its head and unit counts, everything else as the model's."""
     return replace(config, num_heads=shard.q_heads, num_kv_heads=shard.kv_heads,
-                   intermediate_size=shard.i_hi - shard.i_lo)
+                   intermediate_size=shard.i_hi - shard.i_lo, model_kv_heads=config.num_kv_heads)
 
 
 def largest_share(config: ModelConfig, world: int) -> ModelConfig:

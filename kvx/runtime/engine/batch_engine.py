@@ -116,7 +116,10 @@ class BatchEngine:
         """
         need, extra, max_tokens = self.adoption_blocks(self.engine, self.pool.block_size, req, request)
         seq = Sequence(request, max_tokens)
-        if not self.pool.can_reserve(need):
+        fits = self.pool.can_reserve(need)
+        if self.tp is not None:
+            fits = self.tp.agree(fits)  # every rank adopts, or none
+        if not fits:
             raise KvxError(f"the KV pool cannot take another {need} blocks now")
         self.pool.reserve(need)
         seq.reserved = need

@@ -25,6 +25,7 @@ from kvx.runtime.compression.chunked_prefill import prefill_chunks
 from kvx.runtime.compression.compress import compress
 from kvx.runtime.cache.paged_cache import PagedKVCache
 from kvx.runtime.engine.state import GenerationResult, SequenceState, Timings
+from kvx.runtime.parallel.totals import whole_model
 
 __all__ = ["ModelRunner", "GenerationResult", "SequenceState", "Timings"]
 
@@ -157,15 +158,18 @@ class ModelRunner:
     def result(self, req: SequenceState, prompt_tokens: int, out_ids, text, finish) -> GenerationResult:
         cfg = self.config
         n_total = req.position
-        entries_full = cfg.num_layers * cfg.num_kv_heads * n_total
+        entries_full = cfg.num_layers * (cfg.model_kv_heads or cfg.num_kv_heads) * n_total
+        # A request on a stored context reads the context's shared blocks too: they are part of its cache. On
+        # tensor-parallel ranks: the whole model's figures, every rank's heads (runtime/parallel/totals.py).
+        held, peak, kept = whole_model(self.model, [
+            req.cache.bytes_allocated() + req.cache.shared_bytes(),
+            max(req.cache.peak_bytes, req.cache.bytes_allocated()) + req.cache.shared_bytes(),
+            req.cache.total_entries()])
         return GenerationResult(
             text=text, token_ids=out_ids, prompt_tokens=prompt_tokens, generated_tokens=len(out_ids),
             finish_reason=finish, timings=req.timings,
             kv_bytes_full=entries_full * self.entry_bytes(),
-            # A request on a stored context reads the context's shared blocks too: they are part of its cache.
-            kv_bytes_held=req.cache.bytes_allocated() + req.cache.shared_bytes(),
-            kv_bytes_peak=max(req.cache.peak_bytes, req.cache.bytes_allocated()) + req.cache.shared_bytes(),
-            kv_entries_kept=req.cache.total_entries(), kv_entries_full=entries_full,
+            kv_bytes_held=held, kv_bytes_peak=peak, kv_entries_kept=kept, kv_entries_full=entries_full,
             policy=req.policy.name if req.compresses else "full",
             budget=None if req.budget is None else str(req.budget),
             lengths=req.lengths_after_compress, weights=describe(self.model),

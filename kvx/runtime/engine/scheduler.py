@@ -48,7 +48,9 @@ def held_blocks(config, block_size: int, prompt_tokens: int, question_tokens: in
     if not _compresses(policy, budget, n):
         return full_blocks(S, block_size, n + longest + max_tokens)
     headroom = (DECODE_SLACK if policy.decode_mode else max_tokens) + longest
-    kept = budget.total_entries(n, config.num_layers, config.num_kv_heads)
+    # On a tensor-parallel rank a head-adaptive or model-wide allocation may put more than its share of the
+    # model's K entries on its heads: at most K, and at most all of its segments' n.
+    kept = min(budget.total_entries(n, config.num_layers, config.model_kv_heads or config.num_kv_heads), S * n)
     return compressed_blocks(S, block_size, kept, headroom) * (2 if agnostic and policy.decode_mode else 1)
 
 
