@@ -122,7 +122,9 @@ def test_each_rank_holds_half_the_kv_bytes(results):
         one, two = results[(model, "snapkv")]
         for i, full in enumerate(one["kv_bytes_held"]):
             per_rank = [rank[i] for rank in two["kv_bytes_held"]]
-            assert all(abs(b - full / 2) <= 0.05 * full for b in per_rank), (model, full, per_rank)
+            assert full > 0 and all(abs(b - full / 2) <= 0.05 * full for b in per_rank), (model, full, per_rank)
+        # what a result reports is the whole model's: every rank's heads
+        assert two["result_kv_bytes_held"] == one["result_kv_bytes_held"]
 
 
 def test_each_rank_holds_half_the_sharded_weights(cases):

@@ -80,17 +80,21 @@ def run_case(tp, model, policy, budget, prompts, max_tokens, max_batch=8):
         seqs.append(batch.submit(GenerationRequest(prompt_ids=list(ids), max_tokens=max_tokens, policy=pol,
                                                    budget=None if b is None else parse_budget(b))))
     steps = []
+    held = [0] * len(seqs)  # the most bytes each sequence's cache on this rank held after a step
     while batch.has_work:
         batch.step()
         kept = _kept(seqs)
         steps.append(kept if tp is None else _whole(tp, model, kept))
+        for i, s in enumerate(seqs):
+            if s.req is not None and not s.done:
+                held[i] = max(held[i], s.req.cache.bytes_allocated())
     tokens = [s.results[0].token_ids if s.results else s.error for s in seqs]
-    held = [s.results[0].kv_bytes_held if s.results else None for s in seqs]
     if tp is not None:  # every rank's bytes, measured from its own cache
         parts = [None] * tp.world
         dist.all_gather_object(parts, held)
         held = parts
-    return {"tokens": tokens, "kept": steps, "kv_bytes_held": held}
+    whole = [s.results[0].kv_bytes_held if s.results else None for s in seqs]  # the result's whole-model figure
+    return {"tokens": tokens, "kept": steps, "kv_bytes_held": held, "result_kv_bytes_held": whole}
 
 
 def run_cases(tp, cases):
