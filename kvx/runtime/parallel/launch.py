@@ -211,6 +211,9 @@ def _run_spawned(world: int, fn, args, rank0_kwargs, device):
     monitor = _Monitor(procs, errors)
     monitor.start()
     tp = None
+    import torch
+
+    threads = torch.get_num_threads()  # given back when the run ends (a test process goes on)
     try:
         _threads(world)
         tp = TPGroup.start(0, world, rank_device(device, 0), init_method)
@@ -229,6 +232,8 @@ def _run_spawned(world: int, fn, args, rank0_kwargs, device):
             raise
         # Rank 0 failed to start, or a collective failed or timed out (a rank stopped answering): one line.
         raise RankFailed(f"tensor-parallel rank 0 failed: {describe(exc)}; the other ranks were stopped") from exc
+    finally:
+        torch.set_num_threads(threads)
     monitor.stopped.set()
     for proc in procs.values():
         proc.join(timeout_s())
