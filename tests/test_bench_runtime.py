@@ -83,3 +83,19 @@ def test_bad_against_fails_in_one_line(cli, args, message):
     code, out, err = cli("bench", "--suite", "runtime", *args)
     assert code == 2 and out == ""
     assert err.strip() == f"kvx: error: {message}"
+
+
+def test_a_console_script_frame_is_python_not_an_operator():
+    """The `kvx` script's own frame ('.../bin/kvx(8): <module>') has no .py suffix: the profiler's flag
+    says it is Python, so the operators under it are still charged (they were all 'other' before)."""
+    from types import SimpleNamespace
+
+    from kvx.eval.breakdown import _is_python, charge
+
+    script = SimpleNamespace(name="/venv/bin/kvx(8): <module>", is_python_function=True, cpu_parent=None)
+    frame = SimpleNamespace(name="kvx/models/cpu_weights.py(73): linear", is_python_function=True,
+                            cpu_parent=script)
+    op = SimpleNamespace(name="aten::_weight_int8pack_mm", is_python_function=False, cpu_parent=frame,
+                         cpu_time_total=5.0)
+    assert _is_python(script) and not _is_python(op)
+    assert charge([script, frame, op])["linear"] == 5.0

@@ -50,8 +50,12 @@ def _part(frames: list[str]) -> str | None:
 
 
 def _is_python(event) -> bool:
+    """A Python frame (or module call) the profiler recorded, not an operator. By the profiler's own flag:
+    a name test misses frames of files without a .py suffix, such as the `kvx` console script."""
+    if getattr(event, "is_python_function", False):
+        return True
     name = event.name
-    return name.startswith("<") or ".py(" in name or name.startswith("nn.Module:")  # Python, not an operator
+    return name.startswith("<") or ".py(" in name or name.startswith("nn.Module:")
 
 
 def charge(events) -> dict:
