@@ -44,7 +44,7 @@ def serve_command(
 
     Requests are batched as they arrive, over one shared KV pool.
     Each request may pick its compression with kv_policy, kv_budget, kv_allocation, kv_policy_args (the flags are the defaults).
-    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics; stored contexts: POST /v1/contexts (compress a document once), GET /v1/contexts[/{id}], DELETE /v1/contexts/{id}, and kv_context: <id> in a completion (only the request's own tokens are prefilled; concurrent requests share the context's blocks).
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics; stored contexts: POST /v1/contexts (compress a document once), GET /v1/contexts, GET /v1/contexts/{id}, DELETE /v1/contexts/{id}, and kv_context: <id> in a completion (only the request's own tokens are prefilled; concurrent requests share the context's blocks).
     Ctrl-C or SIGTERM stops taking connections and lets open requests end (--drain-timeout).
     Limits: bodies over --max-body-bytes get 413, prompts longer than the model's context 400 (both before tokenizing), slow clients are cut after --client-timeout, --max-queue bounds the waiting requests (429).
     With --api-key / --api-key-file / KVX_API_KEY, clients send `Authorization: Bearer KEY` (the openai client's api_key); listening beyond loopback without a key prints a warning.
