@@ -124,3 +124,22 @@ def test_summary_line_says_which_weights_ran(cli, tmp_path):
     code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "--dtype", "float32", "hello world")
     assert code == 0, err
     assert err.strip().splitlines()[-1].endswith(" · float32 weights")
+
+
+def test_eval_rows_name_packed_weights_and_are_not_mixed_with_float32(cli, tmp_path):
+    """`kvx eval` rows made with packed CPU weights say so in their dtype, so resuming a float32 results
+    file with them (or the other way round) is refused instead of mixing two models' scores."""
+    import json
+
+    from serve_helpers import tiny_model_dir
+
+    folder = str(tiny_model_dir(tmp_path))
+    out = tmp_path / "rows.jsonl"
+    args = ["eval", "--model", folder, "--task", "passkey", "--context", "256", "--samples", "1",
+            "--budgets", "50%", "--policies", "snapkv", "--quiet", "--out", str(out)]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    dtypes = {json.loads(line)["dtype"] for line in out.read_text().splitlines()}
+    assert dtypes == {"float32 (int8 weights)"}
+    code, _, err = cli(*args, "--dtype", "float32")
+    assert code == 2 and "holds results of dtype float32 (int8 weights), not float32" in err

@@ -129,6 +129,11 @@ def eval_command(
     results.lock()
     config.model = model_name(model, folder)
     config.dtype = str(torch_dtype).removeprefix("torch.")
+    if tensor_parallel == 1:  # packed CPU weights (models/cpu_weights.py) are their own rows: never mixed with float32's
+        from kvx.options import cpu_weight_format
+
+        fmt = cpu_weight_format(dtype, dev)
+        config.dtype += f" ({fmt} weights)" if fmt != "float32" else ""
     if tensor_parallel != 1:
         from functools import partial
 
