@@ -19,8 +19,12 @@ import subprocess
 import sys
 
 RUN = r'''
-import sys, torch
+import os, sys, torch
 torch.set_num_threads(2)
+import kvx
+# `python -c` puts the working directory first on sys.path: each tree runs from its own folder, and this
+# checks that the kvx imported is that tree's (a run from a checkout would otherwise import the checkout).
+assert os.path.dirname(os.path.dirname(os.path.abspath(kvx.__file__))) == os.getcwd(), kvx.__file__
 from kvx.options import load
 from kvx.eval.bench import prose_ids, kvx_decode_tps
 try:
@@ -43,9 +47,10 @@ def main() -> None:
     runs: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(args.rounds):
         for name in ("before", "after"):
-            env = dict(os.environ, PYTHONPATH=os.path.abspath(getattr(args, name)))
+            tree = os.path.abspath(getattr(args, name))
+            env = dict(os.environ, PYTHONPATH=tree)
             out = subprocess.run([sys.executable, "-c", RUN, str(args.context), str(args.steps)], env=env,
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, cwd=tree)
             if out.returncode != 0:
                 sys.exit(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
             runs[name].append(round(float(out.stdout.strip().splitlines()[-1]), 3))
