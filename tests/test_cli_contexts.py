@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from test_cli_errors import installed_kvx
+from test_contexts import _tamper
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +58,6 @@ def test_answers_from_the_file_equal_compressing_in_the_same_run(made):
     assert loaded["cached_tokens"] > 500
 
 
-def _tampered(src, dst, edit):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors, meta)
-    save_file(tensors, str(dst), metadata=meta)
-
-
 def test_bad_files_and_options_are_one_line_exit_2(made, tmp_path):
     from checkpoints import make_checkpoint
 
@@ -75,8 +65,8 @@ def test_bad_files_and_options_are_one_line_exit_2(made, tmp_path):
     data = out.read_bytes()
     (tmp_path / "short.kvc").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.kvc").write_text("not a context\n")
-    _tampered(out, tmp_path / "lengths.kvc", lambda t, m: t.update(lengths=t["lengths"] * 50))
-    _tampered(out, tmp_path / "pos.kvc", lambda t, m: t.update({"pos.3": t["pos.3"] + 10**6}))
+    _tamper(out, tmp_path / "lengths.kvc", lambda t, m: t.update(lengths=t["lengths"] * 50))
+    _tamper(out, tmp_path / "pos.kvc", lambda t, m: t.update({"pos.3": t["pos.3"] + 10**6}))
     other, _ = make_checkpoint("llama_gqa_llama3", tmp_path)  # another model with the same tokenizer
     from kvx.models.hub import pull_default_model
 
