@@ -175,3 +175,37 @@ def test_reference_reads_consecutive_blocks_as_slices(seed, window):
     # a table with one block out of order is gathered instead
     c["tables"][2, 1], c["tables"][2, 2] = c["tables"][2, 2].clone(), c["tables"][2, 1].clone()
     assert ref._consecutive_starts(c["tables"], torch.full((5,), 5 * 8, dtype=torch.int32), 8) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n_seg", [1, 3, 4])
+def test_reference_attends_evenly_strided_segments_at_once(seed, n_seg):
+    """A lone request's kv heads (equal lengths, each segment's blocks a fixed stride after the last) are
+    attended in one fused call over strided views of the pool: same outputs as the definition; with a mass
+    mode or a window, or unequal lengths, the per-segment path runs instead (also the definition)."""
+    c = _case(seed, block=8, n_seg=5)
+    c["q"] = c["q"][:n_seg]
+    c["q_pos"] = c["q_pos"][:n_seg]
+    mb = c["tables"].shape[1]
+    gap = 1 + seed  # spare blocks between segments: the stride is more than the length
+    c["tables"] = torch.stack([torch.arange(mb, dtype=torch.int32) + 1 + i * (mb + gap) for i in range(n_seg)])
+    n = int(torch.randint(1, mb * 8 + 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    c["lengths"] = torch.full((n_seg,), n, dtype=torch.int32)
+    c["k"] = torch.randn(n_seg * (mb + gap) + 2, 8, c["k"].shape[-1], generator=torch.Generator().manual_seed(7))
+    c["v"] = torch.randn_like(c["k"])
+    c["pos"] = torch.zeros(c["k"].shape[:2], dtype=torch.int64)
+    c["mass"] = torch.rand(c["k"].shape[:2])
+    starts = ref._consecutive_starts(c["tables"], c["lengths"], 8)
+    assert ref._evenly_strided(starts, [n] * n_seg) == ((mb + gap) * 8 if n_seg > 1 else n, n)
+    c["mode"] = torch.zeros(n_seg, dtype=torch.int32)
+    out, _ = _run(ref.paged_decode_attention, c, 0.3, None, mass=False)
+    want, _ = _loop_reference(c, 0.3, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    c["mode"] = torch.ones(n_seg, dtype=torch.int32)  # H2O's mass: the per-segment path, same definition
+    out, mass = _run(ref.paged_decode_attention, c, 0.3, None)
+    want, want_mass = _loop_reference(c, 0.3, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-6)
+    assert ref._evenly_strided([0, 40, 90], [5, 5, 5]) is None  # uneven stride
+    assert ref._evenly_strided([0, 40, 80], [5, 6, 5]) is None  # unequal lengths
+    assert ref._evenly_strided([0, 4, 8], [5, 5, 5]) is None  # overlapping
