@@ -59,8 +59,22 @@ def load(model: Optional[str], device: str, dtype: str, quiet: bool = False):
     if fmt != "float32":
         from kvx.models.cpu_weights import pack
 
-        pack(llm, fmt)
+        pack(llm, fmt, calibration_for(llm, tok) if fmt == "w8a8" else None)
     return llm, tok
+
+
+CALIBRATION_TOKENS = 512  # of fixed English prose: w8a8's smoothing (~1 s of float32 prefill on 2 cores)
+
+
+def calibration_for(llm, tok):
+    """What models/cpu_weights.calibrate measures over a fixed prose passage (the same on every run)."""
+    import torch
+
+    from kvx.eval.haystack import filler_ids
+    from kvx.models.cpu_weights import calibrate
+
+    ids = filler_ids(tok, CALIBRATION_TOKENS)[:CALIBRATION_TOKENS]
+    return calibrate(llm, torch.tensor(ids, dtype=torch.long))
 
 
 def cpu_weight_format(dtype: str, device: str) -> str:

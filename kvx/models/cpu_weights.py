@@ -10,6 +10,16 @@ Formats (`KVX_CPU_WEIGHTS`, read by `options.load` when `--dtype auto` runs on t
   independently, bit for bit, so a sequence's step in a batch equals its step alone; more rows (a prefill)
   widen the int8 matrix to bfloat16 for that call and run a bfloat16 matmul (oneDNN) with the same scale
   after it, where the int8 kernel's cost would grow with the rows. A quarter of float32's bytes.
+- `w8a8`: the same int8 weights, and each activation row quantized to int8 too (its own scale), so the
+  product is an integer GEMM (fbgemm's dynamic quantized linear, VNNI on x86): it reads the weights once
+  for a whole batch, where `_weight_int8pack_mm` costs about as much per row as for one (measured on the
+  project's 2-core machine, every linear of the default model with cold weights: 16 rows 11.4 ms against
+  45 ms, 1 row 7.4 ms against 10.5). Rows stay independent bit for bit: each row is divided by its own
+  absolute maximum and the call gets one fixed anchor row (+1, -1), so fbgemm's per-tensor quantization
+  parameters are the same in every call, and integer sums are exact. Activation outliers cost accuracy,
+  so the weights are smoothed first (SmoothQuant, alpha 0.5: each input channel's range is moved partly
+  into the weight's column, calibrated on a fixed prose passage by `calibrate`). Opt-in: it is not
+  weight-only, and costs more accuracy than `int8` (docs/benchmarks.md).
 - `bfloat16`: the matrices rounded to bfloat16, matmuls in bfloat16 (oneDNN), results back in float32.
 - `float32`: nothing changes (what `--dtype float32` runs: exact parity with transformers).
 
@@ -26,7 +36,7 @@ from torch import Tensor
 
 from kvx.errors import KvxError
 
-FORMATS = ("int8", "bfloat16", "float32")
+FORMATS = ("int8", "w8a8", "bfloat16", "float32")
 DEFAULT = "int8"
 ENV = "KVX_CPU_WEIGHTS"
 _LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
@@ -85,6 +95,96 @@ class Int8Weight:
         return self.q.float() * self.scale.float()[:, None]
 
 
+class W8A8Weight:
+    """int8 weights (one scale per output row) times int8 activations (one scale per row), smoothed."""
+
+    __slots__ = ("packed", "scale", "q", "inv_smooth", "anchor", "reduce_range")
+    fmt = "w8a8"
+    SMOOTHING = 0.5  # SmoothQuant's alpha: how much of an input channel's range moves into the weight
+
+    def __init__(self, w: Tensor, act_absmax: Tensor | None = None):
+        import warnings
+
+        w = w.detach().float()
+        if act_absmax is None:
+            smooth = torch.ones(w.shape[1])
+        else:
+            a = self.SMOOTHING
+            smooth = (act_absmax.float().clamp_min(1e-5) ** a / w.abs().amax(0).clamp_min(1e-5) ** (1 - a)).clamp_min(1e-5)
+        self.inv_smooth = (1.0 / smooth).contiguous()
+        w = w * smooth
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        self.q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch.ao's quantized tensors are marked for deprecation upstream
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(self.q, scale.double(), zero, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        # The fixed row that pins the per-tensor range to [-1, 1] whatever the batch holds (see the module).
+        self.anchor = torch.zeros(1, w.shape[1])
+        self.anchor[0, 0], self.anchor[0, 1 % w.shape[1]] = 1.0, -1.0
+        # Without VNNI, fbgemm's u8 x s8 pairs are summed in 16 bits and can saturate: 7-bit activations there.
+        self.reduce_range = not _has_vnni()
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        xs = x.float() * self.inv_smooth
+        r = xs.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([xs / r, self.anchor]), self.packed, self.reduce_range)
+        y = (y[:-1] * r).to(x.dtype)
+        return y if bias is None else y + bias
+
+    def dequantized(self) -> Tensor:
+        return self.q.float() * self.scale[:, None] * self.inv_smooth[None, :]
+
+
+def _has_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None) or getattr(torch.cpu, "_is_avx512_vnni_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+class _InputRange:
+    """Stands in for a linear weight during calibration: records each input channel's largest |x|."""
+
+    __slots__ = ("w", "absmax")
+
+    def __init__(self, w):
+        self.w = w
+        self.absmax = None
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        a = x.detach().abs().amax(dim=0).float()
+        self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
+        return F.linear(x, self.w, bias)
+
+
+def _causal_attend(layer, q, k, v, positions, q_pre):
+    """Plain causal attention over the forward's own tokens (no cache): what a calibration pass needs."""
+    group = q.shape[0] // k.shape[0]
+    return F.scaled_dot_product_attention(q[None], k.repeat_interleave(group, 0)[None],
+                                          v.repeat_interleave(group, 0)[None], is_causal=True)[0]
+
+
+def calibrate(model, ids: Tensor) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """Each linear's per-input-channel |activation| maximum over one float32 forward of `ids` (every
+    row through the LM head too): per layer {field: [in]}, and the LM head's. The model is left as it was."""
+    saved_layers, saved_head = model._layer_weights, model._head
+    probes = [{f: _InputRange(getattr(w, f)) for f in _LINEAR_FIELDS} for w in saved_layers]
+    head = _InputRange(saved_head)
+    model._layer_weights = [w._replace(**p) for w, p in zip(saved_layers, probes)]
+    model.__dict__["_head"] = head
+    try:
+        with torch.inference_mode():
+            model(ids, torch.arange(len(ids)), _causal_attend)
+    finally:
+        model._layer_weights, model.__dict__["_head"] = saved_layers, saved_head
+    return [{f: p[f].absmax for f in _LINEAR_FIELDS} for p in probes], head.absmax
+
+
 _CLASSES = {"int8": Int8Weight, "bfloat16": Bf16Weight}
 
 
@@ -98,23 +198,32 @@ def resolve_format(name: str | None = None) -> str:
     return fmt
 
 
-def pack(model, fmt: str) -> None:
+def pack(model, fmt: str, calibration: tuple | None = None) -> None:
     """Store `model`'s linear weights in `fmt` (in place; float32 leaves it as it is). The float32 matrices
-    are released: the model keeps only the packed ones (and its float32 embedding)."""
+    are released: the model keeps only the packed ones (and its float32 embedding). `calibration`: what
+    `calibrate` measured, for w8a8's smoothing (without it w8a8 is not smoothed)."""
     fmt = resolve_format(fmt)
     if fmt == "float32":
         return
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise KvxError(f"{ENV}={fmt} packs a float32 model on the CPU (this one is {model.dtype} on {model.device})")
-    cls = _CLASSES[fmt]
+    if fmt == "w8a8" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise KvxError(f"{ENV}=w8a8 needs fbgemm (an x86 CPU); use int8")
+    layer_ranges, head_range = calibration if calibration is not None else ([{}] * len(model.layers), None)
+    if fmt == "w8a8":
+        def make(w, absmax):
+            return W8A8Weight(w, absmax)
+    else:
+        def make(w, absmax):
+            return _CLASSES[fmt](w)
     packed = []
-    for layer, w in zip(model.layers, model._layer_weights):
-        new = {f: cls(getattr(w, f)) for f in _LINEAR_FIELDS}
+    for layer, w, ranges in zip(model.layers, model._layer_weights, layer_ranges):
+        new = {f: make(getattr(w, f), ranges.get(f)) for f in _LINEAR_FIELDS}
         packed.append(w._replace(**new))
         for f in _LINEAR_FIELDS:
             setattr(layer, f, None)  # the float32 copy goes
     model._layer_weights = packed
-    model._head = cls(model.lm_head)
+    model._head = make(model.lm_head, head_range)
     if model.lm_head is not model.embed:
         model.lm_head = None
     model.weight_format = fmt
