@@ -34,7 +34,7 @@ HOW_TO_GET = (
     "15 minutes on 2 cores); running without the peer"
 )
 # kvx's weights -> the llama.cpp type that stores the same precision
-MATCHING_TYPE = {"int8": "Q8_0", "bfloat16": "BF16", "float32": "F32"}
+MATCHING_TYPE = {"int8": "Q8_0", "w8a8": "Q8_0", "bfloat16": "BF16", "float32": "F32"}
 
 
 def find_tools() -> dict[str, str] | None:
