@@ -63,8 +63,12 @@ def llamacpp_tables(engine, tok, runtime_rows, threads: int, repeats: int, decod
     body = []
     for key, k in kvx_rows.items():
         cells = []
+        # kvx's longest decode context is clipped below the model's limit (8172 of 8192): pair it with
+        # llama.cpp's depth within 1% of it
+        near = [pk for pk in peers if pk[0] == key[0] and pk[2] == key[2] and abs(pk[1] - key[1]) <= key[1] // 100]
+        match = min(near, key=lambda pk: abs(pk[1] - key[1]), default=key)
         for t in types:
-            p = peers.get(key, {}).get(t)
+            p = peers.get(match, {}).get(t)
             cells += ["-" if p is None else f"{p:.1f}", "-" if p is None else f"{k / p:.2f}x"]
         body.append([key[0], key[1], key[2], f"{k:.1f}", *cells])
     cols = ["phase", "context", "sequences", f"kvx ({weights})"]
