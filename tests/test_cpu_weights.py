@@ -139,15 +139,28 @@ def _has_tokenizer(folder: str) -> bool:
     return (Path(folder) / "tokenizer.json").exists()
 
 
-def test_summary_line_says_which_weights_ran(cli, tmp_path):
-    """`kvx generate`'s summary line ends with the weights that ran: packed under --dtype auto on the CPU,
-    float32 under --dtype float32."""
+def test_summary_line_says_which_weights_ran(cli, tmp_path, monkeypatch):
+    """`kvx generate`'s summary line ends with the weights that ran: packed under --dtype auto on the CPU
+    (KVX_CPU_WEIGHTS picks the format), float32 under --dtype float32."""
     from serve_helpers import tiny_model_dir
 
     folder = tiny_model_dir(tmp_path)
     code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "hello world")
     assert code == 0, err
     assert err.strip().splitlines()[-1].endswith(" · int8 weights")
+    monkeypatch.setenv("KVX_CPU_WEIGHTS", "w8a8")
+    code, out_w8a8, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "--jsonl",
+                              stdin=b'{"prompt": "hello world"}\n{"prompt": "hello world", "max_tokens": 2}\n')
+    assert code == 0, err
+    import json
+
+    first, second = (json.loads(line) for line in out_w8a8.splitlines())
+    assert first["generated_tokens"] == 3 and second["generated_tokens"] == 2
+    assert first["text"].startswith(second["text"])  # rows independent: in a batch of two, the same tokens
+    code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "hello world")
+    assert code == 0, err
+    assert err.strip().splitlines()[-1].endswith(" · w8a8 weights")
+    monkeypatch.delenv("KVX_CPU_WEIGHTS")
     code, _, err = cli("generate", "--model", str(folder), "--max-tokens", "3", "--dtype", "float32", "hello world")
     assert code == 0, err
     assert err.strip().splitlines()[-1].endswith(" · float32 weights")
