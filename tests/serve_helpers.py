@@ -64,18 +64,19 @@ class LiveServer:
 @contextmanager
 def live_server(model: str | None, **settings):
     """Start `kvx serve`'s app for `model` (None: the default model) on 127.0.0.1 at a free port."""
-    import uvicorn
-
     from kvx.serve.app import create_app
-    from kvx.serve.server import build_context
+    from kvx.serve.server import build_context, uvicorn_server
     from kvx.serve.settings import ServeSettings
 
     settings.setdefault("kv_memory", "64MiB")
-    ctx = build_context(ServeSettings(model=model, **settings), quiet=True)
+    settings.setdefault("log_level", "warning")
+    settings.setdefault("drain_timeout", 5)
+    serve_settings = ServeSettings(model=model, **settings)
+    ctx = build_context(serve_settings, quiet=True)
     app = create_app(ctx, stop_timeout=30)
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn_server(app, serve_settings)  # the server's own uvicorn configuration
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -118,6 +118,32 @@ def test_a_stalled_upload_is_a_408_after_the_client_timeout(server):
     assert m['kvx:request_errors_total{kind="client_timeout"}'] >= 1 and m["kvx:num_requests_waiting"] == 0
 
 
+@pytest.mark.parametrize("head", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+                                  b"GET /hea"])
+def test_a_request_head_that_stalls_is_cut_after_the_client_timeout(server, head):
+    """Slowloris: a connection that sends nothing, or part of a request line or headers, is closed once
+    --client-timeout passes without a complete head; the server goes on serving."""
+    data, took = _raw_request(server.url, head, b"", wait=10)
+    assert data == b"" and 0.8 < took < 5, (data[:200], took)  # closed by the server, not by our wait
+    # a keep-alive connection whose second head stalls is cut the same way
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"ok"' not in first:  # the head and the body may come in two packets
+            got = s.recv(65536)
+            assert got, first
+            first += got
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        s.sendall(b"GET /heal")
+        t0 = time.monotonic()
+        rest = b""
+        while got := s.recv(65536):
+            rest += got
+        assert rest == b"" and 0.8 < time.monotonic() - t0 < 5
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
 def test_a_stream_nobody_reads_is_cancelled_after_the_client_timeout():
     from kvx.serve.completion import _JobStream
 

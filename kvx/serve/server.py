@@ -112,11 +112,15 @@ def check_limits(settings: ServeSettings) -> int:
 def uvicorn_server(app, settings: ServeSettings):
     import uvicorn
 
+    from kvx.serve.header_timeout import with_header_timeout
+
     # timeout_keep_alive: an idle keep-alive connection is closed after this many seconds, so idle clients
-    # cannot hold connections open; a stalled body or stream is cut by --client-timeout (limits.py).
+    # cannot hold connections open; a request head that does not arrive within --client-timeout closes its
+    # connection (header_timeout.py); a stalled body or stream is cut by --client-timeout too (limits.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout, access_log=settings.log_level == "debug",
-                            timeout_keep_alive=settings.timeout_keep_alive)
+                            timeout_keep_alive=settings.timeout_keep_alive,
+                            http=with_header_timeout(settings.client_timeout))
     return uvicorn.Server(config)
 
 
