@@ -34,7 +34,7 @@ def serve_command(
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Read accepted keys from a file, one per line ('#' comments and blank lines skipped)."),
     metrics_key: Optional[str] = typer.Option(None, "--metrics-key", help="Require this bearer key on /metrics (default: /metrics is open)."),
     max_body_bytes: str = typer.Option("4MiB", "--max-body-bytes", help="Largest request body, e.g. 4MiB or 100000; larger ones get 413 before any parsing."),
-    client_timeout: float = typer.Option(DEFAULT_CLIENT_TIMEOUT, "--client-timeout", help="Seconds a client may take to send its body (else 408), or to take a streamed chunk (else its request is cancelled)."),
+    client_timeout: float = typer.Option(DEFAULT_CLIENT_TIMEOUT, "--client-timeout", help="Seconds a client may take to send its request head (else the connection is closed) or its body (else 408), or to take a streamed chunk (else its request is cancelled)."),
     timeout_keep_alive: int = typer.Option(DEFAULT_KEEP_ALIVE, "--timeout-keep-alive", help="Seconds an idle keep-alive connection stays open."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", min=1, help="Split the model and its KV cache by kv head over N ranks (N local processes, or torchrun's); rank 0 serves."),
     context_dir: Optional[str] = typer.Option(None, "--context-dir", help="Keep stored contexts (POST /v1/contexts) as .kvc files in this folder: they survive a restart, and idle ones wait on disk instead of in memory."),
