@@ -209,3 +209,25 @@ def test_reference_attends_evenly_strided_segments_at_once(seed, n_seg):
     assert ref._evenly_strided([0, 40, 90], [5, 5, 5]) is None  # uneven stride
     assert ref._evenly_strided([0, 40, 80], [5, 6, 5]) is None  # unequal lengths
     assert ref._evenly_strided([0, 4, 8], [5, 5, 5]) is None  # overlapping
+
+
+@pytest.mark.parametrize("n", [1, 31, 200])
+def test_evenly_strided_segments_equal_gathered_ones_bit_for_bit(n):
+    """A request's tokens must not depend on where the pool put its blocks: the same keys read as evenly
+    strided slices and gathered from shuffled blocks give the same bits (the same ops on the same shapes)."""
+    g = torch.Generator().manual_seed(n)
+    B, d, G, N = 32, 64, 3, 3
+    nb = -(-n // B)
+    keys, vals = torch.randn(N, nb * B, d, generator=g), torch.randn(N, nb * B, d, generator=g)
+    q = torch.randn(N, G, d, generator=g)
+    lengths = torch.full((N,), n, dtype=torch.int32)
+    outs = []
+    for order in ("strided", "shuffled"):
+        total = N * nb + 5
+        ids = torch.arange(N * nb) + 2 if order == "strided" else torch.randperm(total, generator=g)[:N * nb]
+        tables = ids.view(N, nb).to(torch.int32)
+        k_pool, v_pool = torch.zeros(total + 2, B, d), torch.zeros(total + 2, B, d)
+        k_pool[tables.long()] = keys.view(N, nb, B, d)
+        v_pool[tables.long()] = vals.view(N, nb, B, d)
+        outs.append(ref.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.125))
+    assert torch.equal(outs[0], outs[1])
