@@ -231,3 +231,37 @@ def test_evenly_strided_segments_equal_gathered_ones_bit_for_bit(n):
         v_pool[tables.long()] = vals.view(N, nb, B, d)
         outs.append(ref.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.125))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_batch_of_one_piece_sequences_is_read_as_strided_runs():
+    """18 segments (6 sequences x 3 kv heads, each sequence's blocks in one piece, lengths differing between
+    sequences): more than the few-segment limit, read as 6 strided runs when the step gives their starts;
+    the definition's outputs, and each sequence's rows bit for bit what it gets alone."""
+    g = torch.Generator().manual_seed(11)
+    B, d, G, Hkv, S = 8, 16, 3, 3, 6
+    lens = [int(x) for x in torch.randint(1, 40, (S,), generator=g)]
+    tables, first = [], 2
+    for s in range(S):
+        nb = -(-lens[s] // B) + 1  # a spare block of headroom, as a fresh request's allocation has
+        for h in range(Hkv):
+            tables.append(list(range(first, first + nb)))
+            first += nb
+    W = max(map(len, tables))
+    k = torch.randn(first + 2, B, d, generator=g)
+    c = dict(q=torch.randn(S * Hkv, G, d, generator=g), k=k, v=torch.randn_like(k),
+             pos=torch.zeros(first + 2, B, dtype=torch.int64),
+             tables=torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int32),
+             lengths=torch.tensor([n for n in lens for _ in range(Hkv)], dtype=torch.int32),
+             q_pos=torch.full((S * Hkv,), 500), mass=torch.rand(first + 2, B),
+             mode=torch.zeros(S * Hkv, dtype=torch.int32))
+    starts = [t[0] * B for t in tables]
+    runs = ref._strided_runs(starts, c["lengths"].tolist())
+    assert [(a, b) for a, b, _, _ in runs] == [(s * Hkv, (s + 1) * Hkv) for s in range(S)]
+    out = ref.paged_decode_attention(c["q"], c["k"], c["v"], c["tables"], c["lengths"], 0.25, row_starts=starts)
+    want, _ = _loop_reference(c, 0.25, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for s in range(S):
+        rows = slice(s * Hkv, (s + 1) * Hkv)
+        alone = ref.paged_decode_attention(c["q"][rows], c["k"], c["v"], c["tables"][rows], c["lengths"][rows], 0.25,
+                                           row_starts=starts[rows])
+        assert torch.equal(out[rows], alone)
