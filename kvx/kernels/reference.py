@@ -113,9 +113,19 @@ def paged_decode_attention(
     N = q.shape[0]
     if N == 0:
         return torch.zeros_like(q)
+    lens = lengths.long().tolist()  # a host sync is free here
+    kw = dict(pos_pool=pos_pool, sliding_window=sliding_window, mass_pool=mass_pool)
+    plain = sliding_window is None and (mass_mode is None or mass_pool is None or not bool(mass_mode.any()))
+    if N <= _SLICED_ROWS_MAX or (plain and row_starts is not None):
+        starts = row_starts if row_starts is not None else _consecutive_starts(tables, lengths, k_pool.shape[1])
+        # A batch is read as slices too when its segments form few strided runs (each sequence's kv heads,
+        # its cache allocated in one piece): no gather of whole blocks (2.3x at 16 x 1k on the CPU).
+        runs = _strided_runs(starts, lens) if starts is not None and plain else None
+        if starts is not None and (N <= _SLICED_ROWS_MAX or 2 * len(runs) <= N):
+            return _sliced_rows(q, k_pool, v_pool, starts, lens, scale, mass_mode=mass_mode, q_pos=q_pos,
+                                runs=runs, **kw)
     # Segments of very different lengths (a full cache beside 5% ones) would all be padded to the longest:
     # attend them in groups whose lengths are within 2x of each other's longest (a host sync is free here).
-    lens = lengths.long().tolist()
     order = sorted(range(N), key=lambda i: -lens[i])
     groups, top = [[]], max(lens)
     for i in order:
@@ -123,14 +133,6 @@ def paged_decode_attention(
             groups.append([])
             top = lens[i]
         groups[-1].append(i)
-    kw = dict(pos_pool=pos_pool, sliding_window=sliding_window, mass_pool=mass_pool)
-    plain = sliding_window is None and (mass_mode is None or mass_pool is None or not bool(mass_mode.any()))
-    if N <= _SLICED_ROWS_MAX or (plain and row_starts is not None):
-        starts = row_starts if row_starts is not None else _consecutive_starts(tables, lengths, k_pool.shape[1])
-        # A batch is read as slices too when its segments form few strided runs (each sequence's kv heads,
-        # its cache allocated in one piece): no gather of whole blocks (2.3x at 16 x 1k on the CPU).
-        if starts is not None and (N <= _SLICED_ROWS_MAX or 2 * len(_strided_runs(starts, lens)) <= N):
-            return _sliced_rows(q, k_pool, v_pool, starts, lens, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
     if len(groups) == 1:
         return _paged_rows(q, k_pool, v_pool, tables, lengths, scale, mass_mode=mass_mode, q_pos=q_pos, **kw)
     out = torch.zeros_like(q)
@@ -193,8 +195,9 @@ def _strided_runs(starts: list[int], lens: list[int]) -> list[tuple[int, int, in
 
 
 def _sliced_rows(q, k_pool, v_pool, starts, lens, scale, *, mass_pool, mass_mode, pos_pool, q_pos,
-                 sliding_window) -> Tensor:
-    """paged_decode_attention for segments that are slices of the pool (_consecutive_starts)."""
+                 sliding_window, runs=None) -> Tensor:
+    """paged_decode_attention for segments that are slices of the pool (_consecutive_starts); `runs`: their
+    _strided_runs when the caller has them."""
     d = q.shape[-1]
     k_flat, v_flat = k_pool.view(-1, d), v_pool.view(-1, d)
     modes = None if mass_mode is None or mass_pool is None else mass_mode.tolist()
@@ -205,7 +208,7 @@ def _sliced_rows(q, k_pool, v_pool, starts, lens, scale, *, mass_pool, mass_mode
         # _paged_rows on the same shapes, so a request's tokens do not depend on where the pool put its
         # blocks or on its neighbours (a fused SDPA, as fast, rounds differently).
         out = torch.zeros_like(q)
-        for a, b, stride, n in _strided_runs(starts, lens):
+        for a, b, stride, n in runs if runs is not None else _strided_runs(starts, lens):
             shape, steps = (b - a, n, d), (stride * d, d, 1)
             k = k_flat.as_strided(shape, steps, k_flat.storage_offset() + starts[a] * d).float()
             v = v_flat.as_strided(shape, steps, v_flat.storage_offset() + starts[a] * d).float()
