@@ -338,6 +338,20 @@ def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time(monkeypatch):
     assert time.monotonic() - started < 90
 
 
+def test_a_rank_that_fails_while_starting_ends_the_run_with_its_cause(monkeypatch):
+    """A rank that fails before its first collective (a file missing where it runs, say) ends the run
+    with one line naming that rank and the cause, while rank 0 waits for it: no hang, no timeout needed."""
+    from kvx.runtime.parallel.launch import RankFailed
+
+    monkeypatch.setenv("KVX_TP_TIMEOUT", "60")  # longer than the bound below: the failure, not a timeout
+    started = time.monotonic()
+    with pytest.raises(RankFailed) as err:
+        run_ranks(2, tp_ranks.fail_rank_1_before_any_collective)
+    message = str(err.value)
+    assert "rank 1" in message and "no such file on this rank" in message and "\n" not in message, message
+    assert time.monotonic() - started < 45
+
+
 def test_eval_with_two_ranks_writes_one_ranks_rows(folder, tmp_path):
     args = ["eval", "--task", "passkey", "--context", "300", "--samples", "2", "--policies", "snapkv,ada-snapkv,laprox",
             "--budgets", "20%", "--model", str(folder), "--dtype", "float32", "--quiet", "--max-tokens", "8"]

@@ -171,3 +171,11 @@ def stall_rank_1(tp):
         time.sleep(120)
     tp.all_reduce(torch.ones(3))
     return "done"
+
+
+def fail_rank_1_before_any_collective(tp):
+    """Rank 1 fails while it starts (before its first collective); rank 0 waits for it in an all-reduce."""
+    if tp.rank == 1:
+        raise RuntimeError("model.safetensors: no such file on this rank")
+    tp.all_reduce(torch.ones(3))
+    return "done"
