@@ -250,3 +250,15 @@ def test_help_and_version_still_exit_0():
         proc = subprocess.run([script, *argv], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (argv, proc.stderr)
         assert proc.stdout.strip() and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["int4", "w8a16", "INT8 x"])
+def test_a_bad_cpu_weight_format_is_one_line_exit_2(value, tmp_path):
+    """KVX_CPU_WEIGHTS with a format kvx does not have (w8a8, int8, bfloat16, float32 are) fails before the
+    model loads: one line naming the variable and the formats, exit 2, no traceback."""
+    env = dict(os.environ, KVX_CPU_WEIGHTS=value)
+    p = subprocess.run([installed_kvx(), "generate", "--device", "cpu", "--max-tokens", "1", "hi"], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "KVX_CPU_WEIGHTS" in p.stderr and "w8a8" in p.stderr, p.stderr
