@@ -196,7 +196,7 @@ def test_reference_attends_evenly_strided_segments_at_once(seed, n_seg):
     c["pos"] = torch.zeros(c["k"].shape[:2], dtype=torch.int64)
     c["mass"] = torch.rand(c["k"].shape[:2])
     starts = ref._consecutive_starts(c["tables"], c["lengths"], 8)
-    assert ref._evenly_strided(starts, [n] * n_seg) == ((mb + gap) * 8 if n_seg > 1 else n, n)
+    assert ref._strided_runs(starts, [n] * n_seg) == [(0, n_seg, (mb + gap) * 8 if n_seg > 1 else n, n)]  # one run
     c["mode"] = torch.zeros(n_seg, dtype=torch.int32)
     out, _ = _run(ref.paged_decode_attention, c, 0.3, None, mass=False)
     want, _ = _loop_reference(c, 0.3, None)
@@ -206,9 +206,9 @@ def test_reference_attends_evenly_strided_segments_at_once(seed, n_seg):
     want, want_mass = _loop_reference(c, 0.3, None)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-6)
-    assert ref._evenly_strided([0, 40, 90], [5, 5, 5]) is None  # uneven stride
-    assert ref._evenly_strided([0, 40, 80], [5, 6, 5]) is None  # unequal lengths
-    assert ref._evenly_strided([0, 4, 8], [5, 5, 5]) is None  # overlapping
+    assert len(ref._strided_runs([0, 40, 90], [5, 5, 5])) == 2  # uneven stride: not one run
+    assert len(ref._strided_runs([0, 40, 80], [5, 6, 5])) == 3  # unequal lengths
+    assert len(ref._strided_runs([0, 4, 8], [5, 5, 5])) == 3  # overlapping
 
 
 @pytest.mark.parametrize("n", [1, 31, 200])

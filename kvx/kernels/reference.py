@@ -164,15 +164,6 @@ def _consecutive_starts(tables: Tensor, lengths: Tensor, B: int) -> list[int] | 
     return (tables[:, 0].long() * B).tolist()
 
 
-def _evenly_strided(starts: list[int], lens: list[int]) -> tuple[int, int] | None:
-    """(stride, length) when every segment has the same nonzero length and starts a fixed stride (at least
-    that length) after the previous one; else None."""
-    runs = _strided_runs(starts, lens)
-    if len(runs) != 1 or runs[0][1] - runs[0][0] != len(starts):
-        return None
-    return runs[0][2], runs[0][3]
-
-
 def _strided_runs(starts: list[int], lens: list[int]) -> list[tuple[int, int, int, int]]:
     """The segments as maximal runs (begin, end, stride, length): within a run every segment has the same
     nonzero length and starts a fixed stride (at least that length) after the previous one, so the run is
