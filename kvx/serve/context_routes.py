@@ -85,7 +85,10 @@ async def create(ctx: ServerContext, body, request: Request) -> Response:
             raise ApiError(500, value, type="server_error")
         if value.state != FINISHED:
             raise failure(value)
-        entry = ctx.contexts.add(value.stored, owner(ctx, request), body.name)
+        # On the engine's thread: writing the file touches tensors, which only that thread does
+        # (compute_thread.py), and the event loop does not wait on the disk.
+        who, stored = owner(ctx, request), value.stored
+        entry = await ctx.engine_loop.call(lambda: ctx.contexts.add(stored, who, body.name))
     finally:
         ctx.engine_loop.release(job)
     return JSONResponse(ctx.contexts.describe(entry))  # 200, as the OpenAI API's creations answer

@@ -1,4 +1,4 @@
-"""The one thread that owns the BatchEngine.
+"""The one thread that owns the BatchEngine (a ComputeThread: the one that loaded the model).
 
 The engine is single-threaded, so everything that touches it happens here: requests and cancellations
 arrive through a thread-safe inbox, the thread steps the batch while it has work (one scheduler iteration
@@ -28,6 +28,7 @@ import threading
 import time
 
 from kvx.errors import KvxError
+from kvx.serve.compute_thread import ComputeThread
 from kvx.runtime.engine.sequence import CANCELLED, FAILED, FINISHED, WAITING
 from kvx.serve.metrics import ABORT, FINISHED_REASON, RateMeter, ServeMetrics
 
@@ -78,7 +79,9 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, batch, max_queue: int, idle_wait: float = 0.25):
+    def __init__(self, batch, max_queue: int, idle_wait: float = 0.25, thread: ComputeThread | None = None):
+        """thread: the ComputeThread that built `batch` (server.build_context); the loop runs on it, since the
+        model must run on the thread that loaded it (compute_thread.py). None: a thread of its own."""
         if max_queue < 1:
             raise KvxError("--max-queue must be at least 1")
         self.batch = batch
@@ -97,12 +100,12 @@ class EngineLoop:
         self._waiting: set[Job] = set()  # engine thread: in the batch's waiting queue
         self._live: set[Job] = set()  # engine thread: submitted and not done
         self._meter = RateMeter()
-        self._thread = threading.Thread(target=self._run, name="kvx-engine", daemon=True)
+        self._thread = thread or ComputeThread("kvx-engine")
 
     # -- the event loop's side ---------------------------------------------------------------------
     def start(self) -> None:
         self._publish()
-        self._thread.start()
+        self._thread.start(self._run)
 
     def submit(self, job: Job) -> None:
         """Hand a job to the engine; QueueFull / ShuttingDown at once when it cannot be taken."""
@@ -122,6 +125,8 @@ class EngineLoop:
     async def call(self, fn):
         """fn() run on the engine thread between two steps (what touches the engine's state, e.g. a stored
         context's residency); its result, or its exception, comes back here."""
+        if not self.alive:
+            raise ShuttingDown()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._inbox.put((_CALL, (fn, loop, done)))
@@ -160,6 +165,7 @@ class EngineLoop:
             except Exception:
                 log.exception("could not publish the engine's state")
             if stopping and not self.batch.has_work:
+                self._take_inbox(block=False)  # calls that came with the stop (a context being saved)
                 return
 
     def _take_inbox(self, block: bool) -> bool:

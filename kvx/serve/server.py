@@ -52,6 +52,7 @@ def build_context(settings: ServeSettings, quiet: bool = False, tp=None):
     from kvx.models.hub import resolve_model
     from kvx.options import check_prefill_step, parse_memory, policy_and_budget
     from kvx.serve.completion import ServerContext
+    from kvx.serve.compute_thread import ComputeThread
     from kvx.serve.engine_loop import EngineLoop
     from kvx.serve.keys import collect_keys, metrics_key
     from kvx.serve.prompts import longest_token
@@ -66,10 +67,20 @@ def build_context(settings: ServeSettings, quiet: bool = False, tp=None):
     check_prefill_step(settings.prefill_step)
     context_memory = parse_memory(settings.context_memory, "--context-memory") if isinstance(
         settings.context_memory, str) else int(settings.context_memory)
-    batch, tokenizer = build_batch(settings, kv_memory, tp, quiet)
     model_id = resolve_model(settings.model, quiet=True).name
-    loop = EngineLoop(batch, settings.max_queue)
-    contexts = build_contexts(batch, settings.context_dir, context_memory)
+
+    def build():
+        batch, tokenizer = build_batch(settings, kv_memory, tp, quiet)
+        return batch, tokenizer, build_contexts(batch, settings.context_dir, context_memory)
+
+    # Everything that runs the model happens on the engine's thread, loading included (compute_thread.py).
+    thread = ComputeThread("kvx-engine")
+    try:
+        batch, tokenizer, contexts = thread.run(build)
+    except BaseException:
+        thread.close()
+        raise
+    loop = EngineLoop(batch, settings.max_queue, thread=thread)
     loop.metrics.watch_contexts(contexts.stats)
     return ServerContext(loop, tokenizer, model_id, settings.defaults(),
                          api_keys=keys, metrics_key=scrape_key, max_body_bytes=max_body,
