@@ -17,7 +17,7 @@ from kvx.policies import build_policy, parse_budget
 from kvx.runtime.engine.batch_engine import BatchEngine
 from kvx.runtime.engine.model_runner import ModelRunner
 from kvx.runtime.engine.sequence import GenerationRequest
-from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read
+from kvx.runtime.compression.split_prefill import piece_bounds, prefill_pieces, rows_read, without_short_tail
 from test_batch import _alone, _ids, _request
 from test_compression import one_thread  # noqa: F401  (autouse: one intra-op thread, see there)
 from test_engine import StubTokenizer
@@ -33,6 +33,20 @@ def test_pieces_cover_the_prompt_in_order_and_the_last_holds_the_rows_read(n, st
     assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
     assert all(0 < e - s <= step for s, e in pieces[:-1])
     assert pieces[-1][1] - pieces[-1][0] >= min(n, max(tail, 1))
+
+
+@pytest.mark.parametrize("n,step,tail", [(1067, 512, 32), (1100, 512, 1), (1300, 512, 1), (1024, 512, 0),
+                                         (700, 512, 400), (10, 4, 0), (513, 512, 1)])
+def test_a_short_last_piece_joins_the_one_before(n, step, tail):
+    pieces = without_short_tail(piece_bounds(n, step, tail), step)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    sizes = [e - s for s, e in pieces]
+    assert all(0 < k <= step for k in sizes[:-1])
+    assert n <= step or step // 2 <= sizes[-1] < step + step // 2 + 1
+    assert sizes[-1] >= min(n, max(tail, 1))
+    if n == 1067:
+        assert pieces == [(0, 512), (512, 1067)]
 
 
 def test_rows_read_by_each_kind_of_statistic():
@@ -70,7 +84,8 @@ def test_a_split_prefill_keeps_what_the_one_shot_prefill_keeps(engine, name, bud
     got = [s.results[0] for s in seqs]
     assert [r.token_ids for r in got] == [r.token_ids for r in alone]
     assert [r.lengths for r in got] == [r.lengths for r in alone]  # the same entries kept per (layer, head)
-    assert prefill_units >= sum(-(-len(ids) // 37) for ids in prompts) - len(prompts)  # really split
+    # Really split: a piece per step (a short last piece joins the one before: one piece fewer at most).
+    assert prefill_units >= sum(-(-len(ids) // 37) for ids in prompts) - 2 * len(prompts)
     assert batch.pool.num_used == 0
 
 

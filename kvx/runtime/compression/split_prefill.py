@@ -50,6 +50,16 @@ def piece_bounds(n: int, step: int, tail: int) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
 
 
+def without_short_tail(pieces: list[tuple[int, int]], step: int) -> list[tuple[int, int]]:
+    """`pieces` with a last piece shorter than half a step joined to the one before (so no piece is longer
+    than 1.5 steps). A short piece costs a whole step's fixed work for few rows, and on the CPU a piece of
+    64 rows or fewer runs the int8 weights' per-row kernel (models/cpu_weights.py): 1067 tokens as 512 + 555
+    prefilled 2-3% faster than as 512 + 512 + 43 (benchmarks/prefill_pieces.py, docs/benchmarks.md)."""
+    if len(pieces) > 1 and pieces[-1][1] - pieces[-1][0] < step // 2:
+        return pieces[:-2] + [(pieces[-2][0], pieces[-1][1])]
+    return pieces
+
+
 def prefill_pieces(engine, req: SequenceState, ids: list[int], step: int | None):
     """A generator that prefills `ids` `step` tokens at a time, yielding between pieces, and returns
     (last logits, None) like ModelRunner.prefill_chunks; one piece when step is None or the statistics need
@@ -59,7 +69,7 @@ def prefill_pieces(engine, req: SequenceState, ids: list[int], step: int | None)
     tail = rows_read(stats_req)
     if not step or n <= step or tail is None:
         return engine.prefill(req, ids, stats_req), None
-    pieces = piece_bounds(n, step, tail)
+    pieces = without_short_tail(piece_bounds(n, step, tail), step)
     for start, end in pieces[:-1]:
         t0 = time.perf_counter()
         engine.forward(req, ids[start:end])
