@@ -143,6 +143,7 @@ def generate(
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
     ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="Split the model and its KV cache by kv head over N ranks (N local processes; or as many as torchrun starts)."),
+    compile_step: bool = typer.Option(False, "--compile", help="CPU: compile the decode step with torch.compile (seconds, once per run; needs a C++ compiler): its int8 products keep float32 activations (closer to --dtype float32); a few percent faster today (docs/benchmarks.md). A lone request only: not with --jsonl or --tensor-parallel."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
@@ -176,6 +177,9 @@ def generate(
                              "--ordered": ordered})
     if tensor_parallel < 1:
         raise KvxError(f"--tensor-parallel must be at least 1, got {tensor_parallel}")
+    if compile_step and (jsonl or tensor_parallel != 1):
+        raise KvxError("--compile compiles a lone request's decode step; drop it with "
+                       + ("--jsonl (a batch keeps the eager kernels)" if jsonl else "--tensor-parallel"))
     if jsonl:
         if prompt is not None or context is not None or question:
             raise KvxError("--jsonl reads its requests from stdin; it takes no PROMPT, --context or --question")
@@ -215,7 +219,7 @@ def generate(
                 raise KvxError("--question: a question is empty")
         dtype = file_dtype(load_context, dtype)  # a bad file fails here, before the model loads
         _answer_from_file(load_context, question, model, device, dtype, params, max_tokens, as_json, quiet,
-                          not no_graph, out)
+                          not no_graph, out, compile_step)
         return
     if context is None and question:
         raise KvxError("--question needs --context or --load-context (or put the question in the prompt)")
@@ -247,6 +251,8 @@ def generate(
     from kvx.runtime.engine.sequence import GenerationRequest
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
+    if compile_step:
+        _compile(llm, quiet)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_arg, use_graphs=not no_graph,
                           prefill_chunk=prefill_chunk)
 
@@ -331,13 +337,24 @@ def _generate_on_ranks(world: int, out, as_json: bool, quiet: bool, context=None
             _err(summary_line(r))
 
 
-def _answer_from_file(path, questions, model, device, dtype, params, max_tokens, as_json, quiet, use_graphs, out):
+def _compile(llm, quiet: bool) -> None:
+    """--compile: the decode step compiled now (models/compiled_decode.py), with a note on stderr."""
+    from kvx.models.compiled_decode import compile_decode
+
+    _note("compiling the decode step (torch.compile; seconds, faster when its kernels are cached)", quiet)
+    compile_decode(llm)
+
+
+def _answer_from_file(path, questions, model, device, dtype, params, max_tokens, as_json, quiet, use_graphs, out,
+                      compile_step=False):
     """`kvx generate --load-context FILE -q ...`: the questions answered from the stored context."""
     from kvx.context_options import check_context_memory, open_context_file, question_ids
     from kvx.runtime.contexts.resident import ResidentContext
     from kvx.runtime.contexts.run import answer_from_context
 
     llm, tok = load(model, device, dtype, quiet=as_json and quiet)
+    if compile_step:
+        _compile(llm, quiet)
     engine = build_engine(llm, tok, "full", None, None, [], use_graphs=use_graphs)
     stored = open_context_file(path, llm, tok, engine.dtype)
     ctx = ResidentContext(stored)

@@ -78,6 +78,8 @@ CASES = [
     ("prefill-chunk-word", G + POL + ["--prefill-chunk", "abc", "hi"], "--prefill-chunk", None),
     # generate: the batched engine's options
     ("max-batch-zero", G + ["--jsonl", "--max-batch", "0"], "--max-batch", None),
+    ("compile-with-jsonl", G + ["--jsonl", "--compile"], "--compile", None),
+    ("compile-with-tp", G + ["--compile", "--tp", "2", "hi"], "--compile", None),
     ("prefill-step-zero", G + ["--jsonl", "--prefill-step", "0"], "--prefill-step", None),
     ("prefill-step-word", G + ["--jsonl", "--prefill-step", "lots"], "--prefill-step", None),
     ("max-batch-word", G + ["--jsonl", "--max-batch", "many"], "--max-batch", None),

@@ -81,6 +81,14 @@ class Int8Weight:
         return self.q.shape
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
+            # A one-row product inside a compiled decode step (models/compiled_decode.py): written as a
+            # reduction, inductor makes it one vectorized pass over the int8 rows, widened in registers, with
+            # float32 activations: 2.2x `_weight_int8pack_mm` and exact to float32 rounding
+            # (benchmarks/cpu_gemv_compile.py).
+            y = (self.q.to(torch.float32) * x.float()).sum(-1)[None, :] * self.scale.float()
+            y = y.to(x.dtype)
+            return y if bias is None else y + bias
         xb = x.to(torch.bfloat16)
         if x.shape[0] <= _INT8_KERNEL_ROWS:
             # A decode step is bound by reading the weight: the int8 kernel reads a quarter of float32's
@@ -230,5 +238,7 @@ def pack(model, fmt: str, calibration: tuple | None = None) -> None:
 
 
 def describe(model) -> str:
-    """What the summary line says about the weights: 'int8 weights', 'float32 weights', ..."""
-    return f"{getattr(model, 'weight_format', None) or str(model.dtype).removeprefix('torch.')} weights"
+    """What the summary line says about the weights: 'int8 weights', 'float32 weights', ..., and
+    ' (compiled decode)' after it under --compile."""
+    fmt = getattr(model, 'weight_format', None) or str(model.dtype).removeprefix('torch.')
+    return f"{fmt} weights" + (" (compiled decode)" if getattr(model, "compiled_decode", None) is not None else "")

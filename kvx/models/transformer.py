@@ -116,6 +116,7 @@ class Transformer(nn.Module):
         self.tp = tp
         self.full_config = full_config or config
         self.shard = None  # models/sharding.Shard on a tensor-parallel rank
+        self.compiled_decode = None  # a one-token forward compiled for the CPU (models/compiled_decode.py)
         embed = state.pop("model.embed_tokens.weight")
         head = state.pop("lm_head.weight")
         self.embed = _frozen(embed)
@@ -166,31 +167,49 @@ class Transformer(nn.Module):
         """ids, positions: [T] int64. Returns float32 logits [T, V], or [1, V] for the last token only.
         on_residual(layer, x): called with the residual stream [T, D] entering each layer (KVzip+ reads its
         norms), an explicit hook rather than a patched function."""
+        if self.compiled_decode is not None and ids.shape[0] == 1 and on_residual is None:
+            return self.compiled_decode(ids, positions, attend)  # models/compiled_decode.py (--compile)
         cfg = self.config
-        H, Hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        T = ids.shape[0]
         x = F.embedding(ids, self.embed)
         cos, signed_sin = rope_tables(positions, self.inv_freq, x.dtype)  # [T, d], broadcast over heads
-        n_qk = H + Hkv
-        inter = cfg.intermediate_size
         for layer_idx, w in enumerate(self._layer_weights):
             if on_residual is not None:
                 on_residual(layer_idx, x)
-            h = rms_norm(x, w.attn_norm, eps)
-            # One copy into head-major layout (none at T=1); every slice below is then contiguous.
-            heads = linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
-            qk = heads[:n_qk]
-            if w.qk_norm is not None:
-                qk = rms_norm(qk, w.qk_norm, eps)
-            qk_rope = rotate(qk, cos, signed_sin)  # q and k heads in one go
-            o = attend(layer_idx, qk_rope[:H], qk_rope[H:], heads[n_qk:], positions, qk[:H])
-            o = o.transpose(0, 1).reshape(T, H * d)
-            attn_out = linear(o, w.o, w.o_bias)
-            x = x + (attn_out if self.tp is None else self.tp.all_reduce(attn_out))  # row-parallel o_proj
-            h = rms_norm(x, w.mlp_norm, eps)
-            gate_up = linear(h, w.gate_up)
-            mlp_out = linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
-            x = x + (mlp_out if self.tp is None else self.tp.all_reduce(mlp_out))  # row-parallel down_proj
+            q, k, v, q_pre = attention_inputs(cfg, x, w, cos, signed_sin)
+            o = attend(layer_idx, q, k, v, positions, q_pre)
+            x = attention_output_and_mlp(cfg, x, o, w, self.tp)
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, self.final_norm, eps), self._head).float()
+        return logits_of(cfg, x, self.final_norm, self._head)
+
+
+def attention_inputs(cfg: ModelConfig, x: Tensor, w: LayerWeights, cos: Tensor, signed_sin: Tensor):
+    """A layer up to its attention: (q [H,T,d] and k [Hkv,T,d] after RoPE, v [Hkv,T,d], q before RoPE)."""
+    H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    T, n_qk = x.shape[0], H + Hkv
+    h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
+    # One copy into head-major layout (none at T=1); every slice below is then contiguous.
+    heads = linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
+    qk = heads[:n_qk]
+    if w.qk_norm is not None:
+        qk = rms_norm(qk, w.qk_norm, cfg.rms_norm_eps)
+    qk_rope = rotate(qk, cos, signed_sin)  # q and k heads in one go
+    return qk_rope[:H], qk_rope[H:], heads[n_qk:], qk[:H]
+
+
+def attention_output_and_mlp(cfg: ModelConfig, x: Tensor, o: Tensor, w: LayerWeights, tp=None) -> Tensor:
+    """The rest of a layer from its attention's output o [H,T,d]: o_proj, the residual, the MLP."""
+    T = x.shape[0]
+    o = o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
+    attn_out = linear(o, w.o, w.o_bias)
+    x = x + (attn_out if tp is None else tp.all_reduce(attn_out))  # row-parallel o_proj
+    h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
+    gate_up = linear(h, w.gate_up)
+    inter = cfg.intermediate_size
+    mlp_out = linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
+    return x + (mlp_out if tp is None else tp.all_reduce(mlp_out))  # row-parallel down_proj
+
+
+def logits_of(cfg: ModelConfig, x: Tensor, final_norm: Tensor, head) -> Tensor:
+    """float32 logits [T, V] from the last layer's output."""
+    return linear(rms_norm(x, final_norm, cfg.rms_norm_eps), head).float()
