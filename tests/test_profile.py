@@ -200,6 +200,29 @@ def test_plot_needs_a_measured_run(tmp_path):
         check_plot_target(tmp_path / "missing" / "map.png", plan_only=False)
 
 
+# -- packed CPU weights: planned bytes are the bytes the model holds ------------------------------------
+
+@pytest.mark.parametrize("fmt", ["float32", "int8", "bfloat16", "w8a8"])
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "llama_tied_mha", "qwen2", "qwen3", "mistral"])
+def test_planned_weight_bytes_equal_what_a_packed_model_holds(variant, fmt, tmp_path):
+    from checkpoints import make_checkpoint
+    from kvx.models.config import load_config
+    from kvx.models.cpu_weights import pack, resident_weights
+    from kvx.models.transformer import Transformer
+    from kvx.runtime.memory import parameter_count
+
+    path, _ = make_checkpoint(variant, tmp_path)
+    cfg = load_config(path)
+    model = Transformer.from_pretrained(path)
+    pack(model, fmt)
+    count, nbytes = resident_weights(model)
+    p = plan(cfg, 64, dtype="float32", weight_format=fmt)
+    assert count == p.parameters == parameter_count(cfg)
+    assert nbytes == p.weight_bytes
+    if fmt == "int8":  # about a quarter of float32's bytes for the matrices, the embedding still float32
+        assert p.weight_bytes < plan(cfg, 64, dtype="float32").weight_bytes
+
+
 # -- measured on the default model -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -217,6 +240,20 @@ def measured(default_model):
     """Two runs that differ only in the budget (10% and 20%), 200 tokens, 2 decode steps."""
     return {b: run_profile(ProfileSettings(context=200, policy="laprox", budget=b, decode_steps=2),
                            loaded=default_model) for b in ("10%", "20%")}
+
+
+@pytest.mark.slow
+def test_a_measured_profile_under_dtype_auto_runs_int8_weights_as_planned():
+    """--dtype auto on the CPU profiles what kvx generate runs: int8 linear weights, float32 activations and
+    cache; the planned weight bytes are the packed ones, and the measured bytes equal them."""
+    r = run_profile(ProfileSettings(context=120, policy="snapkv", budget="20%", decode_steps=1, device="cpu"),
+                    quiet=True)
+    m, p = r["measured"], r["planned"]
+    assert r["dtype"] == "float32"
+    assert p["weights"]["format"] == m["weights"]["format"] == "int8"
+    assert m["weights"] == p["weights"] and m["agreement"]["weights"] == 1.0
+    f32 = run_profile(ProfileSettings(context=120, plan_only=True, dtype="float32"), quiet=True)
+    assert m["weights"]["bytes"] < 0.6 * f32["planned"]["weights"]["bytes"]  # the embedding stays float32
 
 
 @pytest.mark.slow

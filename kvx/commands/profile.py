@@ -41,7 +41,7 @@ def profile_command(
     prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Prompt text (default: deterministic prose from CPython's pydoc_data)."),
     decode_steps: int = typer.Option(8, "--decode-steps", help="Decode steps to time; also the free slots per kv head kept for them."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (measured: float32 on CPU, bfloat16 on GPU; --plan: the checkpoint's), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (measured: on the CPU int8 linear weights with float32 activations and cache, as kvx generate runs; bfloat16 on a GPU; --plan: the checkpoint's), float32, bfloat16, float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one kvx.profile/2 JSON object instead of tables."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: kept tokens per (layer, kv head) and kept positions along the context."),
     plan_only: bool = typer.Option(False, "--plan", help="Plan from config.json alone: no weights are loaded, nothing runs."),
@@ -133,24 +133,25 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
     text = _read_prompt(s.prompt_file) if s.prompt_file is not None else None
     from kvx.runtime.profile import effective_headroom, report  # the engine, torch: after the checks
     if loaded is None:
-        from kvx.options import resolve_device, resolve_dtype
+        from kvx.options import cpu_weight_format, resolve_device, resolve_dtype
         from kvx.models.hub import resolve_model
 
         dev = resolve_device(s.device)
         folder = resolve_model(s.model, quiet=quiet)
         cfg = load_config(folder)
         torch_dtype = resolve_dtype(s.dtype, dev)
+        fmt = cpu_weight_format(s.dtype, dev)  # --dtype auto on the CPU: packed weights, as generate runs
     else:
         llm, tok, folder = loaded
-        cfg, torch_dtype = llm.config, llm.dtype
+        cfg, torch_dtype, fmt = llm.config, llm.dtype, getattr(llm, "weight_format", None)
     _check_context(s.context, cfg.max_position_embeddings)
     headroom = effective_headroom(pol, bud, s.context, s.decode_steps)
     # Planned first: a bad budget or --memory fails before the weights load.
-    p = plan(cfg, s.context, 1, bud, str(torch_dtype).removeprefix("torch."), memory, headroom)
+    p = plan(cfg, s.context, 1, bud, str(torch_dtype).removeprefix("torch."), memory, headroom, weight_format=fmt)
     if loaded is None:
-        from kvx.models import load_model
+        from kvx.options import load
 
-        llm, tok = load_model(folder, device=dev, dtype=torch_dtype)
+        llm, tok = load(str(folder), dev, s.dtype, quiet=True)
     from kvx.runtime.profile import measure
 
     ids = prompt_ids(tok, s.context, text)

@@ -56,7 +56,9 @@ def _memory_table(r: dict):
         table.add_row(label, "", "", _b(value), *([_b(planned)] if meas is not None else []), note)
 
     weights = (meas or plan)["weights"]
-    total("weights", meas and meas["weights"]["bytes"], plan["weights"]["bytes"], f"{weights['parameters']:,} params")
+    fmt = weights.get("format")
+    total("weights", meas and meas["weights"]["bytes"], plan["weights"]["bytes"],
+          f"{weights['parameters']:,} params" + (f", {fmt}" if fmt else ""))
     kv = mk or pk
     total("KV per token", mk and mk["bytes_per_token"], pk["bytes_per_token"])
     row("KV full", kv, "full", f"{kv['full']['entries']:,} entries")

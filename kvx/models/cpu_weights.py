@@ -56,6 +56,14 @@ class Bf16Weight:
     def shape(self):
         return self.w.shape
 
+    @property
+    def numel(self) -> int:
+        return self.w.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         y = F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
         return y if bias is None else y + bias
@@ -79,6 +87,14 @@ class Int8Weight:
     @property
     def shape(self):
         return self.q.shape
+
+    @property
+    def numel(self) -> int:
+        return self.q.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
@@ -138,6 +154,15 @@ class W8A8Weight:
     @property
     def shape(self):
         return self.q.shape
+
+    @property
+    def numel(self) -> int:
+        return self.q.numel()
+
+    @property
+    def nbytes(self) -> int:
+        # fbgemm's packed copy is opaque: counted as another int8 matrix of the same size.
+        return 2 * self.q.nbytes + self.scale.nbytes + self.inv_smooth.nbytes + self.anchor.nbytes
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         xs = x.float() * self.inv_smooth
@@ -235,6 +260,39 @@ def pack(model, fmt: str, calibration: tuple | None = None) -> None:
     if model.lm_head is not model.embed:
         model.lm_head = None
     model.weight_format = fmt
+
+
+def resident_weights(model) -> tuple[int, int]:
+    """(parameters as the checkpoint counts them, bytes the model holds for them): its torch parameters plus
+    its packed matrices. A tied LM head's packed copy adds bytes (the float32 embedding stays), not
+    parameters; an untied one replaced the float32 head."""
+    params = {id(p): p for p in model.parameters()}
+    count = sum(p.numel() for p in params.values()) - stacked_norm_copies(model.config)
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())
+    for w in model._layer_weights:
+        for f in _LINEAR_FIELDS:
+            packed = getattr(w, f)
+            if not isinstance(packed, Tensor):
+                count, nbytes = count + packed.numel, nbytes + packed.nbytes
+    head = model._head
+    if not isinstance(head, Tensor):
+        nbytes += head.nbytes
+        if model.lm_head is None:
+            count += head.numel
+    return count, nbytes
+
+
+def stacked_norm_copies(cfg) -> int:
+    """Elements the model holds beyond the checkpoint's parameters: Qwen3's q and k norms (a vector each per
+    layer) are stored repeated over the heads (transformer.DecoderLayer.qk_norm), to normalise every head in
+    one op."""
+    return cfg.num_layers * (cfg.num_heads + cfg.num_kv_heads - 2) * cfg.head_dim if cfg.qk_norm else 0
+
+
+def packed_bytes_per_element(fmt: str) -> tuple[int, int]:
+    """(bytes per matrix element, bytes per output row) of a packed format (w8a8's per-column smoothing
+    factors aside): what runtime/memory.plan counts without building anything."""
+    return {"int8": (1, 2), "bfloat16": (2, 0), "w8a8": (2, 4)}[fmt]
 
 
 def describe(model) -> str:

@@ -117,6 +117,7 @@ class Plan:
     kv_bytes_headroom: int
     kv_bytes_peak_prefill: int  # (batch - 1) sequences held + one sequence's whole prompt
     fits: Fits | None = None
+    weight_format: str | None = None  # the CPU's packed linear weights (int8, ...), None: weights in `dtype`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,9 +142,28 @@ def kept_entries(cfg: ModelConfig, context: int, budget) -> int:
     return budget.total_entries(context, cfg.num_layers, cfg.num_kv_heads)
 
 
+def packed_weight_bytes(cfg: ModelConfig, fmt: str) -> int:
+    """The weight bytes of a model whose linear matrices (and LM head) are packed as `fmt` on the CPU
+    (models/cpu_weights.py: int8, bfloat16, w8a8), everything else float32: the packed matrices, one scale
+    per output row, and the rest of the parameters (the embedding, which a tied head keeps, norms, biases)."""
+    from kvx.models.cpu_weights import packed_bytes_per_element, stacked_norm_copies
+
+    D, d, H, Hkv, F, V = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                          cfg.intermediate_size, cfg.vocab_size)
+    elements = cfg.num_layers * ((H + 2 * Hkv) * d * D + D * H * d + 2 * F * D + D * F) + V * D
+    rows = cfg.num_layers * ((H + 2 * Hkv) * d + D + 2 * F + D) + V
+    cols = cfg.num_layers * (D + H * d + D + F) + D  # each matrix's inputs (w8a8's smoothing, its anchor row)
+    per_element, per_row = packed_bytes_per_element(fmt)
+    rest = parameter_count(cfg) - elements + (V * D if cfg.tie_word_embeddings else 0) + stacked_norm_copies(cfg)
+    smoothing = 2 * 4 * cols if fmt == "w8a8" else 0
+    return elements * per_element + rows * per_row + smoothing + rest * 4
+
+
 def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str = "bfloat16",
-         memory: int | None = None, headroom_tokens: int = 0) -> Plan:
-    """KV and weight bytes of `batch` sequences of `context` tokens, and what fits in `memory`."""
+         memory: int | None = None, headroom_tokens: int = 0, weight_format: str | None = None) -> Plan:
+    """KV and weight bytes of `batch` sequences of `context` tokens, and what fits in `memory`.
+    weight_format: the CPU's packed linear weights (int8, ...; `dtype` is then the activations' and the
+    cache's), None when the weights are in `dtype` too."""
     if dtype not in DTYPE_BYTES:
         raise KvxError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     if context <= 0:
@@ -157,7 +177,12 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
     entry = 2 * cfg.head_dim * nbytes
     per_token = kv_bytes_per_token(cfg, nbytes)
     params = parameter_count(cfg)
-    weights = params * nbytes
+    if weight_format in (None, "float32"):
+        from kvx.models.cpu_weights import stacked_norm_copies
+
+        weights = (params + stacked_norm_copies(cfg)) * nbytes  # the bytes kvx holds (Qwen3's stacked norms)
+    else:
+        weights = packed_weight_bytes(cfg, weight_format)
     sizes = _SequenceBytes(heads, entry, budget, cfg, headroom_tokens)
     kept = kept_entries(cfg, context, budget)
     held_one, full_one = sizes.held(context), sizes.full(context)
@@ -171,6 +196,7 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
         kv_slots_held=(kept + heads * headroom_tokens) * batch, kv_bytes_held=held_one * batch,
         kv_bytes_headroom=heads * headroom_tokens * entry * batch,
         kv_bytes_peak_prefill=(batch - 1) * held_one + sizes.prefill_peak(context),
+        weight_format=None if weight_format == "float32" else weight_format,
     )
     if memory is not None:
         p.fits = _fits(sizes, context, memory, weights)

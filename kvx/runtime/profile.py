@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from kvx.models.cpu_weights import resident_weights
 from kvx.runtime.engine.batch_engine import BatchEngine
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine.model_runner import ModelRunner
@@ -53,6 +54,7 @@ class Measurement:
     headroom_tokens: int  # free slots per (layer, kv head) after compression (what compress() was given)
     parameters: int
     weight_bytes: int
+    weight_format: str  # what the linear weights are stored as (int8, ..., or the model's dtype)
     entry_bytes: int
     kept_map: list[list[int]]  # tokens kept per (layer, kv head) right after compression
     slots_map: list[list[int]]  # slots allocated per (layer, kv head) right after compression
@@ -134,14 +136,14 @@ def measure(model, tokenizer, ids: list[int], policy=None, budget=None, decode_s
         held_at_end = seq.results[0].kv_bytes_held  # measured as the answer ended, before its blocks went back
     decode = replace(_phase_peak(req, engine.device, scope), kv_bytes_end=held_at_end)
 
-    params = {id(p): p for p in model.parameters()}
+    parameters, weight_bytes = resident_weights(model)
     return Measurement(
         device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         policy=req.policy.name if req.compresses else "full",
         budget=None if budget is None else str(budget),
         prompt_tokens=n, generated_tokens=len(out_ids), headroom_tokens=headroom,
-        parameters=sum(p.numel() for p in params.values()),
-        weight_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+        parameters=parameters, weight_bytes=weight_bytes,
+        weight_format=getattr(model, "weight_format", None) or str(model.dtype).removeprefix("torch."),
         entry_bytes=engine.entry_bytes(), kept_map=kept_map, slots_map=slots_map,
         full_bytes_per_layer=engine.config.num_kv_heads * n * engine.entry_bytes(),
         kept_position_counts=counts, position_bin_width=width,
@@ -274,7 +276,7 @@ def report(mode: str, model: str, cfg, p: Plan, policy: str | None, decode_steps
         "budget": p.budget,
         "decode_steps": decode_steps,
         "planned": {
-            "weights": {"parameters": p.parameters, "bytes": p.weight_bytes},
+            "weights": {"parameters": p.parameters, "bytes": p.weight_bytes, "format": p.weight_format or p.dtype},
             "kv": plan_kv(p),
             "fits": None if p.fits is None else asdict(p.fits),
         },
@@ -294,7 +296,7 @@ def _measured_dict(m: Measurement, p: Plan) -> dict:
     ]
     return {
         "tokens": {"prompt": m.prompt_tokens, "generated": m.generated_tokens},
-        "weights": {"parameters": m.parameters, "bytes": m.weight_bytes},
+        "weights": {"parameters": m.parameters, "bytes": m.weight_bytes, "format": m.weight_format},
         "kv": kv,
         "layers": layers,
         "kept_map": m.kept_map,
