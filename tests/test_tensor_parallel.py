@@ -238,15 +238,17 @@ def _arrivals(seed: int):
     return events
 
 
-@pytest.mark.parametrize("model", ["qwen2"])
+@pytest.mark.parametrize("model", ["qwen2", "llama_3kv"])  # llama_3kv: 3 kv heads, rank 0 holds 2, rank 1 one
 def test_rank_0_plans_arrivals_and_cancels_and_the_ranks_follow(cases, model):
     """Requests arrive at different steps and one is cancelled, as in a server: only rank 0 is asked; the
     other rank follows its broadcast plans. The tokens equal one rank's, and the small pool made requests
     wait (admission agreed by every rank)."""
     path = cases[(model, "snapkv")][0]
     events = _arrivals(5)
-    one = tp_ranks.run_schedule(None, path, events, kv_memory=96 << 10, max_batch=4)
-    two = run_ranks(2, tp_ranks.run_schedule, (path, events, 48 << 10, 4))
+    # Each rank's pool holds what its share of one rank's does: half, or 2 of llama_3kv's 3 kv heads.
+    memory, share = {"qwen2": (96 << 10, 1 / 2), "llama_3kv": (400 << 10, 2 / 3)}[model]
+    one = tp_ranks.run_schedule(None, path, events, kv_memory=memory, max_batch=4)
+    two = run_ranks(2, tp_ranks.run_schedule, (path, events, int(memory * share), 4))
     assert two["tokens"] == one["tokens"]
     assert one["tokens"]["e"][0] == "cancelled"
     assert two["most_waiting"] > 0 and one["most_waiting"] > 0
@@ -300,7 +302,16 @@ def test_serve_with_two_ranks_answers_as_one_rank(tmp_path_factory):
         two.close()
 
 
-def test_jsonl_with_two_ranks_equals_one(folder):
+@pytest.fixture(scope="module")
+def folder_3kv(tmp_path_factory):
+    """3 kv heads, as the default model: 2 ranks hold 2 and 1."""
+    return make_model_folder(tmp_path_factory.mktemp("tp_cli_3kv"), max_position_embeddings=8192,
+                             **MODELS["llama_3kv"][1])
+
+
+@pytest.mark.parametrize("kv", ["even", "uneven"])
+def test_jsonl_with_two_ranks_equals_one(folder, folder_3kv, kv):
+    folder = folder if kv == "even" else folder_3kv
     lines = "\n".join(json.dumps(x) for x in [
         {"id": "a", "prompt": "the quick brown fox " * 12, "policy": "snapkv", "budget": "20%"},
         {"id": "b", "prompt": "jumps over the lazy dog " * 9, "policy": "ada-snapkv", "budget": "15%"},

@@ -85,10 +85,6 @@ def jsonl_on_ranks(world: int, inp, out, *, model, device, dtype, progress=None,
     path = str(resolve_model(model))
     dev = resolve_device(device)
     _check_split(path, world)
-    from kvx.models.config import load_config
-    from kvx.runtime.parallel.plan import check_even
-
-    check_even(load_config(path), world)
     return run_ranks(world, jsonl_rank, (path, dev, dtype, options),
                      {"inp": inp, "out": out, "progress": progress}, device=dev)
 

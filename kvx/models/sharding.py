@@ -57,13 +57,15 @@ def check_world(config: ModelConfig, world: int) -> None:
 
 
 def shard_for(config: ModelConfig, rank: int, world: int) -> Shard:
-    """Rank `rank`'s share. Kv heads are split as evenly as possible (a model with 3 kv heads on 2 ranks:
-    2 and 1); with fewer kv heads than ranks they are replicated."""
+    """Rank `rank`'s share. Kv heads are split as evenly as possible, the lower ranks taking the extra ones
+    (a model with 3 kv heads on 2 ranks: 2 and 1), so rank 0, which schedules, holds the most: a request it
+    can ever hold fits every rank (runtime/parallel/plan.py); with fewer kv heads than ranks they are
+    replicated."""
     check_world(config, world)
     H, Hkv, I = config.num_heads, config.num_kv_heads, config.intermediate_size
     G = H // Hkv
     if Hkv >= world:
-        kv_lo, kv_hi = rank * Hkv // world, (rank + 1) * Hkv // world
+        kv_lo, kv_hi = -(-rank * Hkv // world), -(-(rank + 1) * Hkv // world)
         q_lo, q_hi = kv_lo * G, kv_hi * G
     else:
         kv_lo = rank * Hkv // world

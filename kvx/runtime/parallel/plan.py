@@ -28,15 +28,16 @@ def rank_pools(batch, tp) -> list[dict]:
     return [dict(zip(_POOL_KEYS, t.tolist())) for t in tp.all_gather(mine)]
 
 
-def check_even(config, world: int) -> None:
-    """Many requests need every rank to hold the same number of kv heads (the same pool arithmetic)."""
-    if config.num_kv_heads >= world and config.num_kv_heads % world:
-        raise KvxError(f"--tensor-parallel {world}: this model's {config.num_kv_heads} kv heads do not split evenly "
-                       f"over {world} ranks, which many requests at once need (one prompt does not)")
-
-
 def check_batchable(model) -> None:
-    check_even(model.full_config, model.tp.world)
+    """Rank 0 alone decides whether a request can ever run (BatchEngine.submit: its worst case against the
+    whole pool), so it must be the rank that needs the most blocks: every rank's pool has the same number of
+    blocks, and a request's worst case is the same per (layer, kv head) on every rank, so that is the rank
+    holding the most kv heads — rank 0 by models/sharding.shard_for (3 kv heads on 2 ranks: 2 and 1)."""
+    from kvx.models.sharding import shard_for
+
+    shards = [shard_for(model.full_config, r, model.tp.world) for r in range(model.tp.world)]
+    if max(s.kv_heads for s in shards) != shards[0].kv_heads:
+        raise KvxError("tensor parallel: rank 0 must hold the most kv heads to schedule for every rank")
 
 
 def portable(request):
