@@ -375,3 +375,20 @@ def test_eval_with_two_ranks_writes_one_ranks_rows(folder, tmp_path):
                 for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
 
     assert rows("two.jsonl") == rows("one.jsonl") and len(rows("one.jsonl")) == 8
+
+
+@pytest.mark.parametrize("kv,world,want", [(3, 2, [2, 1]), (5, 4, [2, 1, 1, 1]), (8, 4, [2, 2, 2, 2]), (7, 3, [3, 2, 2])])
+def test_an_uneven_split_gives_the_extra_kv_heads_to_the_lowest_ranks(kv, world, want):
+    """Rank 0 schedules for every rank, so it holds the most kv heads (runtime/parallel/plan.py)."""
+    from kvx.models.config import ModelConfig
+    from kvx.models.sharding import shard_for
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=kv * 16, intermediate_size=64,
+                      num_layers=1, num_heads=kv * 2, num_kv_heads=kv, head_dim=16, rms_norm_eps=1e-6,
+                      rope_theta=1e4, rope_scaling=None, tie_word_embeddings=True, qkv_bias=False, qk_norm=False,
+                      sliding_window=None, max_position_embeddings=64, bos_token_id=None, eos_token_ids=[],
+                      torch_dtype="float32")
+    shards = [shard_for(cfg, r, world) for r in range(world)]
+    assert [s.kv_heads for s in shards] == want
+    assert shards[0].kv_lo == 0 and shards[-1].kv_hi == kv
+    assert all(a.kv_hi == b.kv_lo and a.q_hi == b.q_lo for a, b in zip(shards, shards[1:]))
