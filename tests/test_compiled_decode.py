@@ -7,6 +7,8 @@ gives the eager step's greedy tokens through the whole engine. And it is used fo
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,10 @@ from kvx.runtime.engine.model_runner import ModelRunner
 from test_engine import StubTokenizer
 
 _FIELDS = ("qkv", "o", "gate_up", "down")
+
+# torch.compile on the CPU builds C++ (the feature says so: `--compile` needs a C++ compiler).
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def _dequantized_twin(path, packed) -> Transformer:
