@@ -63,6 +63,20 @@ def load(model: Optional[str], device: str, dtype: str, quiet: bool = False):
     return llm, tok
 
 
+def load_rank(path: str, tp, device: str, dtype: str):
+    """A tensor-parallel rank's (model, tokenizer): its slices of the weights (models/sharding.py), packed
+    as `load` packs one device's (--dtype auto on the CPU: int8, each row's scale the whole row's)."""
+    from kvx.models.sharding import load_sharded
+
+    llm, tok = load_sharded(path, tp.rank, tp.world, tp, device=tp.device, dtype=resolve_dtype(dtype, device))
+    fmt = cpu_weight_format(dtype, str(tp.device))
+    if fmt != "float32":
+        from kvx.models.cpu_weights import pack
+
+        pack(llm, fmt)
+    return llm, tok
+
+
 CALIBRATION_TOKENS = 512  # of fixed English prose: w8a8's smoothing (~1 s of float32 prefill on 2 cores)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import tp_ranks
 from checkpoints import make_checkpoint, make_model_folder
@@ -135,6 +136,26 @@ def test_each_rank_holds_half_the_sharded_weights(cases):
         assert repl == full_repl  # the embedding and LM head are replicated (kvx/models/sharding.py)
         # the rest (every layer's projections; norms are replicated and a few hundred bytes) is halved
         assert abs((total - repl) - (full_total - full_repl) / 2) <= 0.02 * (full_total - full_repl)
+
+
+@pytest.mark.parametrize("model", ["qwen2", "llama_3kv"])
+def test_int8_weights_on_ranks_are_one_devices_sliced(cases, model):
+    """--dtype auto on the CPU packs each rank's slices as int8 (options.load_rank): a row-parallel slice
+    (o, down) takes its whole row's scale (an all-reduce of the slices' row maxima), so every rank's int8
+    values and scales are exactly one device's, sliced."""
+    path = cases[(model, "snapkv")][0]
+    one, _ = tp_ranks.packed_int8(None, path)
+    d = tp_ranks.load(path, None).config.head_dim
+    for layers, shard in run_ranks(2, tp_ranks.packed_int8, (path,)):
+        for full, part in zip(one, layers):
+            (oq, os_), (pq, ps) = full["o"], part["o"]  # row-parallel: columns sliced, every row's scale
+            assert torch.equal(ps, os_) and torch.equal(pq, oq[:, shard.q_lo * d:shard.q_hi * d])
+            (dq, ds), (pdq, pds) = full["down"], part["down"]
+            assert torch.equal(pds, ds) and torch.equal(pdq, dq[:, shard.i_lo:shard.i_hi])
+            (gq, gs), (pgq, pgs) = full["gate_up"], part["gate_up"]  # column-parallel: rows sliced
+            inter = gq.shape[0] // 2
+            rows = list(range(shard.i_lo, shard.i_hi)) + list(range(inter + shard.i_lo, inter + shard.i_hi))
+            assert torch.equal(pgq, gq[rows]) and torch.equal(pgs, gs[rows])
 
 
 # -- the command line --------------------------------------------------------------------------------

@@ -179,3 +179,20 @@ def fail_rank_1_before_any_collective(tp):
         raise RuntimeError("model.safetensors: no such file on this rank")
     tp.all_reduce(torch.ones(3))
     return "done"
+
+
+def packed_int8(tp, path):
+    """Every layer's int8 weights and scales (models/cpu_weights.py) as this rank packs them (one device's
+    when tp is None), with the rank's shard; on ranks, every rank's."""
+    from kvx.models.cpu_weights import pack
+
+    model = load(path, tp)
+    pack(model, "int8")
+    layers = [{f: (getattr(w, f).q.clone(), getattr(w, f).scale.clone()) for f in ("qkv", "o", "gate_up", "down")}
+              for w in model._layer_weights]
+    mine = (layers, model.shard)
+    if tp is None:
+        return mine
+    parts = [None] * tp.world
+    dist.all_gather_object(parts, mine)
+    return parts

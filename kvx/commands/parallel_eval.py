@@ -20,11 +20,10 @@ class _Unwritten(ResultsFile):
 def eval_rank(tp, folder: str, device: str, dtype: str, config, out_path: str, results=None, quiet: bool = True,
               run=None):
     from kvx.eval.runner import run_eval
-    from kvx.models.sharding import load_sharded
-    from kvx.options import resolve_dtype
+    from kvx.options import load_rank
     from kvx.runtime.engine.model_runner import ModelRunner
 
-    llm, tok = load_sharded(folder, tp.rank, tp.world, tp, device=tp.device, dtype=resolve_dtype(dtype, device))
+    llm, tok = load_rank(folder, tp, device, dtype)
     engine = ModelRunner(llm, tok)
     if tp.rank == 0:
         return run(engine, config, results)

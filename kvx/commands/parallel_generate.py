@@ -48,12 +48,11 @@ def _check_split(path: str, world: int) -> None:
 def rank_main(tp, path, device, dtype, policy, budget, allocation, policy_args, prefill_chunk, use_graphs, params,
               max_tokens, system, raw, prompt, context, on_text=None):
     """One rank's whole run (module-level: the spawned ranks import it)."""
-    from kvx.models.sharding import load_sharded
-    from kvx.options import build_engine, check_memory, encode_prompt, resolve_dtype, split_context_question
+    from kvx.options import build_engine, check_memory, encode_prompt, load_rank, split_context_question
     from kvx.runtime.engine.batch_engine import run_alone
     from kvx.runtime.engine.sequence import GenerationRequest
 
-    llm, tok = load_sharded(path, tp.rank, tp.world, tp, device=tp.device, dtype=resolve_dtype(dtype, device))
+    llm, tok = load_rank(path, tp, device, dtype)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_args, use_graphs=use_graphs,
                           prefill_chunk=prefill_chunk)
     callback = None if on_text is None else (lambda seq, qi, piece: on_text(qi, piece))
@@ -90,12 +89,11 @@ def jsonl_on_ranks(world: int, inp, out, *, model, device, dtype, progress=None,
 
 
 def jsonl_rank(tp, path, device, dtype, options, inp=None, out=None, progress=None):
-    from kvx.models.sharding import load_sharded
-    from kvx.options import build_engine, resolve_dtype
+    from kvx.options import build_engine, load_rank
     from kvx.pipeline import jsonl_batch, run_jsonl
     from kvx.runtime.parallel.plan import follow
 
-    llm, tok = load_sharded(path, tp.rank, tp.world, tp, device=tp.device, dtype=resolve_dtype(dtype, device))
+    llm, tok = load_rank(path, tp, device, dtype)
     if tp.rank == 0:
         return run_jsonl(inp, out, model=path, device=device, dtype=dtype, progress=progress, loaded=(llm, tok),
                          tp=tp, **options)

@@ -40,6 +40,7 @@ FORMATS = ("int8", "w8a8", "bfloat16", "float32")
 DEFAULT = "int8"
 ENV = "KVX_CPU_WEIGHTS"
 _LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
+_ROW_PARALLEL = ("o", "down")  # split by input columns on tensor-parallel ranks (models/sharding.py)
 _INT8_KERNEL_ROWS = 64  # up to this many rows: the int8 kernel; beyond: widened to bfloat16 (a prefill)
 
 
@@ -78,9 +79,13 @@ class Int8Weight:
     __slots__ = ("q", "scale")
     fmt = "int8"
 
-    def __init__(self, w: Tensor):
+    def __init__(self, w: Tensor, row_absmax: Tensor | None = None):
+        """row_absmax: each output row's largest |w| when `w` holds only part of the row (a row-parallel
+        slice on a tensor-parallel rank: the whole row's maximum, so the rank's int8 values and scales are
+        exactly one device's)."""
         w = w.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()
+        scale = absmax.clamp_min(1e-12) / 127.0
         self.q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
         self.scale = scale.to(torch.bfloat16)  # what _weight_int8pack_mm takes with bfloat16 activations
 
@@ -242,16 +247,24 @@ def pack(model, fmt: str, calibration: tuple | None = None) -> None:
         raise KvxError(f"{ENV}={fmt} packs a float32 model on the CPU (this one is {model.dtype} on {model.device})")
     if fmt == "w8a8" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise KvxError(f"{ENV}=w8a8 needs fbgemm (an x86 CPU); use int8")
+    tp = getattr(model, "tp", None)
+    if tp is not None and fmt == "w8a8":
+        raise KvxError(f"{ENV}=w8a8 is not split over tensor-parallel ranks; use int8 (the default)")
     layer_ranges, head_range = calibration if calibration is not None else ([{}] * len(model.layers), None)
     if fmt == "w8a8":
-        def make(w, absmax):
+        def make(w, absmax, field=None):
             return W8A8Weight(w, absmax)
+    elif fmt == "int8":
+        def make(w, absmax, field=None):
+            if tp is not None and field in _ROW_PARALLEL:  # the rank holds a slice of each row
+                return Int8Weight(w, tp.all_reduce_max(w.detach().float().abs().amax(dim=1)))
+            return Int8Weight(w)
     else:
-        def make(w, absmax):
+        def make(w, absmax, field=None):
             return _CLASSES[fmt](w)
     packed = []
     for layer, w, ranges in zip(model.layers, model._layer_weights, layer_ranges):
-        new = {f: make(getattr(w, f), ranges.get(f)) for f in _LINEAR_FIELDS}
+        new = {f: make(getattr(w, f), ranges.get(f), f) for f in _LINEAR_FIELDS}
         packed.append(w._replace(**new))
         for f in _LINEAR_FIELDS:
             setattr(layer, f, None)  # the float32 copy goes

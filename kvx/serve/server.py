@@ -19,7 +19,7 @@ def build_batch(settings: ServeSettings, kv_memory: int | None, tp=None, quiet: 
     pool is then the smallest rank's, and rank 0's engine a LeaderBatch whose plans the others follow)."""
     import torch
 
-    from kvx.options import default_kv_memory, load, resolve_device, resolve_dtype
+    from kvx.options import default_kv_memory, load, resolve_device
     from kvx.runtime.engine.batch_engine import DEFAULT_MAX_BATCH, BatchEngine
     from kvx.runtime.engine.model_runner import ModelRunner
 
@@ -30,10 +30,9 @@ def build_batch(settings: ServeSettings, kv_memory: int | None, tp=None, quiet: 
         model, tokenizer = load(settings.model, device, settings.dtype, quiet=quiet)
     else:
         from kvx.models.hub import resolve_model
-        from kvx.models.sharding import load_sharded
+        from kvx.options import load_rank
 
-        model, tokenizer = load_sharded(str(resolve_model(settings.model, quiet=True)), tp.rank, tp.world, tp,
-                                        device=tp.device, dtype=resolve_dtype(settings.dtype, device))
+        model, tokenizer = load_rank(str(resolve_model(settings.model, quiet=True)), tp, device, settings.dtype)
     engine = ModelRunner(model, tokenizer, prefill_chunk=settings.prefill_chunk, use_graphs=settings.use_graphs)
     memory = kv_memory if kv_memory is not None else default_kv_memory(device)
     if tp is not None:

@@ -67,6 +67,12 @@ class TPGroup:
         self._timed(dist.all_reduce, t)
         return t
 
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """The elementwise maximum over ranks (a row-parallel slice's row maxima: the whole row's)."""
+        t = t.contiguous()
+        self._timed(dist.all_reduce, t, dist.ReduceOp.MAX)
+        return t
+
     def all_gather(self, t: Tensor) -> list[Tensor]:
         """Every rank's `t` (the same shape on each), in rank order."""
         t = t.contiguous()
