@@ -207,7 +207,8 @@ def test_plot_needs_a_measured_run(tmp_path):
 def test_planned_weight_bytes_equal_what_a_packed_model_holds(variant, fmt, tmp_path):
     from checkpoints import make_checkpoint
     from kvx.models.config import load_config
-    from kvx.models.cpu_weights import pack, resident_weights
+    from kvx.models.cpu_weights import pack
+    from kvx.models.weight_bytes import resident_weights
     from kvx.models.transformer import Transformer
     from kvx.runtime.memory import parameter_count
 

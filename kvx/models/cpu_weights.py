@@ -39,7 +39,7 @@ from kvx.errors import KvxError
 FORMATS = ("int8", "w8a8", "bfloat16", "float32")
 DEFAULT = "int8"
 ENV = "KVX_CPU_WEIGHTS"
-_LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
+LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
 _ROW_PARALLEL = ("o", "down")  # split by input columns on tensor-parallel ranks (models/sharding.py)
 _INT8_KERNEL_ROWS = 64  # up to this many rows: the int8 kernel; beyond: widened to bfloat16 (a prefill)
 
@@ -211,7 +211,7 @@ def calibrate(model, ids: Tensor) -> tuple[list[dict[str, Tensor]], Tensor]:
     """Each linear's per-input-channel |activation| maximum over one float32 forward of `ids` (every
     row through the LM head too): per layer {field: [in]}, and the LM head's. The model is left as it was."""
     saved_layers, saved_head = model._layer_weights, model._head
-    probes = [{f: _InputRange(getattr(w, f)) for f in _LINEAR_FIELDS} for w in saved_layers]
+    probes = [{f: _InputRange(getattr(w, f)) for f in LINEAR_FIELDS} for w in saved_layers]
     head = _InputRange(saved_head)
     model._layer_weights = [w._replace(**p) for w, p in zip(saved_layers, probes)]
     model.__dict__["_head"] = head
@@ -220,7 +220,7 @@ def calibrate(model, ids: Tensor) -> tuple[list[dict[str, Tensor]], Tensor]:
             model(ids, torch.arange(len(ids)), _causal_attend)
     finally:
         model._layer_weights, model.__dict__["_head"] = saved_layers, saved_head
-    return [{f: p[f].absmax for f in _LINEAR_FIELDS} for p in probes], head.absmax
+    return [{f: p[f].absmax for f in LINEAR_FIELDS} for p in probes], head.absmax
 
 
 _CLASSES = {"int8": Int8Weight, "bfloat16": Bf16Weight}
@@ -264,48 +264,15 @@ def pack(model, fmt: str, calibration: tuple | None = None) -> None:
             return _CLASSES[fmt](w)
     packed = []
     for layer, w, ranges in zip(model.layers, model._layer_weights, layer_ranges):
-        new = {f: make(getattr(w, f), ranges.get(f), f) for f in _LINEAR_FIELDS}
+        new = {f: make(getattr(w, f), ranges.get(f), f) for f in LINEAR_FIELDS}
         packed.append(w._replace(**new))
-        for f in _LINEAR_FIELDS:
+        for f in LINEAR_FIELDS:
             setattr(layer, f, None)  # the float32 copy goes
     model._layer_weights = packed
     model._head = make(model.lm_head, head_range)
     if model.lm_head is not model.embed:
         model.lm_head = None
     model.weight_format = fmt
-
-
-def resident_weights(model) -> tuple[int, int]:
-    """(parameters as the checkpoint counts them, bytes the model holds for them): its torch parameters plus
-    its packed matrices. A tied LM head's packed copy adds bytes (the float32 embedding stays), not
-    parameters; an untied one replaced the float32 head."""
-    params = {id(p): p for p in model.parameters()}
-    count = sum(p.numel() for p in params.values()) - stacked_norm_copies(model.config)
-    nbytes = sum(p.numel() * p.element_size() for p in params.values())
-    for w in model._layer_weights:
-        for f in _LINEAR_FIELDS:
-            packed = getattr(w, f)
-            if not isinstance(packed, Tensor):
-                count, nbytes = count + packed.numel, nbytes + packed.nbytes
-    head = model._head
-    if not isinstance(head, Tensor):
-        nbytes += head.nbytes
-        if model.lm_head is None:
-            count += head.numel
-    return count, nbytes
-
-
-def stacked_norm_copies(cfg) -> int:
-    """Elements the model holds beyond the checkpoint's parameters: Qwen3's q and k norms (a vector each per
-    layer) are stored repeated over the heads (transformer.DecoderLayer.qk_norm), to normalise every head in
-    one op."""
-    return cfg.num_layers * (cfg.num_heads + cfg.num_kv_heads - 2) * cfg.head_dim if cfg.qk_norm else 0
-
-
-def packed_bytes_per_element(fmt: str) -> tuple[int, int]:
-    """(bytes per matrix element, bytes per output row) of a packed format (w8a8's per-column smoothing
-    factors aside): what runtime/memory.plan counts without building anything."""
-    return {"int8": (1, 2), "bfloat16": (2, 0), "w8a8": (2, 4)}[fmt]
 
 
 def describe(model) -> str:

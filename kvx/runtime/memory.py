@@ -146,7 +146,7 @@ def packed_weight_bytes(cfg: ModelConfig, fmt: str) -> int:
     """The weight bytes of a model whose linear matrices (and LM head) are packed as `fmt` on the CPU
     (models/cpu_weights.py: int8, bfloat16, w8a8), everything else float32: the packed matrices, one scale
     per output row, and the rest of the parameters (the embedding, which a tied head keeps, norms, biases)."""
-    from kvx.models.cpu_weights import packed_bytes_per_element, stacked_norm_copies
+    from kvx.models.weight_bytes import packed_bytes_per_element, stacked_norm_copies
 
     D, d, H, Hkv, F, V = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                           cfg.intermediate_size, cfg.vocab_size)
@@ -178,7 +178,7 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
     per_token = kv_bytes_per_token(cfg, nbytes)
     params = parameter_count(cfg)
     if weight_format in (None, "float32"):
-        from kvx.models.cpu_weights import stacked_norm_copies
+        from kvx.models.weight_bytes import stacked_norm_copies
 
         weights = (params + stacked_norm_copies(cfg)) * nbytes  # the bytes kvx holds (Qwen3's stacked norms)
     else:

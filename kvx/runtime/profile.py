@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from kvx.models.cpu_weights import resident_weights
+from kvx.models.weight_bytes import resident_weights
 from kvx.runtime.engine.batch_engine import BatchEngine
 from kvx.runtime.compression.decode_eviction import DECODE_SLACK
 from kvx.runtime.engine.model_runner import ModelRunner
