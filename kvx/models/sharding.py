@@ -74,6 +74,12 @@ def shard_for(config: ModelConfig, rank: int, world: int) -> Shard:
     return Shard(rank, world, kv_lo, kv_hi, q_lo, q_hi, rank * I // world, (rank + 1) * I // world)
 
 
+def replica_groups(config: ModelConfig, world: int) -> list[list[int]]:
+    """Per kv head, the ranks holding it (with fewer kv heads than ranks, N / Hkv ranks each; else one)."""
+    shards = [shard_for(config, r, world) for r in range(world)]
+    return [[s.rank for s in shards if s.kv_lo <= h < s.kv_hi] for h in range(config.num_kv_heads)]
+
+
 def local_config(config: ModelConfig, shard: Shard) -> ModelConfig:
     """The config of the rank's slice: its head and unit counts, everything else as the model's."""
     return replace(config, num_heads=shard.q_heads, num_kv_heads=shard.kv_heads,
@@ -118,6 +124,8 @@ def load_sharded(model_dir: str | Path, rank: int, world: int, tp, device="cpu",
     config = load_config(model_dir)
     tok = Tokenizer.from_dir(model_dir) if tokenizer else None
     shard = shard_for(config, rank, world)
+    if config.num_kv_heads < world:  # every rank at the same point: new process groups
+        tp.join_replicas(replica_groups(config, world))
     state = load_state_dict(model_dir, config, dtype, device, shard=shard)
     if rank != 0:  # o_proj's bias is added once: on rank 0 (the others add zeros)
         for i in range(config.num_layers):

@@ -17,7 +17,8 @@ segments of every request in the batch are evicted together, with a fixed number
 
 The unprotected entries are ranked by the scorer's decode_scores(): the attention mass for H2O and TOVA;
 AhaKV's step-gain sums of the recent queries times its value prior, computed for all its rows at once.
-A policy without a rule is handed back to the per-request path.
+A policy without a rule is handed back to the per-request path. On tensor-parallel ranks that share a
+replicated kv head, the round first makes the mass and the recent queries whole (_replicated).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def _keep_and_move(engine, due: list[_Rows], store, slots, tracked: np.ndarray) 
     idx = torch.arange(longest, device=dev).unsqueeze(0)  # [1, longest]
     valid = idx < n
     mass = store.mass_flat[slots].float() * (valid & tracked)
+    tp = _replicated(engine)
+    if tp is not None:  # each replica's mass sums its own part of the head's query heads
+        mass = tp.sum_replicas(mass)
     scores = _scores(engine, due, store, slots, valid, mass, keep)
 
     # Priority: the sinks (0 .. sinks-1), then the recent ones most recent first, then the rest by score
@@ -204,6 +208,9 @@ def _scores(engine, due: list[_Rows], store, slots, valid, mass, keep):
                 heads = torch.from_numpy(r.heads).to(rq.device)
                 parts.append(rq[layers].view(-1, hkv, H // hkv, r_len, d)[torch.arange(len(heads), device=rq.device), heads])
             queries = torch.cat(parts)
+            tp = _replicated(engine)
+            if tp is not None:  # the head's whole group of query heads, from every replica
+                queries = tp.gather_replicas(queries, dim=1)
         qpos = torch.cat([torch.full((r.n.size, 1), r.req.position - 1, dtype=torch.long) for _, r in members])
         qpos = qpos.to(slots.device)
         # Rows per call bounded so that a [rows, G, r, longest] score tensor stays near _SCORE_ENTRIES.
@@ -221,6 +228,16 @@ def _scores(engine, due: list[_Rows], store, slots, valid, mass, keep):
                                 load_kv=lambda sub=sub: (store.k_flat[sub], store.v_flat[sub]))
             scores[part] = scorer.decode_scores(batch).to(scores.dtype)
     return scores
+
+
+def _replicated(engine):
+    """The tensor-parallel group when this rank's kv head is replicated (fewer kv heads than ranks), else
+    None. A replica attends with part of its head's query heads, so its decode-time mass and recent
+    queries are partial; the replicas hold the same entries and reach every eviction round together (rank
+    0's steps), so each round sums their mass and gathers their queries, and every replica then ranks what
+    one device ranks. The stored mass stays partial: a later round sums it again."""
+    tp = getattr(engine.model, "tp", None)
+    return tp if tp is not None and tp.replicas is not None else None
 
 
 def _has_queries(req) -> bool:

@@ -28,6 +28,7 @@ class TPGroup:
         self.comm_s = 0.0  # wall time spent in collectives (the benchmark's communication share)
         self.calls = 0
         self.plans = None  # the process group of rank 0's plans (start())
+        self.replicas = None  # the process group of the ranks holding this rank's kv head (join_replicas())
 
     @classmethod
     def start(cls, rank: int, world: int, device: str, init_method: str) -> "TPGroup":
@@ -51,6 +52,29 @@ class TPGroup:
         # its connections, which ends the wait at once).
         group.plans = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         return group
+
+    def join_replicas(self, groups: list[list[int]]) -> None:
+        """With fewer kv heads than ranks: `groups` lists, per kv head, the ranks holding it. Every rank
+        calls this with the same groups (torch.distributed.new_group's rule) and keeps its own; the
+        replicas then sum (sum_replicas) and gather (gather_replicas) what each computes over its part
+        of the head's query heads."""
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s()))
+            if self.rank in ranks:
+                self.replicas = group
+
+    def sum_replicas(self, t: Tensor) -> Tensor:
+        """The sum over the ranks holding this rank's kv head (the same shape on each)."""
+        t = t.contiguous()
+        self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.replicas)
+        return t
+
+    def gather_replicas(self, t: Tensor, dim: int) -> Tensor:
+        """The replicas' `t` concatenated along `dim` in rank order (their query heads, in the model's order)."""
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(self.replicas))]
+        self._timed(dist.all_gather, out, t, self.replicas)
+        return torch.cat(out, dim=dim)
 
     def _timed(self, fn, *args):
         import time

@@ -6,13 +6,15 @@ one device would have; the policy then selects over the whole model on every ran
 scores, the same allocation (Ada-KV's per-layer, LaProx's and the global allocator's model-wide top-K),
 the same ties (broken by (layer, head, position), as on one device) — and each rank keeps its own kv heads'
 indices. A replicated kv head (fewer kv heads than ranks) is counted once and chosen alike on every rank
-that holds it. Decode-time eviction then stays local: each segment's choice reads only its own head.
+that holds it. Decode-time eviction then stays local: each segment's choice reads only its own head (the
+replicas of a replicated head sum their partial mass first: compression/batch_eviction.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,12 +32,13 @@ def select_across_ranks(policy, stats: list[LayerStats], budget, model) -> list[
     """Per layer, per local kv head: the indices to keep (what policy.select keeps for these heads on one
     device). `model` is the rank's Transformer (its tp group, shard and full config)."""
     full = model.full_config
-    if policy.decode_mode is not None and full.num_kv_heads < model.tp.world:
-        # A replicated kv head's query heads are split among its ranks: each would rank its decode-time
-        # mass over part of the group only, and the replicas would evict differently.
-        raise KvxError(f"--tensor-parallel {model.tp.world}: policy {policy.name} evicts while decoding, which "
-                       f"needs each kv head on one rank; this model has {full.num_kv_heads} kv heads (use at most "
-                       f"{full.num_kv_heads} ranks, or a policy that compresses once)")
+    if (policy.decode_mode is not None and full.num_kv_heads < model.tp.world
+            and policy.decode_rule(np.array([2]), np.array([1])) is None):
+        # A replicated kv head's query heads are split among its ranks; the batched eviction round makes
+        # their decode-time mass whole (batch_eviction._replicated), the per-segment decode_keep() cannot.
+        raise KvxError(f"--tensor-parallel {model.tp.world}: policy {policy.name} evicts while decoding without "
+                       f"a batched rule, which needs each kv head on one rank; this model has {full.num_kv_heads} "
+                       f"kv heads (use at most {full.num_kv_heads} ranks)")
     whole = gather_stats(stats, model.tp, model.shard, full)
     keep = policy.select(whole, budget, full.num_kv_heads, full.num_heads, full.head_dim)
     lo, hi = model.shard.kv_lo, model.shard.kv_hi
