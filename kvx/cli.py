@@ -218,6 +218,10 @@ def generate(
             if not check_utf8(q, "--question").strip():
                 raise KvxError("--question: a question is empty")
         dtype = file_dtype(load_context, dtype)  # a bad file fails here, before the model loads
+        if tensor_parallel != 1:
+            _answer_from_file_on_ranks(tensor_parallel, load_context, question, model, device, dtype, params,
+                                       max_tokens, as_json, quiet, not no_graph, out)
+            return
         _answer_from_file(load_context, question, model, device, dtype, params, max_tokens, as_json, quiet,
                           not no_graph, out, compile_step)
         return
@@ -377,6 +381,31 @@ def _answer_from_file(path, questions, model, device, dtype, params, max_tokens,
     if not quiet:
         for r in results:
             _err(summary_line(r) + f" · context from {path} ({stored.position:,} tokens, not prefilled)")
+
+
+def _answer_from_file_on_ranks(world, path, questions, model, device, dtype, params, max_tokens, as_json, quiet,
+                               use_graphs, out):
+    """`kvx generate --load-context FILE --tp N`: each rank answers from its kv heads' share of the file."""
+    from kvx.commands.parallel_contexts import answer_on_ranks
+
+    def stream(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    answers = _Answers(questions, stream)
+    done = answer_on_ranks(world, path, model, device, dtype, list(questions), params, max_tokens, use_graphs,
+                           on_text=None if as_json else answers.text)
+    if done is None:  # another rank than 0 under torchrun: rank 0 prints
+        return
+    results, position = done
+    if as_json:
+        stream(json.dumps({"context_file": str(path), "cached_tokens": position,
+                           "results": [result_json(r, question=q) for r, q in zip(results, questions)]}) + "\n")
+    else:
+        answers.close()
+    if not quiet:
+        for r in results:
+            _err(summary_line(r) + f" · context from {path} ({position:,} tokens, not prefilled)")
 
 
 # -- model management --------------------------------------------------------------------------------

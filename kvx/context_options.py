@@ -43,10 +43,12 @@ def file_dtype(path: str, dtype: str) -> str:
 
 
 def open_context_file(path: str, model, tokenizer, dtype):
-    """A context file read and checked for this model: a StoredContext."""
+    """A context file read and checked for this model: a StoredContext (the whole model's, also on a
+    tensor-parallel rank: runtime/parallel/stored_shards.rank_share takes the rank's heads)."""
     from kvx.runtime.contexts.context_file import load_context, weights_of
 
-    return load_context(path, model.config, model.fingerprint, tokenizer.fingerprint, dtype, weights_of(model, dtype))
+    return load_context(path, model.full_config, model.fingerprint, tokenizer.fingerprint, dtype,
+                        weights_of(model, dtype))
 
 
 def check_context_memory(engine, ctx, questions: list[list[int]], max_tokens: int) -> None:

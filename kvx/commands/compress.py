@@ -29,6 +29,7 @@ def compress_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights, float32 activations and cache; GPU: bfloat16), float32, bfloat16, float16. Answering needs the same."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the file instead of the summary line."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress or summary on stderr."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="Compress on N ranks, the model and cache split by kv head (the file is the whole model's: it answers on any number of ranks)."),
 ) -> None:
     """Compress a context once and save the kept KV cache to a file.
 
@@ -42,7 +43,6 @@ def compress_command(
     kvx compress --context report.txt --policy kvzip --budget 10% -o report.kvc
     kvx generate --load-context report.kvc -q "Who signed it?" -q "When?"
     """
-    from kvx.context_options import context_info
     from kvx.inputs import check_utf8, check_writable, read_text_file
     from kvx.options import check_device_dtype, policy_and_budget
 
@@ -58,10 +58,45 @@ def compress_command(
     if not text.strip():
         raise KvxError("the context is empty")
 
-    from kvx.options import build_engine, check_memory, load, split_context_question
     from kvx.runtime.contexts.context_file import save_context
-    from kvx.runtime.contexts.run import compress_context
     from kvx.runtime.memory import human_bytes
+
+    if tensor_parallel < 1:
+        raise KvxError(f"--tensor-parallel must be at least 1, got {tensor_parallel}")
+    if tensor_parallel != 1:
+        from kvx.commands.parallel_contexts import compress_on_ranks
+
+        done = compress_on_ranks(tensor_parallel, model, device, dtype, name, budget, allocation, policy_arg,
+                                 system, raw, text, quiet)
+        if done is None:  # another rank than 0 under torchrun: rank 0 writes
+            return
+        stored, timings, cfg, policy_label, budget_label = done
+    else:
+        stored, timings, cfg, policy_label, budget_label = _compress(model, device, dtype, name, budget, allocation, policy_arg, system, raw,
+                                         text, quiet)
+    size = save_context(stored, output)
+    entry_bytes = 2 * cfg.head_dim * stored.keys[0].element_size()
+    full = cfg.num_layers * cfg.num_kv_heads * stored.position * entry_bytes
+    summary = {"file": str(output), "file_bytes": size, "context_tokens": stored.position,
+               "entries_kept": stored.entries, "entries_full": cfg.num_layers * cfg.num_kv_heads * stored.position,
+               "kv_bytes_kept": stored.kv_bytes(), "kv_bytes_full": full, "policy": policy_label,
+               "budget": budget_label, "prefill_s": round(timings.prefill_s, 3)}
+    if as_json:
+        print(json.dumps(summary))
+    elif not quiet:
+        share = 100 * stored.entries / max(1, summary["entries_full"])
+        print(f"kvx: wrote {output}: {stored.position:,} context tokens, {policy_label} @ {budget_label} kept "
+              f"{stored.entries:,} of {summary['entries_full']:,} entries ({share:.1f}%) · file "
+              f"{human_bytes(size)}, a full cache {human_bytes(full)} ({full / max(1, size):.1f}x) · "
+              f"prefill and compression {timings.prefill_s:.1f}s", file=sys.stderr)
+
+
+def _compress(model, device, dtype, name, budget, allocation, policy_arg, system, raw, text, quiet):
+    """(StoredContext, timings, the model's config, the policy's name, the budget) of the context compressed
+    on one device."""
+    from kvx.context_options import context_info
+    from kvx.options import build_engine, check_memory, load, split_context_question
+    from kvx.runtime.contexts.run import compress_context
 
     llm, tok = load(model, device, dtype, quiet=quiet)
     engine = build_engine(llm, tok, name, budget, allocation, policy_arg)
@@ -80,18 +115,4 @@ def compress_command(
     finally:
         if status is not None:
             status.stop()
-    size = save_context(stored, output)
-    cfg = llm.config
-    full = cfg.num_layers * cfg.num_kv_heads * stored.position * engine.entry_bytes()
-    summary = {"file": str(output), "file_bytes": size, "context_tokens": stored.position,
-               "entries_kept": stored.entries, "entries_full": cfg.num_layers * cfg.num_kv_heads * stored.position,
-               "kv_bytes_kept": stored.kv_bytes(), "kv_bytes_full": full, "policy": engine.policy.name,
-               "budget": str(engine.budget), "prefill_s": round(timings.prefill_s, 3)}
-    if as_json:
-        print(json.dumps(summary))
-    elif not quiet:
-        share = 100 * stored.entries / max(1, summary["entries_full"])
-        print(f"kvx: wrote {output}: {stored.position:,} context tokens, {engine.policy.name} @ {engine.budget} kept "
-              f"{stored.entries:,} of {summary['entries_full']:,} entries ({share:.1f}%) · file "
-              f"{human_bytes(size)}, a full cache {human_bytes(full)} ({full / max(1, size):.1f}x) · "
-              f"prefill and compression {timings.prefill_s:.1f}s", file=sys.stderr)
+    return stored, timings, llm.config, engine.policy.name, str(engine.budget)

@@ -134,4 +134,10 @@ def load_sharded(model_dir: str | Path, rank: int, world: int, tp, device="cpu",
                 state[name] = state[name].new_zeros(state[name].shape)
     model = Transformer(local_config(config, shard), state, tp=tp, full_config=config)
     model.shard = shard
+    # The whole model's, as load_model's: a stored context made on ranks answers on one device and back.
+    from kvx.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+
+    model.fingerprint = model_fingerprint(model_dir)
+    if tok is not None:
+        tok.fingerprint = tokenizer_fingerprint(model_dir)
     return model, tok

@@ -104,6 +104,13 @@ class TPGroup:
         self._timed(dist.all_gather, out, t)
         return out
 
+    def gather_objects(self, obj) -> list | None:
+        """Rank 0: every rank's `obj` (picklable: a stored context's kept entries, on the host), in rank
+        order; None on the other ranks. On the plans' gloo group: host objects, whatever the backend."""
+        out = [None] * self.world if self.rank == 0 else None
+        self._timed(dist.gather_object, obj, out, 0, self.plans)
+        return out
+
     def broadcast_ints(self, values: list[int], n: int) -> list[int]:
         """Rank 0's n ints on every rank (its decisions: the tokens it sampled). Every rank runs the same
         steps, so every rank knows n; a rank that disagrees fails the collective instead of hanging it."""

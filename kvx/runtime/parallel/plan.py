@@ -44,7 +44,8 @@ def portable(request):
     """The request as the other ranks receive it: no callback (rank 0 streams), no caller's id (a server's
     job), nothing stored."""
     if request.context is not None or request.store is not None:
-        raise KvxError("stored contexts are not split over tensor-parallel ranks yet")
+        raise KvxError("many requests on stored contexts do not run over tensor-parallel ranks yet (one "
+                       "request does: kvx compress --tp N, kvx generate --load-context FILE --tp N)")
     return replace(request, on_text=None, id=None)
 
 
