@@ -246,7 +246,7 @@ def test_profile_plan_reports_one_device_of_n(tmp_path):
            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 2}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    base = dict(model=str(path), context=32768, budget="5%", plan_only=True, memory="80GiB")
+    base = dict(model=str(path), context=32768, budget="5%", plan_only=True, memory="80GiB", policy="snapkv")
     one = run_profile(ProfileSettings(**base), quiet=True)
     two = run_profile(ProfileSettings(**base, tensor_parallel=2), quiet=True)
     assert two["tensor_parallel"] == 2 and "per device of 2" in two["notes"][0]
@@ -256,6 +256,57 @@ def test_profile_plan_reports_one_device_of_n(tmp_path):
     assert w2 == (w1 - embed - norms) // 2 + embed + norms
     assert two["planned"]["kv"]["full"]["bytes"] * 2 == one["planned"]["kv"]["full"]["bytes"]
     assert two["planned"]["kv"]["kept"]["entries"] * 2 == one["planned"]["kv"]["kept"]["entries"]
+    # snapkv (uniform): a device holds its heads' share (at most one more entry per segment), as admission
+    # counts; ada-snapkv may put the whole budget on one device's heads, and the plan counts that too.
+    headroom = lambda r: r["planned"]["kv"]["headroom"]["tokens"] * 32 * 4  # noqa: E731 - segments x tokens
+    kept1 = one["planned"]["kv"]["kept"]["entries"]
+    assert two["planned"]["kv"]["held"]["slots"] - headroom(two) == kept1 // 2 + 32 * 4
+    ada = run_profile(ProfileSettings(**{**base, "policy": "ada-snapkv"}, tensor_parallel=2), quiet=True)
+    assert ada["planned"]["kv"]["kept"]["entries"] == kept1 // 2  # the even share, as expected
+    assert ada["planned"]["kv"]["held"]["slots"] - headroom(ada) == kept1  # what admission reserves
+    assert ada["planned"]["fits"]["max_batch_pool_budget"] < two["planned"]["fits"]["max_batch_pool_budget"]
+    assert "whole budget" in ada["notes"][0] and "heads' share" in two["notes"][0]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "pyramid"])
+def test_a_rank_holds_its_heads_share_under_an_even_allocation(allocation):
+    """scheduler.kept_on_rank's bound for allocators that are not head-adaptive: any contiguous range of a
+    layer's kv heads (a rank's) keeps at most its share of the budget plus one entry per segment."""
+    from kvx.policies.allocation import LayerCandidates
+    from kvx.policies.budget import Budget
+    from kvx.policies.registry import ALLOCATORS
+    from kvx.runtime.engine.scheduler import kept_on_rank
+
+    allocator = ALLOCATORS[allocation]()
+    assert not allocator.head_adaptive and ALLOCATORS["ada"].head_adaptive and ALLOCATORS["global"].head_adaptive
+    rng = random.Random(7)
+    for _ in range(60):
+        L, hkv, n = rng.randrange(1, 9), rng.randrange(2, 9), rng.randrange(8, 300)
+        total = rng.randrange(L * hkv, L * hkv * n)
+        counts = allocator.allocate([LayerCandidates(torch.rand(hkv, n), 0, n) for _ in range(L)], total)
+        assert sum(map(sum, counts)) == total
+        lo = rng.randrange(hkv)
+        hi = rng.randrange(lo + 1, hkv + 1)
+        held = sum(sum(layer[lo:hi]) for layer in counts)
+        assert held <= -(-total * (hi - lo) // hkv) + L * (hi - lo), (allocation, L, hkv, n, total, lo, hi)
+    # kept_on_rank is that bound for the budget's K (and the whole K when head-adaptive)
+    cfg = _config_like(num_layers=4, num_kv_heads=2, model_kv_heads=8)
+    budget = Budget(fraction=0.1)
+    K = budget.total_entries(500, 4, 8)
+    assert kept_on_rank(cfg, 500, budget, False) == -(-K * 2 // 8) + 4 * 2
+    assert kept_on_rank(cfg, 500, budget, True) == K
+
+
+def _config_like(**fields):
+    from dataclasses import replace as dc_replace
+
+    from kvx.models.config import ModelConfig
+
+    base = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=32, num_layers=2,
+                       num_heads=8, num_kv_heads=8, head_dim=8, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True, qkv_bias=False, qk_norm=False, sliding_window=None,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_ids=[2], torch_dtype="float32")
+    return dc_replace(base, **fields)
 
 
 def _arrivals(seed: int):
@@ -407,6 +458,31 @@ def test_eval_with_two_ranks_writes_one_ranks_rows(folder, tmp_path):
                 for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
 
     assert rows("two.jsonl") == rows("one.jsonl") and len(rows("one.jsonl")) == 8
+
+
+def test_eval_fidelity_with_two_ranks_equals_one(folder, tmp_path):
+    """--fidelity on ranks: the KL and top-1 from every rank's whole logits, the per-layer attention error
+    summed over the ranks' query heads; h2o evicts while teacher-forcing."""
+    args = ["eval", "--task", "passkey", "--context", "300", "--samples", "1", "--policies", "snapkv,h2o",
+            "--budgets", "20%", "--model", str(folder), "--dtype", "float32", "--quiet", "--max-tokens", "24",
+            "--fidelity"]
+    one = _kvx(*args, "--out", str(tmp_path / "one.jsonl"), timeout=300)
+    two = _kvx(*args, "--out", str(tmp_path / "two.jsonl"), "--tp", "2", timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+
+    def rows(name):
+        return {r["policy"]: r["fidelity"] for r in map(json.loads, (tmp_path / name).read_text().splitlines())
+                if "fidelity" in r}
+
+    a, b = rows("one.jsonl"), rows("two.jsonl")
+    assert set(a) == set(b) == {"snapkv", "h2o"}
+    for name in a:
+        assert b[name]["top1"] == a[name]["top1"], name
+        assert abs(b[name]["kl"] - a[name]["kl"]) <= 1e-4 + 1e-3 * a[name]["kl"], name
+        assert len(b[name]["layer_rel_error"]) == len(a[name]["layer_rel_error"]) > 0
+        for x, y in zip(a[name]["layer_rel_error"], b[name]["layer_rel_error"]):
+            assert abs(x - y) <= 1e-3 + 1e-3 * x, (name, a[name]["layer_rel_error"], b[name]["layer_rel_error"])
+        assert any(e > 0 for e in a[name]["layer_rel_error"])  # the compressed layers really differ
 
 
 @pytest.mark.parametrize("kv,world,want", [(3, 2, [2, 1]), (5, 4, [2, 1, 1, 1]), (8, 4, [2, 2, 2, 2]), (7, 3, [3, 2, 2])])

@@ -81,8 +81,9 @@ def eval_command(
                            f"choose from: {', '.join(PRESSES)}")
     if as_json and markdown:
         raise KvxError("--json and --markdown are two formats for the same summary: choose one")
-    if tensor_parallel != 1 and (against is not None or fidelity):
-        raise KvxError("--tensor-parallel: --against and --fidelity run on one device only")
+    if tensor_parallel != 1 and against is not None:
+        # kvpress is a transformers library: one process, one device; kvx's side alone would be split.
+        raise KvxError("--tensor-parallel: --against kvpress runs its presses on one device only")
     if len(out) > 1 and not summary_only:
         raise KvxError("--out: a run writes one results file; give several only with --summary-only")
     if not summary_only:

@@ -112,7 +112,8 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
             from kvx.models.sharding import largest_share
 
             whole, cfg = cfg, largest_share(cfg, s.tensor_parallel)  # one device's slice
-        p = plan(cfg, s.context, s.batch, bud, dtype, memory, headroom)
+        p = plan(cfg, s.context, s.batch, bud, dtype, memory, headroom,
+                 head_adaptive=pol is not None and pol.allocator.head_adaptive)
         out = report("plan", str(source), cfg, p, policy_name, s.decode_steps)
         out["notes"] = _plan_notes(p)
         if s.tensor_parallel != 1:
@@ -121,8 +122,13 @@ def run_profile(s: ProfileSettings, quiet: bool = False, loaded=None) -> dict:
                                    f"({cfg.num_kv_heads} of {whole.num_kv_heads} kv heads, {cfg.num_heads} of "
                                    f"{whole.num_heads} query heads, 1/{s.tensor_parallel} of the MLP; the "
                                    "embedding and LM head are replicated); a batch fits when every device "
-                                   "holds its share. Ada-KV / model-wide budgets may give a device more than "
-                                   "its even share: this plan counts the even share")
+                                   "holds its share. " + (
+                                       "A head-adaptive or model-wide allocation may put up to the whole budget "
+                                       "on one device's heads: what a device holds, and what fits, count that "
+                                       "(as admission does); the kept entries are the even share"
+                                       if pol is not None and pol.allocator.head_adaptive else
+                                       "Every head of a layer keeps the same count (within one), so a device "
+                                       "holds its heads' share of the budget"))
         return out
 
     if s.tensor_parallel != 1:

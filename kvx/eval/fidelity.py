@@ -15,6 +15,9 @@ states coming from the layers below.)
 
 While feeding the continuation, requests whose policy evicts during decoding (H2O, TOVA, AhaKV) do so
 exactly as a decode step does, so the metrics describe what generation would see.
+
+On tensor-parallel ranks every rank holds the whole logits (the KL and top-1 are the same on each) and
+measures the attention error of its own query heads; the per-layer sums are added over the ranks.
 """
 
 from __future__ import annotations
@@ -116,6 +119,10 @@ def compare_on_continuation(engine, shared: SharedPrefill, continuation: list[in
         evict_due(engine, [r for r in (compressed, shadow) if r.evicts_while_decoding])
         kl.append(kl_divergence(logits_full, logits_comp))
         top1.append(int(torch.argmax(logits_full)) == int(torch.argmax(logits_comp)))
+    tp = getattr(engine.model, "tp", None)
+    if tp is not None:  # each rank measured its own query heads' outputs: the model's error is the sum's
+        sums = tp.all_reduce(torch.tensor(err_sq + ref_sq, dtype=torch.float64, device=tp.device)).tolist()
+        err_sq, ref_sq = sums[:L], sums[L:]
     rel = [(e / r) ** 0.5 if r > 0 else 0.0 for e, r in zip(err_sq, ref_sq)]
     return FidelityResult(kl=kl, top1=top1, layer_rel_error=rel)
 

@@ -41,6 +41,7 @@ def ada_head_counts(layer: LayerCandidates, layer_total: int, alpha: float) -> l
 @dataclass
 class AdaAllocator(Allocator):
     name = "ada"
+    head_adaptive = True
     alpha: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0,
                                                 "help": "share of each layer's budget spread uniformly over its heads"})
     schedule: str = field(default="uniform", metadata={"choices": ("uniform", "pyramid"),

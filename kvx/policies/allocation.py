@@ -31,6 +31,10 @@ class LayerCandidates:
 
 class Allocator:
     name: str = ""
+    # Whether the heads of a layer may get different counts by their scores (Ada-KV, a model-wide top-K).
+    # If not, every head of a layer keeps within one entry of the others, so a tensor-parallel rank's share
+    # of a compression is its heads' share of the budget (runtime/engine/scheduler.kept_on_rank).
+    head_adaptive: bool = False
 
     def allocate(self, layers: list[LayerCandidates], total: int) -> list[list[int]]:
         raise NotImplementedError

@@ -35,6 +35,7 @@ def normalise_layer(scores: Tensor) -> Tensor:
 @dataclass
 class GlobalAllocator(Allocator):
     name = "global"
+    head_adaptive = True
     # KVzip's scores are attention probabilities, comparable across layers as they are: its authors (and
     # kvpress) rank the raw scores, so kvzip runs with normalize=false.
     normalize: bool = field(default=True, metadata={

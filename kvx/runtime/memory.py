@@ -160,10 +160,13 @@ def packed_weight_bytes(cfg: ModelConfig, fmt: str) -> int:
 
 
 def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str = "bfloat16",
-         memory: int | None = None, headroom_tokens: int = 0, weight_format: str | None = None) -> Plan:
+         memory: int | None = None, headroom_tokens: int = 0, weight_format: str | None = None,
+         head_adaptive: bool = False) -> Plan:
     """KV and weight bytes of `batch` sequences of `context` tokens, and what fits in `memory`.
     weight_format: the CPU's packed linear weights (int8, ...; `dtype` is then the activations' and the
-    cache's), None when the weights are in `dtype` too."""
+    cache's), None when the weights are in `dtype` too. head_adaptive: the policy's allocator may give the
+    heads of a layer different counts (on a tensor-parallel rank's share, cfg from largest_share, a
+    device may then hold up to the whole budget: scheduler.kept_on_rank)."""
     if dtype not in DTYPE_BYTES:
         raise KvxError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     if context <= 0:
@@ -183,8 +186,10 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
         weights = (params + stacked_norm_copies(cfg)) * nbytes  # the bytes kvx holds (Qwen3's stacked norms)
     else:
         weights = packed_weight_bytes(cfg, weight_format)
-    sizes = _SequenceBytes(heads, entry, budget, cfg, headroom_tokens)
-    kept = kept_entries(cfg, context, budget)
+    sizes = _SequenceBytes(heads, entry, budget, cfg, headroom_tokens, head_adaptive)
+    kept = kept_entries(cfg, context, budget)  # a rank's even share of the budget
+    compressing = budget is not None and not budget.keeps_everything(context)
+    held_kept = sizes.kept(context) if compressing else kept  # what admission counts (more on a rank)
     held_one, full_one = sizes.held(context), sizes.full(context)
     p = Plan(
         architecture=cfg.architecture, dtype=dtype, context=context, batch=batch,
@@ -193,7 +198,7 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1, budget=None, dtype: str
         parameters=params, weight_bytes=weights, kv_bytes_per_token=per_token, entry_bytes=entry,
         kv_entries_full=heads * context * batch, kv_bytes_full=per_token * context * batch,
         kv_entries_kept=kept * batch, kv_bytes_kept=kept * entry * batch,
-        kv_slots_held=(kept + heads * headroom_tokens) * batch, kv_bytes_held=held_one * batch,
+        kv_slots_held=(held_kept + heads * headroom_tokens) * batch, kv_bytes_held=held_one * batch,
         kv_bytes_headroom=heads * headroom_tokens * entry * batch,
         kv_bytes_peak_prefill=(batch - 1) * held_one + sizes.prefill_peak(context),
         weight_format=None if weight_format == "float32" else weight_format,
@@ -212,6 +217,7 @@ class _SequenceBytes:
     budget: object
     cfg: ModelConfig
     headroom: int
+    head_adaptive: bool = False
 
     def full(self, context: int) -> int:
         """Uncompressed, with decode headroom (the cache an uncompressed run allocates)."""
@@ -220,8 +226,16 @@ class _SequenceBytes:
     def held(self, context: int) -> int:
         if self.budget is None or self.budget.keeps_everything(context):
             return self.full(context)
-        kept = self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
-        return (kept + self.heads * self.headroom) * self.entry
+        return (self.kept(context) + self.heads * self.headroom) * self.entry
+
+    def kept(self, context: int) -> int:
+        """Entries one compressed sequence holds on this device: on a tensor-parallel rank's share
+        (largest_share) what admission counts (scheduler.kept_on_rank)."""
+        from kvx.runtime.engine.scheduler import kept_on_rank
+
+        if self.cfg.model_kv_heads and self.cfg.model_kv_heads != self.cfg.num_kv_heads:
+            return kept_on_rank(self.cfg, context, self.budget, self.head_adaptive)
+        return self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
 
     def pool_batches(self, context: int, free: int) -> tuple[int, int]:
         """(full, compressed) sequences of `context` tokens the batched engine runs at once in `free` bytes."""
@@ -232,8 +246,7 @@ class _SequenceBytes:
         full = full_blocks(self.heads, B, context + self.headroom)
         if self.budget is None or self.budget.keeps_everything(context):
             return blocks // full, blocks // full
-        kept = self.budget.total_entries(context, self.cfg.num_layers, self.cfg.num_kv_heads)
-        held = compressed_blocks(self.heads, B, kept, self.headroom)
+        held = compressed_blocks(self.heads, B, self.kept(context), self.headroom)
         worst = full_blocks(self.heads, B, context) + held
         return blocks // full, 0 if worst > blocks else 1 + (blocks - worst) // held
 

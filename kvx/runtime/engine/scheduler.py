@@ -38,6 +38,23 @@ def _compresses(policy, budget, n: int) -> bool:
     return policy is not None and policy.name != "full" and budget is not None and not budget.keeps_everything(n)
 
 
+def kept_on_rank(config, n: int, budget, head_adaptive: bool) -> int:
+    """The most entries a compression of n tokens keeps on this device's kv heads. On one device (or on a
+    rank holding whole replicated heads) the model's K. On a tensor-parallel rank holding `num_kv_heads` of
+    the model's `model_kv_heads`: a head-adaptive or model-wide allocation may put up to all K on its heads
+    (at most all of its segments' n); any other keeps every head of a layer within one entry of the
+    others, so the rank holds its heads' share of K and at most one more entry per segment."""
+    local = config.num_kv_heads
+    model = config.model_kv_heads or local
+    K = budget.total_entries(n, config.num_layers, model)
+    S = config.num_layers * local
+    if model == local:
+        return K
+    if head_adaptive:
+        return min(K, S * n)
+    return min(-(-K * local // model) + S, S * n)
+
+
 def held_blocks(config, block_size: int, prompt_tokens: int, question_tokens: int, max_tokens: int,
                 policy=None, budget=None, agnostic: bool = False) -> int:
     """The most blocks a request holds once its prompt is prefilled and compressed: the full cache with
@@ -48,9 +65,7 @@ def held_blocks(config, block_size: int, prompt_tokens: int, question_tokens: in
     if not _compresses(policy, budget, n):
         return full_blocks(S, block_size, n + longest + max_tokens)
     headroom = (DECODE_SLACK if policy.decode_mode else max_tokens) + longest
-    # On a tensor-parallel rank a head-adaptive or model-wide allocation may put more than its share of the
-    # model's K entries on its heads: at most K, and at most all of its segments' n.
-    kept = min(budget.total_entries(n, config.num_layers, config.model_kv_heads or config.num_kv_heads), S * n)
+    kept = kept_on_rank(config, n, budget, policy.allocator.head_adaptive)
     return compressed_blocks(S, block_size, kept, headroom) * (2 if agnostic and policy.decode_mode else 1)
 
 
