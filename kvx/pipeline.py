@@ -118,7 +118,10 @@ def _on_context_file(obj: dict, engine, tok, params, n: int, contexts: dict):
     questions = _questions(obj)
     ctx = contexts.get(path)
     if ctx is None:
-        ctx = contexts[path] = ResidentContext(open_context_file(path, engine.model, tok, engine.dtype))
+        from kvx.runtime.parallel.stored_shards import share_of
+
+        ctx = contexts[path] = ResidentContext(open_context_file(path, engine.model, tok, engine.dtype),
+                                               share=share_of(engine.model))
     ids = [question_ids(tok, ctx, q) for q in questions]
     engine.check_length(ctx.tokens + max(len(q) for q in ids))
     return GenerationRequest(context=ctx, question_ids=ids, params=params, max_tokens=n, id=obj.get("id")), questions

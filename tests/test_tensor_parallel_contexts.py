@@ -123,3 +123,74 @@ def test_a_context_compressed_on_two_ranks_is_one_devices(folders, tmp_path, kv,
         got = _answer(folder, file, tp)
         assert [(r["text"], r["generated_tokens"]) for r in got["results"]] == tokens, (file.name, tp)
         assert [r["kv_entries_kept"] for r in got["results"]] == [r["kv_entries_kept"] for r in reference["results"]]
+
+
+def test_jsonl_context_file_lines_on_two_ranks_equal_one(folders, tmp_path):
+    """Lines naming .kvc files in one batch: each file's entries reach rank 1 once (with its first line),
+    the lines on one file share its blocks, and the answers are one device's."""
+    folder = folders["replicated"]
+    h2o, snap = tmp_path / "h2o.kvc", tmp_path / "snap.kvc"
+    _compress(folder, "h2o", h2o, 1)
+    _compress(folder, "snapkv", snap, 2)
+    lines = "\n".join(json.dumps(x) for x in [
+        {"id": "a", "context_file": str(h2o), "question": QUESTIONS[0]},
+        {"id": "b", "context_file": str(snap), "questions": QUESTIONS},
+        {"id": "c", "prompt": "the quick brown fox " * 10, "policy": "tova", "budget": "30%"},
+        {"id": "d", "context_file": str(h2o), "question": QUESTIONS[1]},
+        {"id": "e", "context_file": str(snap), "question": QUESTIONS[1]}]) + "\n"
+    args = ["generate", "--jsonl", "--model", str(folder), "--max-tokens", "24", "--dtype", "float32", "--ordered",
+            "--max-batch", "3", "--quiet"]
+    one, two = _kvx(*args, input=lines, timeout=180), _kvx(*args, "--tp", "2", input=lines, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    got = [json.loads(x) for x in two.stdout.splitlines()]
+    want = [json.loads(x) for x in one.stdout.splitlines()]
+    assert len(want) == 5 and all("error" not in w for w in want), want
+
+    def answers(rows):
+        return [(r["id"], [(x["text"], x["generated_tokens"], x["kv_entries_kept"]) for x in r.get("results", [r])])
+                for r in rows]
+
+    assert answers(got) == answers(want)
+
+
+def test_serve_contexts_on_two_ranks_answer_as_one(folders):
+    """kvx serve --tp 2: a context compressed in the server (every rank compresses its heads, rank 0 gathers
+    them), concurrent questions on it, then deleted (rank 1 forgets it too)."""
+    import concurrent.futures
+
+    import httpx
+    from test_serve_cli import ServeProcess
+
+    model = str(folders["uneven"])
+
+    def run(*extra):
+        server = ServeProcess("--model", model, "--kv-memory", "32MiB", "--dtype", "float32", *extra)
+        try:
+            made = httpx.post(server.url + "/v1/contexts", json={"text": DOC, "kv_policy": "ada-snapkv",
+                                                                 "kv_budget": "25%"}, timeout=180)
+            assert made.status_code == 200, made.text
+            made = made.json()
+            bodies = [{"model": "tiny", "messages": [{"role": "user", "content": q}], "max_tokens": 16,
+                       "temperature": 0, "kv_context": made["id"]} for q in QUESTIONS * 2]
+            with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+                replies = list(pool.map(lambda b: httpx.post(server.url + "/v1/chat/completions", json=b,
+                                                             timeout=120), bodies))
+            assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+            texts = [r.json()["choices"][0]["message"]["content"] for r in replies]
+            cached = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
+            gone = httpx.delete(f"{server.url}/v1/contexts/{made['id']}", timeout=30)
+            assert gone.status_code == 200
+            after = httpx.post(server.url + "/v1/chat/completions", json=bodies[0], timeout=60)
+            assert after.status_code == 404
+            ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a b c", "max_tokens": 4},
+                            timeout=60)
+            assert ok.status_code == 200  # the ranks still step together after the delete
+            return made, texts, cached
+        finally:
+            server.close()
+
+    made1, texts1, cached1 = run()
+    made2, texts2, cached2 = run("--tp", "2")
+    assert texts2 == texts1 and cached2 == cached1 and all(c == made1["context_tokens"] for c in cached1)
+    for key in ("context_tokens", "entries_kept", "entries_full", "bytes_full"):
+        assert made2[key] == made1[key], key

@@ -33,8 +33,6 @@ def compress_rank(tp, path, device, dtype, policy, budget, allocation, policy_ar
     from kvx.context_options import context_info
     from kvx.options import build_engine, check_memory, load_rank, split_context_question
     from kvx.runtime.contexts.run import compress_context
-    from kvx.runtime.parallel.stored_shards import gather_context
-
     llm, tok = load_rank(path, tp, device, dtype)
     engine = build_engine(llm, tok, policy, budget, allocation, policy_args)
     ctx_ids, _ = split_context_question(tok, text, "", system, raw)
@@ -49,11 +47,11 @@ def compress_rank(tp, path, device, dtype, policy, budget, allocation, policy_ar
                                           f"{engine.budget}) on {tp.world} ranks")
         status = status.start() if status is not None else None
     try:
-        local, timings = compress_context(engine, ctx_ids, info)
+        whole, timings = compress_context(engine, ctx_ids, info)
     finally:
         if status is not None:
             status.stop()
-    whole = gather_context(local, llm)
+    # The engine gathered the ranks' kept entries when the compression ended: the whole model's on rank 0.
     return None if whole is None else (whole, timings, llm.full_config, engine.policy.name, str(engine.budget))
 
 

@@ -113,7 +113,10 @@ class ContextRegistry:
         from kvx.runtime.contexts.resident import ResidentContext
 
         reload = None if path is None else (lambda p=path: self._read(p))
-        entry = Entry(cid, ResidentContext(stored, reload=reload, name=cid), owner, created, name, path)
+        from kvx.runtime.parallel.stored_shards import share_of
+
+        ctx = ResidentContext(stored, reload=reload, name=cid, share=share_of(self.runner.model))
+        entry = Entry(cid, ctx, owner, created, name, path)
         self.entries[cid] = entry
         return entry
 
@@ -121,7 +124,7 @@ class ContextRegistry:
         from kvx.runtime.contexts.context_file import load_context, weights_of
 
         r = self.runner
-        return load_context(path, r.config, r.model.fingerprint, r.tokenizer.fingerprint, r.dtype,
+        return load_context(path, r.model.full_config, r.model.fingerprint, r.tokenizer.fingerprint, r.dtype,
                             weights_of(r.model, r.dtype))
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -179,13 +182,14 @@ class ContextRegistry:
     def describe(self, entry: Entry) -> dict:
         """A context as /v1/contexts shows it."""
         ctx = entry.ctx
-        cfg = self.runner.config
+        cfg = self.runner.model.full_config  # the whole model's, on tensor-parallel ranks too
         full_entries = cfg.num_layers * cfg.num_kv_heads * ctx.tokens
-        kept = int(ctx.lengths.sum())
+        kept = int(ctx.model_lengths.sum())
+        bs = self.block_size
         return {"id": entry.id, "object": "kv_context", "created": entry.created, "name": entry.name,
                 "context_tokens": ctx.tokens, "policy": ctx.info.policy.get("name"),
                 "budget": _budget_text(ctx.info.budget), "entries_kept": kept, "entries_full": full_entries,
-                "bytes_held": ctx.blocks(self.block_size) * self.block_bytes,
+                "bytes_held": int((-(-ctx.model_lengths // bs)).sum()) * self.block_bytes,
                 "bytes_full": full_entries * self.runner.entry_bytes(),
                 "resident": ctx.resident, "in_host_memory": ctx.stored is not None,
                 "file_bytes": entry.file_bytes if entry.file is not None else None, "hits": entry.hits,

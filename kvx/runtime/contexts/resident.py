@@ -25,20 +25,27 @@ from kvx.runtime.engine.state import SequenceState
 
 
 class ResidentContext:
-    def __init__(self, stored: StoredContext, reload: Callable[[], StoredContext] | None = None, name: str = ""):
+    def __init__(self, stored: StoredContext, reload: Callable[[], StoredContext] | None = None, name: str = "",
+                 share: Callable[[StoredContext], StoredContext] | None = None):
+        """`share`: on tensor-parallel rank 0, the part of the whole model's context its kv heads hold
+        (runtime/parallel/stored_shards.share_of): the host copy stays the whole model's (the other ranks
+        are sent it, a server reports it), the pool holds the share."""
         self.name = name
         self.stored: StoredContext | None = stored  # the host copy (None once dropped: reload() reads it back)
         self.reload = reload
+        self.share = share
+        mine = share(stored) if share is not None else stored
         self.info = stored.info
         self.tokens = stored.position
-        self.lengths = stored.lengths.copy()
+        self.lengths = mine.lengths.copy()
         self.position = stored.position
         self.kv_bytes = stored.kv_bytes()
+        self.model_lengths = stored.lengths.copy()  # the whole model's (on rank 0 `lengths` is its share's)
         self.policy, self.budget = stored.info.build_policy()
         # What a request needs besides the entries (small), kept so that the host copy may be dropped.
-        self._head_budget = stored.head_budget
-        self._recent_q = None if stored.recent_q is None else list(stored.recent_q)
-        self._lengths_after = stored.lengths_after_compress or stored.lengths.tolist()
+        self._head_budget = mine.head_budget
+        self._recent_q = None if mine.recent_q is None else list(mine.recent_q)
+        self._lengths_after = mine.lengths_after_compress or mine.lengths.tolist()
         self.pool: BlockPool | None = None
         self.cache: PagedKVCache | None = None
         self.reserved = 0  # blocks reserved in `pool` for the context's own cache
@@ -78,10 +85,14 @@ class ResidentContext:
         if self.cache is not None:
             return
         t0 = time.perf_counter()
-        stored = self.stored if self.stored is not None else self.reload()
-        self.cache = into_pool(stored, self.pool)
+        stored = self.whole()
+        self.cache = into_pool(stored if self.share is None else self.share(stored), self.pool)
         self.loads += 1
         self.load_s += time.perf_counter() - t0
+
+    def whole(self) -> StoredContext:
+        """The host copy (read back from its file if it was dropped)."""
+        return self.stored if self.stored is not None else self.reload()
 
     def unload(self) -> None:
         """Its blocks and reservation back to the pool (no request may be using it)."""

@@ -252,6 +252,10 @@ class BatchEngine:
         if r.store is not None:  # compress and keep: the context leaves the pool with the request
             eng.compress(req, headroom=0, budget=final_budget)
             seq.stored = capture(req, r.store)
+            if getattr(eng.model, "tp", None) is not None:  # every rank at this step: rank 0 gets the whole
+                from kvx.runtime.parallel.stored_shards import gather_context  # model's, the others None
+
+                seq.stored = gather_context(seq.stored, eng.model)
             self._retire(seq, FINISHED)
             return
         if r.agnostic:

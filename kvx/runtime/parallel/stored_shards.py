@@ -14,6 +14,7 @@ AhaKV's recent queries are per query head: the whole model's are every rank's in
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -70,6 +71,15 @@ def rank_share(whole: StoredContext, shard, num_kv_heads: int, world: int) -> St
                    head_budget=None if whole.head_budget is None else [row[lo:hi] for row in whole.head_budget],
                    recent_q=recent,
                    lengths_after_compress=[row[lo:hi] for row in (whole.lengths_after_compress or whole.lengths.tolist())])
+
+
+def share_of(model):
+    """For ResidentContext(share=...): a function giving this rank's part of a whole model's context, or
+    None on one device."""
+    if getattr(model, "tp", None) is None:
+        return None
+    full = model.full_config
+    return partial(rank_share, shard=model.shard, num_kv_heads=full.num_kv_heads, world=model.tp.world)
 
 
 def gather_context(local: StoredContext, model) -> StoredContext | None:
