@@ -16,6 +16,7 @@
 #   5. pytest -m gpu on the rest (Triton kernels vs references, models, memory checks)
 #   6. benchmarks/eviction_round.py (8B shapes: one decode-time eviction round of 21 sequences, batched vs
 #      per request, for tova, h2o, streaming, ahakv)
+#   7. benchmarks/gpu_tp.py, only with 2 GPUs or more (tensor parallelism, 1 vs 2 GPUs)
 # Each step has its own timeout (560 s in all) and never stops the ones after it.
 # Results land under $OUT (the device tool's output folder), the log in $OUT/log.
 # Run from the checkout:  OUT=/tmp/out bash benchmarks/gpu_check.sh
@@ -41,5 +42,12 @@ FIRST="tests/test_gpu_engine.py tests/test_paged_kernel.py"
   echo "pytest (the rest) rc=$?"
   timeout 50 python3 benchmarks/eviction_round.py --device cuda --out "$OUT/eviction_round.json"
   echo "eviction_round rc=$?"
+  # Tensor parallelism (issue 33) needs two GPUs: skipped on the one-GPU kinds lent so far.
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 240 python3 benchmarks/gpu_tp.py --gpus 2 --out "$OUT/gpu_tp.json"
+    echo "gpu_tp rc=$?"
+  else
+    echo "gpu_tp skipped: one GPU"
+  fi
   date -u
 } 2>&1 | tee "$OUT/log"
