@@ -38,13 +38,13 @@ def llamacpp_tables(engine, tok, runtime_rows, threads: int, repeats: int, decod
     """llama.cpp on F32 and on the type matching kvx's weights, beside kvx's own rows of this run."""
     from kvx.eval import peer_llamacpp as peer
     from kvx.eval.bench import kvx_batch_decode_tps, prose_ids
-    from kvx.models.cpu_weights import describe
+    from kvx.models.cpu_weights import format_name
 
     tools = peer.find_tools()
     if tools is None:
         print(f"kvx bench: {peer.HOW_TO_GET}", file=sys.stderr, flush=True)
         return []
-    weights = describe(engine.model).removesuffix(" weights")
+    weights = format_name(engine.model)
     types = ["F32"] + ([peer.MATCHING_TYPE[weights]] if peer.MATCHING_TYPE.get(weights, "F32") != "F32" else [])
     prompt, sequences, gen = 1024, 16, 64
     # kvx's batch row: `sequences` full caches of `prompt` tokens decoding together, as llama-batched-bench

@@ -32,6 +32,10 @@ class BreakdownRow:
                 "step_ms": round(self.step_ms, 3), **{k: round(v, 3) for k, v in self.parts_ms.items()}}
 
 
+# kvx's C kernels (kernels/cpu_native.py) appear as these named ranges.
+_NATIVE = {"kvx::int8_linear": "linear", "kvx::paged_decode_attention": "attention"}
+
+
 def _part(frames: list[str]) -> str | None:
     """The part an operator belongs to, from its Python callers (innermost first)."""
     for f in frames:
@@ -73,7 +77,7 @@ def charge(events) -> dict:
             parent = parent.cpu_parent
         if nested:
             continue
-        part = _part(frames)
+        part = _NATIVE.get(e.name) or _part(frames)
         if part is not None:
             out[part] += e.cpu_time_total
     return out
@@ -98,7 +102,7 @@ def decode_breakdown(engine, ids: list[int], batch_size: int, steps: int = 8) ->
     """One decode step's time split for `batch_size` copies of `ids` decoding together (CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kvx.models.cpu_weights import describe
+    from kvx.models.cpu_weights import format_name
 
     batch, seqs = _decoding_batch(engine, [ids] * batch_size, 2 * steps + 2)
     t0 = time.perf_counter()
@@ -113,7 +117,7 @@ def decode_breakdown(engine, ids: list[int], batch_size: int, steps: int = 8) ->
         batch.cancel(s)
     parts = {k: v / steps / 1e3 for k, v in charged.items()}
     parts["other"] = max(0.0, step_us / 1e3 - sum(parts.values()))
-    return BreakdownRow(batch_size, len(ids), describe(engine.model).removesuffix(" weights"), step_us / 1e3, parts)
+    return BreakdownRow(batch_size, len(ids), format_name(engine.model), step_us / 1e3, parts)
 
 
 def breakdowns(engine, tokenizer, context: int, batches=(1, 16), steps: int = 8, progress=None) -> list[BreakdownRow]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kvx.errors import KvxError
-from kvx.kernels import reference
+from kvx.kernels import cpu_native, reference
 from kvx.kernels.reference import QUERY_CHUNK, visibility_mask
 from kvx.kernels.stats import (
     LayerStats,
@@ -257,4 +257,11 @@ def paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, *, mass_po
               sliding_window=sliding_window, max_len=max_len)
     if use_triton(q):
         return _module("triton_paged").paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
+    lib = cpu_native.library() if q.device.type == "cpu" else None
+    if lib is not None:  # kvx's C kernel (kernels/cpu_native.c); None: inputs it does not take
+        kw.pop("max_len")
+        out = cpu_native.paged_decode_attention(lib, q, k_pool, v_pool, tables, lengths, scale, **kw)
+        if out is not None:
+            return out
+        kw["max_len"] = max_len
     return reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, row_starts=row_starts, **kw)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvx.errors import KvxError
+from kvx.kernels import cpu_native
 
 FORMATS = ("int8", "w8a8", "bfloat16", "float32")
 DEFAULT = "int8"
@@ -74,9 +75,13 @@ class Bf16Weight:
 
 
 class Int8Weight:
-    """A [out, in] matrix as int8 with one scale per output row: W ≈ q * scale[:, None]."""
+    """A [out, in] matrix as int8 with one scale per output row: W ≈ q * scale[:, None].
 
-    __slots__ = ("q", "scale")
+    Where kvx's C kernels load (kernels/cpu_native.py), the int8 values are held in their tiled order (the
+    order the kernel reads them in: `data`), and `q`, the plain [out, in] matrix, is a copy made on demand
+    (a prefill's widening, `dequantized`); otherwise `data` is `q`."""
+
+    __slots__ = ("data", "tiled", "scale")
     fmt = "int8"
 
     def __init__(self, w: Tensor, row_absmax: Tensor | None = None):
@@ -86,42 +91,53 @@ class Int8Weight:
         w = w.detach().float()
         absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()
         scale = absmax.clamp_min(1e-12) / 127.0
-        self.q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16)  # what _weight_int8pack_mm takes with bfloat16 activations
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        # Rounded to bfloat16 (what _weight_int8pack_mm takes), held as float32 (what the C kernel takes):
+        # the same numbers on both paths.
+        self.scale = scale.to(torch.bfloat16).float().contiguous()
+        self.tiled = cpu_native.library() is not None
+        self.data = cpu_native.tile(q) if self.tiled else q
+
+    @property
+    def q(self) -> Tensor:
+        return cpu_native.untile(self.data, *self.shape) if self.tiled else self.data
 
     @property
     def shape(self):
-        return self.q.shape
+        return torch.Size((self.scale.shape[0], self.data.numel() // self.scale.shape[0]))
 
     @property
     def numel(self) -> int:
-        return self.q.numel()
+        return self.data.numel()
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
+        return self.data.nbytes + self.scale.nbytes
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
             # A one-row product inside a compiled decode step (models/compiled_decode.py): written as a
             # reduction, inductor makes it one vectorized pass over the int8 rows, widened in registers, with
-            # float32 activations: exact to float32 rounding, and ~1.2x `_weight_int8pack_mm` in a chained
-            # step (2.2x when independent products share a loop: benchmarks/cpu_gemv_compile.py).
-            y = (self.q.to(torch.float32) * x.float()).sum(-1)[None, :] * self.scale.float()
+            # float32 activations: exact to float32 rounding.
+            y = (self.q.to(torch.float32) * x.float()).sum(-1)[None, :] * self.scale
             y = y.to(x.dtype)
             return y if bias is None else y + bias
-        xb = x.to(torch.bfloat16)
         if x.shape[0] <= _INT8_KERNEL_ROWS:
-            # A decode step is bound by reading the weight: the int8 kernel reads a quarter of float32's
-            # bytes. Its cost grows with the rows, so a prefill widens the matrix instead.
-            y = torch._weight_int8pack_mm(xb, self.q, self.scale)
+            # A decode step is bound by reading the weight: an int8 kernel reads a quarter of float32's
+            # bytes. kvx's own (kernels/cpu_native.c) reads them in order at the memory's pace with float32
+            # activations; PyTorch's reads them at about half that and rounds the activations to bfloat16.
+            # Both compute each row alone.
+            if self.tiled and x.dtype == torch.float32:
+                return cpu_native.int8_linear(cpu_native.library(), self.data, self.scale, x, bias)
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
         else:
-            y = F.linear(xb, self.q.to(torch.bfloat16)) * self.scale
+            # A prefill: the int8 kernels' cost grows with the rows, so the matrix is widened instead.
+            y = F.linear(x.to(torch.bfloat16), self.q.to(torch.bfloat16)) * self.scale
         y = y.to(x.dtype)
         return y if bias is None else y + bias
 
     def dequantized(self) -> Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        return self.q.float() * self.scale[:, None]
 
 
 class W8A8Weight:
@@ -276,7 +292,20 @@ def pack(model, fmt: str, calibration: tuple | None = None) -> None:
 
 
 def describe(model) -> str:
-    """What the summary line says about the weights: 'int8 weights', 'float32 weights', ..., and
-    ' (compiled decode)' after it under --compile."""
-    fmt = getattr(model, 'weight_format', None) or str(model.dtype).removeprefix('torch.')
-    return f"{fmt} weights" + (" (compiled decode)" if getattr(model, "compiled_decode", None) is not None else "")
+    """What the summary line says about the weights: 'int8 weights', 'float32 weights', ..., with
+    ' (C kernels)' after int8 weights that kvx's C kernels run (kernels/cpu_native.py) and
+    ' (compiled decode)' under --compile."""
+    fmt = format_name(model)
+    notes = [n for n, on in (("C kernels", _runs_native(model)),
+                             ("compiled decode", getattr(model, "compiled_decode", None) is not None)) if on]
+    return f"{fmt} weights" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def format_name(model) -> str:
+    """The linear weights' format: int8, w8a8, bfloat16, or the model's dtype (float32, ...)."""
+    return getattr(model, "weight_format", None) or str(model.dtype).removeprefix("torch.")
+
+
+def _runs_native(model) -> bool:
+    layers = getattr(model, "_layer_weights", None)
+    return bool(layers) and getattr(layers[0].qkv, "tiled", False)

