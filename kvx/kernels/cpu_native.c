@@ -46,6 +46,25 @@ __attribute__((unused)) static inline int64_t tiled_at(int64_t n, int64_t k, int
 #ifdef __AVX512F__
 static inline __mmask16 tail_mask(int64_t left) { return (__mmask16)((1u << left) - 1u); }
 
+/* exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (rel. error ~2e-7); -inf -> 0. */
+static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-88.0f), hi = _mm512_set1_ps(88.0f);
+    __mmask16 dead = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(~dead, e);
+}
+
 /* Sums of RB activation rows (x, xs floats apart) against the RT weight rows of one tile (p: its first
  * byte): acc[r][i] = fma(w_i[16 columns], x_r[16 columns], acc[r][i]) for each group of columns in order,
  * the tail masked, then one reduction each. RB and RT are constants at every call (the switch below), so
@@ -82,51 +101,97 @@ static inline __attribute__((always_inline)) void tile_sums(const int8_t* p, int
 }
 
 #define SUMS_RB(RT) switch (rb) { \
-    case 4: tile_sums(p, K, xr, x_stride, RT, 4, s); break; \
-    case 3: tile_sums(p, K, xr, x_stride, RT, 3, s); break; \
-    case 2: tile_sums(p, K, xr, x_stride, RT, 2, s); break; \
-    default: tile_sums(p, K, xr, x_stride, RT, 1, s); break; }
+    case 4: tile_sums(p, K, xr, xs_, RT, 4, s); break; \
+    case 3: tile_sums(p, K, xr, xs_, RT, 3, s); break; \
+    case 2: tile_sums(p, K, xr, xs_, RT, 2, s); break; \
+    default: tile_sums(p, K, xr, xs_, RT, 1, s); break; }
 #endif
 
-/* y[r, n] = scale[n] * sum_k W[n, k] * x[r, k] (+ bias[n]) for r < R, n < N.
- * W: [N, K] int8, tiled (cpu_native.tile); scale, bias: [N] float32 (bias may be NULL); x: R rows, x_stride
- * floats apart; y: R rows, y_stride floats apart. */
-void kvx_int8_linear(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
-                     int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride) {
-    int64_t tiles = (N + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * 4;
-        int rt = N - n0 < 4 ? (int)(N - n0) : 4;
-        const int8_t* p = W + n0 * K;
-        for (int64_t r0 = 0; r0 < R; r0 += 4) {
-            int rb = R - r0 < 4 ? (int)(R - r0) : 4;
-            const float* xr = x + r0 * x_stride;
-            float s[4][4];
+/* The input a row of the product reads, made from x's row when the layer's neighbours are fused in: an RMS
+ * norm (x * w / sqrt(mean(x^2) + eps), as the model's rms_norm) or SiLU(gate) * up (x's row holds gate then
+ * up, K each). Per row, in a fixed order: the same whatever the batch. */
+static void prepare_row(const float* x, int64_t K, const float* norm_w, float eps, int silu_mul, float* out) {
+    if (silu_mul) {
+        const float* up = x + K;
+        int64_t k = 0;
 #ifdef __AVX512F__
-            switch (rt) {
-                case 4: SUMS_RB(4); break;
-                case 3: SUMS_RB(3); break;
-                case 2: SUMS_RB(2); break;
-                default: SUMS_RB(1); break;
-            }
-#else
-            /* portable: 16 lanes summed as the AVX-512 path does */
-            for (int r = 0; r < rb; r++)
-                for (int i = 0; i < rt; i++) {
-                    float lane[16] = {0};
-                    for (int64_t k = 0; k < K; k++)
-                        lane[k % 16] += (float)p[tiled_at(n0 + i, k, N, K) - n0 * K] * xr[r * x_stride + k];
-                    float acc = 0;
-                    for (int j = 0; j < 16; j++) acc += lane[j];
-                    s[r][i] = acc;
-                }
+        for (; k + 16 <= K; k += 16) {
+            __m512 g = _mm512_loadu_ps(x + k);
+            __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + k)));
+        }
 #endif
-            for (int r = 0; r < rb; r++)
-                for (int i = 0; i < rt; i++)
-                    y[(r0 + r) * y_stride + n0 + i] = s[r][i] * scale[n0 + i] + (bias ? bias[n0 + i] : 0.0f);
+        for (; k < K; k++) out[k] = x[k] / (1.0f + expf(-x[k])) * up[k];
+        return;
+    }
+    double ss = 0;  /* in double: one rounding for the mean, whatever the row's length */
+    for (int64_t k = 0; k < K; k++) ss += (double)x[k] * x[k];
+    float inv = (float)(1.0 / sqrt(ss / (double)K + (double)eps));
+    for (int64_t k = 0; k < K; k++) out[k] = (x[k] * inv) * norm_w[k];
+}
+
+/* y[r, n] = res[r, n] + (scale[n] * sum_k W[n, k] * in[r, k] + bias[n]) for r < R, n < N, where in = x, or x
+ * normed (norm_w not NULL) or SiLU(gate) * up (silu_mul: x's rows hold 2K values).
+ * W: [N, K] int8, tiled (cpu_native.tile); scale, bias, norm_w: float32 (bias, norm_w, res may be NULL);
+ * x, y, res: R rows, x_stride / y_stride / y_stride floats apart. */
+void kvx_int8_linear_fused(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
+                           int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride,
+                           const float* norm_w, float eps, int silu_mul, const float* res) {
+    int64_t tiles = (N + 3) / 4;
+    int prepared = norm_w != NULL || silu_mul;
+    float* in = prepared ? (float*)malloc(sizeof(float) * (size_t)(R * K)) : NULL;
+    const float* src = prepared ? in : x;
+    int64_t src_stride = prepared ? K : x_stride;
+#pragma omp parallel
+    {
+        if (prepared) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) prepare_row(x + r * x_stride, K, norm_w, eps, silu_mul, in + r * K);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n0 = t * 4;
+            int rt = N - n0 < 4 ? (int)(N - n0) : 4;
+            const int8_t* p = W + n0 * K;
+            for (int64_t r0 = 0; r0 < R; r0 += 4) {
+                int rb = R - r0 < 4 ? (int)(R - r0) : 4;
+                const float* xr = src + r0 * src_stride;
+                int64_t xs_ = src_stride;  /* read by SUMS_RB */
+                float s[4][4];
+#ifdef __AVX512F__
+                switch (rt) {
+                    case 4: SUMS_RB(4); break;
+                    case 3: SUMS_RB(3); break;
+                    case 2: SUMS_RB(2); break;
+                    default: SUMS_RB(1); break;
+                }
+#else
+                /* portable: 16 lanes summed as the AVX-512 path does */
+                for (int r = 0; r < rb; r++)
+                    for (int i = 0; i < rt; i++) {
+                        float lane[16] = {0};
+                        for (int64_t k = 0; k < K; k++)
+                            lane[k % 16] += (float)p[tiled_at(n0 + i, k, N, K) - n0 * K] * xr[r * xs_ + k];
+                        float acc = 0;
+                        for (int j = 0; j < 16; j++) acc += lane[j];
+                        s[r][i] = acc;
+                    }
+#endif
+                for (int r = 0; r < rb; r++)
+                    for (int i = 0; i < rt; i++) {
+                        float v = s[r][i] * scale[n0 + i] + (bias ? bias[n0 + i] : 0.0f);
+                        int64_t at = (r0 + r) * y_stride + n0 + i;
+                        y[at] = res ? res[at] + v : v;
+                    }
+            }
         }
     }
+    free(in);
+}
+
+void kvx_int8_linear(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
+                     int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride) {
+    kvx_int8_linear_fused(W, scale, bias, x, y, R, N, K, x_stride, y_stride, NULL, 0.0f, 0, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -253,26 +318,6 @@ static void weighted_sum(const float* p, const float* const* v, int64_t len, int
         if (p[j] != 0.0f) axpy_f(o, p[j], v[j], d);
 }
 
-#ifdef __AVX512F__
-/* exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial (rel. error ~2e-7); -inf -> 0. */
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-88.0f), hi = _mm512_set1_ps(88.0f);
-    __mmask16 dead = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512 e = _mm512_scalef_ps(p, n);
-    return _mm512_maskz_mov_ps(~dead, e);
-}
-#endif
 
 /* out[i] = exp(x[i] - m) for i < n; returns their sum (summed in a fixed order). */
 static float exp_shift(float* x, int64_t n, float m) {

@@ -74,8 +74,8 @@ def _load():
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.kvx_int8_linear.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
-    lib.kvx_int8_linear.restype = None
+    lib.kvx_int8_linear_fused.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_float, ctypes.c_int, _P]
+    lib.kvx_int8_linear_fused.restype = None
     lib.kvx_paged_decode.argtypes = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P,
                                      _I, _P]
     lib.kvx_paged_decode.restype = None
@@ -136,18 +136,26 @@ def untile(t: Tensor, N: int, K: int) -> Tensor:
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
-def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None = None, *,
+                norm: tuple[Tensor, float] | None = None, silu_mul: bool = False,
+                residual: Tensor | None = None) -> Tensor:
     """x [R, K] float32 @ (W [N, K] int8 * scale [N, 1]).T (+ bias) -> [R, N] float32, each row computed
     alone. data: W tiled (`tile`); scale (float32) and bias contiguous; x any [R, K] float32 view with unit
-    stride."""
-    R, K = x.shape
+    stride. Fused neighbours of the product, computed per row in C: norm=(weight [K], eps) RMS-normalises x
+    first; silu_mul: x is [R, 2K] (gate, up) and the product reads SiLU(gate) * up; residual [R, N]: added
+    to the result."""
+    R = x.shape[0]
     N = scale.shape[0]
-    q = data
+    K = x.shape[1] // 2 if silu_mul else x.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(R, N, dtype=torch.float32)
-    _traced("kvx::int8_linear", lib.kvx_int8_linear, q.data_ptr(), scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), R, N, K, x.stride(0), N)
+    if residual is not None:
+        residual = residual.contiguous()
+    _traced("kvx::int8_linear", lib.kvx_int8_linear_fused, data.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), R, N, K, x.stride(0), N,
+            None if norm is None else norm[0].data_ptr(), 0.0 if norm is None else float(norm[1]), int(silu_mul),
+            None if residual is None else residual.data_ptr())
     return y
 
 

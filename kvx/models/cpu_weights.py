@@ -136,6 +136,15 @@ class Int8Weight:
         y = y.to(x.dtype)
         return y if bias is None else y + bias
 
+    def fused_linear(self, x: Tensor, bias: Tensor | None = None, **fused) -> Tensor | None:
+        """The product with its neighbours computed in the same C call (cpu_native.int8_linear's `norm`,
+        `silu_mul`, `residual`), or None where the C kernel does not run it (no library, a prefill's rows,
+        another dtype, a compiled graph): the caller then runs the unfused ops."""
+        if (not self.tiled or x.dtype != torch.float32 or x.shape[0] > _INT8_KERNEL_ROWS
+                or torch.compiler.is_compiling()):
+            return None
+        return cpu_native.int8_linear(cpu_native.library(), self.data, self.scale, x, bias, **fused)
+
     def dequantized(self) -> Tensor:
         return self.q.float() * self.scale[:, None]
 

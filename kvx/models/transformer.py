@@ -56,6 +56,34 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def _fused(weight, x: Tensor, bias: Tensor | None, **fused) -> Tensor | None:
+    """A packed weight's product with its neighbours in one call (cpu_weights.Int8Weight.fused_linear: kvx's
+    C kernel on the CPU), or None: then the caller runs them as separate ops."""
+    run = getattr(weight, "fused_linear", None)
+    return None if run is None else run(x, bias, **fused)
+
+
+def norm_linear(x: Tensor, norm: Tensor, eps: float, weight, bias: Tensor | None = None) -> Tensor:
+    """linear(rms_norm(x, norm, eps), weight, bias)."""
+    y = _fused(weight, x, bias, norm=(norm, eps))
+    return y if y is not None else linear(rms_norm(x, norm, eps), weight, bias)
+
+
+def linear_add(x: Tensor, weight, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """residual + linear(x, weight, bias)."""
+    y = _fused(weight, x, bias, residual=residual)
+    return y if y is not None else residual + linear(x, weight, bias)
+
+
+def silu_mul_linear_add(gate_up: Tensor, weight, residual: Tensor) -> Tensor:
+    """residual + linear(SiLU(gate) * up, weight), gate_up [T, 2I] holding gate then up."""
+    y = _fused(weight, gate_up, None, silu_mul=True, residual=residual)
+    if y is not None:
+        return y
+    inter = gate_up.shape[1] // 2
+    return residual + linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), weight)
+
+
 class LayerWeights(NamedTuple):
     attn_norm: Tensor  # [D]
     qkv: Tensor  # [(H + 2 Hkv) d, D]
@@ -187,9 +215,9 @@ def attention_inputs(cfg: ModelConfig, x: Tensor, w: LayerWeights, cos: Tensor, 
     """A layer up to its attention: (q [H,T,d] and k [Hkv,T,d] after RoPE, v [Hkv,T,d], q before RoPE)."""
     H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     T, n_qk = x.shape[0], H + Hkv
-    h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
     # One copy into head-major layout (none at T=1); every slice below is then contiguous.
-    heads = linear(h, w.qkv, w.qkv_bias).view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
+    heads = norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.qkv, w.qkv_bias)
+    heads = heads.view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
     qk = heads[:n_qk]
     if w.qk_norm is not None:
         qk = rms_norm(qk, w.qk_norm, cfg.rms_norm_eps)
@@ -201,13 +229,14 @@ def attention_output_and_mlp(cfg: ModelConfig, x: Tensor, o: Tensor, w: LayerWei
     """The rest of a layer from its attention's output o [H,T,d]: o_proj, the residual, the MLP."""
     T = x.shape[0]
     o = o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
-    attn_out = linear(o, w.o, w.o_bias)
-    x = x + (attn_out if tp is None else tp.all_reduce(attn_out))  # row-parallel o_proj
-    h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-    gate_up = linear(h, w.gate_up)
+    if tp is None:  # the residual adds, the norm and SiLU fused into the products where the weights allow
+        x = linear_add(o, w.o, w.o_bias, x)
+        return silu_mul_linear_add(norm_linear(x, w.mlp_norm, cfg.rms_norm_eps, w.gate_up), w.down, x)
+    x = x + tp.all_reduce(linear(o, w.o, w.o_bias))  # row-parallel o_proj
+    gate_up = linear(rms_norm(x, w.mlp_norm, cfg.rms_norm_eps), w.gate_up)
     inter = cfg.intermediate_size
     mlp_out = linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
-    return x + (mlp_out if tp is None else tp.all_reduce(mlp_out))  # row-parallel down_proj
+    return x + tp.all_reduce(mlp_out)  # row-parallel down_proj
 
 
 def logits_of(cfg: ModelConfig, x: Tensor, final_norm: Tensor, head) -> Tensor:
