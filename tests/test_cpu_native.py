@@ -163,3 +163,22 @@ def test_the_library_is_built_once_and_reused(tmp_path):
     assert _fresh_python(home, code) == "True"
     assert list((tmp_path / "home" / "native").glob("*.so")) == built  # loaded again, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@needs_lib
+def test_the_kernel_appends_the_steps_new_entries_as_the_reference_does():
+    """new_entries: each segment's new token written at entry lengths - 1 before attending, in the same
+    call; the pools afterwards equal reference.append_entries' and the output the reference's."""
+    gen = torch.Generator().manual_seed(5)
+    lens, d = [33, 16, 1, 200], 64
+    q, k_pool, v_pool, pos_pool, tables, lengths = _paged(gen, lens, 16, d, 3)
+    new = (torch.randn(len(lens), d, generator=gen), torch.randn(len(lens), d, generator=gen),
+           torch.randint(0, 9999, (len(lens),), generator=gen))
+    pools = [t.clone() for t in (k_pool, v_pool, pos_pool)]
+    reference.append_entries(*pools, tables, lengths, *new)
+    want = reference.paged_decode_attention(q, pools[0], pools[1], tables, lengths, 0.125)
+    got = cpu_native.paged_decode_attention(lib, q, k_pool, v_pool, tables, lengths, 0.125, pos_pool=pos_pool,
+                                            new_entries=new)
+    for mine, theirs in zip((k_pool, v_pool, pos_pool), pools):
+        assert torch.equal(mine, theirs)
+    assert (got - want).abs().max().item() < 2e-5

@@ -345,11 +345,22 @@ static float exp_shift(float* x, int64_t n, float m) {
 
 /* q: [N, G, d]; k_pool, v_pool: [slots, d]; tables: [N, W] int32 block ids (block size B); lengths: [N];
  * out: [N, G, d]. mass (NULL: none) [slots] with mass_mode [N] (0 leave, 1 add, 2 replace); window > 0 hides
- * keys with q_pos[i] - pos[slot] >= window (pos: [slots] int64). scratch: sum(lengths) * G floats. */
-void kvx_paged_decode(const float* q, const float* k_pool, const float* v_pool, const int32_t* tables,
+ * keys with q_pos[i] - pos[slot] >= window (pos: [slots] int64). scratch: sum(lengths) * G floats.
+ * k_new, v_new ([N, d]) and pos_new ([N]), when not NULL: the step's new entries, written first at each
+ * segment's entry lengths[i] - 1 (the engine's decode step appends one token per segment). */
+void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_t* tables,
                       int64_t W, const int32_t* lengths, int64_t N, int64_t G, int64_t d, int64_t B, float scale,
-                      float* out, float* mass, const int32_t* mass_mode, const int64_t* pos, const int64_t* q_pos,
-                      int64_t window, float* scratch) {
+                      float* out, float* mass, const int32_t* mass_mode, int64_t* pos, const int64_t* q_pos,
+                      int64_t window, float* scratch, const float* k_new, const float* v_new, const int64_t* pos_new) {
+    /* the step's new entries first (each segment's last, entry lengths[i] - 1), so that they are attended */
+    if (k_new != NULL)
+        for (int64_t i = 0; i < N; i++) {
+            if (lengths[i] <= 0) continue;
+            int64_t j = lengths[i] - 1, slot = (int64_t)tables[i * W + j / B] * B + j % B;
+            memcpy(k_pool + slot * d, k_new + i * d, sizeof(float) * d);
+            memcpy(v_pool + slot * d, v_new + i * d, sizeof(float) * d);
+            if (pos_new != NULL) pos[slot] = pos_new[i];
+        }
     int64_t* first_item = (int64_t*)malloc(sizeof(int64_t) * (N + 1));
     int64_t* first_logit = (int64_t*)malloc(sizeof(int64_t) * (N + 1));
     first_item[0] = first_logit[0] = 0;

@@ -77,7 +77,7 @@ def _load():
     lib.kvx_int8_linear_fused.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_float, ctypes.c_int, _P]
     lib.kvx_int8_linear_fused.restype = None
     lib.kvx_paged_decode.argtypes = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P,
-                                     _I, _P]
+                                     _I, _P, _P, _P, _P]
     lib.kvx_paged_decode.restype = None
     return lib
 
@@ -159,13 +159,18 @@ def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None
     return y
 
 
+_scratch: list[Tensor] = [torch.empty(0)]  # the logits buffer, reused across calls (grown as needed)
+
+
 def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, lengths: Tensor,
                            scale: float, *, mass_pool=None, mass_mode=None, pos_pool=None, q_pos=None,
-                           sliding_window=None) -> Tensor | None:
+                           sliding_window=None, new_entries=None) -> Tensor | None:
     """reference.paged_decode_attention in C, or None when the inputs are not what the kernel takes (float32
     pools and queries, int32 tables and lengths, int64 positions, on the CPU): the caller then runs the
     reference. Each segment's output depends only on its own keys, read in position order in chunks of a
-    fixed size, so where the pool put its blocks and who its neighbours are do not change its bits."""
+    fixed size, so where the pool put its blocks and who its neighbours are do not change its bits.
+    new_entries: (k [N, d], v [N, d], positions [N]) written first as each segment's last entry (reference
+    .append_entries), nothing written when the call returns None."""
     if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and tables.dtype == torch.int32
             and q.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous()):
         return None
@@ -176,17 +181,25 @@ def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, table
         tables = tables.contiguous()
     windowed = sliding_window is not None
     masses = mass_pool is not None and mass_mode is not None
-    if windowed and (pos_pool is None or pos_pool.dtype != torch.int64 or q_pos is None):
+    has_pos = pos_pool is not None and pos_pool.dtype == torch.int64 and pos_pool.is_contiguous()
+    if (windowed and (not has_pos or q_pos is None)) or (new_entries is not None and not has_pos):
         return None
     if masses and (mass_pool.dtype != torch.float32 or not mass_pool.is_contiguous()):
         return None
+    if new_entries is not None:
+        k_new, v_new, pos_new = (t.contiguous() for t in new_entries)
+        if not (k_new.dtype == v_new.dtype == torch.float32 and pos_new.dtype == torch.int64):
+            return None
     qp = q_pos.to(torch.int64).contiguous() if windowed else None
     modes = mass_mode.to(torch.int32).contiguous() if masses else None
     out = torch.empty_like(q)
-    scratch = torch.empty(max(int(lengths.clamp_min(0).sum()) * G, 1), dtype=torch.float32)
-    _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), tables.stride(0),
-            lengths.data_ptr(), N, G, d, k_pool.shape[1], float(scale), out.data_ptr(),
-            mass_pool.data_ptr() if masses else None, modes.data_ptr() if masses else None,
-            pos_pool.data_ptr() if windowed else None, qp.data_ptr() if windowed else None,
-            int(sliding_window) if windowed else 0, scratch.data_ptr())
+    need = max(int(lengths.clamp_min(0).sum()) * G, 1)
+    if _scratch[0].numel() < need:
+        _scratch[0] = torch.empty(2 * need, dtype=torch.float32)
+    _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(),
+            v_pool.data_ptr(), tables.data_ptr(), tables.stride(0), lengths.data_ptr(), N, G, d, k_pool.shape[1],
+            float(scale), out.data_ptr(), mass_pool.data_ptr() if masses else None,
+            modes.data_ptr() if masses else None, pos_pool.data_ptr() if has_pos else None,
+            qp.data_ptr() if windowed else None, int(sliding_window) if windowed else 0, _scratch[0].data_ptr(),
+            *((k_new.data_ptr(), v_new.data_ptr(), pos_new.data_ptr()) if new_entries is not None else (None,) * 3))
     return out

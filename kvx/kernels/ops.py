@@ -56,6 +56,20 @@ def use_triton(x: Tensor) -> bool:
     raise KvxError(f"{BACKEND_ENV} must be 'reference' or 'triton', got {choice!r}")
 
 
+def use_native(x: Tensor):
+    """kvx's C library (kernels/cpu_native.py) when a call on tensor x goes to it (the CPU, KVX_KERNELS
+    unset or auto, the library built), else None."""
+    if x.device.type != "cpu" or os.environ.get(BACKEND_ENV, "").strip().lower() not in ("", "auto"):
+        return None
+    return cpu_native.library()
+
+
+def appends_in_attention(device: torch.device) -> bool:
+    """Whether paged_decode_attention writes a step's new entries in the same call (the C kernel) on
+    `device`; elsewhere the caller writes them first (a captured GPU step keeps its own writes)."""
+    return use_native(torch.empty(0, device=device)) is not None
+
+
 def _module(name: str) -> ModuleType:
     import importlib
 
@@ -247,21 +261,28 @@ def sg_colsum_reference(q_rows, k, q_pos, k_pos, sg_budget, scale, sliding_windo
 
 
 def paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, *, mass_pool=None, mass_mode=None,
-                           pos_pool=None, q_pos=None, sliding_window=None, max_len=None, row_starts=None):
+                           pos_pool=None, q_pos=None, sliding_window=None, max_len=None, row_starts=None,
+                           new_entries=None):
     """Batched decode attention over paged segments; see reference.paged_decode_attention.
 
     max_len sizes the Triton grid: a host upper bound on every length (CUDA graphs need it fixed).
     row_starts: each segment's first pool slot when the caller knows its blocks are consecutive (the
-    reference then reads slices without checking the tables; Triton reads the tables either way)."""
+    reference then reads slices without checking the tables; Triton reads the tables either way).
+    new_entries: (k [N, d], v [N, d], positions [N]), the step's new token of every segment, written as its
+    last entry (entry lengths - 1) before attending (reference.append_entries; the C kernel does it in the
+    same call)."""
     kw = dict(mass_pool=mass_pool, mass_mode=mass_mode, pos_pool=pos_pool, q_pos=q_pos,
               sliding_window=sliding_window, max_len=max_len)
-    if use_triton(q):
-        return _module("triton_paged").paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
-    lib = cpu_native.library() if q.device.type == "cpu" else None
+    lib = use_native(q)
     if lib is not None:  # kvx's C kernel (kernels/cpu_native.c); None: inputs it does not take
         kw.pop("max_len")
-        out = cpu_native.paged_decode_attention(lib, q, k_pool, v_pool, tables, lengths, scale, **kw)
+        out = cpu_native.paged_decode_attention(lib, q, k_pool, v_pool, tables, lengths, scale,
+                                                new_entries=new_entries, **kw)
         if out is not None:
             return out
         kw["max_len"] = max_len
+    if new_entries is not None:
+        reference.append_entries(k_pool, v_pool, pos_pool, tables, lengths, *new_entries)
+    if use_triton(q):
+        return _module("triton_paged").paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, **kw)
     return reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale, row_starts=row_starts, **kw)

@@ -82,6 +82,19 @@ def _attention_explicit(q, k, v, q_pos, k_pos, scale, sliding_window):
     return out.reshape(H, T, d), lse.reshape(H, T)
 
 
+def append_entries(k_pool: Tensor, v_pool: Tensor, pos_pool: Tensor, tables: Tensor, lengths: Tensor,
+                   k: Tensor, v: Tensor, pos: Tensor) -> None:
+    """Write each segment's new last entry: k[i], v[i] (and position pos[i]) at entry lengths[i] - 1 of
+    segment i (its block tables[i, j // B], slot j % B): a decode step's one new token per segment."""
+    B, d = k_pool.shape[1], k_pool.shape[2]
+    before = lengths.long() - 1
+    rows = torch.arange(tables.shape[0], device=tables.device)
+    slots = tables[rows, before // B].long() * B + before % B
+    k_pool.view(-1, d)[slots] = k.to(k_pool.dtype)
+    v_pool.view(-1, d)[slots] = v.to(v_pool.dtype)
+    pos_pool.view(-1)[slots] = pos
+
+
 def paged_decode_attention(
     q: Tensor,
     k_pool: Tensor,

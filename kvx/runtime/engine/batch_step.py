@@ -74,6 +74,8 @@ class StaticStep:
         self.eager = False
         self.copy_queries = True
         self._rows = torch.arange(N, device=dev)
+        # On the CPU the attention call writes the step's new entries itself (the C kernel in the same call).
+        self.appends_in_kernel = ops.appends_in_attention(torch.device(dev))
         # The host mirror of the tables (the tables themselves on the CPU); pinned so the copy is async.
         if dev.type == "cpu":
             self._host_tables = self.tables
@@ -146,16 +148,19 @@ class StaticStep:
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, q_pre: Tensor) -> Tensor:
             tables, n = self.tables[layer], self.lengths[layer]
-            nl = n.long()
-            slots = tables[self._rows, nl // B].long() * B + nl % B  # entry `length` of every segment
-            pool.k_flat[slots] = k.transpose(0, 1).reshape(N, d).to(pool.dtype)
-            pool.v_flat[slots] = v.transpose(0, 1).reshape(N, d).to(pool.dtype)
-            pool.pos_flat[slots] = q_pos
+            new = (k.transpose(0, 1).reshape(N, d), v.transpose(0, 1).reshape(N, d), q_pos)
+            if not self.appends_in_kernel:  # a captured GPU step keeps the writes it was captured with
+                nl = n.long()
+                slots = tables[self._rows, nl // B].long() * B + nl % B  # entry `length` of every segment
+                pool.k_flat[slots] = new[0].to(pool.dtype)
+                pool.v_flat[slots] = new[1].to(pool.dtype)
+                pool.pos_flat[slots] = q_pos
             out = ops.paged_decode_attention(
                 q.transpose(0, 1).reshape(N, G, d), pool.k, pool.v, tables, n + 1, eng.scale,
                 mass_pool=pool.mass if self.mass_mode is not None else None, mass_mode=self.mass_mode,
                 pos_pool=pool.pos, q_pos=q_pos, sliding_window=cfg.sliding_window_for(layer),
-                max_len=self.width * B, row_starts=None if self._row_starts is None else self._row_starts[layer])
+                max_len=self.width * B, row_starts=None if self._row_starts is None else self._row_starts[layer],
+                new_entries=new if self.appends_in_kernel else None)
             if self.copy_queries:
                 self.q_out[layer].copy_(q)
             return out.reshape(size, Hkv * G, d).transpose(0, 1)
