@@ -276,6 +276,81 @@ static inline __attribute__((always_inline)) void logits_regs(const float* q, co
 }
 #endif
 
+/* Every query head of a segment against the chunk's keys in one pass over them (each key read once): lg[g * n
+ * + j] = scale * q_g . k[j]. The same operations per head as logits_regs, so the same bits. */
+static inline __attribute__((always_inline)) void logits_heads(const float* q, const float* const* k, int64_t len,
+                                                                int G, int DV, float scale, float* lg, int64_t n) {
+    __m512 qv[8][8];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < DV; c++) qv[g][c] = _mm512_loadu_ps(q + g * 16 * DV + 16 * c);
+    const __m512 sv = _mm512_set1_ps(scale);
+    __m512 tmp[8][16];
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        int m = len - j0 < 16 ? (int)(len - j0) : 16;
+        for (int jj = 0; jj < 16; jj++) {
+            if (jj < m) {
+                __m512 kv[8];
+                for (int c = 0; c < DV; c++) kv[c] = _mm512_loadu_ps(k[j0 + jj] + 16 * c);
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_setzero_ps();
+                    for (int c = 0; c < DV; c++) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
+                    tmp[g][jj] = a;
+                }
+            } else {
+                for (int g = 0; g < G; g++) tmp[g][jj] = _mm512_setzero_ps();
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 r = _mm512_mul_ps(reduce16(tmp[g]), sv);
+            if (m == 16) _mm512_storeu_ps(lg + g * n + j0, r);
+            else _mm512_mask_storeu_ps(lg + g * n + j0, tail_mask(m), r);
+        }
+    }
+}
+
+/* o_g[:d] = sum_j p[g][j] * v[j] for every head g in one pass over the values (each read once). */
+static inline __attribute__((always_inline)) void wsum_heads(const float* p, int64_t pstride, const float* const* v,
+                                                              int64_t len, int G, int DV, float* o, int64_t ostride) {
+    __m512 acc[6][8];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < DV; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        __m512 vv[8];
+        for (int c = 0; c < DV; c++) vv[c] = _mm512_loadu_ps(v[j] + 16 * c);
+        for (int g = 0; g < G; g++) {
+            __m512 pb = _mm512_set1_ps(p[g * pstride + j]);
+            for (int c = 0; c < DV; c++) acc[g][c] = _mm512_fmadd_ps(pb, vv[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < DV; c++) _mm512_storeu_ps(o + g * ostride + 16 * c, acc[g][c]);
+}
+
+#define HEADS_CASES(CALL, DV) switch (G) { \
+    case 1: CALL(1, DV); return 1; case 2: CALL(2, DV); return 1; case 3: CALL(3, DV); return 1; \
+    case 4: CALL(4, DV); return 1; case 5: CALL(5, DV); return 1; case 6: CALL(6, DV); return 1; \
+    default: return 0; }
+
+/* The all-heads passes where the heads' accumulators fit the registers (d 64 with up to 6 heads, d 128 with
+ * up to 3); returns 0 elsewhere (the caller goes head by head). */
+static int chunk_logits_heads(const float* q, int64_t G, const float* const* k, int64_t len, int64_t d, float scale,
+                              float* lg, int64_t n) {
+#define LOGITS(GG, DV) logits_heads(q, k, len, GG, DV, scale, lg, n)
+    if (d == 64) { HEADS_CASES(LOGITS, 4) }
+    if (d == 128 && G <= 3) { HEADS_CASES(LOGITS, 8) }
+#undef LOGITS
+    return 0;
+}
+
+static int weighted_sums_heads(const float* p, int64_t pstride, int64_t G, const float* const* v, int64_t len,
+                               int64_t d, float* o, int64_t ostride) {
+#define WSUM(GG, DV) wsum_heads(p, pstride, v, len, GG, DV, o, ostride)
+    if (d == 64) { HEADS_CASES(WSUM, 4) }
+    if (d == 128 && G <= 3) { HEADS_CASES(WSUM, 8) }
+#undef WSUM
+    return 0;
+}
+
 /* lg[j] = scale * q . k[j][:d] for j < len. */
 static void chunk_logits(const float* q, const float* const* k, int64_t len, int64_t d, float scale, float* lg) {
 #ifdef __AVX512F__
@@ -374,6 +449,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
     float* part = (float*)malloc(sizeof(float) * (items > 0 ? items : 1) * G * (d + 2));
 #pragma omp parallel
     {
+        float* probs = (float*)malloc(sizeof(float) * CHUNK * (G > 0 ? G : 1));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             int64_t i = 0, lo = 0, hi = N;  /* the segment holding chunk `it`: binary search */
@@ -391,26 +467,35 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
                 krow[j - c0] = k_pool + slot * d;
                 vrow[j - c0] = v_pool + slot * d;
             }
-            for (int64_t g = 0; g < G; g++) chunk_logits(qi + g * d, krow, len, d, scale, lg + g * n + c0);
+#ifdef __AVX512F__
+            if (!chunk_logits_heads(qi, G, krow, len, d, scale, lg + c0, n))
+#endif
+                for (int64_t g = 0; g < G; g++) chunk_logits(qi + g * d, krow, len, d, scale, lg + g * n + c0);
             if (window > 0)
                 for (int64_t j = c0; j < c1; j++) {
                     int64_t slot = (int64_t)tab[j / B] * B + j % B;
                     if (q_pos[i] - pos[slot] >= window)
                         for (int64_t g = 0; g < G; g++) lg[g * n + j] = -INFINITY;
                 }
+            /* the chunk's probabilities per head go to a copy: the logits stay for the mass */
+            float* p = probs;
             for (int64_t g = 0; g < G; g++) {
                 float* l = lg + g * n + c0;
                 float m = -INFINITY;
                 for (int64_t j = 0; j < len; j++) m = l[j] > m ? l[j] : m;
-                float* o = pm + g * (d + 2) + 2;
                 pm[g * (d + 2)] = m;
-                if (m == -INFINITY) { pm[g * (d + 2) + 1] = 0; memset(o, 0, sizeof(float) * d); continue; }
-                /* probabilities of the chunk go to a copy: the logits stay for the mass */
-                float p[CHUNK];
-                memcpy(p, l, sizeof(float) * len);
-                pm[g * (d + 2) + 1] = exp_shift(p, len, m);
-                weighted_sum(p, vrow, len, d, o);
+                if (m == -INFINITY) {  /* every key hidden: no weight anywhere */
+                    pm[g * (d + 2) + 1] = 0;
+                    memset(p + g * CHUNK, 0, sizeof(float) * len);
+                    continue;
+                }
+                memcpy(p + g * CHUNK, l, sizeof(float) * len);
+                pm[g * (d + 2) + 1] = exp_shift(p + g * CHUNK, len, m);
             }
+#ifdef __AVX512F__
+            if (!weighted_sums_heads(p, CHUNK, G, vrow, len, d, pm + 2, d + 2))
+#endif
+                for (int64_t g = 0; g < G; g++) weighted_sum(p + g * CHUNK, vrow, len, d, pm + g * (d + 2) + 2);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < N; i++) {
@@ -451,6 +536,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
                 }
             }
         }
+        free(probs);
     }
     free(part);
     free(first_item);

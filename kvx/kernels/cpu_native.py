@@ -52,6 +52,10 @@ def _build(target: Path, compiler: str) -> None:
     try:
         subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
+        # Builds of other versions of the source go (a process that still maps one keeps its copy open).
+        for old in target.parent.glob("cpu_native-*.so"):
+            if old != target:
+                old.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
