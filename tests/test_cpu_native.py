@@ -182,3 +182,60 @@ def test_the_kernel_appends_the_steps_new_entries_as_the_reference_does():
     for mine, theirs in zip((k_pool, v_pool, pos_pool), pools):
         assert torch.equal(mine, theirs)
     assert (got - want).abs().max().item() < 2e-5
+
+
+@needs_lib
+def test_a_layers_tail_in_one_call_equals_its_products_one_by_one():
+    """cpu_native.layer_tail (o + residual, norm + gate|up, SiLU * up + down + residual, the next layer's
+    norm + qkv) gives the bits of the four fused calls, and the unfused float64 arithmetic within float32's."""
+    from kvx.models.cpu_weights import Int8Weight
+
+    gen = torch.Generator().manual_seed(9)
+    D, Ho, I, Nq, R, eps = 64, 48, 80, 96, 5, 1e-5
+    mk = lambda n, k: Int8Weight(torch.randn(n, k, generator=gen) * 0.1)  # noqa: E731
+    o, gu, down, qkv = mk(D, Ho), mk(2 * I, D), mk(D, I), mk(Nq, D)
+    o_bias, qkv_bias = torch.randn(D, generator=gen), torch.randn(Nq, generator=gen)
+    mlp_norm, attn_norm = torch.rand(D, generator=gen) + 0.5, torch.rand(D, generator=gen) + 0.5
+    attn, x = torch.randn(R, Ho, generator=gen), torch.randn(R, D, generator=gen)
+    x_out, heads = cpu_native.layer_tail(lib, attn, x, o, o_bias, mlp_norm, gu, down, eps, (attn_norm, qkv, qkv_bias))
+    x1 = o.fused_linear(attn, o_bias, residual=x)
+    x2 = down.fused_linear(gu.fused_linear(x1, None, norm=(mlp_norm, eps)), None, silu_mul=True, residual=x1)
+    assert torch.equal(x_out, x2)
+    assert torch.equal(heads, qkv.fused_linear(x2, qkv_bias, norm=(attn_norm, eps)))
+    alone, none = cpu_native.layer_tail(lib, attn[2:3], x[2:3], o, o_bias, mlp_norm, gu, down, eps)
+    assert none is None and torch.equal(alone, x_out[2:3])  # a row alone: the same bits
+    # against plain float64 arithmetic on the dequantized weights
+    W = {n: m.dequantized().double() for n, m in (("o", o), ("gu", gu), ("down", down), ("qkv", qkv))}
+    rms = lambda t, g: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * g.double()  # noqa: E731
+    r1 = x.double() + attn.double() @ W["o"].T + o_bias.double()
+    g = rms(r1, mlp_norm) @ W["gu"].T
+    r2 = r1 + (torch.nn.functional.silu(g[:, :I]) * g[:, I:]) @ W["down"].T
+    assert (x_out.double() - r2).abs().max().item() < 1e-4 * r2.abs().max().item()
+    want = rms(r2, attn_norm) @ W["qkv"].T + qkv_bias.double()
+    assert (heads.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def test_the_portable_c_matches_the_reference_too(tmp_path):
+    """Built for a CPU without AVX-512 (-march=x86-64: the plain C loops), the kernels give the reference's
+    numbers as well, so a machine without AVX-512 runs them correctly."""
+    code = """
+import torch
+from kvx.kernels import cpu_native as c, reference
+lib = c.library()
+assert lib is not None
+g = torch.Generator().manual_seed(2)
+q = torch.randint(-127, 128, (13, 45), dtype=torch.int8, generator=g); s = torch.rand(13, generator=g)
+x = torch.randn(3, 45, generator=g)
+y = c.int8_linear(lib, c.tile(q), s, x)
+ref = (x.double() @ q.double().t()) * s.double()
+assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+kp, vp = torch.randn(20, 8, 40, generator=g), torch.randn(20, 8, 40, generator=g)
+tables = torch.randperm(20, generator=g)[:18].to(torch.int32).view(2, 9)
+lengths = torch.tensor([70, 33], dtype=torch.int32); qq = torch.randn(2, 3, 40, generator=g)
+a = c.paged_decode_attention(lib, qq, kp, vp, tables, lengths, 0.2)
+b = reference.paged_decode_attention(qq, kp, vp, tables, lengths, 0.2)
+assert (a - b).abs().max().item() < 2e-5
+print("ok")
+"""
+    env = {"KVX_HOME": str(tmp_path / "home"), "KVX_NATIVE_ARCH": "x86-64"}
+    assert _fresh_python(env, code) == "ok"

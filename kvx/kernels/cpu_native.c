@@ -130,68 +130,103 @@ static void prepare_row(const float* x, int64_t K, const float* norm_w, float ep
     for (int64_t k = 0; k < K; k++) out[k] = (x[k] * inv) * norm_w[k];
 }
 
-/* y[r, n] = res[r, n] + (scale[n] * sum_k W[n, k] * in[r, k] + bias[n]) for r < R, n < N, where in = x, or x
- * normed (norm_w not NULL) or SiLU(gate) * up (silu_mul: x's rows hold 2K values).
+/* One int8 product inside a parallel region (its loops are the team's worksharing, each ending in a barrier):
+ * y[r, n] = res[r, n] + (scale[n] * sum_k W[n, k] * in[r, k] + bias[n]) for r < R, n < N, where in = x, or x
+ * normed (norm_w not NULL) or SiLU(gate) * up (silu_mul: x's rows hold 2K values), made into in_buf ([R, K]).
  * W: [N, K] int8, tiled (cpu_native.tile); scale, bias, norm_w: float32 (bias, norm_w, res may be NULL);
- * x, y, res: R rows, x_stride / y_stride / y_stride floats apart. */
+ * x: R rows x_stride floats apart; y and res: R rows y_stride floats apart. */
+static void product(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
+                    int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride,
+                    const float* norm_w, float eps, int silu_mul, const float* res, float* in_buf) {
+    int64_t tiles = (N + 3) / 4;
+    int prepared = norm_w != NULL || silu_mul;
+    const float* src = prepared ? in_buf : x;
+    int64_t src_stride = prepared ? K : x_stride;
+    if (prepared) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) prepare_row(x + r * x_stride, K, norm_w, eps, silu_mul, in_buf + r * K);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * 4;
+        int rt = N - n0 < 4 ? (int)(N - n0) : 4;
+        const int8_t* p = W + n0 * K;
+        for (int64_t r0 = 0; r0 < R; r0 += 4) {
+            int rb = R - r0 < 4 ? (int)(R - r0) : 4;
+            const float* xr = src + r0 * src_stride;
+            int64_t xs_ = src_stride;  /* read by SUMS_RB */
+            float s[4][4];
+#ifdef __AVX512F__
+            switch (rt) {
+                case 4: SUMS_RB(4); break;
+                case 3: SUMS_RB(3); break;
+                case 2: SUMS_RB(2); break;
+                default: SUMS_RB(1); break;
+            }
+#else
+            /* portable: 16 lanes summed as the AVX-512 path does */
+            for (int r = 0; r < rb; r++)
+                for (int i = 0; i < rt; i++) {
+                    float lane[16] = {0};
+                    for (int64_t k = 0; k < K; k++)
+                        lane[k % 16] += (float)p[tiled_at(n0 + i, k, N, K) - n0 * K] * xr[r * xs_ + k];
+                    float acc = 0;
+                    for (int j = 0; j < 16; j++) acc += lane[j];
+                    s[r][i] = acc;
+                }
+#endif
+            for (int r = 0; r < rb; r++)
+                for (int i = 0; i < rt; i++) {
+                    float v = s[r][i] * scale[n0 + i] + (bias ? bias[n0 + i] : 0.0f);
+                    int64_t at = (r0 + r) * y_stride + n0 + i;
+                    y[at] = res ? res[at] + v : v;
+                }
+        }
+    }
+}
+
+/* One product in its own parallel region (see product). */
 void kvx_int8_linear_fused(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
                            int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride,
                            const float* norm_w, float eps, int silu_mul, const float* res) {
-    int64_t tiles = (N + 3) / 4;
-    int prepared = norm_w != NULL || silu_mul;
-    float* in = prepared ? (float*)malloc(sizeof(float) * (size_t)(R * K)) : NULL;
-    const float* src = prepared ? in : x;
-    int64_t src_stride = prepared ? K : x_stride;
+    float* in_buf = norm_w != NULL || silu_mul ? (float*)malloc(sizeof(float) * (size_t)(R * K)) : NULL;
 #pragma omp parallel
-    {
-        if (prepared) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) prepare_row(x + r * x_stride, K, norm_w, eps, silu_mul, in + r * K);
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n0 = t * 4;
-            int rt = N - n0 < 4 ? (int)(N - n0) : 4;
-            const int8_t* p = W + n0 * K;
-            for (int64_t r0 = 0; r0 < R; r0 += 4) {
-                int rb = R - r0 < 4 ? (int)(R - r0) : 4;
-                const float* xr = src + r0 * src_stride;
-                int64_t xs_ = src_stride;  /* read by SUMS_RB */
-                float s[4][4];
-#ifdef __AVX512F__
-                switch (rt) {
-                    case 4: SUMS_RB(4); break;
-                    case 3: SUMS_RB(3); break;
-                    case 2: SUMS_RB(2); break;
-                    default: SUMS_RB(1); break;
-                }
-#else
-                /* portable: 16 lanes summed as the AVX-512 path does */
-                for (int r = 0; r < rb; r++)
-                    for (int i = 0; i < rt; i++) {
-                        float lane[16] = {0};
-                        for (int64_t k = 0; k < K; k++)
-                            lane[k % 16] += (float)p[tiled_at(n0 + i, k, N, K) - n0 * K] * xr[r * xs_ + k];
-                        float acc = 0;
-                        for (int j = 0; j < 16; j++) acc += lane[j];
-                        s[r][i] = acc;
-                    }
-#endif
-                for (int r = 0; r < rb; r++)
-                    for (int i = 0; i < rt; i++) {
-                        float v = s[r][i] * scale[n0 + i] + (bias ? bias[n0 + i] : 0.0f);
-                        int64_t at = (r0 + r) * y_stride + n0 + i;
-                        y[at] = res ? res[at] + v : v;
-                    }
-            }
-        }
-    }
-    free(in);
+    product(W, scale, bias, x, y, R, N, K, x_stride, y_stride, norm_w, eps, silu_mul, res, in_buf);
+    free(in_buf);
 }
 
 void kvx_int8_linear(const int8_t* W, const float* scale, const float* bias, const float* x, float* y,
                      int64_t R, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride) {
     kvx_int8_linear_fused(W, scale, bias, x, y, R, N, K, x_stride, y_stride, NULL, 0.0f, 0, NULL);
+}
+
+/* The rest of a decoder layer after its attention, and the next layer's qkv product, in one parallel region
+ * (one call a layer instead of four): x_out = x1 + down(SiLU(gate) * up) where [gate | up] = gate_up(norm(x1,
+ * mlp_norm)) and x1 = x + o(attn) + o_bias; then, when qkv_w is not NULL, qkv_out = qkv(norm(x_out,
+ * next_norm)) + qkv_bias. The same products, in the same order, as the one-product calls: the same bits.
+ * attn: [R, Ho] (rows attn_stride apart); x, x_out: [R, D]; qkv_out: [R, Nq]; I: the MLP's width. */
+void kvx_int8_layer_tail(const float* attn, int64_t attn_stride, const float* x, float* x_out, int64_t R,
+                         int64_t D, int64_t Ho, int64_t I,
+                         const int8_t* o_w, const float* o_scale, const float* o_bias,
+                         const float* mlp_norm, const int8_t* gu_w, const float* gu_scale,
+                         const int8_t* down_w, const float* down_scale, float eps,
+                         const float* next_norm, const int8_t* qkv_w, const float* qkv_scale, const float* qkv_bias,
+                         int64_t Nq, float* qkv_out) {
+    int64_t widest = D > I ? D : I;
+    float* x1 = (float*)malloc(sizeof(float) * (size_t)(R * D));
+    float* gu = (float*)malloc(sizeof(float) * (size_t)(R * 2 * I));
+    float* in_buf = (float*)malloc(sizeof(float) * (size_t)(R * widest));
+#pragma omp parallel
+    {
+        product(o_w, o_scale, o_bias, attn, x1, R, D, Ho, attn_stride, D, NULL, 0.0f, 0, x, NULL);
+        product(gu_w, gu_scale, NULL, x1, gu, R, 2 * I, D, D, 2 * I, mlp_norm, eps, 0, NULL, in_buf);
+        product(down_w, down_scale, NULL, gu, x_out, R, D, I, 2 * I, D, NULL, 0.0f, 1, x1, in_buf);
+        if (qkv_w != NULL)
+            product(qkv_w, qkv_scale, qkv_bias, x_out, qkv_out, R, Nq, D, D, Nq, next_norm, eps, 0, NULL, in_buf);
+    }
+    free(x1);
+    free(gu);
+    free(in_buf);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -276,6 +311,7 @@ static inline __attribute__((always_inline)) void logits_regs(const float* q, co
 }
 #endif
 
+#ifdef __AVX512F__
 /* Every query head of a segment against the chunk's keys in one pass over them (each key read once): lg[g * n
  * + j] = scale * q_g . k[j]. The same operations per head as logits_regs, so the same bits. */
 static inline __attribute__((always_inline)) void logits_heads(const float* q, const float* const* k, int64_t len,
@@ -351,6 +387,8 @@ static int weighted_sums_heads(const float* p, int64_t pstride, int64_t G, const
     return 0;
 }
 
+#endif
+
 /* lg[j] = scale * q . k[j][:d] for j < len. */
 static void chunk_logits(const float* q, const float* const* k, int64_t len, int64_t d, float scale, float* lg) {
 #ifdef __AVX512F__
@@ -423,6 +461,12 @@ static float exp_shift(float* x, int64_t n, float m) {
  * keys with q_pos[i] - pos[slot] >= window (pos: [slots] int64). scratch: sum(lengths) * G floats.
  * k_new, v_new ([N, d]) and pos_new ([N]), when not NULL: the step's new entries, written first at each
  * segment's entry lengths[i] - 1 (the engine's decode step appends one token per segment). */
+/* a segment's length, within what its table row can address (as the reference clamps it) */
+static inline int64_t seg_len(const int32_t* lengths, int64_t i, int64_t most) {
+    int64_t n = lengths[i];
+    return n < 0 ? 0 : (n > most ? most : n);
+}
+
 void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_t* tables,
                       int64_t W, const int32_t* lengths, int64_t N, int64_t G, int64_t d, int64_t B, float scale,
                       float* out, float* mass, const int32_t* mass_mode, int64_t* pos, const int64_t* q_pos,
@@ -430,7 +474,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
     /* the step's new entries first (each segment's last, entry lengths[i] - 1), so that they are attended */
     if (k_new != NULL)
         for (int64_t i = 0; i < N; i++) {
-            if (lengths[i] <= 0) continue;
+            if (lengths[i] <= 0 || lengths[i] > W * B) continue;
             int64_t j = lengths[i] - 1, slot = (int64_t)tables[i * W + j / B] * B + j % B;
             memcpy(k_pool + slot * d, k_new + i * d, sizeof(float) * d);
             memcpy(v_pool + slot * d, v_new + i * d, sizeof(float) * d);
@@ -440,7 +484,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
     int64_t* first_logit = (int64_t*)malloc(sizeof(int64_t) * (N + 1));
     first_item[0] = first_logit[0] = 0;
     for (int64_t i = 0; i < N; i++) {
-        int64_t n = lengths[i] > 0 ? lengths[i] : 0;
+        int64_t n = seg_len(lengths, i, W * B);
         first_item[i + 1] = first_item[i] + (n + CHUNK - 1) / CHUNK;
         first_logit[i + 1] = first_logit[i] + n * G;
     }
@@ -455,7 +499,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
             int64_t i = 0, lo = 0, hi = N;  /* the segment holding chunk `it`: binary search */
             while (hi - lo > 1) { int64_t mid = (lo + hi) / 2; if (first_item[mid] <= it) lo = mid; else hi = mid; }
             i = lo;
-            int64_t n = lengths[i], c0 = (it - first_item[i]) * CHUNK, c1 = c0 + CHUNK < n ? c0 + CHUNK : n, len = c1 - c0;
+            int64_t n = seg_len(lengths, i, W * B), c0 = (it - first_item[i]) * CHUNK, c1 = c0 + CHUNK < n ? c0 + CHUNK : n, len = c1 - c0;
             const int32_t* tab = tables + i * W;
             float* lg = scratch + first_logit[i];  /* [G][n] */
             float* pm = part + it * G * (d + 2);   /* [G][max, sum, d values] */
@@ -499,7 +543,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < N; i++) {
-            int64_t n = lengths[i] > 0 ? lengths[i] : 0;
+            int64_t n = seg_len(lengths, i, W * B);
             for (int64_t g = 0; g < G; g++) {
                 float* o = out + (i * G + g) * d;
                 memset(o, 0, sizeof(float) * d);

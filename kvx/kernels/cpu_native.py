@@ -27,7 +27,8 @@ ENV = "KVX_NATIVE"
 _SOURCE = Path(__file__).with_name("cpu_native.c")
 # -ffp-contract=off: a*b+c stays two roundings wherever it is written, so the same sum written twice (the
 # one-row and the many-row paths) gives the same bits.
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+_ARCH = os.environ.get("KVX_NATIVE_ARCH", "native")  # another -march (tests build the portable C this way)
+_FLAGS = ["-O3", f"-march={_ARCH}", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -80,6 +81,9 @@ def _load():
         return None
     lib.kvx_int8_linear_fused.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_float, ctypes.c_int, _P]
     lib.kvx_int8_linear_fused.restype = None
+    lib.kvx_int8_layer_tail.argtypes = ([_P, _I, _P, _P, _I, _I, _I, _I] + [_P] * 8 + [ctypes.c_float]
+                                        + [_P] * 4 + [_I, _P])
+    lib.kvx_int8_layer_tail.restype = None
     lib.kvx_paged_decode.argtypes = [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P,
                                      _I, _P, _P, _P, _P]
     lib.kvx_paged_decode.restype = None
@@ -163,6 +167,33 @@ def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None
     return y
 
 
+def layer_tail(lib, attn: Tensor, x: Tensor, o, o_bias: Tensor | None, mlp_norm: Tensor, gate_up, down,
+               eps: float, next_layer=None) -> tuple[Tensor, Tensor | None]:
+    """The rest of a decoder layer after its attention, and the next layer's qkv product, in one call (one
+    parallel region instead of four): x1 = x + attn @ o.T (+ o_bias); x_out = x1 + down(SiLU(gate) * up)
+    with [gate | up] = gate_up(rms_norm(x1, mlp_norm)); next_layer = (attn_norm, qkv, qkv_bias): also
+    rms_norm(x_out, attn_norm) @ qkv.T (+ qkv_bias). o, gate_up, down, qkv: tiled Int8Weights. The same
+    products as int8_linear's fused calls, the same bits. Returns (x_out, next qkv product or None)."""
+    R, D = x.shape
+    I = down.shape[1]
+    if attn.stride(1) != 1:
+        attn = attn.contiguous()
+    x = x.contiguous()
+    out = torch.empty(R, D, dtype=torch.float32)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    if next_layer is not None:
+        norm, qkv, qkv_bias = next_layer
+        heads = torch.empty(R, qkv.shape[0], dtype=torch.float32)
+        nxt = (norm.data_ptr(), qkv.data.data_ptr(), qkv.scale.data_ptr(), ptr(qkv_bias), qkv.shape[0], heads.data_ptr())
+    else:
+        heads, nxt = None, (None, None, None, None, 0, None)
+    _traced("kvx::int8_linear", lib.kvx_int8_layer_tail, attn.data_ptr(), attn.stride(0), x.data_ptr(),
+            out.data_ptr(), R, D, attn.shape[1], I, o.data.data_ptr(), o.scale.data_ptr(), ptr(o_bias),
+            mlp_norm.data_ptr(), gate_up.data.data_ptr(), gate_up.scale.data_ptr(), down.data.data_ptr(),
+            down.scale.data_ptr(), float(eps), *nxt)
+    return out, heads
+
+
 _scratch: list[Tensor] = [torch.empty(0)]  # the logits buffer, reused across calls (grown as needed)
 
 
@@ -197,7 +228,7 @@ def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, table
     qp = q_pos.to(torch.int64).contiguous() if windowed else None
     modes = mass_mode.to(torch.int32).contiguous() if masses else None
     out = torch.empty_like(q)
-    need = max(int(lengths.clamp_min(0).sum()) * G, 1)
+    need = max(N * tables.shape[1] * k_pool.shape[1] * G, 1)  # every length's bound: no pass over them
     if _scratch[0].numel() < need:
         _scratch[0] = torch.empty(2 * need, dtype=torch.float32)
     _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(),

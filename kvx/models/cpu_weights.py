@@ -145,6 +145,18 @@ class Int8Weight:
             return None
         return cpu_native.int8_linear(cpu_native.library(), self.data, self.scale, x, bias, **fused)
 
+    def layer_tail(self, attn: Tensor, x: Tensor, w, eps: float, w_next) -> tuple[Tensor, Tensor | None] | None:
+        """As the layer's `down` weight: the rest of layer `w` after its attention and the next layer's qkv
+        product in one C call (cpu_native.layer_tail), or None where it does not run (the weights not all
+        tiled int8, a prefill's rows, another dtype, a compiled graph)."""
+        mats = (w.o, w.gate_up, w.down) + (() if w_next is None else (w_next.qkv,))
+        if (not all(getattr(m, "tiled", False) for m in mats) or x.dtype != torch.float32
+                or x.shape[0] > _INT8_KERNEL_ROWS or torch.compiler.is_compiling()):
+            return None
+        nxt = None if w_next is None else (w_next.attn_norm, w_next.qkv, w_next.qkv_bias)
+        return cpu_native.layer_tail(cpu_native.library(), attn, x, w.o, w.o_bias, w.mlp_norm, w.gate_up, w.down,
+                                     eps, nxt)
+
     def dequantized(self) -> Tensor:
         return self.q.float() * self.scale[:, None]
 

@@ -200,12 +200,20 @@ class Transformer(nn.Module):
         cfg = self.config
         x = F.embedding(ids, self.embed)
         cos, signed_sin = rope_tables(positions, self.inv_freq, x.dtype)  # [T, d], broadcast over heads
-        for layer_idx, w in enumerate(self._layer_weights):
+        layers, product = self._layer_weights, None
+        for layer_idx, w in enumerate(layers):
             if on_residual is not None:
                 on_residual(layer_idx, x)
-            q, k, v, q_pre = attention_inputs(cfg, x, w, cos, signed_sin)
+            if product is None:
+                q, k, v, q_pre = attention_inputs(cfg, x, w, cos, signed_sin)
+            else:  # the previous layer's call made this layer's qkv product
+                q, k, v, q_pre = qkv_heads(cfg, product, w, cos, signed_sin)
             o = attend(layer_idx, q, k, v, positions, q_pre)
-            x = attention_output_and_mlp(cfg, x, o, w, self.tp)
+            if self.tp is None:
+                nxt = layers[layer_idx + 1] if layer_idx + 1 < len(layers) else None
+                x, product = layer_tail_then_next(cfg, x, o, w, nxt)
+            else:
+                x = attention_output_and_mlp(cfg, x, o, w, self.tp)
         if last_only:
             x = x[-1:]
         return logits_of(cfg, x, self.final_norm, self._head)
@@ -213,11 +221,15 @@ class Transformer(nn.Module):
 
 def attention_inputs(cfg: ModelConfig, x: Tensor, w: LayerWeights, cos: Tensor, signed_sin: Tensor):
     """A layer up to its attention: (q [H,T,d] and k [Hkv,T,d] after RoPE, v [Hkv,T,d], q before RoPE)."""
+    return qkv_heads(cfg, norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.qkv, w.qkv_bias), w, cos, signed_sin)
+
+
+def qkv_heads(cfg: ModelConfig, product: Tensor, w: LayerWeights, cos: Tensor, signed_sin: Tensor):
+    """attention_inputs from the layer's qkv product [T, (H + 2 Hkv) d] (its norm and bias included)."""
     H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    T, n_qk = x.shape[0], H + Hkv
+    T, n_qk = product.shape[0], H + Hkv
     # One copy into head-major layout (none at T=1); every slice below is then contiguous.
-    heads = norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.qkv, w.qkv_bias)
-    heads = heads.view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
+    heads = product.view(T, n_qk + Hkv, d).transpose(0, 1).contiguous()
     qk = heads[:n_qk]
     if w.qk_norm is not None:
         qk = rms_norm(qk, w.qk_norm, cfg.rms_norm_eps)
@@ -237,6 +249,19 @@ def attention_output_and_mlp(cfg: ModelConfig, x: Tensor, o: Tensor, w: LayerWei
     inter = cfg.intermediate_size
     mlp_out = linear(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), w.down)
     return x + tp.all_reduce(mlp_out)  # row-parallel down_proj
+
+
+def layer_tail_then_next(cfg: ModelConfig, x: Tensor, o: Tensor, w: LayerWeights, w_next: LayerWeights | None):
+    """attention_output_and_mlp, and the next layer's qkv product when w_next is given, in one C call where
+    the weights allow (cpu_native.layer_tail: one call a layer instead of four): (x, the next layer's qkv
+    product for qkv_heads, or None: then the caller runs attention_inputs)."""
+    run = getattr(w.down, "layer_tail", None)
+    if run is not None:
+        T = x.shape[0]
+        out = run(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), x, w, cfg.rms_norm_eps, w_next)
+        if out is not None:
+            return out
+    return attention_output_and_mlp(cfg, x, o, w), None
 
 
 def logits_of(cfg: ModelConfig, x: Tensor, final_norm: Tensor, head) -> Tensor:
