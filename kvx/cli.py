@@ -131,7 +131,7 @@ def generate(
     question: List[str] = typer.Option([], "--question", "-q", help="Question about --context or --load-context (repeatable: one compressed context answers all)."),
     load_context: Optional[str] = typer.Option(None, "--load-context", help="Answer the --question(s) from a context compressed earlier by `kvx compress` (a .kvc file): nothing of it is prefilled again."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights, float32 activations and cache; GPU: bfloat16), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: int8 weights through kvx's C kernels, built on first use with the system's C compiler; KVX_NATIVE=0 for PyTorch's; float32 activations and cache. GPU: bfloat16), float32, bfloat16, float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings, KV bytes) instead of streaming text."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Pipeline mode: read one request object per line on stdin, write one result per line."),
     quiet: bool = typer.Option(False, "--quiet", help="No summary line, notes or live status on stderr (with --jsonl, no per-line error messages either: each failed line has its error object on stdout)."),

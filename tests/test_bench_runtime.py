@@ -46,6 +46,14 @@ def test_breakdown_charges_the_innermost_kvx_caller():
     assert _part(["kvx/runtime/engine/batch_engine.py(275): _decode"]) == "sampling"
     assert _part(["kvx/models/transformer.py(164): forward"]) is None  # residual adds, activation: other
     assert _part(["kvx/runtime/engine/batch_step.py(93): load"]) is None
+    # kvx's C kernels: ctypes calls the profiler does not see, charged by their Python entry points
+    from kvx.eval.breakdown import _native_part
+
+    assert _native_part("kvx/kernels/cpu_native.py(150): int8_linear") == "linear"
+    assert _native_part("kvx/kernels/cpu_native.py(190): layer_tail") == "linear"
+    assert _native_part("kvx/kernels/cpu_native.py(240): paged_decode_attention") == "attention"
+    assert _native_part("kvx/kernels/cpu_native.py(60): library") is None
+    assert _native_part("kvx/kernels/reference.py(10): paged_decode_attention") is None
 
 
 def test_peer_outputs_are_read():

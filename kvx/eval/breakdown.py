@@ -32,8 +32,16 @@ class BreakdownRow:
                 "step_ms": round(self.step_ms, 3), **{k: round(v, 3) for k, v in self.parts_ms.items()}}
 
 
-# kvx's C kernels (kernels/cpu_native.py) appear as these named ranges.
-_NATIVE = {"kvx::int8_linear": "linear", "kvx::paged_decode_attention": "attention"}
+# kvx's C kernels are ctypes calls, invisible to the profiler as operators: their Python entry points in
+# kernels/cpu_native.py are charged whole (the frame's own time), and the operators inside them skipped.
+_NATIVE = {"int8_linear": "linear", "layer_tail": "linear", "paged_decode_attention": "attention"}
+
+
+def _native_part(name: str) -> str | None:
+    """The part of a Python frame that is one of the C kernels' entry points, else None."""
+    if "kernels/cpu_native.py" not in name:
+        return None
+    return _NATIVE.get(name.rsplit(": ", 1)[-1])
 
 
 def _part(frames: list[str]) -> str | None:
@@ -67,17 +75,20 @@ def charge(events) -> dict:
     out = dict.fromkeys(PARTS, 0.0)
     for e in events:
         if _is_python(e):
+            native = _native_part(e.name)
+            if native is not None:
+                out[native] += e.cpu_time_total
             continue
         frames, parent, nested = [], e.cpu_parent, False
         while parent is not None:
-            if not _is_python(parent):
-                nested = True  # inside another operator: counted with it
+            if not _is_python(parent) or _native_part(parent.name) is not None:
+                nested = True  # inside another operator, or a C kernel's entry point: counted with it
                 break
             frames.append(parent.name)
             parent = parent.cpu_parent
         if nested:
             continue
-        part = _NATIVE.get(e.name) or _part(frames)
+        part = _part(frames)
         if part is not None:
             out[part] += e.cpu_time_total
     return out

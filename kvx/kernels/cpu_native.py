@@ -91,13 +91,10 @@ def _load():
 
 
 def _traced(name: str, fn, *args) -> None:
-    """fn(*args), seen by torch.profiler as an operator named `name` when one records (the ctypes call is
-    invisible to it otherwise: `kvx bench --breakdown` charges operators to the parts of a step)."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(name):
-            fn(*args)
-    else:
-        fn(*args)
+    """fn(*args): the call kvx's profiling knows by its Python frame (eval/breakdown.py charges the frames of
+    this module's entry points; a torch.profiler.record_function around a ctypes call corrupted the
+    profiler's event names under with_stack=True)."""
+    fn(*args)
 
 
 def library():

@@ -5,11 +5,13 @@ stored smaller, because a CPU decode step is bound by reading them (issue 36).
 Formats (`KVX_CPU_WEIGHTS`, read by `options.load` when `--dtype auto` runs on the CPU):
 
 - `int8` (the default): weight-only int8, one float scale per output row (symmetric, round to nearest).
-  Up to 64 rows (every decode step: a lone sequence or a batch) run PyTorch's own `_weight_int8pack_mm`
-  (the activations in bfloat16, the scale applied after the int8 dot products), whose rows are computed
-  independently, bit for bit, so a sequence's step in a batch equals its step alone; more rows (a prefill)
-  widen the int8 matrix to bfloat16 for that call and run a bfloat16 matmul (oneDNN) with the same scale
-  after it, where the int8 kernel's cost would grow with the rows. A quarter of float32's bytes.
+  Up to 64 rows (every decode step: a lone sequence or a batch) run kvx's C kernel (kernels/cpu_native.c:
+  float32 activations, the matrix stored tiled so that it is read in order, at the memory's pace; the
+  neighbouring norm, SiLU and residual add fused in), or where it does not build PyTorch's own
+  `_weight_int8pack_mm` (the activations in bfloat16); both compute rows independently, bit for bit, so a
+  sequence's step in a batch equals its step alone. More rows (a prefill) widen the int8 matrix to
+  bfloat16 for that call and run a bfloat16 matmul (oneDNN) with the same scale after it, where the int8
+  kernels' cost would grow with the rows. A quarter of float32's bytes.
 - `w8a8`: the same int8 weights, and each activation row quantized to int8 too (its own scale), so the
   product is an integer GEMM (fbgemm's dynamic quantized linear, VNNI on x86): it reads the weights once
   for a whole batch, where `_weight_int8pack_mm` costs about as much per row as for one (measured on the
