@@ -143,7 +143,7 @@ def generate(
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="--jsonl: the KV pool's size, e.g. 2GiB (default: 60% of free GPU memory; on the CPU a quarter of available memory, at most 4GiB)."),
     ordered: bool = typer.Option(False, "--ordered", help="--jsonl: write results in input order (default: each as soon as it finishes)."),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="Split the model and its KV cache by kv head over N ranks (N local processes; or as many as torchrun starts)."),
-    compile_step: bool = typer.Option(False, "--compile", help="CPU: compile the decode step with torch.compile (seconds, once per run; needs a C++ compiler): its int8 products keep float32 activations (closer to --dtype float32); a few percent faster today (docs/benchmarks.md). A lone request only: not with --jsonl or --tensor-parallel."),
+    compile_step: bool = typer.Option(False, "--compile", help="CPU: compile the decode step with torch.compile (seconds, once per run; needs a C++ compiler). Slower than the default step since kvx's C kernels (0.67x measured, docs/benchmarks.md); a few percent faster than PyTorch's kernels under KVX_NATIVE=0. A lone request only: not with --jsonl or --tensor-parallel."),
 ) -> None:
     """Generate text, optionally with a compressed KV cache.
 
