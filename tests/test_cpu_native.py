@@ -215,6 +215,7 @@ def test_a_layers_tail_in_one_call_equals_its_products_one_by_one():
     assert (heads.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
 
 
+@needs_lib
 def test_the_portable_c_matches_the_reference_too(tmp_path):
     """Built for a CPU without AVX-512 (-march=x86-64: the plain C loops), the kernels give the reference's
     numbers as well, so a machine without AVX-512 runs them correctly."""
@@ -239,3 +240,13 @@ print("ok")
 """
     env = {"KVX_HOME": str(tmp_path / "home"), "KVX_NATIVE_ARCH": "x86-64"}
     assert _fresh_python(env, code) == "ok"
+
+
+def test_where_a_c_compiler_exists_the_library_builds():
+    """A compile error would silently send every user to PyTorch's kernels: where the machine has a C
+    compiler (and KVX_NATIVE is not 0), the library must build — its errors are shown here if not."""
+    import shutil
+
+    if os.environ.get(cpu_native.ENV, "1") == "0" or shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here, or KVX_NATIVE=0: PyTorch's kernels are the expected path")
+    assert lib is not None, cpu_native.failure()

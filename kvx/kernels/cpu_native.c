@@ -458,7 +458,8 @@ static float exp_shift(float* x, int64_t n, float m) {
 
 /* q: [N, G, d]; k_pool, v_pool: [slots, d]; tables: [N, W] int32 block ids (block size B); lengths: [N];
  * out: [N, G, d]. mass (NULL: none) [slots] with mass_mode [N] (0 leave, 1 add, 2 replace); window > 0 hides
- * keys with q_pos[i] - pos[slot] >= window (pos: [slots] int64). scratch: sum(lengths) * G floats.
+ * keys with q_pos[i] - pos[slot] >= window (pos: [slots] int64). scratch: sum(lengths) * G floats, the
+ * logits kept for the mass (NULL without it).
  * k_new, v_new ([N, d]) and pos_new ([N]), when not NULL: the step's new entries, written first at each
  * segment's entry lengths[i] - 1 (the engine's decode step appends one token per segment). */
 /* a segment's length, within what its table row can address (as the reference clamps it) */
@@ -494,6 +495,8 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
 #pragma omp parallel
     {
         float* probs = (float*)malloc(sizeof(float) * CHUNK * (G > 0 ? G : 1));
+        /* without the mass the logits are needed only while their chunk is worked on */
+        float* chunk_lg = mass == NULL ? (float*)malloc(sizeof(float) * CHUNK * (G > 0 ? G : 1)) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             int64_t i = 0, lo = 0, hi = N;  /* the segment holding chunk `it`: binary search */
@@ -501,7 +504,9 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
             i = lo;
             int64_t n = seg_len(lengths, i, W * B), c0 = (it - first_item[i]) * CHUNK, c1 = c0 + CHUNK < n ? c0 + CHUNK : n, len = c1 - c0;
             const int32_t* tab = tables + i * W;
-            float* lg = scratch + first_logit[i];  /* [G][n] */
+            /* logits of head g, key j (c0 <= j < c1): lg[g * ls + loff + j - c0]; kept whole for the mass */
+            float* lg = mass != NULL ? scratch + first_logit[i] : chunk_lg;
+            int64_t ls = mass != NULL ? n : CHUNK, loff = mass != NULL ? c0 : 0;
             float* pm = part + it * G * (d + 2);   /* [G][max, sum, d values] */
             const float* qi = q + i * G * d;
             const float* vrow[CHUNK];
@@ -512,19 +517,19 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
                 vrow[j - c0] = v_pool + slot * d;
             }
 #ifdef __AVX512F__
-            if (!chunk_logits_heads(qi, G, krow, len, d, scale, lg + c0, n))
+            if (!chunk_logits_heads(qi, G, krow, len, d, scale, lg + loff, ls))
 #endif
-                for (int64_t g = 0; g < G; g++) chunk_logits(qi + g * d, krow, len, d, scale, lg + g * n + c0);
+                for (int64_t g = 0; g < G; g++) chunk_logits(qi + g * d, krow, len, d, scale, lg + g * ls + loff);
             if (window > 0)
                 for (int64_t j = c0; j < c1; j++) {
                     int64_t slot = (int64_t)tab[j / B] * B + j % B;
                     if (q_pos[i] - pos[slot] >= window)
-                        for (int64_t g = 0; g < G; g++) lg[g * n + j] = -INFINITY;
+                        for (int64_t g = 0; g < G; g++) lg[g * ls + loff + j - c0] = -INFINITY;
                 }
             /* the chunk's probabilities per head go to a copy: the logits stay for the mass */
             float* p = probs;
             for (int64_t g = 0; g < G; g++) {
-                float* l = lg + g * n + c0;
+                float* l = lg + g * ls + loff;
                 float m = -INFINITY;
                 for (int64_t j = 0; j < len; j++) m = l[j] > m ? l[j] : m;
                 pm[g * (d + 2)] = m;
@@ -581,6 +586,7 @@ void kvx_paged_decode(const float* q, float* k_pool, float* v_pool, const int32_
             }
         }
         free(probs);
+        free(chunk_lg);
     }
     free(part);
     free(first_item);

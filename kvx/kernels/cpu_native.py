@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 _loaded: list = []  # [library or None] once tried
+_failure: list[str] = []  # why the build or the load failed, when it did
+
+
+def failure() -> str | None:
+    """Why the library did not build or load in this process (the compiler's messages), or None."""
+    return _failure[-1] if _failure else None
 
 
 def _cpu_flags() -> str:
@@ -77,7 +84,11 @@ def _load():
         if not target.exists():
             _build(target, compiler)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
+    except subprocess.CalledProcessError as exc:
+        _failure.append(exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr))
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        _failure.append(str(exc))
         return None
     lib.kvx_int8_linear_fused.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_float, ctypes.c_int, _P]
     lib.kvx_int8_linear_fused.restype = None
@@ -191,7 +202,7 @@ def layer_tail(lib, attn: Tensor, x: Tensor, o, o_bias: Tensor | None, mlp_norm:
     return out, heads
 
 
-_scratch: list[Tensor] = [torch.empty(0)]  # the logits buffer, reused across calls (grown as needed)
+_scratch = threading.local()  # each thread's logits buffer for the mass, reused across calls (grown as needed)
 
 
 def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, lengths: Tensor,
@@ -225,13 +236,16 @@ def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, table
     qp = q_pos.to(torch.int64).contiguous() if windowed else None
     modes = mass_mode.to(torch.int32).contiguous() if masses else None
     out = torch.empty_like(q)
-    need = max(N * tables.shape[1] * k_pool.shape[1] * G, 1)  # every length's bound: no pass over them
-    if _scratch[0].numel() < need:
-        _scratch[0] = torch.empty(2 * need, dtype=torch.float32)
+    buf = None
+    if masses:  # the logits are kept for the mass: every length's bound (no pass over the lengths)
+        need = max(N * tables.shape[1] * k_pool.shape[1] * G, 1)
+        buf = getattr(_scratch, "logits", None)
+        if buf is None or buf.numel() < need:
+            buf = _scratch.logits = torch.empty(2 * need, dtype=torch.float32)
     _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(),
             v_pool.data_ptr(), tables.data_ptr(), tables.stride(0), lengths.data_ptr(), N, G, d, k_pool.shape[1],
             float(scale), out.data_ptr(), mass_pool.data_ptr() if masses else None,
             modes.data_ptr() if masses else None, pos_pool.data_ptr() if has_pos else None,
-            qp.data_ptr() if windowed else None, int(sliding_window) if windowed else 0, _scratch[0].data_ptr(),
+            qp.data_ptr() if windowed else None, int(sliding_window) if windowed else 0, None if buf is None else buf.data_ptr(),
             *((k_new.data_ptr(), v_new.data_ptr(), pos_new.data_ptr()) if new_entries is not None else (None,) * 3))
     return out
