@@ -7,7 +7,10 @@ for another CPU. Without a compiler, or with `KVX_NATIVE=0`, `library()` is None
 PyTorch path: the C kernels are a speed-up, never a requirement (the summary line says which ran).
 
 Nothing here is a Python extension module: the functions take raw pointers (`Tensor.data_ptr()`), so the
-callers check dtypes, contiguity and shapes before calling (int8_linear below).
+callers check dtypes, contiguity and shapes before calling (int8_linear below). The profiler does not see a
+ctypes call as an operator: `kvx bench --breakdown` charges this module's entry points (int8_linear,
+layer_tail, paged_decode_attention) by their Python frames (a record_function around the calls corrupted
+torch.profiler's event names under with_stack=True).
 """
 
 from __future__ import annotations
@@ -101,13 +104,6 @@ def _load():
     return lib
 
 
-def _traced(name: str, fn, *args) -> None:
-    """fn(*args): the call kvx's profiling knows by its Python frame (eval/breakdown.py charges the frames of
-    this module's entry points; a torch.profiler.record_function around a ctypes call corrupted the
-    profiler's event names under with_stack=True)."""
-    fn(*args)
-
-
 def library():
     """The loaded C library, or None where it cannot be built or KVX_NATIVE=0 turns it off."""
     if not _loaded:
@@ -168,10 +164,10 @@ def int8_linear(lib, data: Tensor, scale: Tensor, x: Tensor, bias: Tensor | None
     y = torch.empty(R, N, dtype=torch.float32)
     if residual is not None:
         residual = residual.contiguous()
-    _traced("kvx::int8_linear", lib.kvx_int8_linear_fused, data.data_ptr(), scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), R, N, K, x.stride(0), N,
-            None if norm is None else norm[0].data_ptr(), 0.0 if norm is None else float(norm[1]), int(silu_mul),
-            None if residual is None else residual.data_ptr())
+    lib.kvx_int8_linear_fused(data.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                              x.data_ptr(), y.data_ptr(), R, N, K, x.stride(0), N,
+                              None if norm is None else norm[0].data_ptr(), 0.0 if norm is None else float(norm[1]),
+                              int(silu_mul), None if residual is None else residual.data_ptr())
     return y
 
 
@@ -195,10 +191,10 @@ def layer_tail(lib, attn: Tensor, x: Tensor, o, o_bias: Tensor | None, mlp_norm:
         nxt = (norm.data_ptr(), qkv.data.data_ptr(), qkv.scale.data_ptr(), ptr(qkv_bias), qkv.shape[0], heads.data_ptr())
     else:
         heads, nxt = None, (None, None, None, None, 0, None)
-    _traced("kvx::int8_linear", lib.kvx_int8_layer_tail, attn.data_ptr(), attn.stride(0), x.data_ptr(),
-            out.data_ptr(), R, D, attn.shape[1], I, o.data.data_ptr(), o.scale.data_ptr(), ptr(o_bias),
-            mlp_norm.data_ptr(), gate_up.data.data_ptr(), gate_up.scale.data_ptr(), down.data.data_ptr(),
-            down.scale.data_ptr(), float(eps), *nxt)
+    lib.kvx_int8_layer_tail(attn.data_ptr(), attn.stride(0), x.data_ptr(), out.data_ptr(), R, D, attn.shape[1], I,
+                            o.data.data_ptr(), o.scale.data_ptr(), ptr(o_bias), mlp_norm.data_ptr(),
+                            gate_up.data.data_ptr(), gate_up.scale.data_ptr(), down.data.data_ptr(),
+                            down.scale.data_ptr(), float(eps), *nxt)
     return out, heads
 
 
@@ -242,10 +238,11 @@ def paged_decode_attention(lib, q: Tensor, k_pool: Tensor, v_pool: Tensor, table
         buf = getattr(_scratch, "logits", None)
         if buf is None or buf.numel() < need:
             buf = _scratch.logits = torch.empty(2 * need, dtype=torch.float32)
-    _traced("kvx::paged_decode_attention", lib.kvx_paged_decode, q.data_ptr(), k_pool.data_ptr(),
-            v_pool.data_ptr(), tables.data_ptr(), tables.stride(0), lengths.data_ptr(), N, G, d, k_pool.shape[1],
-            float(scale), out.data_ptr(), mass_pool.data_ptr() if masses else None,
-            modes.data_ptr() if masses else None, pos_pool.data_ptr() if has_pos else None,
-            qp.data_ptr() if windowed else None, int(sliding_window) if windowed else 0, None if buf is None else buf.data_ptr(),
-            *((k_new.data_ptr(), v_new.data_ptr(), pos_new.data_ptr()) if new_entries is not None else (None,) * 3))
+    lib.kvx_paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), tables.stride(0),
+                         lengths.data_ptr(), N, G, d, k_pool.shape[1], float(scale), out.data_ptr(),
+                         mass_pool.data_ptr() if masses else None, modes.data_ptr() if masses else None,
+                         pos_pool.data_ptr() if has_pos else None, qp.data_ptr() if windowed else None,
+                         int(sliding_window) if windowed else 0, None if buf is None else buf.data_ptr(),
+                         *((k_new.data_ptr(), v_new.data_ptr(), pos_new.data_ptr()) if new_entries is not None
+                           else (None,) * 3))
     return out
